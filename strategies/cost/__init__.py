@@ -1,0 +1,19 @@
+"""Cost model, Pareto search, planner and cluster simulator (issue 4).
+
+What the engine and the Serve ingress call:
+- ``check_devices(shape, p)``: the shard layout for p devices, or ValueError saying why p cannot split the model;
+- ``get_hardware(name)``: a catalog entry, calibrated by its profile when ``dynpart calibrate`` wrote one;
+- ``plan_prefill(shape, hardware, devices, tokens, available=None)``: the strategy for a prefill, with the
+  predicted time of every strategy;
+- ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time.
+"""
+
+from strategies.cost.devices import ShardLayout, check_devices
+from strategies.cost.hardware import (CalibrationProfile, Hardware, HardwareError, get_hardware, load_catalog,
+                                      save_profile)
+from strategies.cost.planner import PlanChoice, PlanReport, decode_step_time, plan, plan_decode, plan_prefill
+from strategies.cost.search import STRATEGIES, search
+
+__all__ = ["CalibrationProfile", "Hardware", "HardwareError", "PlanChoice", "PlanReport", "STRATEGIES", "ShardLayout",
+           "check_devices", "decode_step_time", "get_hardware", "load_catalog", "plan", "plan_decode", "plan_prefill",
+           "save_profile", "search"]

@@ -1,0 +1,135 @@
+"""Cost of single operations on one device: roofline compute and alpha-beta (ring) collectives.
+
+Everything above this module (layouts, search, planner, simulator) describes work as lists of ``Compute`` and
+``Collective`` ops and asks this module what they cost, so there is exactly one formula for each kind of cost.
+Units: seconds, bytes, FLOPs. Sizes are per device on the critical path (the busiest device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from strategies.cost.hardware import CollectiveKind, Hardware
+
+# Ring algorithms (shared/reference/partitioning.md §3): bytes sent per device as a fraction of the full tensor D,
+# and the number of latency steps α.
+_BYTES_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
+                 "reduce_scatter": lambda p: (p - 1) / p, "all_to_all": lambda p: (p - 1) / p**2}
+_STEPS = {"all_reduce": lambda p: 2 * (p - 1), "all_gather": lambda p: p - 1,
+          "reduce_scatter": lambda p: p - 1, "all_to_all": lambda p: p - 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """What one forward pass computes, before any partitioning.
+
+    ``attn_pairs`` counts the (query, key) pairs causal attention scores, summed over sequences: it is what makes
+    attention quadratic in prompt length. ``kv_tokens`` counts the K/V entries read (cached context plus new).
+    """
+
+    tokens: int
+    attn_pairs: int
+    kv_tokens: int
+    seqs: int
+
+    @classmethod
+    def prefill(cls, lengths: int | Sequence[int]) -> "Work":
+        lens = [lengths] if isinstance(lengths, int) else list(lengths)
+        if not lens or min(lens) < 1:
+            raise ValueError(f"prompt lengths must be positive, got {lengths!r}")
+        return cls(sum(lens), sum(n * (n + 1) // 2 for n in lens), sum(lens), len(lens))
+
+    @classmethod
+    def decode(cls, contexts: Sequence[int]) -> "Work":
+        """One decode step for sequences whose caches already hold ``contexts`` tokens each."""
+        ctx = list(contexts)
+        if not ctx:
+            raise ValueError("a decode step needs at least one sequence")
+        return cls(len(ctx), sum(c + 1 for c in ctx), sum(c + 1 for c in ctx), len(ctx))
+
+
+@dataclass(frozen=True, slots=True)
+class Compute:
+    """A kernel on the busiest device: FLOPs, HBM bytes, token rows (for GEMM efficiency), live activation bytes."""
+
+    name: str
+    flops: float
+    bytes: float
+    rows: float
+    activation_bytes: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Collective:
+    """A collective over the p devices on a full tensor of ``size`` bytes; ``prefetched`` ones overlap compute."""
+
+    name: str
+    kind: CollectiveKind
+    size: float
+    prefetched: bool = False
+
+    def bytes_per_device(self, p: int) -> float:
+        return _BYTES_FACTOR[self.kind](p) * self.size if p > 1 else 0.0
+
+    def steps(self, p: int) -> int:
+        return _STEPS[self.kind](p) if p > 1 else 0
+
+
+Op = Compute | Collective
+
+
+def compute_time(op: Compute, hw: Hardware) -> float:
+    """Roofline: max(FLOPs / achieved FLOP/s at this row count, bytes / achieved bandwidth) + launch overhead κ."""
+    t_flops = op.flops / hw.flops_per_s(max(op.rows, 1.0)) if op.flops else 0.0
+    return max(t_flops, op.bytes / hw.memory_bytes_per_s) + hw.launch_overhead_us * 1e-6
+
+
+def collective_time(op: Collective, hw: Hardware, p: int) -> float:
+    """Alpha-beta: steps·α + bytes sent per device / β; zero on one device."""
+    if p <= 1:
+        return 0.0
+    alpha, beta = hw.alpha_beta(op.kind)
+    return op.steps(p) * alpha + op.bytes_per_device(p) / beta
+
+
+def split_time(ops: Iterable[Op], hw: Hardware, p: int) -> tuple[float, float, float]:
+    """(A, C, W): blocking collective time, compute time, and prefetched (overlappable) collective time."""
+    c = a = w = 0.0
+    for op in ops:
+        if isinstance(op, Compute):
+            c += compute_time(op, hw)
+        elif op.prefetched:
+            w += collective_time(op, hw, p)
+        else:
+            a += collective_time(op, hw, p)
+    return a, c, w
+
+
+def ops_time(ops: Iterable[Op], hw: Hardware, p: int) -> float:
+    """Time of ops when prefetched collectives run on the link while compute runs: t = A + max(C, W).
+
+    Blocking collectives A sit on the critical path; prefetched weight gathers W share the link but overlap the
+    compute C (gathered one layer ahead), so only the part of W longer than C shows.
+    """
+    a, c, w = split_time(ops, hw, p)
+    return a + max(c, w)
+
+
+def gemm(name: str, rows: float, k: float, n: float, b: int, flops_scale: float = 1.0) -> Compute:
+    """Y[rows, n] = X[rows, k]·W[k, n] on one device: 2·rows·k·n FLOPs, reads X and W, writes Y."""
+    act = rows * (k + n) * b
+    return Compute(name, 2 * rows * k * n * flops_scale, act + k * n * b, rows, act)
+
+
+def attention(name: str, pairs: float, kv_tokens: float, queries: float, heads: float, kv_heads: float,
+              head_dim: int, b: int) -> Compute:
+    """Causal attention core on ``heads`` local heads: QKᵀ and PV are 4·pairs·heads·dh FLOPs; reads Q, K, V, writes O."""
+    q_o = 2 * queries * heads * head_dim * b
+    kv = 2 * kv_tokens * kv_heads * head_dim * b
+    return Compute(name, 4 * pairs * heads * head_dim, q_o + kv, queries, q_o + kv)
+
+
+def elementwise(name: str, rows: float, width: float, b: int, tensors: int = 2) -> Compute:
+    """A memory-bound pointwise kernel (norm, SwiGLU) touching ``tensors`` [rows, width] tensors."""
+    return Compute(name, 0.0, tensors * rows * width * b, rows, tensors * rows * width * b)

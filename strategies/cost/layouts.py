@@ -1,0 +1,198 @@
+"""The layout algebra: a partitioning candidate is a choice of execution mode per matrix, and the ops it implies.
+
+A layer is norm → QKV → attention → O → residual → norm → gate/up → SwiGLU → down → residual. Each matrix runs in a
+mode that needs its input in one activation state (REP, TOK, FEAT, PSUM) and leaves its output in another; wherever
+a producer's state is not what the consumer needs, the one collective that converts it is inserted
+(shared/reference/partitioning.md §3). Turning a ``Candidate`` into ops here, and costing ops in ``formulas``, is the
+whole cost model: the planner's three strategies are just three named candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from strategies.cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, split_time
+from strategies.cost.hardware import CollectiveKind, Hardware
+from strategies.shapes import ModelShape
+
+REP, TOK, FEAT, PSUM = "REP", "TOK", "FEAT", "PSUM"
+
+# (from, to) -> the collective that converts; absent pairs are free (same state, or a local slice of REP).
+TRANSITIONS: dict[tuple[str, str], CollectiveKind] = {
+    (TOK, REP): "all_gather", (FEAT, REP): "all_gather", (TOK, FEAT): "all_to_all", (FEAT, TOK): "all_to_all",
+    (PSUM, REP): "all_reduce", (PSUM, TOK): "reduce_scatter", (PSUM, FEAT): "reduce_scatter",
+}
+
+
+class Mode(str, Enum):
+    """How one matrix Y = X·W runs on p devices."""
+
+    COL = "col"  # column-parallel: W split by output features; X replicated
+    ROW = "row"  # row-parallel: W split by input features; partial sums out
+    GATHERED = "gathered"  # weight-gathered: tokens split, full W all-gathered (prefetched) from the shards
+    REPLICATED = "replicated"  # replicated W resident, tokens split
+    REDUNDANT = "redundant"  # replicated W, every device computes every token
+
+
+NEEDS = {Mode.COL: REP, Mode.ROW: FEAT, Mode.GATHERED: TOK, Mode.REPLICATED: TOK, Mode.REDUNDANT: REP}
+GIVES = {Mode.COL: FEAT, Mode.ROW: PSUM, Mode.GATHERED: TOK, Mode.REPLICATED: TOK, Mode.REDUNDANT: REP}
+
+
+class Attn(str, Enum):
+    """Where attention runs: by head (free), by token (needs the other tokens' K/V: all-gather), or everywhere."""
+
+    HEADS = "heads"
+    TOKENS = "tokens"
+    REDUNDANT = "redundant"
+
+
+ATTN_STATE = {Attn.HEADS: FEAT, Attn.TOKENS: TOK, Attn.REDUNDANT: REP}
+MATRICES = ("qkv", "o", "gate_up", "down")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One partitioning of a layer: the residual stream's state, and a mode per matrix and for attention."""
+
+    residual: str
+    qkv: Mode
+    attn: Attn
+    o: Mode
+    gate_up: Mode
+    down: Mode
+
+    @property
+    def label(self) -> str:
+        return (f"residual={self.residual} qkv={self.qkv.value} attn={self.attn.value} o={self.o.value} "
+                f"gate_up={self.gate_up.value} down={self.down.value}")
+
+    def modes(self) -> dict[str, Mode]:
+        return {m: getattr(self, m) for m in MATRICES}
+
+
+def matrix_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(K, N) of each matrix of a (padded) shape."""
+    e, dh = shape.hidden_size, shape.head_dim
+    dq, dkv = shape.num_heads * dh, shape.num_kv_heads * dh
+    return {"qkv": (e, dq + 2 * dkv), "o": (dq, e), "gate_up": (e, 2 * shape.intermediate_size),
+            "down": (shape.intermediate_size, e)}
+
+
+class _Builder:
+    """Walks one layer, tracking the activation state and appending ops; p devices, ``work`` of T tokens."""
+
+    def __init__(self, shape: ModelShape, p: int, work: Work, b: int):
+        self.shape, self.p, self.work, self.b = shape, p, work, b
+        self.ops: list[Op] = []
+
+    def rows(self, state: str) -> float:
+        return math.ceil(self.work.tokens / self.p) if state == TOK else self.work.tokens
+
+    def move(self, state: str, need: str, width: int, what: str) -> str:
+        kind = TRANSITIONS.get((state, need))
+        if kind and self.p > 1:
+            self.ops.append(Collective(f"{what} {state}->{need}", kind, self.work.tokens * width * self.b))
+        return need
+
+    def pointwise(self, name: str, state: str, width: int, tensors: int) -> None:
+        local = width / self.p if state == FEAT else width
+        self.ops.append(elementwise(name, self.rows(state), local, self.b, tensors))
+
+    def matmul(self, name: str, mode: Mode, state: str, k: int, n: int) -> str:
+        state = self.move(state, NEEDS[mode], k, f"{name} input")
+        p, t = self.p, self.work.tokens
+        if mode is Mode.COL:
+            self.ops.append(gemm(name, t, k, n / p, self.b))
+        elif mode is Mode.ROW:
+            self.ops.append(gemm(name, t, k / p, n, self.b))
+        elif mode is Mode.REDUNDANT:
+            self.ops.append(gemm(name, t, k, n, self.b))
+        else:
+            self.ops.append(gemm(name, self.rows(TOK), k, n, self.b))
+            if mode is Mode.GATHERED and p > 1:
+                self.ops.append(Collective(f"{name} weights", "all_gather", k * n * self.b, prefetched=True))
+        return GIVES[mode]
+
+    def attention(self, mode: Attn, state: str, width: int) -> str:
+        s, p, w, b = self.shape, self.p, self.work, self.b
+        state = self.move(state, ATTN_STATE[mode], width, "qkv")
+        h, hkv, dh = s.num_heads, s.num_kv_heads, s.head_dim
+        if mode is Attn.HEADS:
+            self.ops.append(attention("attention", w.attn_pairs, w.kv_tokens, w.tokens, h / p, hkv / p, dh, b))
+        elif mode is Attn.REDUNDANT:
+            self.ops.append(attention("attention", w.attn_pairs, w.kv_tokens, w.tokens, h, hkv, dh, b))
+        else:
+            if p > 1:
+                self.ops.append(Collective("k/v all-gather", "all_gather", w.tokens * 2 * hkv * dh * b))
+            # Contiguous token shards: the last device's queries see the most keys, (2p-1)/p² of all pairs.
+            busiest = w.attn_pairs * (2 * p - 1) / p**2
+            self.ops.append(attention("attention", busiest, w.kv_tokens, self.rows(TOK), h, hkv, dh, b))
+        return state
+
+
+def layer_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> list[Op]:
+    """Ops of one transformer layer on the busiest of p devices (shape already padded for p)."""
+    dims = matrix_dims(shape)
+    e, f = shape.hidden_size, shape.intermediate_size
+    bld = _Builder(shape, p, work, b)
+    bld.pointwise("input norm", c.residual, e, 2)
+    state = bld.matmul("qkv", c.qkv, c.residual, *dims["qkv"])
+    state = bld.attention(c.attn, state, dims["qkv"][1])
+    state = bld.matmul("o", c.o, state, *dims["o"])
+    bld.move(state, c.residual, e, "attention out")
+    bld.pointwise("post-attention norm", c.residual, e, 2)
+    state = bld.matmul("gate_up", c.gate_up, c.residual, *dims["gate_up"])
+    if state == PSUM:  # SwiGLU is nonlinear: partial sums must be reduced first, into what down needs
+        state = bld.move(state, NEEDS[c.down], 2 * f, "gate_up out")
+    bld.pointwise("swiglu", state, f, 3)
+    state = bld.matmul("down", c.down, bld.move(state, NEEDS[c.down], f, "swiglu out"), *dims["down"])
+    bld.move(state, c.residual, e, "mlp out")
+    return bld.ops
+
+
+def end_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> list[Op]:
+    """Embedding (vocabulary-parallel: partial sums into the residual state) and the LM head on last tokens."""
+    e, v = shape.hidden_size, shape.vocab_size
+    bld = _Builder(shape, p, work, b)
+    bld.pointwise("embedding", PSUM, e, 1)  # every device writes partial sums for all T rows
+    bld.move(PSUM, c.residual, e, "embedding")
+    last = Work(work.seqs, work.seqs, work.seqs, work.seqs)
+    if c.residual == TOK and p > 1:  # each sequence's last hidden state lives on one device
+        bld.ops.append(Collective("last hidden states", "all_gather", last.tokens * e * b))
+    bld.ops.append(gemm("lm head", last.tokens, e, v / p, b))
+    if p > 1:
+        bld.ops.append(Collective("logits", "all_gather", last.tokens * v * b))
+    return bld.ops
+
+
+def model_time(c: Candidate, shape: ModelShape, hw: Hardware, p: int, work: Work) -> float:
+    """Seconds for a forward pass of all layers: layer i+1's weights are gathered while layer i computes.
+
+    With per-layer blocking time A, compute C and prefetched gathers W over n layers:
+    t = W (first layer, nothing to hide behind) + n·A + (n−1)·max(C, W) + C, plus embedding and LM head.
+    """
+    b, n = hw.bytes_per_element, shape.num_layers
+    a, comp, w = split_time(layer_ops(c, shape, p, work, b), hw, p)
+    ea, ec, _ = split_time(end_ops(c, shape, p, work, b), hw, p)
+    return w + n * a + (n - 1) * max(comp, w) + comp + ea + ec
+
+
+def resident_bytes(c: Candidate, shape: ModelShape, p: int, b: int) -> float:
+    """Weights per device for the whole model: shards, replicas, the 2-layer gather buffer, embedding shards."""
+    dims = matrix_dims(shape)
+    per_layer = buffer = 0.0
+    for m, mode in c.modes().items():
+        kn = dims[m][0] * dims[m][1]
+        per_layer += kn if mode in (Mode.REPLICATED, Mode.REDUNDANT) else kn / p
+        buffer += 2 * kn if mode is Mode.GATHERED and p > 1 else 0
+    norms = 2 * shape.hidden_size
+    return (shape.num_layers * (per_layer + norms) + buffer + shape.embedding_params / p) * b
+
+
+def workspace_bytes(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> float:
+    """Peak live activations on one device: the residual stream plus the largest op's inputs and outputs."""
+    ops = layer_ops(c, shape, p, work, b) + end_ops(c, shape, p, work, b)
+    residual = (math.ceil(work.tokens / p) if c.residual == TOK else work.tokens) * shape.hidden_size * b
+    return residual + max(op.activation_bytes for op in ops if isinstance(op, Compute))

@@ -1,0 +1,223 @@
+"""The planner: which executable strategy to prefill a batch with, and the full report behind that choice.
+
+``plan_prefill`` is the one function the engine (per prefill batch) and the Serve ingress (per request and pool)
+call; ``plan`` sweeps input lengths for ``dynpart plan``. Both cost the engine's three strategies with the same
+layout model the Pareto search uses, after the same device check the engine applies, and filter by memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from pydantic import BaseModel
+
+from strategies.cost.devices import ShardLayout, check_devices
+from strategies.cost.formulas import Work
+from strategies.cost.hardware import Hardware
+from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
+from strategies.cost.search import STRATEGIES
+from strategies.shapes import ModelShape
+
+DEFAULT_UTILIZATION = 0.9  # fraction of device memory the engine may use (weights, buffers, activations, KV)
+
+
+class PlanChoice(BaseModel):
+    """The strategy for one forward pass, and the predicted time of every strategy (None: cannot run it)."""
+
+    strategy: str
+    tokens: int
+    predicted_s: dict[str, float | None]
+    reasons: dict[str, str]  # why a strategy was not considered
+
+    @property
+    def time_s(self) -> float:
+        return self.predicted_s[self.strategy]  # type: ignore[return-value]
+
+
+class MemoryRow(BaseModel):
+    strategy: str
+    resident_gb: float
+    workspace_gb: float
+    kv_gb: float
+    budget_gb: float
+    feasible: bool
+
+
+class LengthRow(BaseModel):
+    tokens: int
+    predicted_s: dict[str, float | None]
+    choice: str
+    megatron_over_choice: float  # speed-up of the choice over megatron
+
+
+class Crossover(BaseModel):
+    tokens: int  # first length at which ``to`` is chosen
+    before: str
+    after: str
+
+
+class DecodeRow(BaseModel):
+    batch: int
+    context: int
+    predicted_s: dict[str, float | None]
+    choice: str
+
+
+class PlanReport(BaseModel):
+    model: str
+    hardware: str
+    calibrated_from: str | None
+    devices: int
+    layout: ShardLayout
+    lengths: list[LengthRow]
+    crossovers: list[Crossover]
+    memory: list[MemoryRow]
+    memory_at_tokens: int
+    decode: list[DecodeRow]
+
+
+def memory_row(name: str, shape: ModelShape, hw: Hardware, p: int, work: Work,
+               utilization: float = DEFAULT_UTILIZATION) -> MemoryRow:
+    """Per-device memory a strategy needs for ``work``: weights (+ buffers/replicas), activations, the new K/V."""
+    padded, b, c = check_devices(shape, p).padded_shape(shape), hw.bytes_per_element, STRATEGIES[name]
+    res = resident_bytes(c, padded, p, b)
+    ws = workspace_bytes(c, padded, p, work, b)
+    kv = work.kv_tokens * padded.kv_bytes_per_token(b) / p
+    budget = hw.memory_gb * 1e9 * utilization
+    return MemoryRow(strategy=name, resident_gb=res / 1e9, workspace_gb=ws / 1e9, kv_gb=kv / 1e9,
+                     budget_gb=budget / 1e9, feasible=res + ws + kv <= budget)
+
+
+def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iterable[str] | None,
+            utilization: float) -> PlanChoice:
+    names = _validate(available)
+    padded = check_devices(shape, p).padded_shape(shape)
+    times: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
+    for name, c in STRATEGIES.items():
+        times[name] = model_time(c, padded, hw, p, work)
+        row = memory_row(name, shape, hw, p, work, utilization)
+        if not row.feasible:  # cannot run at all: no prediction
+            times[name] = None
+            reasons[name] = (f"needs {row.resident_gb + row.workspace_gb + row.kv_gb:.1f} GB per device, "
+                             f"budget {row.budget_gb:.1f} GB")
+        elif name not in names:
+            reasons[name] = "not available in the engine"
+    ok = {n: t for n, t in times.items() if n not in reasons}
+    if not ok:
+        raise ValueError(f"no strategy can run {work.tokens} tokens of {shape.name} on {p}×{hw.name}: "
+                         + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+    best = min(ok, key=lambda n: (ok[n], n != "megatron"))  # ties go to megatron: no replicas, no gathers
+    return PlanChoice(strategy=best, tokens=work.tokens, predicted_s=times, reasons=reasons)
+
+
+def _validate(available: Iterable[str] | None) -> set[str]:
+    names = set(STRATEGIES) if available is None else set(available)
+    unknown = names - set(STRATEGIES)
+    if unknown:
+        raise ValueError(f"unknown strategies {sorted(unknown)}: use {sorted(STRATEGIES)}")
+    return names
+
+
+def plan_prefill(shape: ModelShape, hardware: Hardware, devices: int, tokens: int | Sequence[int],
+                 available: Iterable[str] | None = None, utilization: float = DEFAULT_UTILIZATION) -> PlanChoice:
+    """The fastest strategy that is available and fits memory, for one prompt (int) or a batch of prompt lengths.
+
+    ``available`` restricts the choice to what the engine can run now (e.g. without materialised replicas);
+    unavailable strategies are still predicted, memory-infeasible ones are reported with a reason and None.
+    """
+    return _choose(shape, hardware, devices, Work.prefill(tokens), available, utilization)
+
+
+def plan_decode(shape: ModelShape, hardware: Hardware, devices: int, contexts: Sequence[int],
+                available: Iterable[str] | None = None, utilization: float = DEFAULT_UTILIZATION) -> PlanChoice:
+    """The model's choice for one decode step of sequences with these cached lengths (it comes out megatron)."""
+    return _choose(shape, hardware, devices, Work.decode(contexts), available, utilization)
+
+
+def decode_step_time(shape: ModelShape, hardware: Hardware, devices: int, contexts: Sequence[int]) -> float:
+    """Seconds for one megatron decode step (decode always runs megatron in the engine)."""
+    padded = check_devices(shape, devices).padded_shape(shape)
+    return model_time(STRATEGIES["megatron"], padded, hardware, devices, Work.decode(contexts))
+
+
+def default_lengths(shape: ModelShape) -> list[int]:
+    """Powers of two from 16 up to the model's context."""
+    top = shape.max_position_embeddings
+    return [2**k for k in range(4, int(math.log2(top)) + 1)] + ([top] if top & (top - 1) else [])
+
+
+def plan(shape: ModelShape, hardware: Hardware, devices: int, lengths: Sequence[int] | None = None,
+         available: Iterable[str] | None = None, utilization: float = DEFAULT_UTILIZATION) -> PlanReport:
+    """Predicted prefill time of each strategy per length, the choices, crossovers, memory, decode step times."""
+    layout = check_devices(shape, devices)
+    lengths = sorted(set(lengths or default_lengths(shape)))
+
+    def choose(t: int) -> PlanChoice:
+        return plan_prefill(shape, hardware, devices, t, available, utilization)
+
+    rows = []
+    for t in lengths:
+        ch = choose(t)
+        mega = ch.predicted_s["megatron"]
+        rows.append(LengthRow(tokens=t, predicted_s=ch.predicted_s, choice=ch.strategy,
+                              megatron_over_choice=(mega / ch.time_s) if mega else 1.0))
+    crossovers = _crossovers(choose, lengths[0], lengths[-1])
+    top = Work.prefill(lengths[-1])
+    memory = [memory_row(n, shape, hardware, devices, top, utilization) for n in STRATEGIES]
+    ctx = min(1024, shape.max_position_embeddings // 2)
+    decode = []
+    for bsz in (1, 16, 64):
+        try:
+            d = plan_decode(shape, hardware, devices, [ctx] * bsz, available, utilization)
+        except ValueError:  # this batch's KV cache does not fit: larger batches will not either
+            break
+        decode.append(DecodeRow(batch=bsz, context=ctx, choice=d.strategy, predicted_s=d.predicted_s))
+    return PlanReport(model=shape.name, hardware=hardware.name, calibrated_from=hardware.calibrated_from,
+                      devices=devices, layout=layout, lengths=rows, crossovers=crossovers, memory=memory,
+                      memory_at_tokens=lengths[-1], decode=decode)
+
+
+def _crossovers(choose, lo: int, hi: int) -> list[Crossover]:
+    """Lengths where the choice changes: scan 8 points per octave, then bisect each change to the exact token."""
+    grid = sorted({lo, hi, *(round(lo * 2 ** (k / 8)) for k in range(int(8 * math.log2(hi / lo)) + 1))})
+    grid = [t for t in grid if lo <= t <= hi]
+    out = []
+    prev_t, prev = grid[0], choose(grid[0]).strategy
+    for t in grid[1:]:
+        cur = choose(t).strategy
+        if cur != prev:
+            a, b = prev_t, t  # choice(a) == prev, choice(b) != prev
+            while b - a > 1:
+                mid = (a + b) // 2
+                a, b = (mid, b) if choose(mid).strategy == prev else (a, mid)
+            out.append(Crossover(tokens=b, before=prev, after=choose(b).strategy))
+        prev_t, prev = t, cur
+    return out
+
+
+def plot_plan(report: PlanReport, path: str) -> None:
+    """Prefill time against input length per strategy (log-log), crossovers marked; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [r.tokens for r in report.lengths]
+    for name in STRATEGIES:
+        ys = [r.predicted_s[name] * 1e3 if r.predicted_s[name] is not None else float("nan") for r in report.lengths]
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    for c in report.crossovers:
+        ax.axvline(c.tokens, color="grey", ls="--", lw=0.8)
+        ax.annotate(f"{c.tokens}: →{c.after}", (c.tokens, ax.get_ylim()[1]), rotation=90, va="top", ha="right",
+                    fontsize=7)
+    ax.set(xscale="log", yscale="log", xlabel="input tokens", ylabel="predicted prefill time (ms)",
+           title=f"{report.model} on {report.devices}×{report.hardware}"
+                 f"{' (calibrated)' if report.calibrated_from else ''}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
