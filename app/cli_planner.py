@@ -1,0 +1,200 @@
+"""``dynpart search | plan | simulate``: the cost model's answers, printed for people or as JSON for tools.
+
+Thin: parsing and formatting only; every number comes from ``strategies.cost``. matplotlib is imported only by
+``plan --plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("search", help="Pareto front of layer partitionings for a model on p devices")
+    _target_args(p)
+    p.add_argument("--tokens", default="128,4096", help="token counts the front must hold at (comma-separated)")
+    p.set_defaults(func=cmd_search)
+
+    p = subparsers.add_parser("plan", help="predicted prefill time per strategy by input length, and the choice")
+    _target_args(p)
+    p.add_argument("--lengths", help="input lengths (comma-separated; default powers of two up to the context)")
+    p.add_argument("--plot", metavar="FILE.png", help="write time against length per strategy, crossovers marked")
+    p.set_defaults(func=cmd_plan)
+
+    p = subparsers.add_parser("simulate", help="replay a workload on a cluster for every policy, side by side")
+    p.add_argument("--model", required=True, help="catalog name (llama2-7b, ...) or a folder with config.json")
+    p.add_argument("--pool", action="append", required=True, metavar="GPU:P[:REPLICAS]",
+                   help="a pool of REPLICAS engine replicas of P devices each (repeatable)")
+    p.add_argument("--workload", required=True, help="short-chat, long-document, mixture, length-sweep, or a CSV "
+                                                     "file with arrival_s,prompt_tokens,output_tokens")
+    p.add_argument("--rate", type=float, help="mean arrival rate, requests/s (default: the workload's)")
+    p.add_argument("--requests", type=int, default=400, help="requests drawn from a built-in workload")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT objective, seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.1, help="time-per-output-token objective, seconds")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hardware-file", action="append", default=[], help="extra hardware catalog JSON")
+    p.set_defaults(func=cmd_simulate)
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="catalog name (llama2-7b, ...) or a folder with config.json")
+    p.add_argument("--gpu", required=True, help="hardware catalog name (L4, A100-80GB-SXM, cpu, ...)")
+    p.add_argument("--devices", type=int, required=True, help="devices p one replica partitions over")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hardware-file", action="append", default=[], help="extra hardware catalog JSON")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} takes comma-separated whole numbers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"--{what} needs positive numbers, got {text!r}")
+    return vals
+
+
+def _resolve(args: argparse.Namespace):
+    from strategies.cost import check_devices, get_hardware
+    from strategies.shapes import model_shape
+
+    shape = model_shape(args.model)
+    hw = get_hardware(args.gpu, args.hardware_file)
+    check_devices(shape, args.devices)
+    return shape, hw
+
+
+def _ms(x: float | None) -> str:
+    return f"{x * 1e3:9.2f}" if x is not None else "        —"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from strategies.cost import search
+
+    shape, hw = _resolve(args)
+    res = search(shape, hw, args.devices, tuple(_ints(args.tokens, "tokens")))
+    if args.json:
+        print(res.model_dump_json(indent=2))
+        return 0
+    print(f"Pareto front: {res.model} on {res.devices}×{res.hardware}; {len(res.front)} of {res.candidates} "
+          f"candidates kept (axes: FLOPs, blocking bytes, prefetchable weight bytes, latency steps, memory; "
+          f"costs per layer, busiest device, at T = {', '.join(map(str, res.tokens))})")
+    head = "  ".join(f"{'T=' + str(t):>8} ms  GFLOP  blockMB" for t in res.tokens)
+    print(f"{'engine':<22} {head}  weightMB steps  memGB  candidate")
+    for m in res.front:
+        cells = "  ".join(f"{c.time_s * 1e3:11.3f} {c.flops / 1e9:6.1f} {c.activation_bytes / 1e6:8.1f}"
+                          for c in m.costs)
+        c0 = m.costs[0]
+        eq = f" (+{len(m.equivalents)} equal-cost)" if m.equivalents else ""
+        print(f"{m.strategy or '-':<22} {cells}  {c0.weight_bytes / 1e6:8.1f} {c0.latency_steps:5d} "
+              f"{c0.memory_bytes / 1e9:6.2f}  {m.label}{eq}")
+    on = [m.strategy for m in res.front if m.strategy]
+    print(f"\nThe engine can execute {', '.join(on) or 'none'} of these front members"
+          " (the other rows are not implemented).")
+    for name, by in res.dominated_strategies.items():
+        print(f"{name} is not on the front here: dominated by [{by}].")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from strategies.cost import STRATEGIES, plan
+
+    shape, hw = _resolve(args)
+    lengths = _ints(args.lengths, "lengths") if args.lengths else None
+    rep = plan(shape, hw, args.devices, lengths)
+    if args.plot:
+        from strategies.cost.planner import plot_plan
+
+        plot_plan(rep, args.plot)
+    if args.json:
+        print(rep.model_dump_json(indent=2))
+        return 0
+    cal = f"calibrated from {rep.calibrated_from}" if rep.calibrated_from else "catalog figures, not calibrated"
+    lay = rep.layout
+    print(f"{rep.model} on {rep.devices}×{rep.hardware} ({cal}); per device: {lay.heads_per_device} query heads, "
+          f"{lay.kv_heads_per_device} KV heads (replication {lay.kv_replication}), MLP {lay.intermediate // lay.devices}")
+    print(f"\nPredicted prefill time (ms; — = does not fit memory)\n{'tokens':>7} "
+          + " ".join(f"{n[:21]:>22}" for n in STRATEGIES) + "  choice                 vs megatron")
+    for r in rep.lengths:
+        print(f"{r.tokens:7d} " + " ".join(f"{_ms(r.predicted_s[n]):>22}" for n in STRATEGIES)
+              + f"  {r.choice:<22} {r.megatron_over_choice:5.2f}×")
+    print("\nCrossovers: " + ("; ".join(f"from {c.tokens} tokens {c.before} → {c.after}" for c in rep.crossovers)
+                              or "none (one strategy wins at every length)"))
+    print(f"\nMemory per device at {rep.memory_at_tokens} tokens (GB)")
+    for m in rep.memory:
+        print(f"  {m.strategy:<22} weights+buffers {m.resident_gb:6.2f}  activations {m.workspace_gb:5.2f}  "
+              f"KV {m.kv_gb:5.2f}  budget {m.budget_gb:6.2f}  {'fits' if m.feasible else 'DOES NOT FIT'}")
+    print("\nDecode step (ms; the engine always decodes with megatron)")
+    for d in rep.decode:
+        print(f"  batch {d.batch:3d} × context {d.context}: megatron {_ms(d.predicted_s['megatron']).strip()}  "
+              f"(model's own choice: {d.choice})")
+    if args.plot:
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def _pool(spec: str, hardware_files: list[str]):
+    from strategies.cost import get_hardware
+    from strategies.cost.simulator import Pool
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(x.isdigit() and int(x) > 0 for x in parts[1:]):
+        raise ValueError(f"--pool takes GPU:P[:REPLICAS] with positive whole numbers, got {spec!r}")
+    return Pool(hardware=get_hardware(parts[0], hardware_files), devices=int(parts[1]),
+                replicas=int(parts[2]) if len(parts) == 3 else 1)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from strategies.cost import check_devices
+    from strategies.cost.simulator import SLO, simulate
+    from strategies.cost.workloads import workload
+    from strategies.shapes import model_shape
+
+    shape = model_shape(args.model)
+    pools = [_pool(s, args.hardware_file) for s in args.pool]
+    for pool in pools:
+        check_devices(shape, pool.devices)
+    reqs = workload(args.workload, args.requests, args.rate, args.seed, shape.max_position_embeddings)
+    rep = simulate(shape, pools, reqs, slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
+    if args.json:
+        print(json.dumps(rep.model_dump(exclude={"policies": {"__all__": {"records"}}}), indent=2))
+        return 0
+    print(f"{rep.model} on {' + '.join(rep.pools)} (GPU:devices:replicas); workload {args.workload}, "
+          f"{rep.requests} requests; SLO TTFT ≤ {rep.slo.ttft_s}s, TPOT ≤ {rep.slo.tpot_s}s. Simulated, not measured.")
+    print(f"\n{'policy':<30}{'TTFT p50/p90/p99 (s)':>24}{'TPOT p50/p90/p99 (ms)':>24}{'e2e p50/p90/p99 (s)':>24}"
+          f"{'SLO met':>9}{'goodput':>9}  prefills by strategy")
+    for r in rep.policies:
+        if not r.runnable:
+            print(f"{r.policy:<30}not runnable: {r.reason}")
+            continue
+        print(f"{r.policy:<30}{_pct(r.ttft_s, 1):>24}{_pct(r.tpot_s, 1e3):>24}{_pct(r.e2e_s, 1):>24}"
+              f"{r.slo_attainment:9.0%}{r.goodput_rps:8.2f}/s  {r.strategies}"
+              + (f"  ({r.rejected} rejected)" if r.rejected else ""))
+    dyn = next((r for r in rep.policies if r.policy == "dynamic" and r.runnable), None)
+    if dyn:
+        print("\nDynamic against each static policy (negative = dynamic is lower/better)")
+        for r in rep.policies:
+            if r.runnable and r is not dyn:
+                print(f"  vs {r.policy:<30} TTFT p50 {_red(dyn.ttft_s.p50, r.ttft_s.p50)}  p90 "
+                      f"{_red(dyn.ttft_s.p90, r.ttft_s.p90)}   e2e p50 {_red(dyn.e2e_s.p50, r.e2e_s.p50)}  p90 "
+                      f"{_red(dyn.e2e_s.p90, r.e2e_s.p90)}")
+    print("\nMedian TTFT / e2e (s) by prompt length")
+    runnable = [r for r in rep.policies if r.runnable]
+    print(f"{'prompt ≤':>9} {'n':>4} " + "".join(f"{r.policy:>32}" for r in runnable))
+    tables = [{b.prompt_up_to: b for b in r.by_length} for r in runnable]
+    for edge in sorted({e for t in tables for e in t}):
+        cells = "".join(f"{t[edge].ttft_p50_s:>20.3f} /{t[edge].e2e_p50_s:>9.3f}" if edge in t else f"{'—':>32}"
+                        for t in tables)
+        n = max(t[edge].requests for t in tables if edge in t)
+        print(f"{edge if edge < 10**9 else 'more':>9} {n:>4} {cells}")
+    return 0
+
+
+def _pct(p, scale: float) -> str:
+    return "—" if p is None else f"{p.p50 * scale:.3f}/{p.p90 * scale:.3f}/{p.p99 * scale:.3f}"
+
+
+def _red(new: float, old: float) -> str:
+    return f"{(new - old) / old:+6.1%}" if old else "   n/a"
