@@ -1,0 +1,120 @@
+"""Pareto search, planner choices and the CLI's user-facing behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from app.cli import main
+from strategies.cost import get_hardware, plan, plan_decode, plan_prefill, search
+from strategies.cost.planner import plot_plan
+from strategies.cost.search import pareto_indices
+from strategies.shapes import CATALOG
+
+L4, A100 = get_hardware("L4"), get_hardware("A100-80GB-SXM")
+LLAMA7, LLAMA13, LLAMA70 = CATALOG["llama2-7b"], CATALOG["llama2-13b"], CATALOG["llama2-70b"]
+
+
+@pytest.fixture(scope="module")
+def front_7b_l4():
+    return search(LLAMA7, L4, 4)
+
+
+def test_pareto_drops_dominated_rows_and_keeps_ties():
+    v = np.array([[1, 1], [2, 2], [1, 2], [1, 1], [0, 3]])
+    assert pareto_indices(v) == [0, 3, 4]
+
+
+def test_front_members_do_not_dominate_each_other(front_7b_l4):
+    vec = [[c.flops for c in m.costs] + [c.activation_bytes for c in m.costs]
+           + [m.costs[0].weight_bytes, m.costs[0].latency_steps, m.costs[0].memory_bytes] for m in front_7b_l4.front]
+    arr = np.array(vec)
+    assert sorted(pareto_indices(arr)) == list(range(len(vec)))
+    assert front_7b_l4.candidates > 10 * len(front_7b_l4.front)  # most candidates are dominated and dropped
+
+
+def test_each_engine_strategy_is_on_the_front_in_a_realistic_setting(front_7b_l4):
+    names = {m.strategy for m in front_7b_l4.front}
+    assert {"megatron", "projection_replicated"} <= names  # 7B on 4×L4 (PCIe)
+    gqa = search(LLAMA70, A100, 4)  # 70B (GQA: K/V gathers are small) on 4×A100 NVLink
+    assert "weight_gathered" in {m.strategy for m in gqa.front}
+    # where a strategy is not on the front, the search names what beats it
+    for name, by in front_7b_l4.dominated_strategies.items():
+        assert name not in names and by in {m.label for m in front_7b_l4.front}
+
+
+def test_planner_picks_megatron_for_decode():
+    for hw in (L4, A100):
+        for batch in (1, 16):
+            assert plan_decode(LLAMA7, hw, 4, [1024] * batch).strategy == "megatron"
+
+
+def test_prefill_choice_is_the_fastest_available_and_reports_every_strategy():
+    short, long = plan_prefill(LLAMA7, L4, 4, 64), plan_prefill(LLAMA7, L4, 4, 4000)
+    for ch in (short, long):
+        assert set(ch.predicted_s) == {"megatron", "weight_gathered", "projection_replicated"}
+        assert ch.time_s == min(t for t in ch.predicted_s.values() if t is not None)
+    assert short.strategy == "megatron" and long.strategy != "megatron"  # PCIe: long prompts leave megatron
+    only = plan_prefill(LLAMA7, L4, 4, 4000, available=["megatron"])
+    assert only.strategy == "megatron" and "projection_replicated" in only.reasons
+    batch = plan_prefill(LLAMA7, L4, 4, [1000, 1000])
+    assert batch.tokens == 2000
+    with pytest.raises(ValueError, match="unknown strategies"):
+        plan_prefill(LLAMA7, L4, 4, 64, available=["pipeline"])
+
+
+def test_replication_is_refused_when_it_does_not_fit():
+    ch = plan_prefill(LLAMA13, L4, 4, 2048)  # 26 GB of replicated weights on 24 GB cards
+    assert ch.predicted_s["projection_replicated"] is None
+    assert "GB" in ch.reasons["projection_replicated"] and ch.strategy != "projection_replicated"
+
+
+def test_plan_crossovers_are_where_the_choice_changes():
+    rep = plan(LLAMA7, L4, 4)
+    assert rep.crossovers, "7B on 4×L4 should change strategy within its context"
+    for c in rep.crossovers:
+        assert plan_prefill(LLAMA7, L4, 4, c.tokens - 1).strategy == c.before
+        assert plan_prefill(LLAMA7, L4, 4, c.tokens).strategy == c.after
+    assert [r.tokens for r in rep.lengths][-1] == LLAMA7.max_position_embeddings
+    assert all(m.feasible for m in rep.memory)
+    assert rep.decode and all(d.choice == "megatron" for d in rep.decode)
+    assert not any(m.feasible for m in plan(LLAMA13, L4, 4).memory if m.strategy == "projection_replicated")
+
+
+def test_faster_links_move_megatron_crossover_later():
+    def first_switch(hw):
+        return (plan(LLAMA7, hw, 4).crossovers or [None])[0]
+
+    slow_link = L4.model_copy(update={"link": L4.link.model_copy(update={"bandwidth_gbs": 5})})
+    fast_link = L4.model_copy(update={"link": L4.link.model_copy(update={"bandwidth_gbs": 100})})
+    slow, fast = first_switch(slow_link), first_switch(fast_link)
+    assert slow is not None and (fast is None or fast.tokens > slow.tokens)
+
+
+def test_plot_file_is_written(tmp_path):
+    out = tmp_path / "plan.png"
+    plot_plan(plan(LLAMA7, L4, 2, lengths=[64, 512, 4096]), str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plan_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "p.png"
+    assert main(["plan", "--model", "llama2-7b", "--gpu", "A100-40GB-SXM", "--devices", "4", "--json",
+                 "--lengths", "128,4096", "--plot", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [r["tokens"] for r in rep["lengths"]] == [128, 4096] and out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--model", "llama9", "--gpu", "L4", "--devices", "2"], "unknown model"),
+    (["plan", "--model", "llama2-7b", "--gpu", "L9", "--devices", "2"], "unknown hardware"),
+    (["search", "--model", "llama2-7b", "--gpu", "L4", "--devices", "33"], "cannot be split over 33"),
+    (["plan", "--model", "llama2-7b", "--gpu", "L4", "--devices", "0"], "at least 1"),
+    (["simulate", "--model", "llama2-7b", "--pool", "L4:x", "--workload", "mixture"], "GPU:P"),
+])
+def test_cli_bad_input_is_a_clean_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
