@@ -27,7 +27,7 @@ from strategies.cost.workloads import Request
 from strategies.shapes import ModelShape
 
 POLICIES = ("static:megatron", "static:weight_gathered", "static:projection_replicated", "dynamic")
-LENGTH_BUCKETS = (128, 512, 1024, 2048, 4096)
+LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 
 
 class Pool(BaseModel):
