@@ -1,0 +1,126 @@
+"""Collectives between the shard workers of one engine replica.
+
+The partitioned model code calls only this small interface, so every collective a strategy causes is one visible
+method call: ``all_reduce`` (Megatron's row-parallel outputs), ``all_gather`` (K/V, weights, logits),
+``reduce_scatter`` (vocab-parallel embedding into token shards). ``SingleDevice`` makes the same code run on one device
+with no process group at all; ``ProcessGroupComm`` wraps torch.distributed (nccl on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class PendingGather(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+class Comm(Protocol):
+    rank: int
+    world_size: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor: ...
+    def all_gather_async(self, x: torch.Tensor, out: torch.Tensor | None = None) -> PendingGather: ...
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class _Done:
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def wait(self) -> torch.Tensor:
+        return self.value
+
+
+class SingleDevice:
+    """p = 1: every collective is the identity (stacked along a new leading dim of size 1 for gathers)."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0)
+
+    def all_gather_async(self, x: torch.Tensor, out: torch.Tensor | None = None) -> PendingGather:
+        return _Done(x.unsqueeze(0))
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        return x[0]
+
+
+class _PendingWork:
+    def __init__(self, work, out: torch.Tensor):
+        self.work, self.out = work, out
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.out
+
+
+class ProcessGroupComm:
+    """Collectives over the default torch.distributed process group.
+
+    Gathers return ``[p, *x.shape]`` (rank-major); ``reduce_scatter`` takes ``[p, *shape]`` and returns this rank's
+    summed ``shape`` block. Inputs must have the same shape on every rank.
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_gather_async(x).wait()
+
+    def all_gather_async(self, x: torch.Tensor, out: torch.Tensor | None = None) -> PendingGather:
+        x = x.contiguous()
+        if out is None:
+            out = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
+        work = dist.all_gather_single(out.view(-1), x.view(-1), async_op=True)
+        return _PendingWork(work, out)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_single(out.view(-1), x.contiguous().view(-1))
+        return out
+
+
+def device_and_backend() -> tuple[torch.device, str]:
+    """nccl on a CUDA device where one is visible, gloo on the CPU otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
+                       timeout_s: float = 120.0) -> Comm:
+    """Join the replica's process group; blocks until all ranks have joined (start them all at once)."""
+    if world_size == 1:
+        return SingleDevice()
+    _, backend = device_and_backend()
+    if master_addr.startswith("127."):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback, never an external interface
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return ProcessGroupComm(rank, world_size)
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

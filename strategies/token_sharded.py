@@ -1,0 +1,78 @@
+"""The token-sharded layer that ``weight_gathered`` and ``projection_replicated`` share.
+
+The packed prompt tokens are cut into p equal contiguous chunks (padded), one per rank. Each rank computes every
+matrix of the layer for its own tokens, with the full (padded) weights given as the ranks' blocks stacked ``[p, n]``.
+The two strategies differ only in where those full weights come from: gathered layer by layer from the resident
+shards (``weight_gathered``), or kept resident as replicas (``projection_replicated``).
+
+Per layer the only collective is the K/V all-gather that causal attention needs; after it every rank holds every
+head's K/V and keeps its own heads' slice in the decode cache, so the handoff to Megatron decode is free.
+Embedding: a reduce-scatter of the vocab-parallel partial lookups lands each rank's tokens on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from placement.collectives import Comm
+from strategies.kv_cache import KVCache
+from strategies.layers import (SequenceSpan, apply_rope, causal_attention, embed_partial, rms_norm, swiglu)
+from strategies.sharding import RankWeights
+
+
+def token_chunk(total: int, devices: int) -> int:
+    """Tokens per rank: the packed tokens padded up to a multiple of p."""
+    return max(1, -(-total // devices))
+
+
+def _by_rank(x: torch.Tensor, heads: int, dh: int) -> torch.Tensor:
+    """[p, T, heads*dh] (one block per rank) -> [T, p*heads, dh] in global (rank-major) head order."""
+    p, t = x.shape[0], x.shape[1]
+    return x.view(p, t, heads, dh).permute(1, 0, 2, 3).reshape(t, p * heads, dh)
+
+
+def token_sharded_forward(w: RankWeights, comm: Comm, cache: KVCache, ids: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, spans: list[SequenceSpan],
+                          layer_weights: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Prefill the packed tokens ``ids`` [T]; ``layer_weights`` yields each layer's full weights as [p, n].
+
+    Returns this rank's final hidden states [Tc, E] and the index of its first token in the packed array.
+    """
+    s, lay, p, r = w.shape, w.layout, comm.world_size, comm.rank
+    hq, hkv, dh, e = lay.q_per_rank, lay.kv_per_rank, s.head_dim, s.hidden_size
+    scale = dh ** -0.5
+    if any(sp.cached for sp in spans):
+        raise ValueError("token-sharded prefill starts from an empty cache; continue cached sequences with megatron")
+    tc = token_chunk(ids.shape[0], p)
+    t0, t1 = r * tc, (r + 1) * tc
+    ids = torch.nn.functional.pad(ids, (0, p * tc - ids.shape[0]))
+    x = comm.reduce_scatter(embed_partial(w.embed, ids, r).view(p, tc, e))  # <- reduce-scatter: my tokens' embedding
+    cos_l, sin_l = cos[t0:t1], sin[t0:t1]
+    if cos_l.shape[0] < tc:  # padding tokens: any rotation will do, nothing attends to them
+        cos_l = torch.nn.functional.pad(cos_l, (0, 0, 0, tc - cos_l.shape[0]))
+        sin_l = torch.nn.functional.pad(sin_l, (0, 0, 0, tc - sin_l.shape[0]))
+    my_heads = slice(r * hkv, (r + 1) * hkv)
+    for i, (layer, full) in enumerate(zip(w.layers, layer_weights)):
+        h = rms_norm(x, layer.attn_norm, s.rms_norm_eps)
+        qkv = torch.matmul(h, w.block(full, "qkv").transpose(1, 2))  # [p, Tc, ...]: every head, my tokens
+        q, k, v = qkv.split([hq * dh, hkv * dh, hkv * dh], dim=-1)
+        q = apply_rope(_by_rank(q, hq, dh), cos_l, sin_l)
+        k = apply_rope(_by_rank(k, hkv, dh), cos_l, sin_l)
+        kv = comm.all_gather(torch.stack([k, _by_rank(v, hkv, dh)]))  # <- all-gather K/V [p, 2, Tc, Hkv, dh]
+        keys = kv[:, 0].flatten(0, 1)
+        values = kv[:, 1].flatten(0, 1)
+        attn = torch.zeros_like(q)
+        for sp in spans:
+            cache.write(i, sp.slot, keys[sp.start:sp.stop, my_heads], values[sp.start:sp.stop, my_heads])  # handoff
+            a, b = max(sp.start, t0), min(sp.stop, t1)
+            if a < b:
+                attn[a - t0:b - t0] = causal_attention(q[a - t0:b - t0], keys[sp.start:b], values[sp.start:b],
+                                                       a - sp.start, scale)
+        o_in = attn.view(tc, p, hq * dh).transpose(0, 1)  # [p, Tc, hq*dh]: each rank block's heads
+        x = x + torch.bmm(o_in, w.block(full, "o").transpose(1, 2)).sum(0)
+        h = rms_norm(x, layer.mlp_norm, s.rms_norm_eps)
+        act = swiglu(torch.matmul(h, w.block(full, "gate_up").transpose(1, 2)))  # [p, Tc, F/p]
+        x = x + torch.bmm(act, w.block(full, "down").transpose(1, 2)).sum(0)
+    return rms_norm(x, w.final_norm, s.rms_norm_eps), t0
