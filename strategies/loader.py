@@ -161,6 +161,8 @@ class Checkpoint:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
+        if not any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            raise ModelError(f"{self.path} has no tokenizer (tokenizer.json or tokenizer.model)")
         try:
             return AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as e:

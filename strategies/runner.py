@@ -18,7 +18,7 @@ from strategies.sharding import load_rank_weights
 from strategies.token_sharded import token_chunk, token_sharded_forward
 from strategies.weight_gathered import GatheredLayers
 
-STRATEGIES = ("megatron", "weight_gathered", "projection_replicated")
+from strategies.cost.search import STRATEGIES
 
 
 def check_strategy(name: str) -> str:

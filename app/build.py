@@ -1,0 +1,57 @@
+"""Turn engine options into a running engine: shard workers, tokenizer, and the planner as strategy chooser."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.engine import LLMEngine
+from placement.hardware import detect_hardware, replica_budget_bytes
+from placement.workers import max_devices, start_group
+from strategies.cost import check_devices, get_hardware, plan_prefill
+from strategies.loader import DEFAULT_MODEL, Checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = DEFAULT_MODEL
+    devices: int = Field(1, ge=1)
+    slots: int = Field(8, ge=1, le=256)  # sequences decoded together
+    max_model_len: int = Field(2048, ge=16)  # prompt + generated tokens per sequence
+    max_prefill_tokens: int = Field(8192, ge=16)
+    dtype: str = "float32"
+    hardware: str | None = None  # catalog name for the planner; detected when None
+    replica_budget_mb: float | None = None  # memory per device for projection_replicated; auto when None
+
+
+def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
+    """Refuse a device count before any worker starts: beyond this machine, or one that cannot split the model."""
+    limit = max_devices()
+    if opts.devices > limit:
+        raise ValueError(f"--devices {opts.devices} is more than this machine offers ({limit})")
+    check_devices(ckpt.shape, opts.devices)
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def build_engine(opts: EngineOptions, placement_group=None) -> LLMEngine:
+    ckpt = Checkpoint(opts.model)
+    validate_devices(opts, ckpt)
+    tokenizer = ckpt.tokenizer()  # fail on a missing tokenizer before any worker starts
+    capacity = min(opts.max_model_len, ckpt.shape.max_position_embeddings)
+    budget = (int(opts.replica_budget_mb * 2**20) if opts.replica_budget_mb is not None
+              else replica_budget_bytes(opts.devices))
+    runner_kwargs = dict(model=str(ckpt.path), slots=opts.slots, capacity=capacity, dtype=DTYPES[opts.dtype],
+                         replica_budget_bytes=budget)
+    group = start_group(opts.devices, runner_kwargs, placement_group=placement_group)
+    available = group.call("available_strategies")
+    hardware = get_hardware(opts.hardware or detect_hardware())
+
+    def choose(lengths: list[int]) -> str:
+        return plan_prefill(ckpt.shape, hardware, opts.devices, lengths, available=available).strategy
+
+    return LLMEngine(group, tokenizer, ckpt.eos_token_ids(), slots=opts.slots, capacity=capacity,
+                     choose_strategy=choose, max_prefill_tokens=opts.max_prefill_tokens)

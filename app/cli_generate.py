@@ -1,0 +1,95 @@
+"""``dynpart generate``: one prompt through the engine, on one device or p shard workers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+STRATEGY_CHOICES = ["auto", "megatron", "weight_gathered", "projection_replicated"]
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or a local Llama folder")
+    p.add_argument("--devices", type=int, default=1, help="shard workers (devices) of the replica")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=2048, help="prompt + generated tokens per sequence")
+    p.add_argument("--hardware", default=None, help="hardware catalog entry for the planner (default: detected)")
+
+
+def register(sub) -> None:
+    prep = sub.add_parser("prepare", help="convert/check a model once so later starts are fast")
+    prep.add_argument("--model", default="smollm2-135m")
+    prep.set_defaults(func=prepare)
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    add_engine_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--prefill-strategy", default="auto", choices=STRATEGY_CHOICES)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=generate)
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from strategies.loader import Checkpoint
+
+    ckpt = Checkpoint(args.model)
+    print(f"{args.model}: {ckpt.path} ({ckpt.shape.total_params / 1e6:.0f}M parameters)")
+    return 0
+
+
+def engine_options(args: argparse.Namespace, **extra):
+    from app.build import EngineOptions
+
+    return EngineOptions(model=args.model, devices=args.devices, dtype=args.dtype, max_model_len=args.max_model_len,
+                         hardware=args.hardware, **extra)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from app.build import build_engine
+    from app.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop=args.stop)
+        opts = engine_options(args, slots=1)
+    except ValidationError as e:
+        raise ValueError(_first_error(e)) from None
+    engine = build_engine(opts)
+    try:
+        tok = engine.tokenizer
+        if args.chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        else:
+            ids = tok(args.prompt)["input_ids"]
+        seq = engine.generate([list(ids)], params, strategy=args.prefill_strategy)[0]
+    finally:
+        engine.group.shutdown()
+    result = {
+        "text": seq.text,
+        "token_ids": seq.output_ids,
+        "prompt_tokens": len(seq.prompt_ids),
+        "finish_reason": seq.finish_reason,
+        "ttft_ms": round(seq.ttft_s * 1e3, 3),
+        "tpot_ms": None if seq.tpot_s is None else round(seq.tpot_s * 1e3, 3),
+        "prefill_strategy": seq.prefill_strategy,
+        "devices": opts.devices,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(seq.text)
+    return 0
+
+
+def _first_error(e) -> str:
+    err = e.errors()[0]
+    return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"

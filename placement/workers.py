@@ -1,0 +1,193 @@
+"""Shard workers: one Ray actor per device, all in one placement group, joined in one torch.distributed group.
+
+``ShardGroup`` is the small API the engine and the Serve deployments use: start p workers (all at once, since
+``init_process_group`` blocks until every rank has joined), run a step on all ranks and take rank 0's answer, tear
+down. ``LocalGroup`` is the same API for one device in the calling process (no Ray, no process group).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Protocol
+
+import torch
+
+from placement.collectives import destroy_process_group, device_and_backend, init_process_group
+from strategies.runner import ShardRunner
+
+DEVICE_RESOURCE = "dynpart_device"  # custom resource a CPU-only node offers per emulated device
+
+
+class Group(Protocol):
+    devices: int
+
+    def call(self, method: str, *args: Any) -> Any: ...
+    def call_all(self, method: str, *args: Any) -> list[Any]: ...
+    def shutdown(self) -> None: ...
+
+
+def max_devices() -> int:
+    """How many devices this machine can give one replica: its GPUs, or emulated CPU devices (threads share cores)."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return int(os.environ.get("DYNPART_MAX_CPU_DEVICES", max(4, 2 * (os.cpu_count() or 1))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _threads_per_worker(devices: int) -> int:
+    return max(1, (os.cpu_count() or 1) // devices)
+
+
+class ShardWorker:
+    """One rank: joins the process group and holds a ``ShardRunner``. Runs as a Ray actor (see ``ShardGroup``)."""
+
+    def __init__(self, rank: int, devices: int, master_addr: str, master_port: int, runner_kwargs: dict):
+        if not torch.cuda.is_available():
+            torch.set_num_threads(_threads_per_worker(devices))  # p workers share the cores fairly
+        self.rank = rank
+        self.comm = init_process_group(rank, devices, master_addr, master_port)
+        device, _ = device_and_backend()
+        self.runner = ShardRunner(comm=self.comm, device=device, **runner_kwargs)
+
+    def run(self, method: str, *args: Any) -> Any:
+        out = getattr(self.runner, method)(*args)
+        if isinstance(out, torch.Tensor):
+            return out.cpu() if self.rank == 0 else None  # every rank holds the same result; ship one
+        return out
+
+    def ready(self) -> int:
+        return self.rank
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        destroy_process_group()
+
+
+class LocalGroup:
+    """p = 1 in the calling process."""
+
+    devices = 1
+
+    def __init__(self, **runner_kwargs):
+        from placement.collectives import SingleDevice
+
+        device, _ = device_and_backend()
+        self.runner = ShardRunner(comm=SingleDevice(), device=device, **runner_kwargs)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.runner, method)(*args)
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        return [self.call(method, *args)]
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ShardGroup:
+    """p shard workers as Ray actors in a placement group of p device bundles (PACK: one node if possible).
+
+    Pass ``placement_group`` to use one that already exists (a Serve replica's own, from ``placement_group_bundles``),
+    otherwise one is created and removed with the group. Each bundle needs one device: a GPU where the cluster has
+    them, else the ``dynpart_device`` custom resource or just a slice of a CPU.
+    """
+
+    def __init__(self, devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None,
+                 start_timeout_s: float = 300.0):
+        import ray
+        from ray.util.placement_group import placement_group as make_pg, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.devices = devices
+        self._own_pg = placement_group is None
+        bundle = bundle or default_bundle()
+        if self._own_pg:
+            placement_group = make_pg([dict(bundle)] * devices, strategy="PACK")
+            try:
+                ray.get(placement_group.ready(), timeout=start_timeout_s)
+            except ray.exceptions.GetTimeoutError as e:
+                remove_placement_group(placement_group)
+                raise RuntimeError(f"the cluster cannot place {devices} devices of {bundle} "
+                                   f"within {start_timeout_s:.0f} s") from e
+        self.pg = placement_group
+        port = free_port()
+        actor = ray.remote(ShardWorker)
+        gpus = bundle.get("GPU", 0)
+        self.workers = [
+            actor.options(
+                num_cpus=0, num_gpus=gpus, resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=r),
+            ).remote(r, devices, "127.0.0.1", port, runner_kwargs)
+            for r in range(devices)
+        ]
+        try:
+            ray.get([w.ready.remote() for w in self.workers], timeout=start_timeout_s)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Run ``method`` on every rank (SPMD) and return rank 0's result."""
+        return self.call_all(method, *args)[0]
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        refs = [w.run.remote(method, *args) for w in self.workers]
+        return ray.get(refs)
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([w.pid.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+        if self._own_pg and self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+def default_bundle() -> dict:
+    """One device: a GPU where the cluster has GPUs, otherwise a tenth of a CPU (emulated device)."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return {"CPU": 0.1, "GPU": 1}
+    if ray.cluster_resources().get(DEVICE_RESOURCE, 0) >= 1:
+        return {"CPU": 0.1, DEVICE_RESOURCE: 1}
+    return {"CPU": 0.1}
+
+
+def start_group(devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None) -> Group:
+    """A ``LocalGroup`` for one device without Ray, else a ``ShardGroup`` (Ray is started locally if needed)."""
+    if devices == 1 and placement_group is None:
+        return LocalGroup(**runner_kwargs)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**local_ray_options())
+    return ShardGroup(devices, runner_kwargs, placement_group=placement_group, bundle=bundle)
+
+
+def local_ray_options(**overrides) -> dict:
+    """ray.init options for a single machine, as DESIGN.md §6 found they must be."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    opts = dict(address="local", include_dashboard=False, log_to_driver=False,
+                object_store_memory=512 * 2**20, configure_logging=False)
+    opts.update(overrides)
+    return opts

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random Llama checkpoints, the real default model, transformers references, one Ray session.
+
+Ray is started once per test session (DESIGN.md §6: per-test starts cost minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny shapes chosen to exercise every sharding path: MHA, GQA, MQA, heads that are not powers of two, heads and MLP
+# sizes that need zero padding for some p, KV heads replicated when p > KV heads, tied and untied embeddings.
+TINY_SHAPES: dict[str, dict] = {
+    "mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                tie_word_embeddings=False),
+    "gqa": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, intermediate_size=150,
+                tie_word_embeddings=True),
+    "odd": dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, intermediate_size=100,
+                tie_word_embeddings=False, head_dim=8),
+    "mqa": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, intermediate_size=96,
+                tie_word_embeddings=True),
+}
+
+
+def tiny_config(name: str, vocab_size: int = 512, layers: int = 2, **extra):
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=vocab_size, num_hidden_layers=layers, max_position_embeddings=512, rms_norm_eps=1e-5)
+    return LlamaConfig(**{**fields, **TINY_SHAPES[name], **extra})
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Checkpoint folders of every tiny shape (random weights, seed fixed)."""
+    from strategies.loader import save_random_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: str(save_random_llama(tiny_config(name), root / name, seed=i))
+            for i, name in enumerate(TINY_SHAPES)}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The embedded default model, converted once into the cache (make test does this before pytest)."""
+    from strategies.loader import Checkpoint
+
+    return str(Checkpoint("smollm2-135m").path)
+
+
+@pytest.fixture(scope="session")
+def chat_tiny(tmp_path_factory, smollm2) -> str:
+    """A tiny random model that carries the default model's tokenizer, for text-level tests."""
+    from strategies.loader import save_random_llama
+
+    cfg = tiny_config("gqa", vocab_size=49152, max_position_embeddings=1024)
+    return str(save_random_llama(cfg, tmp_path_factory.mktemp("chat") / "tiny-chat", tokenizer_from=smollm2))
+
+
+@functools.lru_cache(maxsize=8)
+def hf_model(path: str):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def reference_logits(path: str, prompt: list[int]) -> torch.Tensor:
+    """transformers' float32 logits for every prompt token [T, V]."""
+    with torch.no_grad():
+        return hf_model(path)(torch.tensor([prompt])).logits[0]
+
+
+def reference_greedy(path: str, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation (EOS ignored, so exactly n tokens)."""
+    model = hf_model(path)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts_for(vocab: int, lengths=(7, 19, 3), seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session: 2 CPUs and 4 emulated devices."""
+    import ray
+
+    from placement.workers import DEVICE_RESOURCE, local_ray_options
+
+    if not ray.is_initialized():
+        ray.init(**local_ray_options(num_cpus=2, resources={DEVICE_RESOURCE: 4}))
+    yield ray
+    ray.shutdown()

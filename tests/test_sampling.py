@@ -1,0 +1,95 @@
+"""Sampling and stopping as a user of the API relies on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from app.engine import LLMEngine, RequestError
+from app.sampling import SamplingParams, sample
+from placement.workers import LocalGroup
+from strategies.loader import Checkpoint
+
+
+@pytest.fixture(scope="module")
+def engine(chat_tiny):
+    ckpt = Checkpoint(chat_tiny)
+    group = LocalGroup(model=chat_tiny, slots=4, capacity=128)
+    return LLMEngine(group, ckpt.tokenizer(), ckpt.eos_token_ids(), slots=4, capacity=128)
+
+
+PROMPT = [1, 504, 2988, 314, 2535, 42]
+
+
+def run(engine, **params):
+    return engine.generate([PROMPT], SamplingParams(**params))[0]
+
+
+def test_same_seed_same_tokens_and_different_seed_differs(engine):
+    a = run(engine, max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    b = run(engine, max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    c = run(engine, max_tokens=16, temperature=1.0, seed=8, ignore_eos=True)
+    assert a.output_ids == b.output_ids
+    assert a.output_ids != c.output_ids
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    greedy = run(engine, max_tokens=12, ignore_eos=True).output_ids
+    assert run(engine, max_tokens=12, temperature=1.5, top_k=1, seed=1, ignore_eos=True).output_ids == greedy
+    assert run(engine, max_tokens=12, temperature=1.5, top_p=1e-6, seed=2, ignore_eos=True).output_ids == greedy
+
+
+def test_top_k_restricts_to_the_k_best():
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0, 4.8])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(temperature=2.0, top_k=2), g) for _ in range(200)}
+    assert picks == {1, 2}
+
+
+def test_top_p_keeps_the_smallest_sufficient_prefix():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    assert picks == {0, 1}
+
+
+def test_max_tokens_is_exact_and_reports_length(engine):
+    seq = run(engine, max_tokens=5, ignore_eos=True)
+    assert len(seq.output_ids) == 5 and seq.finish_reason == "length"
+
+
+def test_stop_sequence_ends_generation_and_is_not_returned(engine):
+    full = run(engine, max_tokens=24, ignore_eos=True)
+    assert len(full.text) > 6
+    stop = full.text[4:7]
+    seq = run(engine, max_tokens=24, ignore_eos=True, stop=[stop])
+    assert seq.finish_reason == "stop"
+    assert seq.text == full.text[: full.text.find(stop)]
+
+
+def test_eos_stops_unless_ignored(chat_tiny):
+    ckpt = Checkpoint(chat_tiny)
+    greedy = LLMEngine(LocalGroup(model=chat_tiny, slots=1, capacity=128), ckpt.tokenizer(), [], slots=1,
+                       capacity=128).generate([PROMPT], SamplingParams(max_tokens=8))[0].output_ids
+    eos = greedy[3]  # pretend the 4th greedy token is EOS
+    engine = LLMEngine(LocalGroup(model=chat_tiny, slots=1, capacity=128), ckpt.tokenizer(), [eos], slots=1,
+                       capacity=128)
+    stopped = engine.generate([PROMPT], SamplingParams(max_tokens=8))[0]
+    assert stopped.output_ids == greedy[: greedy.index(eos) + 1] and stopped.finish_reason == "stop"
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))[0].output_ids == greedy
+
+
+def test_requests_that_cannot_fit_are_refused_with_the_limit(engine):
+    with pytest.raises(RequestError, match="exceeds the context limit of 128"):
+        engine.add(list(range(1, 100)), SamplingParams(max_tokens=64))
+    with pytest.raises(RequestError, match="empty"):
+        engine.add([], SamplingParams())
+    with pytest.raises(RequestError, match="unknown prefill strategy"):
+        engine.add([1, 2], SamplingParams(), strategy="fastest")
+
+
+def test_bad_parameters_are_rejected():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2), dict(stop=["a"] * 9)):
+        with pytest.raises(ValidationError):
+            SamplingParams(**bad)
