@@ -90,6 +90,26 @@ class ShardRunner:
         for slot in slots:
             self.cache.release(slot)
 
+    def export_kv(self, slots: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """This rank's head-sharded K/V of each slot, [layers, Hkv_local, length, dh] each, for a decode replica."""
+        out = []
+        for slot in slots:
+            n = self.cache.lengths[slot]
+            k = torch.stack([layer[slot, :, :n] for layer in self.cache.k]).cpu()
+            v = torch.stack([layer[slot, :, :n] for layer in self.cache.v]).cpu()
+            out.append((n, k, v))
+        return out
+
+    def import_kv(self, slots: list[int], kv: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Adopt K/V exported by the same rank of a prefill replica (same model, same device count)."""
+        for slot, (n, k, v) in zip(slots, kv, strict=True):
+            self.cache.release(slot)
+            self.cache.check_room(slot, n)
+            for i in range(self.shape.num_layers):
+                self.cache.k[i][slot, :, :n] = k[i].to(self.device)
+                self.cache.v[i][slot, :, :n] = v[i].to(self.device)
+            self.cache.commit(slot, n)
+
     def available_strategies(self) -> list[str]:
         return [s for s in STRATEGIES if s != "projection_replicated" or self.replicated.fits()]
 

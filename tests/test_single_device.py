@@ -63,3 +63,17 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
                        capacity=128)
     seq = engine.generate([tok("The capital of France is")["input_ids"]], SamplingParams(max_tokens=8))[0]
     assert "Paris" in seq.text
+
+
+def test_exported_kv_continues_in_another_runner(tiny_models):
+    """The disaggregation primitive: a decode runner adopting a prefill runner's K/V decodes the same tokens."""
+    path = tiny_models["odd"]
+    prompt = prompts_for(512, lengths=(13,))[0]
+    prefill = LocalGroup(model=path, slots=2, capacity=64)
+    decode = LocalGroup(model=path, slots=2, capacity=64)
+    first = int(prefill.call("prefill", [prompt], [1], "megatron").argmax(-1))
+    decode.call("import_kv", [0], prefill.call("export_kv", [1]))
+    tokens = [first]
+    for _ in range(8):
+        tokens.append(int(decode.call("decode", [tokens[-1]], [0]).argmax(-1)))
+    assert tokens == reference_greedy(path, prompt, 9)
