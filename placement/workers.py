@@ -52,7 +52,12 @@ class ShardWorker:
             torch.set_num_threads(_threads_per_worker(devices))  # p workers share the cores fairly
         self.rank = rank
         self.comm = init_process_group(rank, devices, master_addr, master_port)
+        self.load(runner_kwargs)
+
+    def load(self, runner_kwargs: dict) -> None:
+        """(Re)build the runner, e.g. for another model, keeping the process group."""
         device, _ = device_and_backend()
+        self.runner = None  # free the old shards first
         self.runner = ShardRunner(comm=self.comm, device=device, **runner_kwargs)
 
     def run(self, method: str, *args: Any) -> Any:
@@ -133,6 +138,12 @@ class ShardGroup:
         except Exception:
             self.shutdown()
             raise
+
+    def load(self, runner_kwargs: dict) -> None:
+        """Swap the model the workers hold, without restarting them or their process group."""
+        import ray
+
+        ray.get([w.load.remote(runner_kwargs) for w in self.workers])
 
     def call(self, method: str, *args: Any) -> Any:
         """Run ``method`` on every rank (SPMD) and return rank 0's result."""

@@ -1,0 +1,53 @@
+"""The dynpart command line, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def dynpart(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_generate_json_on_the_default_model(smollm2):
+    out = dynpart("generate", "--prompt", "The capital of France is", "--max-tokens", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "Paris" in result["text"]
+    assert len(result["token_ids"]) == 8 and result["prompt_tokens"] == 5
+    assert result["ttft_ms"] > 0 and result["tpot_ms"] > 0
+    assert result["devices"] == 1 and result["prefill_strategy"] == "megatron"
+
+
+@pytest.mark.slow
+def test_generate_on_two_devices_gives_the_same_tokens(chat_tiny):
+    args = ["generate", "--model", chat_tiny, "--prompt", "Once upon a time", "--max-tokens", "12", "--json"]
+    one = json.loads(dynpart(*args).stdout.strip().splitlines()[-1])
+    two = dynpart(*args, "--devices", "2", "--prefill-strategy", "weight_gathered")
+    assert two.returncode == 0, two.stderr
+    two = json.loads(two.stdout.strip().splitlines()[-1])
+    assert two["token_ids"] == one["token_ids"]
+    assert (two["devices"], two["prefill_strategy"]) == (2, "weight_gathered")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "unknown model"),
+    (["--devices", "64"], "more than this machine offers"),
+    (["--temperature", "-1"], "temperature"),
+    (["--max-tokens", "0"], "max_tokens"),
+])
+def test_bad_arguments_get_one_clear_error(args, message):
+    out = dynpart("generate", "--prompt", "hi", *args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_strategy_is_refused_by_the_parser():
+    out = dynpart("generate", "--prompt", "hi", "--prefill-strategy", "ring")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
