@@ -1,0 +1,63 @@
+"""The load harness's metric arithmetic, against timings made by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from load_tests.metrics import SLO, RequestRecord, Stat, summarize, summarize_by
+
+
+def rec(sent, chunks, done, out=None, error=None, pool="cpu", strategy="megatron"):
+    return RequestRecord(prompt_tokens=10, output_tokens=len(chunks) if out is None else out, sent_s=sent,
+                         chunk_times_s=chunks, done_s=done, error=error, pool=pool, strategy=strategy)
+
+
+def test_per_request_ttft_tpot_itl_latency():
+    r = rec(1.0, [1.5, 1.7, 2.0, 2.1], 2.1)
+    assert r.ttft_s == pytest.approx(0.5)
+    assert r.latency_s == pytest.approx(1.1)
+    assert r.tpot_s == pytest.approx((1.1 - 0.5) / 3)  # vLLM: (latency - ttft) / (output tokens - 1)
+    assert r.itl_s == pytest.approx([0.2, 0.3, 0.1])
+
+
+def test_one_token_requests_have_no_tpot():
+    assert rec(0.0, [0.3], 0.3).tpot_s is None
+
+
+def test_summary_means_percentiles_and_throughput():
+    records = [rec(0.0, [0.1, 0.2], 0.2), rec(0.0, [0.3, 0.5], 0.5), rec(1.0, [1.2, 1.3, 1.4], 1.4),
+               rec(0.5, [], None, error="http_503")]
+    s = summarize(records, duration_s=2.0)
+    assert (s.completed, s.failed, s.errors) == (3, 1, {"http_503": 1})
+    assert s.request_throughput == pytest.approx(1.5)
+    assert s.output_throughput == pytest.approx(7 / 2.0)
+    assert s.ttft_ms.mean == pytest.approx((100 + 300 + 200) / 3)
+    assert s.ttft_ms.p50 == pytest.approx(200)
+    assert s.e2e_ms.p90 == pytest.approx(400 + 0.8 * (500 - 400))  # latencies 200, 400, 500: interpolated
+    assert s.itl_ms.n == 1 + 1 + 2
+
+
+def test_percentiles_interpolate_linearly():
+    st = Stat.of([10.0, 20.0, 30.0, 40.0, 50.0])
+    assert (st.p50, st.p90, st.p99) == pytest.approx((30.0, 46.0, 49.6))
+
+
+def test_goodput_counts_requests_meeting_every_slo():
+    records = [rec(0.0, [0.1, 0.2], 0.2), rec(0.0, [0.9, 1.0], 1.0), rec(0.0, [0.1, 0.9], 0.9)]
+    slo = SLO(ttft_ms=500, tpot_ms=300)
+    # first meets both; second misses TTFT; third misses TPOT (800 ms per token)
+    assert summarize(records, 1.0, slo).goodput == pytest.approx(1.0)
+    assert summarize(records, 1.0, SLO(e2e_ms=950)).goodput == pytest.approx(2.0)
+
+
+def test_failed_requests_never_count_as_good_or_in_latency():
+    records = [rec(0.0, [0.1], None, error="timeout"), rec(0.0, [0.1, 0.2], 0.2)]
+    s = summarize(records, 1.0, SLO(ttft_ms=1000))
+    assert s.goodput == pytest.approx(1.0) and s.e2e_ms.n == 1
+
+
+def test_breakdown_by_strategy_from_headers():
+    records = [rec(0, [0.1, 0.2], 0.2, strategy="megatron"), rec(0, [0.4, 0.5], 0.5, strategy="weight_gathered"),
+               rec(0, [0.2, 0.3], 0.3, strategy="megatron")]
+    by = summarize_by(records, "strategy", 1.0)
+    assert by["megatron"].completed == 2 and by["weight_gathered"].ttft_ms.mean == pytest.approx(400)
