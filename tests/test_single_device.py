@@ -77,3 +77,23 @@ def test_exported_kv_continues_in_another_runner(tiny_models):
     for _ in range(8):
         tokens.append(int(decode.call("decode", [tokens[-1]], [0]).argmax(-1)))
     assert tokens == reference_greedy(path, prompt, 9)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+], ids=lambda r: r["rope_type"])
+def test_rope_scaling_types_match_transformers(tmp_path, rope):
+    from conftest import tiny_config
+    from strategies.loader import save_random_llama
+
+    max_pos = 32 if rope["rope_type"] == "dynamic" else 128  # dynamic rescales once the prompt passes max_pos
+    path = str(save_random_llama(tiny_config("gqa", rope_parameters=rope, max_position_embeddings=max_pos), tmp_path))
+    prompt = prompts_for(512, lengths=(40,))[0]
+    logits = LocalGroup(model=path, slots=1, capacity=160).call("prefill", [prompt], [0], "megatron", True)
+    assert (logits - reference_logits(path, prompt)).abs().max().item() <= 1e-4
+    seq = local_engine(path, capacity=160).generate([prompt], GREEDY_32)[0]
+    assert seq.output_ids == reference_greedy(path, prompt, 32)
