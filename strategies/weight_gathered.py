@@ -21,12 +21,14 @@ class GatheredLayers:
 
     def __init__(self, w: RankWeights, comm: Comm):
         self.w, self.comm = w, comm
-        n = w.layers[0].flat.numel()
-        like = w.layers[0].flat
-        self.buffers = [torch.empty((comm.world_size, n), dtype=like.dtype, device=like.device) for _ in range(2)]
+        self.buffers: list[torch.Tensor] = []  # allocated on first use, then reused by every prefill
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         layers = self.w.layers
+        if not self.buffers:
+            like = layers[0].flat
+            self.buffers = [torch.empty((self.comm.world_size, like.numel()), dtype=like.dtype, device=like.device)
+                            for _ in range(2)]
         pending = self.comm.all_gather_async(layers[0].flat, out=self.buffers[0])  # <- all-gather weights, layer 0
         for i in range(len(layers)):
             full = pending.wait()

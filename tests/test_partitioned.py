@@ -34,6 +34,11 @@ def check_group(group, path: str, prompts: list[list[int]]) -> None:
         for _ in range(DECODE_STEPS):
             tokens.append(group.call("decode", tokens[-1], slots).argmax(-1).tolist())
         assert [list(t) for t in zip(*tokens)] == ref_tokens, f"{strategy}: decode after handoff differs"
+    one_token = [[prompts[0][0]]]  # fewer tokens than devices: most ranks hold only padding
+    for strategy in STRATEGIES:
+        group.call_all("release", slots)
+        logits = group.call("prefill", one_token, [0], strategy, True)
+        assert (logits - reference_logits(path, one_token[0])).abs().max().item() <= 1e-4, strategy
 
 
 @pytest.mark.parametrize("devices", [1, 2, 3, 4])
@@ -72,12 +77,14 @@ def test_one_weight_copy_split_over_workers(ray_session, tiny_models):
     whole = single.call("memory_report")["weights"]
     group = start_group(2, dict(model=path, slots=1, capacity=32, replica_budget_bytes=2**30))
     try:
+        group.call("prefill", [[1, 2, 3]], [0], "weight_gathered")
         reports = group.call_all("memory_report")
         layer_bytes = whole / Checkpoint(path).shape.num_layers
         for r in reports:
             assert 0.45 * whole <= r["weights"] <= 0.55 * whole
             assert r["replicas"] == 0
-            assert r["gather_buffer"] <= 2 * layer_bytes
+            assert 0 < r["gather_buffer"] <= 2 * layer_bytes  # two layers of full weights, reused
+        group.call_all("release", [0])
         group.call("prefill", [[1, 2, 3]], [0], "projection_replicated")
         assert all(r["replicas"] > 0 for r in group.call_all("memory_report"))
     finally:
