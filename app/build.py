@@ -25,6 +25,7 @@ class EngineOptions(BaseModel):
     dtype: str = "float32"
     hardware: str | None = None  # catalog name for the planner; detected when None
     replica_budget_mb: float | None = None  # memory per device for projection_replicated; auto when None
+    shared_weights: bool = False  # map the node's one copy of the shards (object store) instead of loading them
 
 
 def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
@@ -37,7 +38,10 @@ def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
         raise ValueError(f"unknown dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
 
 
-def build_engine(opts: EngineOptions, placement_group=None) -> LLMEngine:
+def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None = None,
+                 engine_class: type[LLMEngine] = LLMEngine) -> LLMEngine:
+    """``bundle``: what one device of ``placement_group`` offers (default: detected); ``engine_class``: an
+    ``LLMEngine`` subclass, e.g. the prefill-only or decode-only engine of a disaggregated pool."""
     ckpt = Checkpoint(opts.model)
     validate_devices(opts, ckpt)
     tokenizer = ckpt.tokenizer()  # fail on a missing tokenizer before any worker starts
@@ -46,12 +50,14 @@ def build_engine(opts: EngineOptions, placement_group=None) -> LLMEngine:
               else replica_budget_bytes(opts.devices))
     runner_kwargs = dict(model=str(ckpt.path), slots=opts.slots, capacity=capacity, dtype=DTYPES[opts.dtype],
                          replica_budget_bytes=budget)
-    group = start_group(opts.devices, runner_kwargs, placement_group=placement_group)
+    if opts.shared_weights:
+        runner_kwargs["shared_weights"] = True
+    group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle)
     available = group.call("available_strategies")
     hardware = get_hardware(opts.hardware or detect_hardware())
 
     def choose(lengths: list[int]) -> str:
         return plan_prefill(ckpt.shape, hardware, opts.devices, lengths, available=available).strategy
 
-    return LLMEngine(group, tokenizer, ckpt.eos_token_ids(), slots=opts.slots, capacity=capacity,
-                     choose_strategy=choose, max_prefill_tokens=opts.max_prefill_tokens)
+    return engine_class(group, tokenizer, ckpt.eos_token_ids(), slots=opts.slots, capacity=capacity,
+                        choose_strategy=choose, max_prefill_tokens=opts.max_prefill_tokens)

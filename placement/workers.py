@@ -58,7 +58,26 @@ class ShardWorker:
         """(Re)build the runner, e.g. for another model, keeping the process group."""
         device, _ = device_and_backend()
         self.runner = None  # free the old shards first
+        runner_kwargs = dict(runner_kwargs)
+        if runner_kwargs.pop("shared_weights", False):  # the node's one copy, through the object store
+            from placement.weight_store import shared_rank_weights
+
+            runner_kwargs["weights"] = shared_rank_weights(runner_kwargs["model"], self.comm.world_size, self.rank,
+                                                           runner_kwargs.get("dtype", torch.float32), device)
         self.runner = ShardRunner(comm=self.comm, device=device, **runner_kwargs)
+
+    def put_kv(self, slots: list[int]) -> list:
+        """This rank's head-sharded K/V of ``slots`` into the object store, for the same rank of a decode replica.
+        The reference comes back wrapped in a list so Ray hands over the reference, not the tensors."""
+        import ray
+
+        return [ray.put(self.runner.export_kv(slots))]
+
+    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
+        """Adopt the K/V slice that the same rank of a prefill replica put: fetched rank to rank, not via a driver."""
+        import ray
+
+        self.runner.import_kv(slots, ray.get(refs_by_rank[self.rank][0]))
 
     def run(self, method: str, *args: Any) -> Any:
         out = getattr(self.runner, method)(*args)
@@ -141,24 +160,32 @@ class ShardGroup:
 
     def load(self, runner_kwargs: dict) -> None:
         """Swap the model the workers hold, without restarting them or their process group."""
-        import ray
-
-        ray.get([w.load.remote(runner_kwargs) for w in self.workers])
+        self.call_workers("load", runner_kwargs)
 
     def call(self, method: str, *args: Any) -> Any:
         """Run ``method`` on every rank (SPMD) and return rank 0's result."""
         return self.call_all(method, *args)[0]
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
+        return self.call_workers("run", method, *args)
+
+    def call_workers(self, method: str, *args: Any) -> list[Any]:
+        """Call a ``ShardWorker`` method (not a runner method) on every rank; results in rank order."""
         import ray
 
-        refs = [w.run.remote(method, *args) for w in self.workers]
-        return ray.get(refs)
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def put_kv(self, slots: list[int]) -> list[list]:
+        """Each rank's K/V slices of ``slots`` as object references ([rank][0]), for ``take_kv`` elsewhere."""
+        return self.call_workers("put_kv", slots)
+
+    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
+        if len(refs_by_rank) != self.devices:
+            raise ValueError(f"K/V from {len(refs_by_rank)} ranks cannot feed {self.devices} decode ranks")
+        self.call_workers("take_kv", slots, refs_by_rank)
 
     def pids(self) -> list[int]:
-        import ray
-
-        return ray.get([w.pid.remote() for w in self.workers])
+        return self.call_workers("pid")
 
     def shutdown(self) -> None:
         import ray

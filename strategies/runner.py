@@ -14,7 +14,7 @@ from strategies.layers import Rotary, SequenceSpan, lm_head_logits
 from strategies.loader import Checkpoint
 from strategies.megatron import megatron_forward
 from strategies.projection_replicated import ReplicatedLayers, StrategyUnavailable
-from strategies.sharding import load_rank_weights
+from strategies.sharding import RankWeights, load_rank_weights
 from strategies.token_sharded import token_chunk, token_sharded_forward
 from strategies.weight_gathered import GatheredLayers
 
@@ -29,10 +29,11 @@ def check_strategy(name: str) -> str:
 
 class ShardRunner:
     def __init__(self, model: str, comm: Comm, slots: int, capacity: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", replica_budget_bytes: int = 0):
+                 device: torch.device | str = "cpu", replica_budget_bytes: int = 0, weights: RankWeights | None = None):
         self.comm = comm
         ckpt = Checkpoint(model)
-        self.weights = load_rank_weights(ckpt, comm.rank, comm.world_size, dtype=dtype, device=device)
+        # ``weights``: shards already loaded elsewhere (the node's shared copy, placement/weight_store.py)
+        self.weights = weights or load_rank_weights(ckpt, comm.rank, comm.world_size, dtype=dtype, device=device)
         self.shape, self.dtype, self.device = ckpt.shape, dtype, torch.device(device)
         self.rotary = Rotary(ckpt.config, device)
         self.cache = KVCache(self.shape.num_layers, slots, capacity, self.weights.layout.kv_per_rank,

@@ -1,0 +1,141 @@
+"""OpenAI-compatible request and response bodies (the subset dynpart serves), validated at the edge.
+
+Requests forbid unknown fields, so a typo is a clear 400 rather than a silently ignored option. Fields OpenAI clients
+commonly send are accepted when they ask for nothing dynpart cannot do (``n`` = 1, no logprobs, zero penalties).
+Extensions: ``top_k``, ``ignore_eos``. Every response's ``usage`` carries a ``dynpart`` object.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.sampling import SamplingParams
+
+
+class DynpartUsage(BaseModel):
+    pool: str
+    strategy: str | None
+    prefill_ms: float
+    ttft_ms: float | None
+    tpot_ms: float | None
+    devices: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    dynpart: DynpartUsage
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False
+    n: Literal[1] = 1
+    user: str | None = None
+    presence_penalty: Literal[0, 0.0] = 0.0
+    frequency_penalty: Literal[0, 0.0] = 0.0
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop,
+                              ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int]
+    logprobs: None = None
+    echo: Literal[False] = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v:
+            raise ValueError("prompt is empty")
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        """Text content; a list of parts may hold only text parts."""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise ValueError(f"message content of type {part.get('type')!r} is not supported (text only)")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return super().sampling(default_max_tokens)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None, chat: bool) -> dict:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": usage.model_dump() if usage else None}
+
+
+def chunk_body(rid: str, model: str, text: str | None, finish: str | None, chat: bool, role: bool = False,
+               usage: Usage | None = None) -> dict:
+    """One SSE chunk; ``text=None`` with ``usage`` is the final usage-only chunk (``choices`` empty)."""
+    choices: list[dict[str, Any]] = []
+    if text is not None:
+        if chat:
+            delta: dict[str, Any] = {"content": text}
+            if role:
+                delta["role"] = "assistant"
+            choices.append({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None})
+        else:
+            choices.append({"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+    body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,79 @@
+"""Disaggregated serving: a prefill-only engine and a decode-only engine in separate replicas.
+
+The prefill replica runs each prompt (by the planner's strategy) to its first token, then every rank puts its
+head-sharded K/V slice into the object store before the slot is freed; the references travel with the request to a
+decode replica, whose rank r fetches rank r's slice directly and continues with Megatron decode. Both replicas use
+the same model and device count, so the slices line up rank for rank and the tokens equal the aggregated path's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from pydantic import BaseModel, ConfigDict
+
+from app.engine import LLMEngine, Sequence
+from app.sampling import SamplingParams
+
+
+class Handoff(BaseModel):
+    """What a decode replica needs to continue a prefilled sequence."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    prompt_ids: list[int]
+    first_token: int
+    kv_refs: list[list]  # [rank][0]: that rank's K/V slice in the object store
+
+
+class PrefillEngine(LLMEngine):
+    """Prefill only: callers add sequences with ``max_tokens=1``; a sequence that stops by length (the prompt still
+    wants more tokens) leaves its K/V slices in the object store as ``seq.handoff`` before its slot is freed."""
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if reason == "length" and seq.slot is not None:
+            seq.handoff = Handoff(prompt_ids=seq.prompt_ids, first_token=seq.output_ids[-1],  # type: ignore[attr-defined]
+                                  kv_refs=self.group.put_kv([seq.slot]))
+        super()._finish(seq, reason)
+
+
+class DecodeEngine(LLMEngine):
+    """Decode only: sequences arrive prefilled (``adopt``); each waits for a free slot, pulls its K/V rank to rank,
+    and joins the running batch with its first token already sampled."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arriving: deque[tuple[Sequence, Handoff]] = deque()
+
+    def adopt(self, handoff: Handoff, params: SamplingParams) -> Sequence:
+        seq = self.add(handoff.prompt_ids, params)  # the same limits as an aggregated request
+        self.waiting.remove(seq)
+        self.arriving.append((seq, handoff))
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.arriving) or super().has_work()
+
+    def abort(self, seq: Sequence) -> None:
+        self.arriving = deque(a for a in self.arriving if a[0] is not seq)
+        super().abort(seq)
+
+    def step(self) -> list[Sequence]:
+        adopted = self._adopt()
+        return adopted or super().step()
+
+    def _adopt(self) -> list[Sequence]:
+        adopted = []
+        while self.arriving and self.free_slots:
+            seq, handoff = self.arriving.popleft()
+            seq.slot = self.free_slots.popleft()
+            self.group.take_kv([seq.slot], handoff.kv_refs)  # <- each rank fetches its own slice
+            seq.output_ids.append(handoff.first_token)
+            seq.t_first_token = seq.t_last_token = time.perf_counter()
+            self.running.append(seq)
+            self._update_text(seq, handoff.first_token)  # may finish it (a stop string), releasing the slot
+            if seq.finished:
+                self.running.remove(seq)
+            adopted.append(seq)
+        return adopted

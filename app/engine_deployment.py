@@ -1,0 +1,85 @@
+"""Engine replicas as Serve deployments: thin shells around an ``EngineLoop``.
+
+Each replica owns the placement group Serve reserved for it (``placement_group_bundles``: one bundle per device)
+and starts its shard workers there, rank r in bundle r. Three kinds share one shell: ``EngineReplica`` (aggregated:
+prefill and decode), ``PrefillReplica`` and ``DecodeReplica`` (a disaggregated pool's two halves). Requests and
+updates are plain dicts / dataclasses so the ingress needs nothing from the engine but this interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from app.build import EngineOptions, build_engine
+from app.disagg import DecodeEngine, Handoff, PrefillEngine
+from app.engine import LLMEngine
+from app.engine_loop import EngineLoop, Update
+from app.metrics import set_queued_tokens
+from app.sampling import SamplingParams
+
+
+class _EngineShell:
+    engine_class: type[LLMEngine] = LLMEngine
+
+    def __init__(self, pool: str, opts: EngineOptions, bundle: dict):
+        import ray
+
+        self.pool = pool
+        engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
+                              engine_class=self.engine_class)
+        self.loop = EngineLoop(engine, name=f"engine-{pool}")
+        self.available = engine.group.call("available_strategies")
+        self._report = asyncio.get_event_loop().create_task(self._report_load())
+
+    async def _report_load(self) -> None:
+        while True:
+            set_queued_tokens(self.pool, self.loop.queued_tokens())
+            await asyncio.sleep(1.0)
+
+    def info(self) -> dict:
+        """What the ingress needs to classify: the strategies this replica can run, and its load."""
+        return {"pool": self.pool, "available": self.available, "queued_tokens": self.loop.queued_tokens()}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose engine thread died (e.g. a shard worker crashed)."""
+        if not self.loop.alive:
+            raise RuntimeError(f"engine of pool {self.pool} stopped: {self.loop.error!r}")
+
+    def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
+            loop.engine.group.shutdown()
+
+
+@serve.deployment
+class EngineReplica(_EngineShell):
+    async def generate(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> AsyncIterator[Update]:
+        sp = SamplingParams.model_validate(params)
+        async for update in self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy)):
+            yield update
+
+
+@serve.deployment
+class PrefillReplica(_EngineShell):
+    engine_class = PrefillEngine
+
+    async def prefill(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> Update:
+        """The first token; its ``handoff`` carries the K/V references when the request wants more tokens."""
+        sp = SamplingParams.model_validate({**params, "max_tokens": 1})
+        async for update in self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy)):
+            last = update
+        return last
+
+
+@serve.deployment
+class DecodeReplica(_EngineShell):
+    engine_class = DecodeEngine
+
+    async def decode(self, handoff: Handoff, params: dict) -> AsyncIterator[Update]:
+        sp = SamplingParams.model_validate(params)
+        async for update in self.loop.submit(lambda e: e.adopt(handoff, sp)):
+            yield update

@@ -1,0 +1,144 @@
+"""Run a synchronous ``LLMEngine`` in one dedicated thread and serve it to asyncio callers.
+
+The engine is not thread-safe and each ``step`` blocks for a forward pass, so one thread owns it: it drains an inbox
+of start/abort commands between steps (new requests join at iteration boundaries) and pushes one ``Update`` per
+sequence per step onto that request's asyncio queue. A caller that goes away (client disconnect, cancelled stream)
+aborts its sequence, which frees the slot at the next iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.engine import LLMEngine, RequestError, Sequence
+
+
+@dataclass
+class Update:
+    """What one step produced for one sequence: new text and tokens, and once known, the request's figures."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_strategy: str | None
+    prefill_s: float
+    ttft_s: float | None
+    tpot_s: float | None
+    handoff: Any = None  # prefill-only engines: per-rank K/V references for the decode replica
+
+    @classmethod
+    def of(cls, seq: Sequence, sent: int) -> Update:
+        return cls(text=seq.take_delta(), token_ids=seq.output_ids[sent:], finish_reason=seq.finish_reason,
+                   prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+                   prefill_strategy=seq.prefill_strategy, prefill_s=seq.prefill_s, ttft_s=seq.ttft_s,
+                   tpot_s=seq.tpot_s, handoff=getattr(seq, "handoff", None))
+
+
+@dataclass
+class _Job:
+    start: Callable[[LLMEngine], Sequence]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    seq: Sequence | None = None
+    sent: int = 0  # tokens already reported
+    done: bool = field(default=False)
+
+
+class EngineLoop:
+    """The engine's thread. ``submit`` starts a request and yields its updates until it finishes."""
+
+    def __init__(self, engine: LLMEngine, name: str = "engine"):
+        self.engine = engine
+        self.error: BaseException | None = None  # set when a step failed: the replica is unhealthy
+        self._inbox: queue.Queue = queue.Queue()
+        self._jobs: dict[int, _Job] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def queued_tokens(self) -> int:
+        return self.engine.queued_tokens()  # an int read; safe enough across threads for a load figure
+
+    async def submit(self, start: Callable[[LLMEngine], Sequence]) -> AsyncIterator[Update]:
+        """``start(engine)`` runs in the engine thread (e.g. ``engine.add(...)``); its ``RequestError`` is raised
+        here. Updates stream until the sequence finishes; leaving early aborts it."""
+        if not self.alive:
+            raise RuntimeError(f"engine stopped: {self.error!r}")
+        job = _Job(start=start, loop=asyncio.get_running_loop(), out=asyncio.Queue())
+        self._inbox.put(("start", job))
+        try:
+            while True:
+                item = await job.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    job.done = True
+                    return
+        finally:
+            if not job.done:
+                self._inbox.put(("abort", job))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    # -- the thread --------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_work())
+            if self._stop.is_set():
+                break
+            try:
+                stepped = self.engine.step()
+            except Exception as e:  # a dead worker or a bug: fail every request, report unhealthy
+                self.error = e
+                for job in self._jobs.values():
+                    self._send(job, RuntimeError(f"engine step failed: {e}"))
+                return
+            for seq in stepped:
+                job = self._jobs.get(seq.id)
+                if job is None:
+                    continue
+                update = Update.of(seq, job.sent)
+                job.sent = len(seq.output_ids)
+                if seq.finished:
+                    del self._jobs[seq.id]
+                self._send(job, update)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd, job = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if cmd == "start":
+                try:
+                    job.seq = job.start(self.engine)
+                    self._jobs[job.seq.id] = job
+                except (RequestError, ValueError) as e:
+                    self._send(job, RequestError(str(e)))
+            elif cmd == "abort" and job.seq is not None and not job.seq.finished:
+                self.engine.abort(job.seq)
+                self._jobs.pop(job.seq.id, None)
+            try:
+                cmd, job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _send(job: _Job, item: Any) -> None:
+        job.loop.call_soon_threadsafe(job.out.put_nowait, item)

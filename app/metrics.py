@@ -1,0 +1,48 @@
+"""Prometheus metrics through Ray (``ray.serve.metrics``: Serve adds deployment/replica/application tags).
+
+Exported on each node's Ray metrics endpoint (``ray start --metrics-export-port``; scraped by Prometheus):
+``dynpart_requests_total`` {pool, strategy, status}, ``dynpart_ttft_seconds``, ``dynpart_tpot_seconds`` and
+``dynpart_prefill_seconds`` histograms {pool, strategy}, and ``dynpart_queued_tokens`` {pool} per engine replica.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+@cache
+def _ingress_metrics():
+    from ray.serve.metrics import Counter, Histogram
+
+    tags = ("pool", "strategy")
+    return (
+        Counter("dynpart_requests_total", "Requests answered, by pool, prefill strategy and status",
+                tag_keys=(*tags, "status")),
+        Histogram("dynpart_ttft_seconds", "Time to first token", boundaries=LATENCY_BOUNDS, tag_keys=tags),
+        Histogram("dynpart_tpot_seconds", "Time per output token after the first", boundaries=LATENCY_BOUNDS,
+                  tag_keys=tags),
+        Histogram("dynpart_prefill_seconds", "Prefill forward time", boundaries=LATENCY_BOUNDS, tag_keys=tags),
+    )
+
+
+@cache
+def _queued_gauge():
+    from ray.serve.metrics import Gauge
+
+    return Gauge("dynpart_queued_tokens", "Prompt tokens waiting for prefill in this replica", tag_keys=("pool",))
+
+
+def record_request(pool: str, strategy: str | None, status: str, ttft_s: float | None = None,
+                   tpot_s: float | None = None, prefill_s: float | None = None) -> None:
+    requests, ttft, tpot, prefill = _ingress_metrics()
+    tags = {"pool": pool, "strategy": strategy or "none"}
+    requests.inc(tags={**tags, "status": status})
+    for hist, value in ((ttft, ttft_s), (tpot, tpot_s), (prefill, prefill_s)):
+        if value is not None:
+            hist.observe(value, tags=tags)
+
+
+def set_queued_tokens(pool: str, tokens: int) -> None:
+    _queued_gauge().set(tokens, tags={"pool": pool})

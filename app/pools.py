@@ -1,0 +1,112 @@
+"""The application's configuration (``serve_config.yaml`` → ``args``): the model and its hardware pools.
+
+A pool is a set of identical engine replicas: a device type from the hardware catalog (what the planner prices),
+devices per replica, replica bounds / autoscaling, and request limits. ``bundle`` turns it into the Ray resources of
+one device so a replica's placement group lands only on nodes that offer them: a GPU (plus ``accelerator_type``)
+on GPU nodes, the ``dynpart_device`` custom resource on CPU nodes, plus any custom resources naming the pool's nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.build import EngineOptions
+from placement.workers import DEVICE_RESOURCE
+from strategies.loader import DEFAULT_MODEL
+
+
+class Autoscaling(BaseModel):
+    """Serve's ``autoscaling_config`` (the keys used here; see Ray Serve's AutoscalingConfig for the rest)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+
+
+class PoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    hardware: str = "cpu"  # hardware catalog entry the planner prices this pool's devices as
+    devices: int = Field(1, ge=1)  # devices (shard workers) per replica
+    gpu: bool = False  # devices are GPUs (else CPU processes with gloo)
+    accelerator_type: str | None = None  # Ray's accelerator type of the GPUs, e.g. "L4", "A100"
+    resources: dict[str, float] = Field(default_factory=dict)  # extra custom resources per device
+    placement_strategy: Literal["PACK", "STRICT_PACK"] = "STRICT_PACK"
+    num_replicas: int = Field(1, ge=1)  # fixed replica count when ``autoscaling`` is absent
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = Field(16, ge=1)  # per replica
+    max_queued_requests: int = Field(64, ge=-1)  # per caller (the ingress) beyond which requests get 503
+    max_queued_tokens: int = Field(65536, ge=1)  # prompt tokens waiting for prefill beyond which the pool is full
+    slots: int = Field(8, ge=1)
+    max_model_len: int = Field(2048, ge=16)
+    max_prefill_tokens: int = Field(8192, ge=16)
+    dtype: str = "float32"
+    disaggregated: bool = False  # separate prefill and decode deployments, K/V handed over via the object store
+    decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
+
+    def bundle(self) -> dict[str, float]:
+        """One device of this pool as Ray resources."""
+        if self.gpu:
+            device = {"CPU": 1.0, "GPU": 1.0}
+            if self.accelerator_type:
+                device[f"accelerator_type:{self.accelerator_type}"] = 0.001
+        else:
+            device = {"CPU": 0.1, DEVICE_RESOURCE: 1.0}
+        return {**device, **self.resources}
+
+    def engine_options(self, model: str, shared_weights: bool) -> EngineOptions:
+        return EngineOptions(model=model, devices=self.devices, slots=self.slots, max_model_len=self.max_model_len,
+                             max_prefill_tokens=self.max_prefill_tokens, dtype=self.dtype, hardware=self.hardware,
+                             shared_weights=shared_weights)
+
+    def deployment_options(self, name: str, graceful_shutdown_s: float, replicas: int | None = None) -> dict[str, Any]:
+        """``.options(...)`` of one of this pool's engine deployments (replica count fixed by ``replicas``)."""
+        opts: dict[str, Any] = dict(
+            name=name, placement_group_bundles=[self.bundle()] * self.devices,
+            placement_group_strategy=self.placement_strategy,
+            ray_actor_options={"num_cpus": 0},  # the replica runs in bundle 0 and only drives the workers
+            max_ongoing_requests=self.max_ongoing_requests, max_queued_requests=self.max_queued_requests,
+            graceful_shutdown_timeout_s=graceful_shutdown_s, graceful_shutdown_wait_loop_s=min(1.0, graceful_shutdown_s),
+            health_check_period_s=10.0, health_check_timeout_s=60.0,
+        )
+        if replicas is None and self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = replicas or self.num_replicas
+        return opts
+
+
+class AppConfig(BaseModel):
+    """``args`` of the Serve application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = DEFAULT_MODEL  # "smollm2-135m" or a local Llama folder
+    served_model_name: str | None = None  # the name clients pass as ``model`` (default: ``model``)
+    shared_weights: bool = True  # replicas on a node share one copy of the weights through the object store
+    pools: list[PoolConfig] = Field(min_length=1)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.1, ge=0)
+    graceful_shutdown_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AppConfig:
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique: {names}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def pool(self, name: str) -> PoolConfig:
+        return next(p for p in self.pools if p.name == name)
