@@ -85,6 +85,13 @@ class ShardWorker:
             return out.cpu() if self.rank == 0 else None  # every rank holds the same result; ship one
         return out
 
+    def calibrate(self, spec: dict) -> dict:
+        """Measure GEMMs on this rank's own layer shards, attention, memory and collectives (``dynpart calibrate``);
+        every rank must be called at once, like a step."""
+        from placement.calibrate import calibrate_runner
+
+        return calibrate_runner(self.runner, spec)
+
     def ready(self) -> int:
         return self.rank
 

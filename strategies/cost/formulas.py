@@ -58,6 +58,7 @@ class Compute:
     bytes: float
     rows: float
     activation_bytes: float = 0.0
+    kernel: str = "gemm"  # which measured throughput curve applies: "gemm" or "attention"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ Op = Compute | Collective
 
 def compute_time(op: Compute, hw: Hardware) -> float:
     """Roofline: max(FLOPs / achieved FLOP/s at this row count, bytes / achieved bandwidth) + launch overhead κ."""
-    t_flops = op.flops / hw.flops_per_s(max(op.rows, 1.0)) if op.flops else 0.0
+    t_flops = op.flops / hw.flops_per_s(max(op.rows, 1.0), op.kernel) if op.flops else 0.0
     return max(t_flops, op.bytes / hw.memory_bytes_per_s) + hw.launch_overhead_us * 1e-6
 
 
@@ -127,7 +128,7 @@ def attention(name: str, pairs: float, kv_tokens: float, queries: float, heads: 
     """Causal attention core on ``heads`` local heads: QKᵀ and PV are 4·pairs·heads·dh FLOPs; reads Q, K, V, writes O."""
     q_o = 2 * queries * heads * head_dim * b
     kv = 2 * kv_tokens * kv_heads * head_dim * b
-    return Compute(name, 4 * pairs * heads * head_dim, q_o + kv, queries, q_o + kv)
+    return Compute(name, 4 * pairs * heads * head_dim, q_o + kv, queries, q_o + kv, "attention")
 
 
 def elementwise(name: str, rows: float, width: float, b: int, tensors: int = 2) -> Compute:

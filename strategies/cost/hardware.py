@@ -68,6 +68,7 @@ class CalibrationProfile(BaseModel):
     host: str = ""
     created: str = ""
     gemm: tuple[GemmSample, ...] = Field(min_length=1)
+    attention: tuple[GemmSample, ...] = ()  # causal attention throughput by sequence length (rows = length)
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
     launch_overhead_us: float | None = Field(default=None, ge=0)
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
@@ -88,11 +89,17 @@ class Hardware(BaseModel):
     launch_overhead_us: float = Field(default=4, ge=0)  # κ per kernel
     bytes_per_element: int = Field(default=2, ge=1)  # bf16 on GPUs
     gemm_curve: tuple[GemmSample, ...] = ()  # measured; replaces the η_c(rows) guess when present
+    attention_curve: tuple[GemmSample, ...] = ()  # measured attention throughput; else the GEMM figures apply
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
     calibrated_from: str | None = None
 
-    def flops_per_s(self, rows: float) -> float:
-        """Achieved FLOP/s of a matmul with ``rows`` token rows: measured curve if calibrated, else η_c·rows/(rows+r½)."""
+    def flops_per_s(self, rows: float, kernel: str = "gemm") -> float:
+        """Achieved FLOP/s of a matmul with ``rows`` token rows: measured curve if calibrated, else η_c·rows/(rows+r½).
+
+        ``kernel="attention"`` reads the measured attention curve where the profile has one (CPU attention kernels
+        reach a different fraction of peak than GEMMs)."""
+        if kernel == "attention" and self.attention_curve:
+            return _interpolate_log(self.attention_curve, rows) * 1e12
         if self.gemm_curve:
             return _interpolate_log(self.gemm_curve, rows) * 1e12
         eff = self.compute_efficiency * rows / (rows + self.half_efficiency_rows)
@@ -112,6 +119,7 @@ class Hardware(BaseModel):
     def calibrated(self, profile: CalibrationProfile, source: str = "profile") -> "Hardware":
         """This entry with the profile's measurements replacing the guesses (memory size stays the catalog's)."""
         update: dict = {"gemm_curve": tuple(sorted(profile.gemm, key=lambda s: s.rows)),
+                        "attention_curve": tuple(sorted(profile.attention, key=lambda s: s.rows)),
                         "collectives": dict(profile.collectives), "bytes_per_element": profile.bytes_per_element,
                         "calibrated_from": source}
         if profile.memory_bandwidth_gbs is not None:

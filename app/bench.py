@@ -1,0 +1,260 @@
+"""Measurements behind ``dynpart bench`` and ``dynpart calibrate``: our engine against transformers, the three prefill
+strategies on p shard workers (with the K/V handoff and memory per worker), and the cost model's predictions against
+those measurements.
+
+Every figure is a median over repeats after a warm-up, and every comparison is made within one run, with the
+contenders interleaved repeat by repeat so that load from elsewhere on the machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from strategies.cost.search import STRATEGIES
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                budget_s: float | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each contender: warm-up rounds, then ``repeats`` rounds calling each once in turn.
+
+    With ``budget_s``, rounds stop early once that much time is spent (but never below 3 rounds)."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    start = time.perf_counter()
+    for i in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn))
+        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def machine() -> dict:
+    """What the numbers were measured on (for the record next to them)."""
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def random_prompt(length: int, vocab: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed + length)
+    return torch.randint(0, vocab, (length,), generator=g).tolist()
+
+
+# -- engine against transformers (p = 1) ---------------------------------------------------------------------------
+
+def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_prompt: int, repeats: int,
+                 progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Prefill tokens/s at each prompt length and decode tokens/s, ours and transformers', in one process.
+
+    Ours: the engine's prefill step (``ShardRunner.prefill``, megatron on one device) and its decode loop
+    (``LLMEngine.generate``: decode steps, sampling, detokenisation). Theirs: ``LlamaForCausalLM`` forward with a
+    KV cache (``logits_to_keep=1`` for prefill) and a greedy loop over cached forwards (faster than ``generate``).
+    """
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from app.build import EngineOptions, build_engine
+    from app.sampling import SamplingParams
+    from strategies.loader import Checkpoint
+
+    ckpt = Checkpoint(model)
+    cap = max(max(lengths), decode_prompt) + decode_tokens + 1
+    engine = build_engine(EngineOptions(model=model, devices=1, slots=1, max_model_len=cap, max_prefill_tokens=cap))
+    hf = LlamaForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()
+    vocab = ckpt.shape.vocab_size
+    rows = []
+    try:
+        for n in lengths:
+            progress(f"prefill {n}")
+            ids = random_prompt(n, vocab)
+
+            def ours():
+                engine.group.call("prefill", [ids], [0], "megatron")
+                engine.group.call_all("release", [0])
+
+            def theirs():
+                with torch.inference_mode():
+                    hf(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+
+            t = interleaved({"dynpart": ours, "transformers": theirs}, repeats)
+            med = {k: statistics.median(v) for k, v in t.items()}
+            rows.append({"kind": "prefill", "tokens": n, "dynpart_tok_s": n / med["dynpart"],
+                         "transformers_tok_s": n / med["transformers"], "ratio": med["transformers"] / med["dynpart"]})
+        progress(f"decode {decode_tokens}")
+        prompt = random_prompt(decode_prompt, vocab, seed=1)
+        params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
+
+        def ours_decode() -> float:
+            seq = engine.generate([prompt], params, strategy="megatron")[0]
+            return (len(seq.output_ids) - 1) / (seq.t_last_token - seq.t_first_token)
+
+        def theirs_decode() -> float:
+            with torch.inference_mode():
+                cache = DynamicCache()
+                out = hf(torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                t0 = time.perf_counter()
+                for _ in range(decode_tokens - 1):
+                    out = hf(tok, past_key_values=cache, use_cache=True)
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                return (decode_tokens - 1) / (time.perf_counter() - t0)
+
+        rates: dict[str, list[float]] = {"dynpart": [], "transformers": []}
+        ours_decode(), theirs_decode()  # warm-up
+        for _ in range(repeats):
+            rates["dynpart"].append(ours_decode())
+            rates["transformers"].append(theirs_decode())
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        rows.append({"kind": "decode", "tokens": decode_tokens, "dynpart_tok_s": med["dynpart"],
+                     "transformers_tok_s": med["transformers"], "ratio": med["dynpart"] / med["transformers"]})
+    finally:
+        engine.group.shutdown()
+    return {"model": model, "devices": 1, "threads": torch.get_num_threads(), "decode_prompt": decode_prompt,
+            "repeats": repeats, "machine": machine(), "rows": rows}
+
+
+# -- the three strategies on p workers -------------------------------------------------------------------------------
+
+def runner_kwargs(model: str, devices: int, capacity: int, slots: int = 2) -> dict:
+    from placement.hardware import replica_budget_bytes
+    from strategies.loader import Checkpoint
+
+    return dict(model=str(Checkpoint(model).path), slots=slots, capacity=capacity, dtype=torch.float32,
+                replica_budget_bytes=replica_budget_bytes(devices))
+
+
+def process_memory(pids: Sequence[int]) -> list[dict]:
+    """Resident (RSS) and proportional (PSS: shared pages split between sharers) memory of each worker process."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        out.append({"rss": info.rss, "pss": getattr(info, "pss", info.rss)})
+    return out
+
+
+def memory_snapshot(group, label: str) -> dict:
+    reports = group.call_all("memory_report")
+    procs = process_memory(group.pids()) if hasattr(group, "pids") else process_memory([os.getpid()])
+    return {"after": label, "ranks": [{**r, **m} for r, m in zip(reports, procs)]}
+
+
+def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: int, budget_s: float = 60.0,
+                     strategies: Sequence[str] = tuple(STRATEGIES), handoff: bool = True,
+                     progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Prefill seconds of each strategy at each length on ``devices`` shard workers, the K/V handoff between two
+    groups, and memory per worker (before any prefill, after the first weight-gathered and replicated ones)."""
+    from placement.workers import start_group
+    from strategies.loader import Checkpoint
+
+    shape = Checkpoint(model).shape
+    kwargs = runner_kwargs(model, devices, capacity=max(lengths) + 8)
+    group = start_group(devices, kwargs)
+    decode_group = start_group(devices, kwargs) if handoff and devices > 1 else None
+    available = group.call("available_strategies")
+    memory = [memory_snapshot(group, "start (resident shards only)")]
+    rows, handoffs = [], []
+    try:
+        for name in strategies:  # first prefill of each: allocates its buffers/replicas; record memory after
+            if name in available:
+                group.call("prefill", [random_prompt(16, shape.vocab_size)], [0], name)
+                group.call_all("release", [0])
+                memory.append(memory_snapshot(group, f"first {name} prefill"))
+        for n in lengths:
+            progress(f"prefill {n}")
+            ids = random_prompt(n, shape.vocab_size)
+
+            def prefill(name: str) -> Callable[[], None]:
+                def run():
+                    group.call("prefill", [ids], [0], name)
+                    group.call_all("release", [0])
+                return run
+
+            t = interleaved({s: prefill(s) for s in strategies if s in available}, repeats, budget_s=budget_s)
+            rows.append({"tokens": n, "median_s": {s: statistics.median(v) for s, v in t.items()},
+                         "min_s": {s: min(v) for s, v in t.items()}, "repeats": len(next(iter(t.values())))})
+            if decode_group is not None:
+                progress(f"handoff {n}")
+                handoffs.append(measure_handoff(group, decode_group, ids, repeats))
+    finally:
+        group.shutdown()
+        if decode_group is not None:
+            decode_group.shutdown()
+    return {"model": model, "shape": shape.model_dump(), "devices": devices, "available": available,
+            "machine": machine(), "rows": rows, "handoff": handoffs, "memory": memory}
+
+
+def measure_handoff(prefill_group, decode_group, ids: list[int], repeats: int) -> dict:
+    """Seconds to move one prefilled sequence's head-sharded K/V from a prefill group to a decode group, rank to rank
+    through the object store (``put_kv``/``take_kv``), and whether decode continues exactly (same next-token logits)."""
+    times, exact, kv_bytes = [], True, 0
+    for i in range(repeats + 1):
+        prefill_group.call("prefill", [ids], [0], "megatron")
+        t = timed(lambda: decode_group.take_kv([0], prefill_group.put_kv([0])))
+        if i == 0:  # warm-up round doubles as the exactness check
+            kv_bytes = sum(r["kv_cache_in_use"] for r in decode_group.call_all("memory_report"))
+            a = prefill_group.call("decode", [ids[-1]], [0])
+            b = decode_group.call("decode", [ids[-1]], [0])
+            exact = bool(torch.equal(a, b))
+        else:
+            times.append(t)
+        prefill_group.call_all("release", [0])
+        decode_group.call_all("release", [0])
+    return {"tokens": len(ids), "median_s": statistics.median(times), "exact": exact, "kv_bytes": kv_bytes}
+
+
+# -- calibration and accuracy ---------------------------------------------------------------------------------------
+
+def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict, object]:
+    """Run the measurements inside ``devices`` shard workers holding ``model``; return (raw, CalibrationProfile)."""
+    from placement.calibrate import build_profile, calibrate_runner
+    from placement.workers import start_group
+
+    group = start_group(devices, runner_kwargs(model, devices, capacity=16, slots=1))
+    try:
+        if devices == 1:
+            raw = calibrate_runner(group.runner, spec)
+        else:
+            raw = group.call_workers("calibrate", spec)[0]
+    finally:
+        group.shutdown()
+    return raw, build_profile(hardware, devices, raw)
+
+
+def accuracy(measured: dict, hardware) -> dict:
+    """The planner against a ``bench_strategies`` result: predicted vs measured seconds per strategy and length
+    (absolute percentage error), and the regret of the planner's choice against the measured best per length."""
+    from strategies.cost import plan_prefill
+    from strategies.shapes import ModelShape
+
+    shape = ModelShape(**measured["shape"])
+    p, available = measured["devices"], measured["available"]
+    rows, errors = [], []
+    for row in measured["rows"]:
+        n, meas = row["tokens"], row["median_s"]
+        plan = plan_prefill(shape, hardware, p, n, available=available)
+        pred = {s: plan.predicted_s[s] for s in meas}
+        ape = {s: abs(pred[s] - meas[s]) / meas[s] for s in meas if pred[s] is not None}
+        errors += list(ape.values())
+        best = min(meas, key=meas.get)
+        rows.append({"tokens": n, "measured_s": meas, "predicted_s": pred, "ape": ape, "choice": plan.strategy,
+                     "measured_best": best, "regret": meas[plan.strategy] / meas[best] - 1})
+    return {"hardware": hardware.name, "calibrated_from": hardware.calibrated_from, "devices": p,
+            "mape": statistics.fmean(errors), "max_regret": max(r["regret"] for r in rows), "rows": rows}
