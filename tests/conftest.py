@@ -93,12 +93,27 @@ def prompts_for(vocab: int, lengths=(7, 19, 3), seed: int = 0) -> list[list[int]
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole session: 2 CPUs and 4 emulated devices."""
+    """One local Ray instance for the whole session: 2 CPUs and 8 emulated devices (a Serve test app holds 7)."""
     import ray
 
     from placement.workers import DEVICE_RESOURCE, local_ray_options
 
     if not ray.is_initialized():
-        ray.init(**local_ray_options(num_cpus=2, resources={DEVICE_RESOURCE: 4}))
+        ray.init(**local_ray_options(num_cpus=2, resources={DEVICE_RESOURCE: 8}))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_session(ray_session) -> dict[str, int]:
+    """Serve started once on the session's Ray: HTTP and gRPC proxies on free ports (>= 20000, never 8000/9000)."""
+    from ray import serve
+
+    from placement.workers import free_port
+
+    ports = {"http": free_port(), "grpc": free_port()}
+    serve.start(http_options={"host": "127.0.0.1", "port": ports["http"]},
+                grpc_options={"port": ports["grpc"],
+                              "grpc_servicer_functions": ["app.protos.dynpart_pb2_grpc.add_DynpartServicer_to_server"]})
+    yield ports
+    serve.shutdown()

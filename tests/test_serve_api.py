@@ -1,0 +1,213 @@
+"""The Serve application end to end: real Serve, real httpx, the official openai client and a real gRPC client.
+
+One app for the module (deploying is the slow part): three pools of the tiny chat model —
+``fast`` (1 device priced as an L4, context 512), ``long`` (2 CPU devices, context 1024) and ``split`` (the same as
+``long``, disaggregated: prefill and decode replicas). Unpinned requests go where the planner predicts: short
+prompts to ``fast`` (fastest predicted), prompts that do not fit its context to ``long`` (listed before ``split``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from conftest import reference_greedy
+from strategies.cost import get_hardware, plan_prefill
+from strategies.loader import Checkpoint
+
+APP = "serve-api"
+MODEL = "tiny-chat"
+POOLS = [
+    dict(name="fast", hardware="L4", devices=1, max_model_len=512, slots=4, max_ongoing_requests=2,
+         max_queued_requests=1),
+    dict(name="long", hardware="cpu", devices=2, max_model_len=1024, slots=4),
+    dict(name="split", hardware="cpu", devices=2, max_model_len=1024, slots=4, disaggregated=True),
+]
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def app_ports(serve_session, chat_tiny):
+    from ray import serve
+
+    from app.serve_app import build_app
+
+    serve.run(build_app({"model": chat_tiny, "served_model_name": MODEL, "pools": POOLS, "graceful_shutdown_s": 1}),
+              name=APP, route_prefix="/")
+    yield serve_session
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def http(app_ports):
+    with httpx.Client(base_url=f"http://127.0.0.1:{app_ports['http']}", timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oai(app_ports):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{app_ports['http']}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def grpc_stub(app_ports):
+    from app.protos import dynpart_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{app_ports['grpc']}")
+    yield dynpart_pb2_grpc.DynpartStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def tok(chat_tiny):
+    return Checkpoint(chat_tiny).tokenizer()
+
+
+def expected_route(path: str, n: int, max_tokens: int) -> tuple[str, str]:
+    """The pool and strategy the planner predicts for an idle app: lowest predicted prefill time among the pools
+    whose context holds the request (ties to the first listed)."""
+    shape = Checkpoint(path).shape
+    best = None
+    for p in POOLS:
+        if n + max_tokens > min(p["max_model_len"], shape.max_position_embeddings):
+            continue
+        choice = plan_prefill(shape, get_hardware(p["hardware"]), p["devices"], n)
+        if best is None or choice.time_s < best[0]:
+            best = (choice.time_s, p["name"], choice.strategy)
+    return best[1], best[2]
+
+
+def test_completion_is_greedy_transformers_and_names_pool_strategy(http, chat_tiny, tok):
+    prompt = "The quick brown fox"
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 12, **GREEDY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = tok(prompt)["input_ids"]
+    assert body["choices"][0]["text"] == tok.decode(reference_greedy(chat_tiny, ids, 12), skip_special_tokens=True)
+    usage = body["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(ids), 12)
+    d = usage["dynpart"]
+    assert (r.headers["x-dynpart-pool"], r.headers["x-dynpart-strategy"]) == (d["pool"], d["strategy"])
+    assert d["prefill_ms"] > 0 and d["ttft_ms"] >= d["prefill_ms"] and d["tpot_ms"] > 0
+
+
+def test_streaming_completion_equals_non_streaming(oai):
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    whole = oai.completions.create(**args)
+    chunks = list(oai.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.model_extra["dynpart"]["pool"] == whole.usage.model_extra["dynpart"]["pool"]
+
+
+def test_chat_applies_template_streams_and_matches_reference(oai, chat_tiny, tok):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    raw = oai.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=10,
+                                                       temperature=0, extra_body={"ignore_eos": True})
+    whole = raw.parse()
+    assert raw.headers["x-dynpart-pool"] == whole.usage.model_extra["dynpart"]["pool"]
+    assert whole.usage.prompt_tokens == len(ids)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == tok.decode(reference_greedy(chat_tiny, list(ids), 10),
+                                                          skip_special_tokens=True)
+    stream = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                         extra_body={"ignore_eos": True}, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+def test_sse_ends_with_done_and_carries_headers(http):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "stream": True, **GREEDY}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-dynpart-pool"] and r.headers["x-dynpart-strategy"]
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_models_and_health(http, oai):
+    assert http.get("/health").json()["status"] == "ok"
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+
+
+def test_short_and_long_prompts_routed_as_the_planner_predicts(http, chat_tiny, tok):
+    seen = {}
+    for prompt in ("Hello", "Hello " * 600):
+        n = len(tok(prompt)["input_ids"])
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4, **GREEDY})
+        assert r.status_code == 200, r.text
+        seen[n] = (r.headers["x-dynpart-pool"], r.headers["x-dynpart-strategy"])
+        assert seen[n] == expected_route(chat_tiny, n, 4)
+    assert len(set(seen.values())) == 2  # the two prompts really went different ways
+
+
+def test_disaggregated_equals_aggregated_token_for_token(grpc_stub, chat_tiny):
+    from app.protos import dynpart_pb2 as pb
+
+    prompt = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole"
+    out = {}
+    for pool in ("long", "split"):
+        reply = grpc_stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=24, ignore_eos=True, pool=pool))
+        assert reply.dynpart.pool == pool and reply.finish_reason == "length"
+        out[pool] = list(reply.token_ids)
+    ids = Checkpoint(chat_tiny).tokenizer()(prompt)["input_ids"]
+    assert out["split"] == out["long"] == reference_greedy(chat_tiny, ids, 24)
+
+
+def test_grpc_stream_equals_unary_and_reports_pool(grpc_stub):
+    from app.protos import dynpart_pb2 as pb
+
+    req = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Tell me a story")], max_tokens=12,
+                             ignore_eos=True)
+    whole = grpc_stub.Generate(req)
+    chunks = list(grpc_stub.GenerateStream(req))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
+    assert chunks[0].dynpart.pool == chunks[-1].dynpart.pool == whole.dynpart.pool
+    assert chunks[-1].finish_reason == "length" and chunks[-1].dynpart.strategy == whole.dynpart.strategy
+    assert whole.prompt_tokens > 0 and whole.completion_tokens == 12
+
+
+@pytest.mark.parametrize("body, headers, status, says", [
+    ({"prompt": "x", "bogus": 1}, {}, 400, "bogus"),
+    ({"prompt": "x", "temperature": 5}, {}, 400, "temperature"),
+    ({"prompt": ""}, {}, 400, "empty"),
+    ({"prompt": "x", "max_tokens": 2000}, {}, 400, "context limit"),
+    ({"prompt": [1, 10**6]}, {}, 400, "vocabulary"),
+    ({"prompt": "x", "model": "gpt-4"}, {}, 404, "gpt-4"),
+    ({"prompt": "x"}, {"x-dynpart-pool": "nope"}, 400, "unknown pool"),
+    ({"prompt": "x"}, {"x-dynpart-strategy": "fastest"}, 400, "unknown prefill strategy"),
+])
+def test_bad_input_is_a_clear_4xx(http, body, headers, status, says):
+    r = http.post("/v1/completions", json={"model": MODEL, **body}, headers=headers)
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"]
+
+
+def test_bad_grpc_input_is_invalid_argument(grpc_stub):
+    from app.protos import dynpart_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=2000))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context limit" in e.value.details()
+
+
+def test_overload_is_503(app_ports):
+    """``fast`` admits 2 running + 1 queued request: of 8 at once, the rest are refused with 503."""
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app_ports['http']}", timeout=120) as c:
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 48, **GREEDY}
+            return await asyncio.gather(*(c.post("/v1/completions", json=body, headers={"x-dynpart-pool": "fast"})
+                                          for _ in range(8)))
+
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    assert 200 in codes and 503 in codes and set(codes) == {200, 503}, codes
