@@ -31,7 +31,8 @@ model: $(STAMP)
 	$(BIN)/dynpart prepare
 
 serve: model
-	$(BIN)/dynpart generate --prompt "The capital of France is" --max-tokens 32
+	# The Serve application: OpenAI-compatible HTTP on :8000, gRPC on :9000 (Ctrl-C stops it). Try `dynpart demo`.
+	$(BIN)/serve run serve_config.yaml
 
 test: model
 	$(BIN)/python -m pytest -q

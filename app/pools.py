@@ -52,14 +52,15 @@ class PoolConfig(BaseModel):
     disaggregated: bool = False  # separate prefill and decode deployments, K/V handed over via the object store
     decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
 
-    def bundle(self) -> dict[str, float]:
-        """One device of this pool as Ray resources."""
+    def bundle(self, counted_cpu_devices: bool = False) -> dict[str, float]:
+        """One device of this pool as Ray resources. A CPU device takes a tenth of a core, and one
+        ``dynpart_device`` where the cluster counts emulated devices (``counted_cpu_devices``)."""
         if self.gpu:
             device = {"CPU": 1.0, "GPU": 1.0}
             if self.accelerator_type:
                 device[f"accelerator_type:{self.accelerator_type}"] = 0.001
         else:
-            device = {"CPU": 0.1, DEVICE_RESOURCE: 1.0}
+            device = {"CPU": 0.1, **({DEVICE_RESOURCE: 1.0} if counted_cpu_devices else {})}
         return {**device, **self.resources}
 
     def engine_options(self, model: str, shared_weights: bool) -> EngineOptions:
@@ -67,10 +68,11 @@ class PoolConfig(BaseModel):
                              max_prefill_tokens=self.max_prefill_tokens, dtype=self.dtype, hardware=self.hardware,
                              shared_weights=shared_weights)
 
-    def deployment_options(self, name: str, graceful_shutdown_s: float, replicas: int | None = None) -> dict[str, Any]:
+    def deployment_options(self, name: str, bundle: dict[str, float], graceful_shutdown_s: float,
+                           replicas: int | None = None) -> dict[str, Any]:
         """``.options(...)`` of one of this pool's engine deployments (replica count fixed by ``replicas``)."""
         opts: dict[str, Any] = dict(
-            name=name, placement_group_bundles=[self.bundle()] * self.devices,
+            name=name, placement_group_bundles=[bundle] * self.devices,
             placement_group_strategy=self.placement_strategy,
             ray_actor_options={"num_cpus": 0},  # the replica runs in bundle 0 and only drives the workers
             max_ongoing_requests=self.max_ongoing_requests, max_queued_requests=self.max_queued_requests,

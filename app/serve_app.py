@@ -4,33 +4,32 @@ Turns the validated ``AppConfig`` into one engine deployment per aggregated pool
 ``<pool>-prefill`` and a ``<pool>-decode`` deployment per disaggregated pool, and the ingress that holds their handles.
 """
 
+import ray
 from ray.serve import Application
 
 from app.engine_deployment import DecodeReplica, EngineReplica, PrefillReplica
 from app.ingress import Ingress
 from app.pools import AppConfig
+from placement.workers import DEVICE_RESOURCE
 
 
 def build_app(args: dict) -> Application:
     # No ``from __future__ import annotations`` here: Serve inspects this signature.
     cfg = AppConfig.model_validate(args)
-    handles: dict[str, dict] = {}
+    counted = ray.is_initialized() and ray.cluster_resources().get(DEVICE_RESOURCE, 0) >= 1
     grace = cfg.graceful_shutdown_s
+    handles: dict[str, dict] = {}
     for pool in cfg.pools:
-        opts = pool.engine_options(cfg.model, cfg.shared_weights)
-        bundle = pool.bundle()
+        opts, bundle = pool.engine_options(cfg.model, cfg.shared_weights), pool.bundle(counted)
+
+        def deployment(cls, name: str, replicas: int | None = None):
+            return cls.options(**pool.deployment_options(name, bundle, grace, replicas)).bind(pool.name, opts, bundle)
+
         if pool.disaggregated:
-            handles[pool.name] = {
-                "prefill": PrefillReplica.options(**pool.deployment_options(f"{pool.name}-prefill", grace))
-                .bind(pool.name, opts, bundle),
-                "decode": DecodeReplica.options(**pool.deployment_options(f"{pool.name}-decode", grace,
-                                                                          replicas=pool.decode_replicas))
-                .bind(pool.name, opts, bundle),
-            }
+            handles[pool.name] = {"prefill": deployment(PrefillReplica, f"{pool.name}-prefill"),
+                                  "decode": deployment(DecodeReplica, f"{pool.name}-decode", pool.decode_replicas)}
         else:
-            handles[pool.name] = {
-                "engine": EngineReplica.options(**pool.deployment_options(pool.name, grace)).bind(pool.name, opts,
-                                                                                                   bundle)}
+            handles[pool.name] = {"engine": deployment(EngineReplica, pool.name)}
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
                            ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
                            graceful_shutdown_timeout_s=grace,
