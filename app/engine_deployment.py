@@ -41,7 +41,10 @@ class _EngineShell:
 
     def info(self) -> dict:
         """What the ingress needs to classify: the strategies this replica can run, and its load."""
-        return {"pool": self.pool, "available": self.available, "queued_tokens": self.loop.queued_tokens()}
+        import ray
+
+        return {"pool": self.pool, "available": self.available, "queued_tokens": self.loop.queued_tokens(),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died (e.g. a shard worker crashed)."""
