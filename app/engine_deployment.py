@@ -30,8 +30,10 @@ class _EngineShell:
         self.pool = pool
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
-        self.loop = EngineLoop(engine, name=f"engine-{pool}")
         self.available = engine.group.call("available_strategies")
+        for strategy in self.available:  # first use builds buffers and replicas: not on a user's request
+            engine.generate([[0] * 8], SamplingParams(max_tokens=1), strategy=strategy)
+        self.loop = EngineLoop(engine, name=f"engine-{pool}")
         self._report = asyncio.get_event_loop().create_task(self._report_load())
 
     async def _report_load(self) -> None:

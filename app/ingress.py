@@ -6,6 +6,7 @@ so the strategy is known) and only then answers, so that even a streamed respons
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -129,8 +130,14 @@ class Ingress:
     # -- HTTP ---------------------------------------------------------------------------------------------------------
 
     @api.get("/health")
-    def health(self) -> dict:
-        return {"status": "ok", "model": self.cfg.model_name, "pools": [p.name for p in self.cfg.pools]}
+    async def health(self):
+        """200 once every pool has a replica that answers (so a started app is a ready one), else 503."""
+        pools = [p.name for p in self.cfg.pools]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self.router.pool_info(p) for p in pools)), timeout=5)
+        except Exception as e:  # noqa: BLE001 - a pool still starting, or a replica failing
+            return JSONResponse({"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
+        return {"status": "ok", "model": self.cfg.model_name, "pools": pools}
 
     @api.get("/v1/models")
     def models(self) -> dict:

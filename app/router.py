@@ -102,11 +102,16 @@ class Router:
 
     # -- classification ----------------------------------------------------------------------------------------------
 
+    async def pool_info(self, pool: str) -> dict:
+        """Ask one of the pool's replicas what it can run and how loaded it is (waits while none is up)."""
+        info = await self.handles[pool].front.info.remote()
+        self._available[pool] = info["available"]
+        return info
+
     async def available(self, pool: str) -> list[str]:
         """Strategies the pool's replicas can run (asked once: replicas of a pool are identical)."""
         if pool not in self._available:
-            info = await self.handles[pool].front.info.remote()
-            self._available[pool] = info["available"]
+            await self.pool_info(pool)
         return self._available[pool]
 
     async def classify(self, n: int, max_tokens: int, pool: str | None = None, strategy: str = "auto") -> Route:

@@ -62,6 +62,17 @@ def unpack(d: dict[str, Any], ckpt: Checkpoint, devices: int, dtype: torch.dtype
     )
 
 
+def _return_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 class WeightStore:
     """Per-node actor: loads each (model, devices, rank, dtype) shard set once and keeps it in the object store."""
 
@@ -78,6 +89,8 @@ class WeightStore:
             if key not in self._refs:
                 w = load_rank_weights(Checkpoint(model), rank, devices, dtype=getattr(torch, dtype))
                 self._refs[key] = ray.put(pack(w))
+                del w
+                _return_freed_memory()  # the loading copy is in the object store now; keep only that one
             return [self._refs[key]]
 
     def keys(self) -> list[tuple]:

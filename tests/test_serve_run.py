@@ -1,21 +1,21 @@
-"""``serve run serve_config.yaml`` — the README's main job — starts its own Ray, answers, and stops on Ctrl-C.
+"""``serve run serve_config.yaml`` — the README's main job — starts its own Ray, answers, and stops on Ctrl-C;
+``dynpart demo`` against it prints where each prompt went.
 
 The shipped config is used as is except for its ports (8000/9000 may be taken on a shared machine).
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from app.cli_demo import serve_run
 from placement.workers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,37 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    http, grpc_port = free_port(), free_port()
-    cfg["http_options"]["port"], cfg["grpc_options"]["port"] = http, grpc_port
+    http = free_port()
+    cfg["http_options"]["port"], cfg["grpc_options"]["port"] = http, free_port()
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    serve = Path(sys.executable).with_name("serve")
-    log = (tmp_path / "serve.log").open("w")
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, never another test's cluster
-    proc = subprocess.Popen([str(serve), "run", str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # its own process group: Ctrl-C reaches the whole command
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=60) as c:
-            deadline = time.time() + 240
-            while True:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.time() < deadline, "serve run did not become ready"
-                try:
-                    if c.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(2)
-            r = c.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "The capital of France is",
-                                                "max_tokens": 8, "temperature": 0})
-            assert r.status_code == 200, r.text
-            assert "Paris" in r.json()["choices"][0]["text"]
-            assert r.headers["x-dynpart-pool"] == "l4x1" and r.headers["x-dynpart-strategy"] == "megatron"
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    url = f"http://127.0.0.1:{http}"
+    with serve_run(path, url, tmp_path / "serve.log", timeout_s=240):
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["text"]
+        assert r.headers["x-dynpart-pool"] == "l4x1" and r.headers["x-dynpart-strategy"] == "megatron"
+        out = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--url", url, "--json", "--max-tokens", "4"],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {r["pool"] for r in rows if r["kind"] == "short"} == {"l4x1"}
+    assert {(r["pool"], r["strategy"]) for r in rows if r["kind"] == "long"} == {("l4x2", "projection_replicated")}
