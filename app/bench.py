@@ -15,31 +15,51 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from placement.calibrate import Interference, timed
 from strategies.cost.search import STRATEGIES
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                budget_s: float | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each contender: warm-up rounds, then ``repeats`` rounds calling each once in turn.
+                budget_s: float | None = None, meter: Interference | None = None,
+                max_interference: float = 0.25, after: Callable[[], object] | None = None,
+                quiet_wait_s: float = 30.0) -> dict[str, dict]:
+    """Time each contender, round by round (each called once per round, so drifting load hits them alike).
 
-    With ``budget_s``, rounds stop early once that much time is spent (but never below 3 rounds)."""
+    After ``warmup`` rounds, rounds run until every contender has ``repeats`` clean samples — taken while other
+    processes used under ``max_interference`` cores (each round waits for a quiet moment first) — or ``budget_s`` is
+    spent (then at least 3 rounds). ``after`` runs untimed after every call (e.g. freeing a KV slot). Returns per
+    contender: ``median_s`` (of clean samples, or of all when none was
+    clean), ``min_s``, ``clean`` and ``samples`` counts, and ``interference`` (median cores used by others)."""
+    meter = meter or Interference()
+    after = after or (lambda: None)
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
+            after()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
     start = time.perf_counter()
-    for i in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(timed(fn))
-        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
+    rounds = 0
+    while True:
+        clean = min(sum(x < max_interference for _, x in v) for v in samples.values())
+        if clean >= repeats:
             break
-    return times
+        if budget_s is not None and rounds >= 3 and time.perf_counter() - start > budget_s:
+            break
+        if budget_s is None and rounds >= 4 * repeats:
+            break
+        if quiet_wait_s > 0:
+            meter.wait_quiet(timeout_s=quiet_wait_s)
+        for name, fn in contenders.items():
+            samples[name].append(meter.run(fn))
+            after()
+        rounds += 1
+    out = {}
+    for name, v in samples.items():
+        good = [t for t, x in v if x < max_interference]
+        out[name] = {"median_s": statistics.median(good or [t for t, _ in v]), "min_s": min(t for t, _ in v),
+                     "clean": len(good), "samples": len(v), "interference": statistics.median(x for _, x in v),
+                     "is_clean": [x < max_interference for _, x in v]}
+    return out
 
 
 def machine() -> dict:
@@ -60,6 +80,7 @@ def random_prompt(length: int, vocab: int, seed: int = 0) -> list[int]:
 # -- engine against transformers (p = 1) ---------------------------------------------------------------------------
 
 def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_prompt: int, repeats: int,
+                 budget_s: float = 120.0, quiet_wait_s: float = 30.0,
                  progress: Callable[[str], None] = lambda s: None) -> dict:
     """Prefill tokens/s at each prompt length and decode tokens/s, ours and transformers', in one process.
 
@@ -86,25 +107,26 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
 
             def ours():
                 engine.group.call("prefill", [ids], [0], "megatron")
-                engine.group.call_all("release", [0])
 
             def theirs():
                 with torch.inference_mode():
                     hf(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
 
-            t = interleaved({"dynpart": ours, "transformers": theirs}, repeats)
-            med = {k: statistics.median(v) for k, v in t.items()}
+            t = interleaved({"dynpart": ours, "transformers": theirs}, repeats, budget_s=budget_s,
+                            quiet_wait_s=quiet_wait_s, after=lambda: engine.group.call_all("release", [0]))
+            med = {k: v["median_s"] for k, v in t.items()}
             rows.append({"kind": "prefill", "tokens": n, "dynpart_tok_s": n / med["dynpart"],
-                         "transformers_tok_s": n / med["transformers"], "ratio": med["transformers"] / med["dynpart"]})
+                         "transformers_tok_s": n / med["transformers"], "ratio": med["transformers"] / med["dynpart"],
+                         "clean": min(v["clean"] for v in t.values()), "samples": t["dynpart"]["samples"]})
         progress(f"decode {decode_tokens}")
         prompt = random_prompt(decode_prompt, vocab, seed=1)
         params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
 
-        def ours_decode() -> float:
+        def ours_decode() -> None:
             seq = engine.generate([prompt], params, strategy="megatron")[0]
-            return (len(seq.output_ids) - 1) / (seq.t_last_token - seq.t_first_token)
+            rates["dynpart"] = (len(seq.output_ids) - 1) / (seq.t_last_token - seq.t_first_token)
 
-        def theirs_decode() -> float:
+        def theirs_decode() -> None:
             with torch.inference_mode():
                 cache = DynamicCache()
                 out = hf(torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -113,16 +135,27 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
                 for _ in range(decode_tokens - 1):
                     out = hf(tok, past_key_values=cache, use_cache=True)
                     tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                return (decode_tokens - 1) / (time.perf_counter() - t0)
+                rates["transformers"] = (decode_tokens - 1) / (time.perf_counter() - t0)
 
-        rates: dict[str, list[float]] = {"dynpart": [], "transformers": []}
-        ours_decode(), theirs_decode()  # warm-up
-        for _ in range(repeats):
-            rates["dynpart"].append(ours_decode())
-            rates["transformers"].append(theirs_decode())
-        med = {k: statistics.median(v) for k, v in rates.items()}
+        # Each call is timed whole (prefill included) for the interference check; the rate is over decode steps only.
+        rates: dict[str, float] = {}
+        collected: dict[str, list[float]] = {"dynpart": [], "transformers": []}
+
+        def keep(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+            def run():
+                fn()
+                collected[name].append(rates[name])
+            return run
+
+        t = interleaved({"dynpart": keep("dynpart", ours_decode), "transformers": keep("transformers", theirs_decode)},
+                        repeats, budget_s=budget_s, quiet_wait_s=quiet_wait_s)
+        med = {}
+        for k, v in collected.items():  # v[0] is the warm-up; the rest line up with the timed samples
+            good = [r for r, ok in zip(v[1:], t[k]["is_clean"]) if ok]
+            med[k] = statistics.median(good or v[1:])
         rows.append({"kind": "decode", "tokens": decode_tokens, "dynpart_tok_s": med["dynpart"],
-                     "transformers_tok_s": med["transformers"], "ratio": med["dynpart"] / med["transformers"]})
+                     "transformers_tok_s": med["transformers"], "ratio": med["dynpart"] / med["transformers"],
+                     "clean": min(v["clean"] for v in t.values()), "samples": t["dynpart"]["samples"]})
     finally:
         engine.group.shutdown()
     return {"model": model, "devices": 1, "threads": torch.get_num_threads(), "decode_prompt": decode_prompt,
@@ -157,7 +190,7 @@ def memory_snapshot(group, label: str) -> dict:
 
 
 def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: int, budget_s: float = 60.0,
-                     strategies: Sequence[str] = tuple(STRATEGIES), handoff: bool = True,
+                     strategies: Sequence[str] = tuple(STRATEGIES), handoff: bool = True, quiet_wait_s: float = 30.0,
                      progress: Callable[[str], None] = lambda s: None) -> dict:
     """Prefill seconds of each strategy at each length on ``devices`` shard workers, the K/V handoff between two
     groups, and memory per worker (before any prefill, after the first weight-gathered and replicated ones)."""
@@ -170,6 +203,8 @@ def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: 
     decode_group = start_group(devices, kwargs) if handoff and devices > 1 else None
     available = group.call("available_strategies")
     memory = [memory_snapshot(group, "start (resident shards only)")]
+    pids = [*group.pids(), *decode_group.pids()] if decode_group is not None else getattr(group, "pids", list)()
+    meter = Interference(pids)
     rows, handoffs = [], []
     try:
         for name in strategies:  # first prefill of each: allocates its buffers/replicas; record memory after
@@ -182,14 +217,12 @@ def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: 
             ids = random_prompt(n, shape.vocab_size)
 
             def prefill(name: str) -> Callable[[], None]:
-                def run():
-                    group.call("prefill", [ids], [0], name)
-                    group.call_all("release", [0])
-                return run
+                return lambda: group.call("prefill", [ids], [0], name)
 
-            t = interleaved({s: prefill(s) for s in strategies if s in available}, repeats, budget_s=budget_s)
-            rows.append({"tokens": n, "median_s": {s: statistics.median(v) for s, v in t.items()},
-                         "min_s": {s: min(v) for s, v in t.items()}, "repeats": len(next(iter(t.values())))})
+            t = interleaved({s: prefill(s) for s in strategies if s in available}, repeats, budget_s=budget_s,
+                            meter=meter, quiet_wait_s=quiet_wait_s, after=lambda: group.call_all("release", [0]))
+            rows.append({"tokens": n, **{k: {s: v[k] for s, v in t.items()}
+                                         for k in ("median_s", "min_s", "clean", "samples", "interference")}})
             if decode_group is not None:
                 progress(f"handoff {n}")
                 handoffs.append(measure_handoff(group, decode_group, ids, repeats))
@@ -203,39 +236,44 @@ def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: 
 
 def measure_handoff(prefill_group, decode_group, ids: list[int], repeats: int) -> dict:
     """Seconds to move one prefilled sequence's head-sharded K/V from a prefill group to a decode group, rank to rank
-    through the object store (``put_kv``/``take_kv``), and whether decode continues exactly (same next-token logits)."""
-    times, exact, kv_bytes = [], True, 0
-    for i in range(repeats + 1):
-        prefill_group.call("prefill", [ids], [0], "megatron")
-        t = timed(lambda: decode_group.take_kv([0], prefill_group.put_kv([0])))
-        if i == 0:  # warm-up round doubles as the exactness check
-            kv_bytes = sum(r["kv_cache_in_use"] for r in decode_group.call_all("memory_report"))
-            a = prefill_group.call("decode", [ids[-1]], [0])
-            b = decode_group.call("decode", [ids[-1]], [0])
-            exact = bool(torch.equal(a, b))
-        else:
-            times.append(t)
-        prefill_group.call_all("release", [0])
-        decode_group.call_all("release", [0])
+    through the object store (``put_kv``/``take_kv``), and whether decode continues exactly (same next-token logits).
+
+    One prefill, then ``repeats`` + 1 handoffs of it (``take_kv`` replaces what the decode slot held)."""
+    prefill_group.call("prefill", [ids], [0], "megatron")
+    times = [timed(lambda: decode_group.take_kv([0], prefill_group.put_kv([0]))) for _ in range(repeats + 1)][1:]
+    kv_bytes = sum(r["kv_cache_in_use"] for r in decode_group.call_all("memory_report"))
+    exact = bool(torch.equal(prefill_group.call("decode", [ids[-1]], [0]), decode_group.call("decode", [ids[-1]], [0])))
+    prefill_group.call_all("release", [0])
+    decode_group.call_all("release", [0])
     return {"tokens": len(ids), "median_s": statistics.median(times), "exact": exact, "kv_bytes": kv_bytes}
 
 
 # -- calibration and accuracy ---------------------------------------------------------------------------------------
 
 def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict, object]:
-    """Run the measurements inside ``devices`` shard workers holding ``model``; return (raw, CalibrationProfile)."""
+    """Run the measurements inside ``devices`` shard workers holding ``model``, plus a timed megatron decode step
+    from the driver (what κ is fitted to); return (raw measurements, CalibrationProfile)."""
     from placement.calibrate import build_profile, calibrate_runner
     from placement.workers import start_group
+    from strategies.loader import Checkpoint
 
-    group = start_group(devices, runner_kwargs(model, devices, capacity=16, slots=1))
+    shape = Checkpoint(model).shape
+    context, steps = 16, int(spec.get("decode_steps", 9))
+    group = start_group(devices, runner_kwargs(model, devices, capacity=context + steps + 2, slots=1))
     try:
-        if devices == 1:
-            raw = calibrate_runner(group.runner, spec)
-        else:
-            raw = group.call_workers("calibrate", spec)[0]
+        pids = getattr(group, "pids", list)()
+        spec = {**spec, "pids": [os.getpid(), *pids]}
+        if spec.get("quiet_wait", 30.0) > 0:
+            Interference(spec["pids"]).wait_quiet(timeout_s=spec.get("quiet_wait", 30.0))
+        raw = calibrate_runner(group.runner, spec) if devices == 1 else group.call_workers("calibrate", spec)[0]
+        ids = random_prompt(context, shape.vocab_size)
+        group.call("prefill", [ids], [0], "megatron")
+        t = [timed(lambda: group.call("decode", [ids[0]], [0])) for _ in range(steps)]
+        group.call_all("release", [0])
+        raw |= {"decode_step": statistics.median(t[1:]), "decode_context": context + steps // 2}
     finally:
         group.shutdown()
-    return raw, build_profile(hardware, devices, raw)
+    return raw, build_profile(hardware, devices, raw, shape=shape)
 
 
 def accuracy(measured: dict, hardware) -> dict:

@@ -32,12 +32,13 @@ def register(sub) -> None:
     p.add_argument("--measured", metavar="FILE.json", help="a `bench strategies --json` result instead of measuring")
     p.set_defaults(func=cmd_accuracy, repeats_default=5)
 
-    p = sub.add_parser("calibrate", help="measure GEMMs, attention, memory and collectives; store the planner's profile")
+    p = sub.add_parser("calibrate", help="measure GEMMs, attention, memory, collectives; store the planner's profile")
     p.add_argument("--model", default="smollm2-135m", help="whose layer shards the GEMMs multiply")
     p.add_argument("--devices", type=int, default=2, help="shard workers measured together (p)")
     p.add_argument("--hardware", default="cpu", help="catalog entry the profile calibrates")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dry-run", action="store_true", help="print the profile without saving it")
+    _quiet_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
@@ -46,6 +47,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or a local Llama folder")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _quiet_arg(p)
+
+
+def _quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="before each round, wait up to this long for other processes to leave the CPU idle (0: never)")
 
 
 def _strategy_args(p: argparse.ArgumentParser) -> None:
@@ -96,7 +103,8 @@ def _mib(b: float) -> str:
 
 
 def _machine_line(m: dict) -> str:
-    return (f"{m['cores']}-core {m['cpu'] or 'CPU'}, {'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}, torch {m['torch']}, "
+    gpu = "GPU " + m["gpu"] if m["gpu"] else "no GPU"
+    return (f"{m['cores']}-core {m['cpu'] or 'CPU'}, {gpu}, torch {m['torch']}, "
             f"load average at start {m['load_avg']}, {m['date']}")
 
 
@@ -106,14 +114,16 @@ def cmd_engine(args: argparse.Namespace) -> int:
     lengths = _ints(args.lengths)
     bar, step = _progress(len(lengths) + 1)
     with bar:
-        res = bench_engine(args.model, lengths, args.decode_tokens, args.decode_prompt, _repeats(args), step)
+        res = bench_engine(args.model, lengths, args.decode_tokens, args.decode_prompt, _repeats(args),
+                           quiet_wait_s=args.quiet_wait, progress=step)
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{res['model']}, 1 device ({res['threads']} threads), median of {res['repeats']}; {_machine_line(res['machine'])}")
-    print(_table(["", "tokens", "dynpart tok/s", "transformers tok/s", "dynpart / transformers"],
+    print(f"{res['model']}, 1 device ({res['threads']} threads), median of {res['repeats']} clean repeats; "
+          f"{_machine_line(res['machine'])}")
+    print(_table(["", "tokens", "dynpart tok/s", "transformers tok/s", "dynpart / transformers", "clean/all"],
                  [[r["kind"], r["tokens"], f"{r['dynpart_tok_s']:.0f}", f"{r['transformers_tok_s']:.0f}",
-                   f"{r['ratio']:.2f}×"] for r in res["rows"]]))
+                   f"{r['ratio']:.2f}×", f"{r['clean']}/{r['samples']}"] for r in res["rows"]]))
     return 0
 
 
@@ -134,7 +144,7 @@ def _measure_strategies(args: argparse.Namespace) -> dict:
     bar, step = _progress(len(lengths) * (2 if handoff else 1))
     with bar:
         return bench_strategies(args.model, args.devices, lengths, _repeats(args), budget_s=args.budget,
-                                handoff=handoff, progress=step)
+                                handoff=handoff, quiet_wait_s=args.quiet_wait, progress=step)
 
 
 def format_strategies(res: dict) -> str:
@@ -142,13 +152,14 @@ def format_strategies(res: dict) -> str:
 
     names = [s for s in STRATEGIES if s in res["available"]]
     lines = [f"{res['model']} on {res['devices']} shard workers; {_machine_line(res['machine'])}",
-             "Prefill, median ms (best in bold):"]
+             "Prefill, median ms of clean repeats (best in bold); clean/all repeats per strategy:"]
     rows = []
     for r in res["rows"]:
         best = min(r["median_s"], key=r["median_s"].get)
         rows.append([r["tokens"], *[(f"**{_ms(r['median_s'][s])}**" if s == best else _ms(r["median_s"][s]))
-                                    for s in names], r["repeats"]])
-    lines.append(_table(["tokens", *names, "repeats"], rows))
+                                    for s in names],
+                     " ".join(f"{r['clean'][s]}/{r['samples'][s]}" for s in names)])
+    lines.append(_table(["tokens", *names, "clean/all"], rows))
     if res["handoff"]:
         lines += ["", "K/V handoff between two groups (put_kv → take_kv, rank to rank through the object store):"]
         lines.append(_table(["tokens", "K/V MiB (all ranks)", "handoff ms", "vs megatron prefill", "decode exact"],
@@ -201,7 +212,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from strategies.cost import get_hardware, save_profile
 
     get_hardware(args.hardware, use_profile=False)  # a bad name fails before any worker starts
-    raw, profile = calibrate(args.model, args.devices, args.hardware, {"repeats": args.repeats})
+    spec = {"repeats": args.repeats, "quiet_wait": args.quiet_wait}
+    raw, profile = calibrate(args.model, args.devices, args.hardware, spec)
     path = None if args.dry_run else str(save_profile(profile))
     if args.json:
         print(json.dumps({"profile": profile.model_dump(), "path": path, "raw": raw}))
@@ -210,8 +222,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(_table(["token rows", "GEMM GFLOP/s per worker"], [[g.rows, f"{g.tflops * 1e3:.1f}"] for g in profile.gemm]))
     print(_table(["sequence length", "attention GFLOP/s per worker"],
                  [[a.rows, f"{a.tflops * 1e3:.1f}"] for a in profile.attention]))
-    print(f"memory bandwidth {profile.memory_bandwidth_gbs:.1f} GB/s, per-kernel overhead "
-          f"{profile.launch_overhead_us:.1f} µs")
+    print(f"memory bandwidth {profile.memory_bandwidth_gbs:.1f} GB/s; decode step {raw['decode_step'] * 1e3:.1f} ms, "
+          f"so per-kernel overhead κ {profile.launch_overhead_us:.1f} µs (tiny-kernel microbenchmark "
+          f"{raw['launch_overhead_us']:.1f} µs); prefetched gather hidden behind compute: "
+          f"{profile.prefetch_overlap if profile.prefetch_overlap is not None else 1:.0%}")
     if profile.collectives:
         print(_table(["collective", "α µs per step", "β GB/s"],
                      [[k, f"{v.latency_us:.0f}", f"{v.bandwidth_gbs:.2f}"] for k, v in profile.collectives.items()]))

@@ -13,9 +13,11 @@ prefill sees: p workers, each with its share of the cores, busy at the same time
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,45 +28,93 @@ COLLECTIVE_BYTES = (16 * 2**10, 256 * 2**10, 2 * 2**20, 8 * 2**20)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
-def _sync(comm) -> None:
-    if comm.world_size > 1:
-        dist.barrier()
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def time_median(fn: Callable[[], object], comm, repeats: int, warmup: int = 1, budget_s: float = 2.0) -> float:
-    """Median seconds of ``fn`` after warm-up; every rank starts each repeat together (barrier).
+class Interference:
+    """How many cores processes other than ours used during a measurement (from /proc: all busy CPU time minus that
+    of our own processes). On a shared machine this is what separates a clean repeat from a disturbed one."""
 
-    Repeats stop early once ``budget_s`` is spent (all ranks agree, so the barriers stay matched)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    spent = 0.0
-    for _ in range(repeats):
-        _sync(comm)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        spent += times[-1]
-        if comm.world_size > 1:  # agree on stopping: the slowest rank decides
-            flag = torch.tensor([spent], dtype=torch.float64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            spent = float(flag)
-        if spent > budget_s and len(times) >= 3:
-            break
-    return statistics.median(times)
+    def __init__(self, pids: Sequence[int] = ()):
+        self.pids = sorted({os.getpid(), *pids})
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _busy(self) -> tuple[float, float]:
+        """(busy CPU seconds of the whole machine, CPU seconds of our processes)."""
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:8]]
+            ours = 0
+            for pid in self.pids:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ours += int(fields[11]) + int(fields[12])  # utime + stime, all threads
+        except OSError:  # not Linux, or a process gone: no measurement, count as clean
+            return 0.0, 0.0
+        return (sum(v) - v[3] - v[4]) / self.tick, ours / self.tick
+
+    def run(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """(seconds fn took, average cores used by others meanwhile)."""
+        b0, o0 = self._busy()
+        t = timed(fn)
+        b1, o1 = self._busy()
+        return t, max(0.0, (b1 - b0) - (o1 - o0)) / max(t, 1e-3)
+
+    def wait_quiet(self, cores: float = 0.2, window_s: float = 0.3, timeout_s: float = 30.0) -> bool:
+        """Wait (up to ``timeout_s``) for a window in which others use less than ``cores``."""
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            if self.run(lambda: time.sleep(window_s))[1] < cores:
+                return True
+        return False
 
 
-def _max_over_ranks(comm, value: float) -> float:
-    """The busiest rank's figure: a collective or a balanced step is as slow as its slowest rank."""
-    if comm.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+@dataclass
+class Timer:
+    """Times a step run on every rank at once: median of clean repeats, the busiest rank's figure.
+
+    Every rank starts each repeat together (barrier). Repeats disturbed by other processes (more than
+    ``max_interference`` cores used by others meanwhile) are retried until each rank has ``repeats`` clean ones, or
+    ``budget_s`` is spent (then at least 3 repeats). All ranks agree when to stop (an all-reduce), so their barriers
+    and collectives stay matched."""
+
+    comm: object
+    repeats: int = 5
+    meter: Interference | None = None
+    budget_s: float = 4.0
+    max_interference: float = 0.25
+
+    def _max(self, values: list[float]) -> list[float]:
+        if self.comm.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def __call__(self, fn: Callable[[], object], warmup: int = 1) -> float:
+        for _ in range(warmup):
+            fn()
+        clean: list[float] = []
+        every: list[float] = []
+        while True:
+            if self.comm.world_size > 1:
+                dist.barrier()
+            t, others = self.meter.run(fn) if self.meter is not None else (timed(fn), 0.0)
+            every.append(t)
+            if others < self.max_interference:
+                clean.append(t)
+            slowest, fewest_clean = self._max([sum(every), -len(clean)])
+            if -fewest_clean >= self.repeats or len(every) >= 4 * self.repeats or (
+                    slowest > self.budget_s and len(every) >= 3):
+                break
+        return self._max([statistics.median(clean or every)])[0]
 
 
-def measure_gemm(comm, matrices: Sequence[torch.Tensor], rows: Sequence[int], repeats: int) -> list[dict]:
-    """Achieved TFLOP/s of X[rows, K]·Wᵀ summed over the rank's layer matrices (W: [N, K], as the engine stores them)."""
+def measure_gemm(timer: Timer, matrices: Sequence[torch.Tensor], rows: Sequence[int]) -> list[dict]:
+    """Achieved TFLOP/s of X[rows, K]·Wᵀ summed over the rank's layer matrices (W: [N, K], as stored)."""
     out = []
     for r in rows:
         xs = [torch.randn(r, w.shape[1], dtype=w.dtype) for w in matrices]
@@ -73,13 +123,13 @@ def measure_gemm(comm, matrices: Sequence[torch.Tensor], rows: Sequence[int], re
             for x, w in zip(xs, matrices):
                 x @ w.T
 
-        t = _max_over_ranks(comm, time_median(step, comm, repeats))
+        t = timer(step)
         flops = sum(2 * r * w.shape[0] * w.shape[1] for w in matrices)
         out.append({"rows": r, "tflops": flops / t / 1e12, "seconds": t})
     return out
 
 
-def measure_attention(comm, heads: int, kv_heads: int, head_dim: int, lengths: Sequence[int], repeats: int,
+def measure_attention(timer: Timer, heads: int, kv_heads: int, head_dim: int, lengths: Sequence[int],
                       dtype: torch.dtype = torch.float32) -> list[dict]:
     """Causal SDPA over one sequence of each length with this rank's heads: TFLOP/s counting 4·pairs·heads·dh."""
     out = []
@@ -91,24 +141,24 @@ def measure_attention(comm, heads: int, kv_heads: int, head_dim: int, lengths: S
         def step():
             torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-        t = _max_over_ranks(comm, time_median(step, comm, repeats))
+        t = timer(step)
         pairs = n * (n + 1) // 2
         out.append({"length": n, "tflops": 4 * pairs * heads * head_dim / t / 1e12, "seconds": t})
     return out
 
 
-def measure_memory(comm, repeats: int, mbytes: int = 64) -> dict:
+def measure_memory(timer: Timer, mbytes: int = 64) -> dict:
     """Memory bandwidth (x += y over ``mbytes`` MiB tensors: 3 passes) and per-kernel overhead (a 1-element add)."""
     n = mbytes * 2**20 // 4
     x, y = torch.ones(n), torch.ones(n)
-    t_big = _max_over_ranks(comm, time_median(lambda: x.add_(y), comm, repeats))
+    t_big = timer(lambda: x.add_(y))
     a, b = torch.ones(1), torch.ones(1)
 
     def tiny():
         for _ in range(100):
             a.add_(b)
 
-    t_tiny = _max_over_ranks(comm, time_median(tiny, comm, repeats)) / 100
+    t_tiny = timer(tiny) / 100
     return {"memory_bandwidth_gbs": 3 * n * 4 / t_big / 1e9, "launch_overhead_us": t_tiny * 1e6}
 
 
@@ -130,8 +180,9 @@ def _collective_fn(kind: str, size_bytes: int, p: int) -> Callable[[], object]:
     raise ValueError(f"unknown collective {kind!r}")
 
 
-def measure_collectives(comm, sizes: Sequence[int], repeats: int) -> dict[str, list[dict]]:
+def measure_collectives(timer: Timer, sizes: Sequence[int]) -> dict[str, list[dict]]:
     """Seconds of each collective kind at each full-tensor size (busiest rank); empty on one device."""
+    comm = timer.comm
     if comm.world_size == 1:
         return {}
     out: dict[str, list[dict]] = {}
@@ -140,7 +191,7 @@ def measure_collectives(comm, sizes: Sequence[int], repeats: int) -> dict[str, l
         for size in sizes:
             try:
                 fn = _collective_fn(kind, size, comm.world_size)
-                t = _max_over_ranks(comm, time_median(fn, comm, repeats))
+                t = timer(fn)
             except RuntimeError:  # a backend without this collective (gloo builds differ): leave it to the link
                 break
             rows.append({"bytes": size, "seconds": t})
@@ -170,34 +221,93 @@ def fit_alpha_beta(kind: str, p: int, samples: Sequence[dict]) -> dict:
     return {"latency_us": intercept / steps * 1e6, "bandwidth_gbs": 1 / slope / 1e9}
 
 
-def measure_rank(comm, matrices: Sequence[torch.Tensor], attention_heads: tuple[int, int, int], spec: dict) -> dict:
+def measure_overlap(timer: Timer, matrices: Sequence[torch.Tensor], flat: torch.Tensor, rows: int = 256) -> dict:
+    """How much of a prefetched weight all-gather hides behind compute, as ``weight_gathered`` overlaps them:
+    (t_gemm + t_gather − t_both) / min(t_gemm, t_gather), clipped to [0, 1]. 1 on GPUs (copy engines); on a CPU whose
+    cores all compute, the gather's copies need those same cores, so less."""
+    comm = timer.comm
+    if comm.world_size == 1:
+        return {"prefetch_overlap": 1.0}
+    xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w in matrices]
+    out = torch.empty((comm.world_size, flat.numel()), dtype=flat.dtype)
+
+    def gemms():
+        for x, w in zip(xs, matrices):
+            x @ w.T
+
+    def gather():
+        return comm.all_gather_async(flat, out=out)
+
+    t_c = timer(gemms)
+    t_w = timer(lambda: gather().wait())
+
+    def both():
+        pending = gather()
+        gemms()
+        pending.wait()
+
+    t_b = timer(both)
+    hidden = (t_c + t_w - t_b) / min(t_c, t_w)
+    return {"prefetch_overlap": min(1.0, max(0.0, hidden)), "overlap_seconds": {"gemm": t_c, "gather": t_w,
+                                                                                   "both": t_b}}
+
+
+def measure_rank(comm, matrices: Sequence[torch.Tensor], attention_heads: tuple[int, int, int], spec: dict,
+                 flat: torch.Tensor | None = None) -> dict:
     """Everything ``dynpart calibrate`` measures, run on every rank at once; every rank returns the same answer."""
-    repeats = int(spec.get("repeats", 5))
     heads, kv_heads, head_dim = attention_heads
+    timer = Timer(comm, int(spec.get("repeats", 5)), Interference(spec.get("pids", ())))
     return {
-        "gemm": measure_gemm(comm, matrices, spec.get("rows", GEMM_ROWS), repeats),
-        "attention": measure_attention(comm, heads, kv_heads, head_dim, spec.get("attention_lengths", ATTENTION_LENGTHS),
-                                       repeats),
-        **measure_memory(comm, repeats),
-        "collectives": measure_collectives(comm, spec.get("collective_bytes", COLLECTIVE_BYTES), repeats),
+        "gemm": measure_gemm(timer, matrices, spec.get("rows", GEMM_ROWS)),
+        "attention": measure_attention(timer, heads, kv_heads, head_dim,
+                                       spec.get("attention_lengths", ATTENTION_LENGTHS)),
+        **measure_memory(timer),
+        "collectives": measure_collectives(timer, spec.get("collective_bytes", COLLECTIVE_BYTES)),
+        **(measure_overlap(timer, matrices, flat) if flat is not None else {}),
     }
 
 
-def build_profile(hardware: str, devices: int, measured: dict, dtype: str = "float32"):
-    """A ``CalibrationProfile`` from ``measure_rank``'s answer (collectives fitted to α/β per kind)."""
+def fit_launch_overhead(shape, hw, devices: int, context: int, decode_s: float) -> float:
+    """Per-kernel overhead κ (µs) that makes the cost model's megatron decode step take ``decode_s``.
+
+    A one-token forward is almost all overhead (Python dispatch per op, the driver's call into the workers), which
+    the tiny-kernel microbenchmark does not see; the cost model charges it as κ per compute op."""
+    from strategies.cost import check_devices, decode_step_time
+    from strategies.cost.formulas import Compute, Work
+    from strategies.cost.layouts import end_ops, layer_ops
+    from strategies.cost.search import STRATEGIES
+
+    bare = hw.model_copy(update={"launch_overhead_us": 0.0})
+    padded = check_devices(shape, devices).padded_shape(shape)
+    work, c, b = Work.decode([context]), STRATEGIES["megatron"], hw.bytes_per_element
+    ops = shape.num_layers * sum(isinstance(o, Compute) for o in layer_ops(c, padded, devices, work, b))
+    ops += sum(isinstance(o, Compute) for o in end_ops(c, padded, devices, work, b))
+    rest = decode_s - decode_step_time(shape, bare, devices, [context])
+    return max(hw.launch_overhead_us, rest / ops * 1e6)
+
+
+def build_profile(hardware: str, devices: int, measured: dict, dtype: str = "float32", shape=None):
+    """A ``CalibrationProfile`` from ``measure_rank``'s answer (collectives fitted to α/β per kind); with the model
+    ``shape`` and a measured ``decode_step`` (seconds at ``decode_context``), κ is fitted to that decode step."""
     import datetime
     import socket
 
-    from strategies.cost.hardware import CalibrationProfile
+    from strategies.cost.hardware import CalibrationProfile, get_hardware
 
-    return CalibrationProfile(
+    profile = CalibrationProfile(
         hardware=hardware, devices=devices, dtype=dtype, bytes_per_element=torch.empty(0, dtype=getattr(torch, dtype))
         .element_size(), host=socket.gethostname(), created=datetime.datetime.now().isoformat(timespec="seconds"),
         gemm=tuple({"rows": g["rows"], "tflops": g["tflops"]} for g in measured["gemm"]),
         attention=tuple({"rows": a["length"], "tflops": a["tflops"]} for a in measured.get("attention", ())),
         memory_bandwidth_gbs=measured["memory_bandwidth_gbs"], launch_overhead_us=measured["launch_overhead_us"],
+        prefetch_overlap=measured.get("prefetch_overlap"),
         collectives={k: fit_alpha_beta(k, devices, v) for k, v in measured["collectives"].items()},
     )
+    if shape is not None and measured.get("decode_step"):
+        hw = get_hardware(hardware, use_profile=False).calibrated(profile)
+        kappa = fit_launch_overhead(shape, hw, devices, measured["decode_context"], measured["decode_step"])
+        profile = profile.model_copy(update={"launch_overhead_us": kappa})
+    return profile
 
 
 def calibrate_runner(runner, spec: dict) -> dict:
@@ -206,4 +316,4 @@ def calibrate_runner(runner, spec: dict) -> dict:
     flat = w.layers[0].flat
     matrices = [w.block(flat, name) for name in ("qkv", "o", "gate_up", "down")]
     heads = (w.layout.q_per_rank, w.layout.kv_per_rank, w.shape.head_dim)
-    return measure_rank(runner.comm, matrices, heads, spec)
+    return measure_rank(runner.comm, matrices, heads, spec, flat=flat)

@@ -29,7 +29,8 @@ def test_calibrate_writes_a_profile_the_planner_uses(ray_session, tiny_models, t
     from strategies.loader import Checkpoint
 
     monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))
-    out = _run(capsys, ["calibrate", "--model", tiny_models["gqa"], "--devices", "2", "--repeats", "1", "--json"])
+    out = _run(capsys, ["calibrate", "--model", tiny_models["gqa"], "--devices", "2", "--repeats", "1",
+                        "--quiet-wait", "0", "--json"])
     assert out["path"] == str(tmp_path / "cpu.json")
     prof = out["profile"]
     assert prof["devices"] == 2 and [g["rows"] for g in prof["gemm"]] == sorted(g["rows"] for g in prof["gemm"])
@@ -48,7 +49,7 @@ def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models,
 
     monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))  # no profile: the catalog's cpu entry
     res = _run(capsys, ["bench", "strategies", "--model", tiny_models["mha"], "--devices", "2", "--lengths", "8,32",
-                        "--repeats", "1", "--no-handoff", "--json"])
+                        "--repeats", "1", "--no-handoff", "--quiet-wait", "0", "--json"])
     assert [r["tokens"] for r in res["rows"]] == [8, 32]
     for r in res["rows"]:
         assert set(r["median_s"]) == set(res["available"]) <= set(STRATEGIES)
@@ -68,6 +69,6 @@ def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models,
 
 def test_bench_engine_against_transformers_is_well_formed(chat_tiny, capsys):
     res = _run(capsys, ["bench", "engine", "--model", chat_tiny, "--lengths", "8,16", "--decode-tokens", "4",
-                        "--decode-prompt", "8", "--repeats", "1", "--json"])
+                        "--decode-prompt", "8", "--repeats", "1", "--quiet-wait", "0", "--json"])
     assert [(r["kind"], r["tokens"]) for r in res["rows"]] == [("prefill", 8), ("prefill", 16), ("decode", 4)]
     assert all(r["dynpart_tok_s"] > 0 and r["transformers_tok_s"] > 0 and r["ratio"] > 0 for r in res["rows"])

@@ -114,7 +114,13 @@ def ops_time(ops: Iterable[Op], hw: Hardware, p: int) -> float:
     compute C (gathered one layer ahead), so only the part of W longer than C shows.
     """
     a, c, w = split_time(ops, hw, p)
-    return a + max(c, w)
+    return a + overlapped(c, w, hw)
+
+
+def overlapped(c: float, w: float, hw: Hardware) -> float:
+    """Compute C alongside a prefetched gather W: max(C, W) when the link works on its own (GPU copy engines);
+    C + W − overlap·min(C, W) when it partly needs the computing cores (a calibrated CPU's ``prefetch_overlap``)."""
+    return c + w - hw.prefetch_overlap * min(c, w)
 
 
 def gemm(name: str, rows: float, k: float, n: float, b: int, flops_scale: float = 1.0) -> Compute:

@@ -71,6 +71,7 @@ class CalibrationProfile(BaseModel):
     attention: tuple[GemmSample, ...] = ()  # causal attention throughput by sequence length (rows = length)
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
     launch_overhead_us: float | None = Field(default=None, ge=0)
+    prefetch_overlap: float | None = Field(default=None, ge=0, le=1)
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
 
 
@@ -87,6 +88,7 @@ class Hardware(BaseModel):
     memory_efficiency: float = Field(default=0.8, gt=0, le=1)  # η_m
     half_efficiency_rows: float = Field(default=32, ge=0)  # rows at which a GEMM reaches half of η_c
     launch_overhead_us: float = Field(default=4, ge=0)  # κ per kernel
+    prefetch_overlap: float = Field(default=1.0, ge=0, le=1)  # share of a prefetched gather that hides behind compute
     bytes_per_element: int = Field(default=2, ge=1)  # bf16 on GPUs
     gemm_curve: tuple[GemmSample, ...] = ()  # measured; replaces the η_c(rows) guess when present
     attention_curve: tuple[GemmSample, ...] = ()  # measured attention throughput; else the GEMM figures apply
@@ -126,6 +128,8 @@ class Hardware(BaseModel):
             update |= {"memory_bandwidth_gbs": profile.memory_bandwidth_gbs, "memory_efficiency": 1.0}
         if profile.launch_overhead_us is not None:
             update["launch_overhead_us"] = profile.launch_overhead_us
+        if profile.prefetch_overlap is not None:
+            update["prefetch_overlap"] = profile.prefetch_overlap
         return self.model_copy(update=update)
 
 

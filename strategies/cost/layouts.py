@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from strategies.cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, split_time
+from strategies.cost.formulas import (Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped,
+                                      split_time)
 from strategies.cost.hardware import CollectiveKind, Hardware
 from strategies.shapes import ModelShape
 
@@ -171,12 +172,13 @@ def model_time(c: Candidate, shape: ModelShape, hw: Hardware, p: int, work: Work
     """Seconds for a forward pass of all layers: layer i+1's weights are gathered while layer i computes.
 
     With per-layer blocking time A, compute C and prefetched gathers W over n layers:
-    t = W (first layer, nothing to hide behind) + n·A + (n−1)·max(C, W) + C, plus embedding and LM head.
+    t = W (first layer, nothing to hide behind) + n·A + (n−1)·max(C, W) + C, plus embedding and LM head
+    (max(C, W) is ``overlapped``: less than perfect overlap on a calibrated CPU).
     """
     b, n = hw.bytes_per_element, shape.num_layers
     a, comp, w = split_time(layer_ops(c, shape, p, work, b), hw, p)
     ea, ec, _ = split_time(end_ops(c, shape, p, work, b), hw, p)
-    return w + n * a + (n - 1) * max(comp, w) + comp + ea + ec
+    return w + n * a + (n - 1) * overlapped(comp, w, hw) + comp + ea + ec
 
 
 def resident_bytes(c: Candidate, shape: ModelShape, p: int, b: int) -> float:
