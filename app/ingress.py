@@ -103,7 +103,7 @@ class Ingress:
     async def _start(self, prompt_ids: list[int], params: SamplingParams, pool: str | None,
                      strategy: str | None) -> tuple[Result, Update, AsyncIterator[Update]]:
         """Route and run up to the first update (prefill done)."""
-        strategy = strategy or "auto"
+        strategy = strategy or self.cfg.default_strategy
         route = await self.router.classify(len(prompt_ids), params.max_tokens, pool or None, strategy)
         result = Result(pool=route.pool.name, devices=route.pool.devices)
         updates = self.router.run(route, prompt_ids, params, strategy)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.build import EngineOptions
 from placement.workers import DEVICE_RESOURCE
+from strategies.cost.search import STRATEGIES
 from strategies.loader import DEFAULT_MODEL
 
 
@@ -98,13 +99,24 @@ class AppConfig(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0)
     graceful_shutdown_s: float = Field(5.0, ge=0)
+    # How prefills pick a strategy when a request names none: the planner per batch ("dynamic"), or one fixed
+    # strategy for every prefill ("static:<strategy>"), which is what the load tests compare dynamic against.
+    policy: str = "dynamic"
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
+        valid = ["dynamic"] + [f"static:{s}" for s in STRATEGIES]
+        if self.policy not in valid:
+            raise ValueError(f"policy {self.policy!r} is not one of {', '.join(valid)}")
         return self
+
+    @property
+    def default_strategy(self) -> str:
+        """What a request that names no strategy gets: ``auto`` (the planner) or the static policy's strategy."""
+        return self.policy.removeprefix("static:") if self.policy.startswith("static:") else "auto"
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,152 @@
+"""``python -m load_tests.compare``: the same workload against each prefill policy, served for real, in one run.
+
+For every policy (``dynamic`` and ``static:<strategy>``) the Serve application of ``serve_config.yaml`` is deployed
+with that policy (its builder's ``policy`` argument), warmed up, and loaded with the identical request list. The
+table gives each policy's figures and their ratios against ``static:megatron`` measured in the same run; plots of
+the latency CDFs and of TTFT against prompt length are written next to the JSON/CSV results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from load_tests.metrics import Summary
+from load_tests.run import add_workload_args, build_requests, format_summary, slo_of, write_results
+
+POLICIES = ["static:megatron", "static:weight_gathered", "static:projection_replicated", "dynamic"]
+BASELINE = "static:megatron"
+
+
+def load_app_spec(config: str) -> tuple[str, dict, dict]:
+    """import_path, args and http options of the first application in a Serve config file."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    app = cfg["applications"][0]
+    return app["import_path"], dict(app.get("args") or {}), dict(cfg.get("http_options") or {})
+
+
+def build_app(import_path: str, args: dict):
+    module, _, attr = import_path.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(module), attr)(args)
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url.rstrip("/") + "/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"{url} did not become ready in {timeout_s:.0f} s")
+
+
+def ratio_table(results: dict[str, Summary]) -> str:
+    base = results.get(BASELINE)
+    rows = [("TTFT p50", lambda s: s.ttft_ms and s.ttft_ms.p50), ("TTFT p90", lambda s: s.ttft_ms and s.ttft_ms.p90),
+            ("TPOT p50", lambda s: s.tpot_ms and s.tpot_ms.p50), ("E2E p50", lambda s: s.e2e_ms and s.e2e_ms.p50),
+            ("E2E p90", lambda s: s.e2e_ms and s.e2e_ms.p90), ("req/s", lambda s: s.request_throughput),
+            ("goodput", lambda s: s.goodput)]
+    names = list(results)
+    lines = [f"| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, get in rows:
+        cells = []
+        for n in names:
+            v, b = get(results[n]), get(base) if base else None
+            cells.append("-" if v is None else f"{v:.1f}" + (f" ({v / b:.2f}x)" if b else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(out: Path, runs: dict[str, list]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, records in runs.items():
+        ok = [r for r in records if r.ok]
+        for ax, values in ((axes[0], [r.ttft_s * 1e3 for r in ok]), (axes[1], [r.latency_s * 1e3 for r in ok])):
+            if values:
+                v = np.sort(values)
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=name)
+        axes[2].scatter([r.prompt_tokens for r in ok], [r.ttft_s * 1e3 for r in ok], s=10, label=name)
+    for ax, title in zip(axes, ("TTFT CDF", "end-to-end latency CDF", "TTFT against prompt length")):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("ms"), axes[1].set_xlabel("ms"), axes[2].set_xlabel("prompt tokens")
+    axes[2].set_ylabel("TTFT ms")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(prog="python -m load_tests.compare", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="serve_config.yaml")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) before each policy's run")
+    add_workload_args(p)
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from placement.workers import local_ray_options
+
+    import_path, app_args, http = load_app_spec(args.config)
+    port = int(http.get("port", 8000))
+    url = f"http://127.0.0.1:{port}"
+    reqs, prompts = build_requests(args)
+    out = Path(args.out)
+    ray.init(**local_ray_options())
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    summaries, runs = {}, {}
+    try:
+        for policy in args.policies.split(","):
+            serve.run(build_app(import_path, {**app_args, "policy": policy}), name="dynpart", route_prefix="/")
+            wait_ready(url)
+            asyncio.run(_warmup(url, args.model, prompts[: args.warmup]))
+            records, duration = asyncio.run(_load(url, args, reqs, prompts))
+            label = policy.replace(":", "_")
+            result = write_results(out, label, records, duration, slo_of(args))
+            summaries[policy], runs[policy] = Summary(**result["summary"]), records
+            print(format_summary(policy, summaries[policy]), flush=True)
+            serve.delete("dynpart")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    table = ratio_table(summaries)
+    (out / "compare.md").write_text(table + "\n")
+    plot(out, runs)
+    print(table)
+    return 0
+
+
+async def _load(url, args, reqs, prompts):
+    from load_tests.client import run_load
+
+    return await run_load(url, args.model, reqs, prompts, rate=args.rate, concurrency=args.concurrency,
+                          duration_s=args.duration, timeout_s=args.timeout, seed=args.seed)
+
+
+async def _warmup(url: str, model: str, prompts: list[str]) -> None:
+    async with httpx.AsyncClient(timeout=300) as client:
+        for prompt in prompts:
+            await client.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
