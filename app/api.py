@@ -2,18 +2,22 @@
 
 Requests forbid unknown fields, so a typo is a clear 400 rather than a silently ignored option. Fields OpenAI clients
 commonly send are accepted when they ask for nothing dynpart cannot do (``n`` = 1, no logprobs, zero penalties).
-Extensions: ``top_k``, ``ignore_eos``. Every response's ``usage`` carries a ``dynpart`` object.
+Extensions: ``top_k``, ``ignore_eos``. Every response's ``usage`` carries a ``dynpart`` object. Sampling fields
+share their ranges with ``SamplingParams``; a server's own caps (``max_tokens_limit``, context, vocabulary) are
+checked by the ingress and router, which know them.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.sampling import SamplingParams
+from app.sampling import MaxTokens, SamplingParams, Seed, Stop, Temperature, TopK, TopP
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class DynpartUsage(BaseModel):
@@ -32,21 +36,27 @@ class Usage(BaseModel):
     dynpart: DynpartUsage
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    model: str = Field(max_length=256)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature = 1.0  # OpenAI's default; 0 is greedy
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
+    stop: Annotated[str, Field(min_length=1, max_length=64)] | Stop | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     n: Literal[1] = 1
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
     presence_penalty: Literal[0, 0.0] = 0.0
     frequency_penalty: Literal[0, 0.0] = 0.0
 
@@ -58,18 +68,18 @@ class _Common(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: Annotated[str, Field(min_length=1)] | TokenIds  # token ids are checked against the vocabulary later
     logprobs: None = None
     echo: Literal[False] = False
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _not_empty(cls, v):
-        if not v:
+        if v == "" or v == []:
             raise ValueError("prompt is empty")
         return v
 
@@ -78,7 +88,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] = Field(max_length=1024)
 
     def text(self) -> str:
         """Text content; a list of parts may hold only text parts."""
@@ -94,7 +104,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     logprobs: Literal[False] | None = None
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine import LLMEngine
 from placement.hardware import detect_hardware, replica_budget_bytes
-from placement.workers import max_devices, start_group
+from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
 from strategies.cost import check_devices, get_hardware, plan_prefill
 from strategies.loader import DEFAULT_MODEL, Checkpoint
 
@@ -26,6 +26,7 @@ class EngineOptions(BaseModel):
     hardware: str | None = None  # catalog name for the planner; detected when None
     replica_budget_mb: float | None = None  # memory per device for projection_replicated; auto when None
     shared_weights: bool = False  # map the node's one copy of the shards (object store) instead of loading them
+    collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)  # bounds a step whose peer rank hangs or died
 
 
 def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
@@ -52,7 +53,8 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                          replica_budget_bytes=budget)
     if opts.shared_weights:
         runner_kwargs["shared_weights"] = True
-    group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle)
+    group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
+                        collective_timeout_s=opts.collective_timeout_s)
     available = group.call("available_strategies")
     hardware = get_hardware(opts.hardware or detect_hardware())
 

@@ -75,6 +75,7 @@ class LLMEngine:
         self.eos = set(eos_token_ids)
         self.capacity, self.max_prefill_tokens = capacity, max_prefill_tokens
         self.choose_strategy = choose_strategy or (lambda lengths: "megatron")
+        self.slots = slots
         self.free_slots = deque(range(slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -109,6 +110,10 @@ class LLMEngine:
 
     def queued_tokens(self) -> int:
         return sum(len(s.prompt_ids) for s in self.waiting)
+
+    def slots_in_use(self) -> int:
+        """KV slots held by running sequences (0 once every request has finished or been aborted)."""
+        return self.slots - len(self.free_slots)
 
     # -- iteration -------------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ updates are plain dicts / dataclasses so the ingress needs nothing from the engi
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -33,6 +34,7 @@ class _EngineShell:
         self.available = engine.group.call("available_strategies")
         for strategy in self.available:  # first use builds buffers and replicas: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=1), strategy=strategy)
+        self.pids = [os.getpid(), *getattr(engine.group, "pids", list)()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}")
         self._report = asyncio.get_event_loop().create_task(self._report_load())
 
@@ -42,11 +44,14 @@ class _EngineShell:
             await asyncio.sleep(1.0)
 
     def info(self) -> dict:
-        """What the ingress needs to classify: the strategies this replica can run, and its load."""
+        """What the ingress needs to classify: the strategies this replica can run, and its load; also its KV slots
+        in use and its processes, for operators and the reliability tests (a finished or aborted request holds none)."""
         import ray
 
+        engine = self.loop.engine
         return {"pool": self.pool, "available": self.available, "queued_tokens": self.loop.queued_tokens(),
-                "node": ray.get_runtime_context().get_node_id()}
+                "node": ray.get_runtime_context().get_node_id(), "slots_in_use": engine.slots_in_use(),
+                "running": len(engine.running), "pids": self.pids, "healthy": self.loop.alive}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died (e.g. a shard worker crashed)."""

@@ -3,7 +3,9 @@
 The engine is not thread-safe and each ``step`` blocks for a forward pass, so one thread owns it: it drains an inbox
 of start/abort commands between steps (new requests join at iteration boundaries) and pushes one ``Update`` per
 sequence per step onto that request's asyncio queue. A caller that goes away (client disconnect, cancelled stream)
-aborts its sequence, which frees the slot at the next iteration.
+aborts its sequence, which frees the slot at the next iteration. If a step fails (a shard worker died) the thread
+ends: every request it holds, and every one that arrives later, gets ``EngineFailed`` rather than waiting forever,
+and the replica reports itself unhealthy so Serve replaces it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine import LLMEngine, RequestError, Sequence
+
+POLL_S = 1.0  # how often a waiting caller checks that the engine thread still runs
+
+
+class EngineFailed(RuntimeError):
+    """The engine thread stopped (a step raised, e.g. a shard worker died): the request cannot finish here."""
 
 
 @dataclass
@@ -73,13 +81,12 @@ class EngineLoop:
     async def submit(self, start: Callable[[LLMEngine], Sequence]) -> AsyncIterator[Update]:
         """``start(engine)`` runs in the engine thread (e.g. ``engine.add(...)``); its ``RequestError`` is raised
         here. Updates stream until the sequence finishes; leaving early aborts it."""
-        if not self.alive:
-            raise RuntimeError(f"engine stopped: {self.error!r}")
+        self._check()
         job = _Job(start=start, loop=asyncio.get_running_loop(), out=asyncio.Queue())
         self._inbox.put(("start", job))
         try:
             while True:
-                item = await job.out.get()
+                item = await self._next(job)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -89,6 +96,20 @@ class EngineLoop:
         finally:
             if not job.done:
                 self._inbox.put(("abort", job))
+
+    def _check(self) -> None:
+        if not self.alive:
+            raise EngineFailed(f"engine stopped: {self.error!r}" if self.error else "engine stopped")
+
+    async def _next(self, job: _Job) -> Any:
+        """The job's next item; if the thread has died meanwhile (with this job never started, or its failure
+        already sent), ``EngineFailed`` instead of waiting for ever."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.out.get(), POLL_S)
+            except TimeoutError:
+                if job.out.empty():
+                    self._check()
 
     def stop(self) -> None:
         self._stop.set()
@@ -107,7 +128,7 @@ class EngineLoop:
             except Exception as e:  # a dead worker or a bug: fail every request, report unhealthy
                 self.error = e
                 for job in self._jobs.values():
-                    self._send(job, RuntimeError(f"engine step failed: {e}"))
+                    self._send(job, EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
                 return
             for seq in stepped:
                 job = self._jobs.get(seq.id)

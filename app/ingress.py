@@ -2,7 +2,8 @@
 
 It tokenizes once, lets the ``Router`` classify the request onto a pool, waits for the first update (prefill done,
 so the strategy is known) and only then answers, so that even a streamed response carries ``x-dynpart-pool`` and
-``x-dynpart-strategy`` headers. Errors: bad input 400 (404 for an unknown model), overload 503, OpenAI's error body.
+``x-dynpart-strategy`` headers. Errors (``app.errors``): bad input 400 (404 for an unknown model), no or a wrong API
+key 401, overload 503 with ``retry-after``, a failed replica 503, past the request timeout 504; OpenAI's error body.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
@@ -10,68 +11,46 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import (ChatRequest, CompletionRequest, DynpartUsage, Usage, _Common, chunk_body, completion_body,
-                     error_body, new_id)
+from app.api import (ChatMessage, ChatRequest, CompletionRequest, DynpartUsage, Usage, _Common, chunk_body,
+                     completion_body, error_body, new_id)
 from app.engine import RequestError
 from app.engine_loop import Update
+from app.errors import ModelNotFound, classify, error_response, validation_message
+from app.guard import Guard, Limits, check_key, check_peer
 from app.metrics import record_request
 from app.pools import AppConfig
 from app.protos import dynpart_pb2 as pb
-from app.router import Overloaded, PoolHandles, Result, Router
+from app.router import PoolHandles, Result, Router, with_deadline
 from app.sampling import SamplingParams
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
 CHAT_MAX_TOKENS = 256
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
-
-
-class ModelNotFound(LookupError):
-    pass
-
-
-def error_status(e: BaseException) -> tuple[int, str]:
-    """HTTP status and message of an exception raised here or inside a replica (Ray wraps those)."""
-    cause = getattr(e, "cause", None) or e
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(cause, ModelNotFound):
-        return 404, str(cause)
-    if isinstance(cause, (RequestError, ValidationError, ValueError)):
-        return 400, _first_line(cause)
-    if isinstance(cause, (Overloaded, BackPressureError)):
-        return 503, str(cause) if isinstance(cause, Overloaded) else "the pool's request queue is full; retry later"
-    return 500, f"internal error: {type(cause).__name__}: {cause}"
-
-
-def _first_line(e: BaseException) -> str:
-    if isinstance(e, ValidationError):
-        err = e.errors()[0]
-        return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def error_response(e: BaseException) -> JSONResponse:
-    status, message = error_status(e)
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "overloaded_error"}.get(status, "server_error")
-    headers = {"retry-after": "1"} if status == 503 else None
-    return JSONResponse(error_body(message, kind, code="model_not_found" if status == 404 else None),
-                        status_code=status, headers=headers)
+api.add_middleware(Guard)
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    err = exc.errors()[0]
-    where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-    return JSONResponse(error_body(f"{where}: {err.get('msg')}" if where else str(err.get("msg")), param=where or None),
-                        status_code=400)
+    """FastAPI's 422 → the 400 OpenAI answers, naming the field and the limit it broke."""
+    where, message = validation_message(exc.errors())
+    return JSONResponse(error_body(message, param=where), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method, a body it cannot parse) in OpenAI's error body."""
+    message = str(exc.detail)
+    if message == "There was an error parsing the body":
+        message = "the request body could not be parsed: send a JSON object in UTF-8"
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
 
 def usage_of(r: Result) -> Usage:
@@ -93,6 +72,8 @@ class Ingress:
     def __init__(self, cfg: dict, handles: dict[str, dict]):
         self.cfg = AppConfig.model_validate(cfg)
         self.router = Router(self.cfg, {name: PoolHandles(**h) for name, h in handles.items()})
+        self.api_key = self.cfg.api_key.get_secret_value() if self.cfg.api_key else None
+        api.state.guard = Limits(max_body_bytes=self.cfg.max_body_bytes, api_key=self.api_key)
 
     # -- shared by HTTP and gRPC --------------------------------------------------------------------------------------
 
@@ -102,15 +83,18 @@ class Ingress:
 
     async def _start(self, prompt_ids: list[int], params: SamplingParams, pool: str | None,
                      strategy: str | None) -> tuple[Result, Update, AsyncIterator[Update]]:
-        """Route and run up to the first update (prefill done)."""
+        """Route and run up to the first update (prefill done); the request timeout runs from here."""
+        if params.max_tokens > self.cfg.max_tokens_limit:
+            raise RequestError(f"max_tokens ({params.max_tokens}) exceeds this server's limit of "
+                               f"{self.cfg.max_tokens_limit} generated tokens per request")
         strategy = strategy or self.cfg.default_strategy
         route = await self.router.classify(len(prompt_ids), params.max_tokens, pool or None, strategy)
         result = Result(pool=route.pool.name, devices=route.pool.devices)
-        updates = self.router.run(route, prompt_ids, params, strategy)
+        updates = with_deadline(self.router.run(route, prompt_ids, params, strategy), self.cfg.request_timeout_s)
         try:
             first = await anext(updates)
         except BaseException as e:
-            record_request(route.pool.name, None, str(error_status(e)[0]))
+            record_request(route.pool.name, None, str(classify(e).status))
             raise
         result.add(first)
         return result, first, updates
@@ -167,7 +151,7 @@ class Ingress:
             async for update in rest:
                 result.add(update)
         except Exception as e:
-            self._done(result, str(error_status(e)[0]))
+            self._done(result, str(classify(e).status))
             return error_response(e)
         self._done(result)
         return JSONResponse(completion_body(rid, body.model, result.text, result.finish_reason, usage_of(result), chat),
@@ -189,8 +173,9 @@ class Ingress:
                 if update is not None:
                     result.add(update)
         except Exception as e:  # headers are gone: report in-band, as OpenAI does
-            self._done(result, str(error_status(e)[0]))
-            yield event(error_body(error_status(e)[1], "server_error"))
+            err = classify(e)
+            self._done(result, str(err.status))
+            yield event(error_body(err.message, err.kind, err.code))
             return
         self._done(result)
         if body.include_usage:
@@ -199,10 +184,17 @@ class Ingress:
 
     # -- gRPC ---------------------------------------------------------------------------------------------------------
 
-    def _grpc_prepare(self, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    def _grpc_prepare(self, req: pb.GenerateRequest, ctx) -> tuple[list[int], SamplingParams]:
+        """The HTTP path's checks for a gRPC request: key (``authorization`` metadata), size, model, fields."""
+        if ctx is not None:  # None: called through a handle, not from the network
+            check_peer(ctx.peer(), self.cfg.grpc_remote_clients)
+            check_key(self.api_key, dict(ctx.invocation_metadata()).get("authorization"))
+        if req.ByteSize() > self.cfg.max_body_bytes:
+            raise RequestError(f"the request is larger than this server's limit of {self.cfg.max_body_bytes} bytes")
         self._check_model(req.model)
         if req.messages:
-            ids = self.router.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
+            messages = [ChatMessage(role=m.role, content=m.content) for m in req.messages]
+            ids = self.router.encode_chat([{"role": m.role, "content": m.text()} for m in messages])
         elif req.prompt:
             ids = self.router.encode(req.prompt)
         else:
@@ -215,11 +207,7 @@ class Ingress:
 
     @staticmethod
     def _grpc_error(ctx, e: BaseException) -> None:
-        status, message = error_status(e)
-        code = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-                503: grpc.StatusCode.UNAVAILABLE}.get(status, grpc.StatusCode.INTERNAL)
-        ctx.set_code(code)
-        ctx.set_details(message)
+        classify(e).to_grpc(ctx)
 
     @staticmethod
     def _info(r: Result) -> pb.DynpartInfo:
@@ -229,7 +217,8 @@ class Ingress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateReply:  # noqa: N802
         try:
-            result, _, rest = await self._start(*self._grpc_prepare(request), request.pool, request.strategy)
+            ids, params = self._grpc_prepare(request, grpc_context)
+            result, _, rest = await self._start(ids, params, request.pool, request.strategy)
             async for update in rest:
                 result.add(update)
         except Exception as e:
@@ -242,7 +231,8 @@ class Ingress:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):  # noqa: N802
         try:
-            result, update, rest = await self._start(*self._grpc_prepare(request), request.pool, request.strategy)
+            ids, params = self._grpc_prepare(request, grpc_context)
+            result, update, rest = await self._start(ids, params, request.pool, request.strategy)
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return

@@ -8,12 +8,13 @@ on GPU nodes, the ``dynpart_device`` custom resource on CPU nodes, plus any cust
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from app.build import EngineOptions
-from placement.workers import DEVICE_RESOURCE
+from placement.workers import COLLECTIVE_TIMEOUT_S, DEVICE_RESOURCE
 from strategies.cost.search import STRATEGIES
 from strategies.loader import DEFAULT_MODEL
 
@@ -52,6 +53,10 @@ class PoolConfig(BaseModel):
     dtype: str = "float32"
     disaggregated: bool = False  # separate prefill and decode deployments, K/V handed over via the object store
     decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
+    # A step whose peer rank died or hangs fails after this long (the replica is then replaced): the longest a
+    # request on a broken replica waits for its error. Rendezvous at start-up gets the same bound.
+    collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)
+    health_check_period_s: float = Field(10.0, gt=0)  # how soon Serve notices a failed replica and replaces it
 
     def bundle(self, counted_cpu_devices: bool = False) -> dict[str, float]:
         """One device of this pool as Ray resources. A CPU device takes a tenth of a core, and one
@@ -67,7 +72,7 @@ class PoolConfig(BaseModel):
     def engine_options(self, model: str, shared_weights: bool) -> EngineOptions:
         return EngineOptions(model=model, devices=self.devices, slots=self.slots, max_model_len=self.max_model_len,
                              max_prefill_tokens=self.max_prefill_tokens, dtype=self.dtype, hardware=self.hardware,
-                             shared_weights=shared_weights)
+                             shared_weights=shared_weights, collective_timeout_s=self.collective_timeout_s)
 
     def deployment_options(self, name: str, bundle: dict[str, float], graceful_shutdown_s: float,
                            replicas: int | None = None) -> dict[str, Any]:
@@ -78,7 +83,7 @@ class PoolConfig(BaseModel):
             ray_actor_options={"num_cpus": 0},  # the replica runs in bundle 0 and only drives the workers
             max_ongoing_requests=self.max_ongoing_requests, max_queued_requests=self.max_queued_requests,
             graceful_shutdown_timeout_s=graceful_shutdown_s, graceful_shutdown_wait_loop_s=min(1.0, graceful_shutdown_s),
-            health_check_period_s=10.0, health_check_timeout_s=60.0,
+            health_check_period_s=self.health_check_period_s, health_check_timeout_s=60.0,
         )
         if replicas is None and self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
@@ -102,6 +107,14 @@ class AppConfig(BaseModel):
     # How prefills pick a strategy when a request names none: the planner per batch ("dynamic"), or one fixed
     # strategy for every prefill ("static:<strategy>"), which is what the load tests compare dynamic against.
     policy: str = "dynamic"
+    # Security and limits (RELIABILITY.md). With an API key, every request but ``/health`` needs
+    # ``Authorization: Bearer <key>`` (gRPC: ``authorization`` metadata); the default is $DYNPART_API_KEY if set.
+    api_key: SecretStr | None = Field(default_factory=lambda: os.environ.get("DYNPART_API_KEY") or None,
+                                      validate_default=True)
+    grpc_remote_clients: bool = False  # Serve's gRPC proxy listens on every interface: refuse non-local peers
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
+    max_tokens_limit: int = Field(4096, ge=1)  # the most tokens one request may ask to generate
+    request_timeout_s: float | None = Field(600.0, gt=0)  # from arrival to the last token; then 504 (None: none)
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:

@@ -4,11 +4,13 @@ Classification asks the planner, per pool that can hold the request (prompt + ma
 the predicted prefill time of this prompt on that pool's devices, plus the predicted time to clear the prompt tokens
 the ingress has already sent there and that are still waiting for their first token; the lowest sum wins (ties go
 to the pool listed first). A pool whose waiting tokens would pass ``max_queued_tokens`` is skipped; if every pool is
-skipped the request is refused as overloaded (503).
+skipped the request is refused as overloaded (503). A request's generation is cancelled in its replica whenever its
+caller stops listening: a client gone, or the app's request timeout (``with_deadline``) passed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +27,29 @@ from strategies.loader import Checkpoint
 
 class Overloaded(RuntimeError):
     """Every pool that could serve the request is full: answer 503."""
+
+
+class RequestTimeout(TimeoutError):
+    """The request ran past the app's ``request_timeout_s``; its generation was cancelled."""
+
+
+async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None) -> AsyncIterator[Update]:
+    """``updates`` until ``timeout_s`` from now (None: no limit); then ``RequestTimeout``, and closing ``updates``
+    cancels the generation in its replica (``Router.run``) so it frees its KV slot."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                update = await asyncio.wait_for(anext(updates), left)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeout(f"the request ran past this server's request_timeout_s of {timeout_s:g} s; "
+                                     "ask for fewer tokens or retry later") from None
+            yield update
+    finally:
+        await updates.aclose()
 
 
 @dataclass
@@ -150,31 +175,38 @@ class Router:
         name, n = route.pool.name, len(prompt_ids)
         handles = self.handles[name]
         self.queued[name] += n
-        waiting = True
+        waiting, finished = True, False
+        call = None  # the Serve call in flight: cancelled if the caller leaves before the request finished
         try:
             if handles.engine is not None:
-                stream = handles.engine.options(stream=True).generate.remote(prompt_ids, params.model_dump(),
-                                                                            strategy)
-                async for update in stream:
+                call = handles.engine.options(stream=True).generate.remote(prompt_ids, params.model_dump(), strategy)
+                async for update in call:
                     if waiting:
                         self.queued[name] -= n
                         waiting = False
+                    finished = update.finish_reason is not None
                     yield update
                 return
-            first: Update = await handles.prefill.prefill.remote(prompt_ids, params.model_dump(), strategy)
+            call = handles.prefill.prefill.remote(prompt_ids, params.model_dump(), strategy)
+            first: Update = await call
             self.queued[name] -= n
-            waiting = False
+            waiting, finished = False, True
             handoff: Handoff | None = first.handoff
             if handoff is None or params.max_tokens == 1 or first.finish_reason != "length":
                 first.handoff = None
                 yield first
                 return
+            finished = False
             # The decode replica re-emits the first token with its text; report only the prefill's figures here.
             yield Update(text="", token_ids=[], finish_reason=None, prompt_tokens=n, completion_tokens=0,
                          prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s, ttft_s=first.ttft_s,
                          tpot_s=None)
-            async for update in handles.decode.options(stream=True).decode.remote(handoff, params.model_dump()):
+            call = handles.decode.options(stream=True).decode.remote(handoff, params.model_dump())
+            async for update in call:
+                finished = update.finish_reason is not None
                 yield update
         finally:
             if waiting:
                 self.queued[name] -= n
+            if call is not None and not finished:
+                call.cancel()

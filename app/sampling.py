@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+# The range of every sampling field, in one place: the API bodies (app/api.py) use the same types, so an HTTP, gRPC
+# or CLI request is held to the same limits and the error names the field and the bound it broke.
+MaxTokens = Annotated[int, Field(ge=1, le=4096)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=1000)]  # 0: no limit
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
+Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
 
 
 class SamplingParams(BaseModel):
@@ -11,17 +23,19 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(16, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_k: int = Field(0, ge=0, le=1000)  # 0: no limit
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    max_tokens: MaxTokens = 16
+    temperature: Temperature = 0.0
+    top_k: TopK = 0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
+    stop: Stop = Field(default_factory=list)
     ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """temperature 0, or one so small that dividing logits by it overflows (found by the API fuzzer: 1e-300
+        made every probability NaN); such a temperature is greedy in effect anyway."""
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -3,6 +3,10 @@
 ``ShardGroup`` is the small API the engine and the Serve deployments use: start p workers (all at once, since
 ``init_process_group`` blocks until every rank has joined), run a step on all ranks and take rank 0's answer, tear
 down. ``LocalGroup`` is the same API for one device in the calling process (no Ray, no process group).
+
+A rank that dies leaves the others blocked in a collective until the process group's timeout; so the group's calls
+raise as soon as any rank fails (``gather``) and the collective timeout is short and configurable, which bounds how
+long a request on a broken replica can wait.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from placement.collectives import destroy_process_group, device_and_backend, ini
 from strategies.runner import ShardRunner
 
 DEVICE_RESOURCE = "dynpart_device"  # custom resource a CPU-only node offers per emulated device
+COLLECTIVE_TIMEOUT_S = 60.0  # a collective waiting longer for a peer rank fails (the peer is hung or gone)
+POLL_S = 0.5  # how often a step that has not finished checks its ranks for a failure
 
 
 class Group(Protocol):
@@ -47,11 +53,12 @@ def _threads_per_worker(devices: int) -> int:
 class ShardWorker:
     """One rank: joins the process group and holds a ``ShardRunner``. Runs as a Ray actor (see ``ShardGroup``)."""
 
-    def __init__(self, rank: int, devices: int, master_addr: str, master_port: int, runner_kwargs: dict):
+    def __init__(self, rank: int, devices: int, master_addr: str, master_port: int, runner_kwargs: dict,
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         if not torch.cuda.is_available():
             torch.set_num_threads(_threads_per_worker(devices))  # p workers share the cores fairly
         self.rank = rank
-        self.comm = init_process_group(rank, devices, master_addr, master_port)
+        self.comm = init_process_group(rank, devices, master_addr, master_port, timeout_s=collective_timeout_s)
         self.load(runner_kwargs)
 
     def load(self, runner_kwargs: dict) -> None:
@@ -132,7 +139,7 @@ class ShardGroup:
     """
 
     def __init__(self, devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None,
-                 start_timeout_s: float = 300.0):
+                 start_timeout_s: float = 300.0, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         import ray
         from ray.util.placement_group import placement_group as make_pg, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -156,7 +163,7 @@ class ShardGroup:
             actor.options(
                 num_cpus=0, num_gpus=gpus, resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=r),
-            ).remote(r, devices, "127.0.0.1", port, runner_kwargs)
+            ).remote(r, devices, "127.0.0.1", port, runner_kwargs, collective_timeout_s)
             for r in range(devices)
         ]
         try:
@@ -178,9 +185,7 @@ class ShardGroup:
 
     def call_workers(self, method: str, *args: Any) -> list[Any]:
         """Call a ``ShardWorker`` method (not a runner method) on every rank; results in rank order."""
-        import ray
-
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return gather([getattr(w, method).remote(*args) for w in self.workers])
 
     def put_kv(self, slots: list[int]) -> list[list]:
         """Each rank's K/V slices of ``slots`` as object references ([rank][0]), for ``take_kv`` elsewhere."""
@@ -206,6 +211,18 @@ class ShardGroup:
             self.pg = None
 
 
+def gather(refs: list) -> list[Any]:
+    """``ray.get(refs)``, but a rank's failure (its actor died, its step raised) is raised as soon as it is known,
+    not after the surviving ranks give up on their collective."""
+    import ray
+
+    results, pending = {}, list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+        results.update(zip(done, ray.get(done)))  # raises the first failure among the finished ranks
+    return [results[r] for r in refs]
+
+
 def default_bundle() -> dict:
     """One device: a GPU where the cluster has GPUs, otherwise a tenth of a CPU (emulated device)."""
     import ray
@@ -217,7 +234,8 @@ def default_bundle() -> dict:
     return {"CPU": 0.1}
 
 
-def start_group(devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None) -> Group:
+def start_group(devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None,
+                collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Group:
     """A ``LocalGroup`` for one device without Ray, else a ``ShardGroup`` (Ray is started locally if needed)."""
     if devices == 1 and placement_group is None:
         return LocalGroup(**runner_kwargs)
@@ -225,7 +243,8 @@ def start_group(devices: int, runner_kwargs: dict, placement_group=None, bundle:
 
     if not ray.is_initialized():
         ray.init(**local_ray_options())
-    return ShardGroup(devices, runner_kwargs, placement_group=placement_group, bundle=bundle)
+    return ShardGroup(devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
+                      collective_timeout_s=collective_timeout_s)
 
 
 def local_ray_options(**overrides) -> dict:

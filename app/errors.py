@@ -1,0 +1,121 @@
+"""What every failure looks like to a client, in one table: HTTP status, OpenAI error type, gRPC code.
+
+Exceptions raised anywhere (the ingress, the router, inside an engine replica: Ray wraps those, the original is
+``e.cause``) are classified here once; the HTTP answer, the in-band SSE error, the gRPC status and the
+``dynpart_requests_total{status}`` metric all come from the same ``ApiError``. Messages name the field and the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from app.api import error_body
+from app.engine import RequestError
+from app.engine_loop import EngineFailed
+from app.router import Overloaded, RequestTimeout
+
+RETRY_AFTER_S = 1
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class Unauthorized(PermissionError):
+    pass
+
+
+class Forbidden(PermissionError):
+    pass
+
+
+@dataclass(frozen=True)
+class ApiError:
+    status: int
+    kind: str  # OpenAI's error ``type``
+    grpc_code: grpc.StatusCode
+    message: str
+    code: str | None = None  # OpenAI's error ``code``
+    param: str | None = None
+
+    @property
+    def retry(self) -> bool:
+        return self.status == 503
+
+    def response(self) -> JSONResponse:
+        headers = {"retry-after": str(RETRY_AFTER_S)} if self.retry else {}
+        if self.status == 401:
+            headers["www-authenticate"] = "Bearer"
+        return JSONResponse(error_body(self.message, self.kind, self.code, self.param), status_code=self.status,
+                            headers=headers or None)
+
+    def to_grpc(self, ctx) -> None:
+        ctx.set_code(self.grpc_code)
+        ctx.set_details(self.message)
+        if self.retry:
+            ctx.set_trailing_metadata([("retry-after", str(RETRY_AFTER_S))])
+
+
+def classify(e: BaseException) -> ApiError:
+    """The ``ApiError`` of an exception raised here or inside a replica."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, ModelNotFound):
+        return ApiError(404, "not_found_error", grpc.StatusCode.NOT_FOUND, str(cause), code="model_not_found")
+    if isinstance(cause, Unauthorized):
+        return ApiError(401, "invalid_request_error", grpc.StatusCode.UNAUTHENTICATED, str(cause),
+                        code="invalid_api_key")
+    if isinstance(cause, Forbidden):
+        return ApiError(403, "permission_error", grpc.StatusCode.PERMISSION_DENIED, str(cause))
+    if isinstance(cause, ValidationError):
+        loc, message = validation_message(cause.errors())
+        return ApiError(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, message, param=loc)
+    if isinstance(cause, (RequestError, ValueError)):
+        return ApiError(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, _first_line(cause))
+    if isinstance(cause, Overloaded):
+        return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause))
+    if isinstance(cause, BackPressureError):
+        return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "the pool's request queue is full; retry later")
+    if isinstance(cause, RequestTimeout):
+        return ApiError(504, "timeout_error", grpc.StatusCode.DEADLINE_EXCEEDED, str(cause))
+    if isinstance(cause, (EngineFailed, RayActorError)):  # the replica is being replaced: retrying is right
+        return ApiError(503, "unavailable_error", grpc.StatusCode.UNAVAILABLE,
+                        f"the engine replica serving this request failed and is being replaced; retry: "
+                        f"{_first_line(cause)}")
+    return ApiError(500, "server_error", grpc.StatusCode.INTERNAL,
+                    f"internal error: {type(cause).__name__}: {_first_line(cause)}")
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    return classify(e).response()
+
+
+# Type-mismatch errors of one member of a union (``stop`` as a string when a list was sent): reported only when no
+# error says more, so ``stop: List should have at most 4 items`` wins over ``stop: Input should be a valid string``.
+def validation_message(errors: list[dict]) -> tuple[str | None, str]:
+    """``(field, "field: what is wrong")`` of pydantic's errors, preferring a broken limit over a type mismatch."""
+    if not errors:
+        return None, "invalid request"
+    err = next((x for x in errors if not str(x.get("type", "")).endswith("_type")), errors[0])
+    parts = [str(x) for x in err.get("loc", ()) if x != "body" and _is_field(x)]
+    where = ".".join(parts) or None
+    if err.get("type") == "json_invalid":
+        return None, f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return where, f"{where}: {msg}" if where else msg
+
+
+def _is_field(x) -> bool:
+    """Path parts that name a field or an index, not a union member's type tag (``str``, ``list[int]``, ...)."""
+    return isinstance(x, int) or (x.isidentifier() and x not in ("str", "int", "float", "bool", "list", "dict"))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
