@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="smollm2-135m", help="whose layer shards the GEMMs multiply")
     p.add_argument("--devices", type=int, default=2, help="shard workers measured together (p)")
     p.add_argument("--hardware", default="cpu", help="catalog entry the profile calibrates")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--dry-run", action="store_true", help="print the profile without saving it")
     _quiet_arg(p)
     p.add_argument("--json", action="store_true")
@@ -220,12 +220,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.hardware}: {args.devices} workers measured together on {args.model}'s layer shards")
     print(_table(["token rows", "GEMM GFLOP/s per worker"], [[g.rows, f"{g.tflops * 1e3:.1f}"] for g in profile.gemm]))
-    print(_table(["sequence length", "attention GFLOP/s per worker"],
-                 [[a.rows, f"{a.tflops * 1e3:.1f}"] for a in profile.attention]))
-    print(f"memory bandwidth {profile.memory_bandwidth_gbs:.1f} GB/s; decode step {raw['decode_step'] * 1e3:.1f} ms, "
-          f"so per-kernel overhead κ {profile.launch_overhead_us:.1f} µs (tiny-kernel microbenchmark "
-          f"{raw['launch_overhead_us']:.1f} µs); prefetched gather hidden behind compute: "
+    sharded = {a.rows * args.devices: a.tflops for a in profile.attention_sharded}
+    print(_table(["sequence length", "attention GFLOP/s per worker", "token-sharded (last shard, counted FLOPs)"],
+                 [[a.rows, f"{a.tflops * 1e3:.1f}", f"{sharded[a.rows] * 1e3:.1f}" if a.rows in sharded else "—"]
+                  for a in profile.attention]))
+    print(f"memory bandwidth {profile.memory_bandwidth_gbs:.1f} GB/s; prefetched gather hidden behind compute: "
           f"{profile.prefetch_overlap if profile.prefetch_overlap is not None else 1:.0%}")
+    print(f"decode step {raw['decode_step'] * 1e3:.1f} ms ({raw['local_step'] * 1e3:.1f} ms of it without "
+          f"collectives): per-op overhead κ {profile.launch_overhead_us:.0f} µs (tiny-kernel microbenchmark "
+          f"{raw['launch_overhead_us']:.1f} µs), wait per blocking collective {profile.sync_overhead_us or 0:.0f} µs")
     if profile.collectives:
         print(_table(["collective", "α µs per step", "β GB/s"],
                      [[k, f"{v.latency_us:.0f}", f"{v.bandwidth_gbs:.2f}"] for k, v in profile.collectives.items()]))

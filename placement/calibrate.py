@@ -17,14 +17,14 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 GEMM_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
-ATTENTION_LENGTHS = (64, 256, 1024, 2048)
-COLLECTIVE_BYTES = (16 * 2**10, 256 * 2**10, 2 * 2**20, 8 * 2**20)
+ATTENTION_LENGTHS = (16, 64, 256, 1024, 4096)
+COLLECTIVE_BYTES = (16 * 2**10, 128 * 2**10, 2**20, 4 * 2**20, 16 * 2**20)  # the engine's range, T·E·b and weights
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
@@ -86,6 +86,7 @@ class Timer:
     meter: Interference | None = None
     budget_s: float = 4.0
     max_interference: float = 0.25
+    statistic: str = "median"  # "min" for compute kernels: their undisturbed speed (as ``timeit`` advises)
 
     def _max(self, values: list[float]) -> list[float]:
         if self.comm.world_size == 1:
@@ -110,7 +111,8 @@ class Timer:
             if -fewest_clean >= self.repeats or len(every) >= 4 * self.repeats or (
                     slowest > self.budget_s and len(every) >= 3):
                 break
-        return self._max([statistics.median(clean or every)])[0]
+        pick = min if self.statistic == "min" else statistics.median
+        return self._max([pick(clean or every)])[0]
 
 
 def measure_gemm(timer: Timer, matrices: Sequence[torch.Tensor], rows: Sequence[int]) -> list[dict]:
@@ -130,20 +132,26 @@ def measure_gemm(timer: Timer, matrices: Sequence[torch.Tensor], rows: Sequence[
 
 
 def measure_attention(timer: Timer, heads: int, kv_heads: int, head_dim: int, lengths: Sequence[int],
-                      dtype: torch.dtype = torch.float32) -> list[dict]:
-    """Causal SDPA over one sequence of each length with this rank's heads: TFLOP/s counting 4·pairs·heads·dh."""
-    out = []
+                      dtype: torch.dtype = torch.float32) -> dict[str, list[dict]]:
+    """The engine's attention (``strategies.layers.causal_attention``) on this rank's heads, as FLOP/s the cost model
+    counts: ``causal``, one sequence of n tokens (4·pairs·heads·dh, keyed by n); and, on p > 1, ``sharded``, the last
+    token shard (n/p queries over all n keys, every head), counted as (2p−1)/p² of the pairs and keyed by n/p."""
+    from strategies.layers import causal_attention
+
+    p = timer.comm.world_size
+    out: dict[str, list[dict]] = {"causal": [], "sharded": []}
     for n in lengths:
-        q = torch.randn(1, heads, n, head_dim, dtype=dtype)
-        k = torch.randn(1, kv_heads, n, head_dim, dtype=dtype)
-        v = torch.randn(1, kv_heads, n, head_dim, dtype=dtype)
-
-        def step():
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-        t = timer(step)
         pairs = n * (n + 1) // 2
-        out.append({"length": n, "tflops": 4 * pairs * heads * head_dim / t / 1e12, "seconds": t})
+        q, k, v = (torch.randn(n, h, head_dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+        t = timer(lambda: causal_attention(q, k, v, 0, head_dim ** -0.5))
+        out["causal"].append({"rows": n, "tflops": 4 * pairs * heads * head_dim / t / 1e12, "seconds": t})
+        if p > 1:
+            tc = -(-n // p)
+            qs = torch.randn(tc, heads * p, head_dim, dtype=dtype)  # every head, this shard's queries
+            ks, vs = (torch.randn(n, kv_heads * p, head_dim, dtype=dtype) for _ in range(2))
+            t = timer(lambda: causal_attention(qs, ks, vs, n - tc, head_dim ** -0.5))
+            counted = 4 * pairs * (2 * p - 1) / p**2 * heads * p * head_dim
+            out["sharded"].append({"rows": tc, "tflops": counted / t / 1e12, "seconds": t})
     return out
 
 
@@ -200,6 +208,16 @@ def measure_collectives(timer: Timer, sizes: Sequence[int]) -> dict[str, list[di
     return out
 
 
+def _relative_fit(xs: Sequence[float], ts: Sequence[float]) -> tuple[float, float]:
+    """(a, b) minimising Σ((a + b·x − t)/t)²: relative errors, so sizes spanning decades weigh alike."""
+    w = [1 / t**2 for t in ts]
+    sw, sx, st = sum(w), sum(wi * x for wi, x in zip(w, xs)), sum(wi * t for wi, t in zip(w, ts))
+    sxx = sum(wi * x * x for wi, x in zip(w, xs))
+    sxt = sum(wi * x * t for wi, x, t in zip(w, xs, ts))
+    slope = (sw * sxt - sx * st) / (sw * sxx - sx * sx)
+    return (st - slope * sx) / sw, slope
+
+
 def fit_alpha_beta(kind: str, p: int, samples: Sequence[dict]) -> dict:
     """Least-squares t = steps·α + bytes_per_device/β (ring formulas of the cost model), α ≥ 0."""
     from strategies.cost.formulas import Collective
@@ -210,14 +228,12 @@ def fit_alpha_beta(kind: str, p: int, samples: Sequence[dict]) -> dict:
     steps = probe.steps(p)
     if len(xs) == 1:
         return {"latency_us": 0.0, "bandwidth_gbs": xs[0] / ts[0] / 1e9}
-    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
-    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
-    intercept = mt - slope * mx
+    intercept, slope = _relative_fit(xs, ts)
     if slope <= 0:  # noise swamped the size effect: all latency, bandwidth from the largest size
         slope = ts[-1] / xs[-1]
-    if intercept < 0:
+    if intercept < 0:  # through the origin, same weighting
         intercept = 0.0
-        slope = sum(x * t for x, t in zip(xs, ts)) / sum(x * x for x in xs)
+        slope = sum(x / t for x, t in zip(xs, ts)) / sum((x / t) ** 2 for x, t in zip(xs, ts))
     return {"latency_us": intercept / steps * 1e6, "bandwidth_gbs": 1 / slope / 1e9}
 
 
@@ -257,38 +273,68 @@ def measure_rank(comm, matrices: Sequence[torch.Tensor], attention_heads: tuple[
     """Everything ``dynpart calibrate`` measures, run on every rank at once; every rank returns the same answer."""
     heads, kv_heads, head_dim = attention_heads
     timer = Timer(comm, int(spec.get("repeats", 5)), Interference(spec.get("pids", ())))
+    kernels = replace(timer, statistic="min")  # a shared machine only ever slows a kernel down
     return {
-        "gemm": measure_gemm(timer, matrices, spec.get("rows", GEMM_ROWS)),
-        "attention": measure_attention(timer, heads, kv_heads, head_dim,
+        "gemm": measure_gemm(kernels, matrices, spec.get("rows", GEMM_ROWS)),
+        "attention": measure_attention(kernels, heads, kv_heads, head_dim,
                                        spec.get("attention_lengths", ATTENTION_LENGTHS)),
-        **measure_memory(timer),
-        "collectives": measure_collectives(timer, spec.get("collective_bytes", COLLECTIVE_BYTES)),
-        **(measure_overlap(timer, matrices, flat) if flat is not None else {}),
+        **measure_memory(kernels),
+        # collectives are short and their latency is noisy on a shared machine: many more repeats
+        "collectives": measure_collectives(replace(timer, repeats=max(20, 4 * timer.repeats), budget_s=2.0),
+                                           spec.get("collective_bytes", COLLECTIVE_BYTES)),
+        **(measure_overlap(kernels, matrices, flat) if flat is not None else {}),
     }
 
 
-def fit_launch_overhead(shape, hw, devices: int, context: int, decode_s: float) -> float:
-    """Per-kernel overhead κ (µs) that makes the cost model's megatron decode step take ``decode_s``.
+def local_forward_time(runner, timer: Timer, tokens: int = 1) -> float:
+    """Seconds of this rank's share of a megatron forward of ``tokens`` tokens with every collective skipped
+    (``SingleDevice``): the compute and per-op overhead of a step, without communication (results are not used)."""
+    from placement.collectives import SingleDevice
+    from strategies.layers import SequenceSpan, lm_head_logits
+    from strategies.megatron import megatron_forward
 
-    A one-token forward is almost all overhead (Python dispatch per op, the driver's call into the workers), which
-    the tiny-kernel microbenchmark does not see; the cost model charges it as κ per compute op."""
-    from strategies.cost import check_devices, decode_step_time
-    from strategies.cost.formulas import Compute, Work
+    ids = torch.zeros(tokens, dtype=torch.long, device=runner.device)
+    cos, sin = runner.rotary(torch.arange(tokens, device=runner.device), runner.dtype)
+    spans = [SequenceSpan(start=0, length=tokens, slot=0)]  # never committed: the slot stays empty
+    local = SingleDevice()
+
+    def step():
+        with torch.inference_mode():
+            h = megatron_forward(runner.weights, local, runner.cache, ids, cos, sin, spans)
+            lm_head_logits(local, runner.weights.lm_head, h[-1:], runner.shape.vocab_size)
+
+    return timer(step)
+
+
+def fit_overheads(shape, hw, devices: int, context: int, local_s: float, decode_s: float) -> tuple[float, float]:
+    """(κ µs per compute op, sync µs per blocking collective) that make the cost model's megatron decode step take
+    ``local_s`` without its collectives and ``decode_s`` with them.
+
+    A one-token forward is almost all overhead: Python dispatch per op (κ; the tiny-kernel microbenchmark does not
+    see it) and, between p ranks, waiting at each collective for the slowest rank plus the driver's call into the
+    workers (sync), beyond the collectives' own α/β."""
+    from strategies.cost import check_devices
+    from strategies.cost.formulas import Collective, Compute, Work, collective_time, compute_time
     from strategies.cost.layouts import end_ops, layer_ops
     from strategies.cost.search import STRATEGIES
 
-    bare = hw.model_copy(update={"launch_overhead_us": 0.0})
+    bare = hw.model_copy(update={"launch_overhead_us": 0.0, "sync_overhead_us": 0.0})
     padded = check_devices(shape, devices).padded_shape(shape)
-    work, c, b = Work.decode([context]), STRATEGIES["megatron"], hw.bytes_per_element
-    ops = shape.num_layers * sum(isinstance(o, Compute) for o in layer_ops(c, padded, devices, work, b))
-    ops += sum(isinstance(o, Compute) for o in end_ops(c, padded, devices, work, b))
-    rest = decode_s - decode_step_time(shape, bare, devices, [context])
-    return max(hw.launch_overhead_us, rest / ops * 1e6)
+    work, c, b, n = Work.decode([context]), STRATEGIES["megatron"], hw.bytes_per_element, shape.num_layers
+    layer, end = layer_ops(c, padded, devices, work, b), end_ops(c, padded, devices, work, b)
+    ops = [*layer * n, *end]
+    computes = [o for o in ops if isinstance(o, Compute)]
+    blocking = [o for o in ops if isinstance(o, Collective) and not o.prefetched]
+    kappa = max(0.0, local_s - sum(compute_time(o, bare) for o in computes)) / len(computes)
+    comm = sum(collective_time(o, bare, devices) for o in blocking)
+    sync = max(0.0, decode_s - local_s - comm) / len(blocking) if blocking and devices > 1 else 0.0
+    return max(hw.launch_overhead_us, kappa * 1e6), sync * 1e6
 
 
 def build_profile(hardware: str, devices: int, measured: dict, dtype: str = "float32", shape=None):
     """A ``CalibrationProfile`` from ``measure_rank``'s answer (collectives fitted to α/β per kind); with the model
-    ``shape`` and a measured ``decode_step`` (seconds at ``decode_context``), κ is fitted to that decode step."""
+    ``shape``, a measured ``decode_step`` (seconds at ``decode_context``, from the driver) and ``local_step`` (the
+    same step without collectives, inside the workers), κ and the sync overhead are fitted to them."""
     import datetime
     import socket
 
@@ -298,15 +344,17 @@ def build_profile(hardware: str, devices: int, measured: dict, dtype: str = "flo
         hardware=hardware, devices=devices, dtype=dtype, bytes_per_element=torch.empty(0, dtype=getattr(torch, dtype))
         .element_size(), host=socket.gethostname(), created=datetime.datetime.now().isoformat(timespec="seconds"),
         gemm=tuple({"rows": g["rows"], "tflops": g["tflops"]} for g in measured["gemm"]),
-        attention=tuple({"rows": a["length"], "tflops": a["tflops"]} for a in measured.get("attention", ())),
+        attention=tuple({"rows": a["rows"], "tflops": a["tflops"]} for a in measured["attention"]["causal"]),
+        attention_sharded=tuple({"rows": a["rows"], "tflops": a["tflops"]} for a in measured["attention"]["sharded"]),
         memory_bandwidth_gbs=measured["memory_bandwidth_gbs"], launch_overhead_us=measured["launch_overhead_us"],
         prefetch_overlap=measured.get("prefetch_overlap"),
         collectives={k: fit_alpha_beta(k, devices, v) for k, v in measured["collectives"].items()},
     )
     if shape is not None and measured.get("decode_step"):
         hw = get_hardware(hardware, use_profile=False).calibrated(profile)
-        kappa = fit_launch_overhead(shape, hw, devices, measured["decode_context"], measured["decode_step"])
-        profile = profile.model_copy(update={"launch_overhead_us": kappa})
+        kappa, sync = fit_overheads(shape, hw, devices, measured["decode_context"], measured["local_step"],
+                                    measured["decode_step"])
+        profile = profile.model_copy(update={"launch_overhead_us": kappa, "sync_overhead_us": sync})
     return profile
 
 
@@ -316,4 +364,7 @@ def calibrate_runner(runner, spec: dict) -> dict:
     flat = w.layers[0].flat
     matrices = [w.block(flat, name) for name in ("qkv", "o", "gate_up", "down")]
     heads = (w.layout.q_per_rank, w.layout.kv_per_rank, w.shape.head_dim)
-    return measure_rank(runner.comm, matrices, heads, spec, flat=flat)
+    out = measure_rank(runner.comm, matrices, heads, spec, flat=flat)
+    out["local_step"] = local_forward_time(runner, Timer(runner.comm, int(spec.get("repeats", 5)),
+                                                         Interference(spec.get("pids", ())), statistic="min"))
+    return out

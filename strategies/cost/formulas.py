@@ -87,11 +87,15 @@ def compute_time(op: Compute, hw: Hardware) -> float:
 
 
 def collective_time(op: Collective, hw: Hardware, p: int) -> float:
-    """Alpha-beta: steps·α + bytes sent per device / β; zero on one device."""
+    """Alpha-beta: steps·α + bytes sent per device / β; zero on one device.
+
+    A blocking collective also waits for the slowest rank to arrive: ``sync_overhead_us`` (0 unless calibrated;
+    on a shared CPU host, where ranks drift apart between collectives, it is a large part of a short prefill)."""
     if p <= 1:
         return 0.0
     alpha, beta = hw.alpha_beta(op.kind)
-    return op.steps(p) * alpha + op.bytes_per_device(p) / beta
+    sync = 0.0 if op.prefetched else hw.sync_overhead_us * 1e-6
+    return op.steps(p) * alpha + op.bytes_per_device(p) / beta + sync
 
 
 def split_time(ops: Iterable[Op], hw: Hardware, p: int) -> tuple[float, float, float]:
@@ -130,11 +134,14 @@ def gemm(name: str, rows: float, k: float, n: float, b: int, flops_scale: float 
 
 
 def attention(name: str, pairs: float, kv_tokens: float, queries: float, heads: float, kv_heads: float,
-              head_dim: int, b: int) -> Compute:
-    """Causal attention core on ``heads`` local heads: QKᵀ and PV are 4·pairs·heads·dh FLOPs; reads Q, K, V, writes O."""
+              head_dim: int, b: int, kernel: str = "attention") -> Compute:
+    """Causal attention core on ``heads`` local heads: QKᵀ and PV are 4·pairs·heads·dh FLOPs; reads Q, K, V, writes O.
+
+    ``kernel="attention_sharded"``: a token shard's queries against all earlier keys (a masked block, not the
+    square causal kernel), which a calibrated profile times separately."""
     q_o = 2 * queries * heads * head_dim * b
     kv = 2 * kv_tokens * kv_heads * head_dim * b
-    return Compute(name, 4 * pairs * heads * head_dim, q_o + kv, queries, q_o + kv, "attention")
+    return Compute(name, 4 * pairs * heads * head_dim, q_o + kv, queries, q_o + kv, kernel)
 
 
 def elementwise(name: str, rows: float, width: float, b: int, tensors: int = 2) -> Compute:

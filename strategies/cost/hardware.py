@@ -68,10 +68,13 @@ class CalibrationProfile(BaseModel):
     host: str = ""
     created: str = ""
     gemm: tuple[GemmSample, ...] = Field(min_length=1)
-    attention: tuple[GemmSample, ...] = ()  # causal attention throughput by sequence length (rows = length)
+    attention: tuple[GemmSample, ...] = ()  # causal attention throughput by query rows (= sequence length)
+    attention_sharded: tuple[GemmSample, ...] = ()  # the last token shard's attention, by its query rows (T/p),
+    # as FLOPs the cost model counts for it ((2p-1)/p² of the causal pairs) per second
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
     launch_overhead_us: float | None = Field(default=None, ge=0)
     prefetch_overlap: float | None = Field(default=None, ge=0, le=1)
+    sync_overhead_us: float | None = Field(default=None, ge=0)
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
 
 
@@ -89,18 +92,22 @@ class Hardware(BaseModel):
     half_efficiency_rows: float = Field(default=32, ge=0)  # rows at which a GEMM reaches half of η_c
     launch_overhead_us: float = Field(default=4, ge=0)  # κ per kernel
     prefetch_overlap: float = Field(default=1.0, ge=0, le=1)  # share of a prefetched gather that hides behind compute
+    sync_overhead_us: float = Field(default=0, ge=0)  # per blocking collective: ranks' skew, waiting for the slowest
     bytes_per_element: int = Field(default=2, ge=1)  # bf16 on GPUs
     gemm_curve: tuple[GemmSample, ...] = ()  # measured; replaces the η_c(rows) guess when present
     attention_curve: tuple[GemmSample, ...] = ()  # measured attention throughput; else the GEMM figures apply
+    sharded_attention_curve: tuple[GemmSample, ...] = ()  # token-sharded attention; else ``attention_curve``
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
     calibrated_from: str | None = None
 
     def flops_per_s(self, rows: float, kernel: str = "gemm") -> float:
         """Achieved FLOP/s of a matmul with ``rows`` token rows: measured curve if calibrated, else η_c·rows/(rows+r½).
 
-        ``kernel="attention"`` reads the measured attention curve where the profile has one (CPU attention kernels
-        reach a different fraction of peak than GEMMs)."""
-        if kernel == "attention" and self.attention_curve:
+        ``kernel="attention"`` (or ``"attention_sharded"``) reads the measured attention curve where the profile has
+        one (CPU attention kernels reach a different fraction of peak than GEMMs)."""
+        if kernel == "attention_sharded" and self.sharded_attention_curve:
+            return _interpolate_log(self.sharded_attention_curve, rows) * 1e12
+        if kernel.startswith("attention") and self.attention_curve:
             return _interpolate_log(self.attention_curve, rows) * 1e12
         if self.gemm_curve:
             return _interpolate_log(self.gemm_curve, rows) * 1e12
@@ -122,6 +129,7 @@ class Hardware(BaseModel):
         """This entry with the profile's measurements replacing the guesses (memory size stays the catalog's)."""
         update: dict = {"gemm_curve": tuple(sorted(profile.gemm, key=lambda s: s.rows)),
                         "attention_curve": tuple(sorted(profile.attention, key=lambda s: s.rows)),
+                        "sharded_attention_curve": tuple(sorted(profile.attention_sharded, key=lambda s: s.rows)),
                         "collectives": dict(profile.collectives), "bytes_per_element": profile.bytes_per_element,
                         "calibrated_from": source}
         if profile.memory_bandwidth_gbs is not None:
@@ -130,6 +138,8 @@ class Hardware(BaseModel):
             update["launch_overhead_us"] = profile.launch_overhead_us
         if profile.prefetch_overlap is not None:
             update["prefetch_overlap"] = profile.prefetch_overlap
+        if profile.sync_overhead_us is not None:
+            update["sync_overhead_us"] = profile.sync_overhead_us
         return self.model_copy(update=update)
 
 

@@ -129,7 +129,8 @@ class _Builder:
                 self.ops.append(Collective("k/v all-gather", "all_gather", w.tokens * 2 * hkv * dh * b))
             # Contiguous token shards: the last device's queries see the most keys, (2p-1)/p² of all pairs.
             busiest = w.attn_pairs * (2 * p - 1) / p**2
-            self.ops.append(attention("attention", busiest, w.kv_tokens, self.rows(TOK), h, hkv, dh, b))
+            self.ops.append(attention("attention", busiest, w.kv_tokens, self.rows(TOK), h, hkv, dh, b,
+                                      kernel="attention_sharded"))
         return state
 
 
