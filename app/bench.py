@@ -258,19 +258,21 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
     from strategies.loader import Checkpoint
 
     shape = Checkpoint(model).shape
-    context, steps = 16, int(spec.get("decode_steps", 9))
-    group = start_group(devices, runner_kwargs(model, devices, capacity=context + steps + 2, slots=1))
+    context, repeats, quiet = 16, int(spec.get("repeats", 5)), float(spec.get("quiet_wait", 30.0))
+    # decode steps: at most 1 warm-up + 4·repeats rounds (``interleaved`` without a budget)
+    group = start_group(devices, runner_kwargs(model, devices, capacity=context + 4 * repeats + 2, slots=1))
     try:
-        pids = getattr(group, "pids", list)()
-        spec = {**spec, "pids": [os.getpid(), *pids]}
-        if spec.get("quiet_wait", 30.0) > 0:
-            Interference(spec["pids"]).wait_quiet(timeout_s=spec.get("quiet_wait", 30.0))
+        meter = Interference([os.getpid(), *getattr(group, "pids", list)()])
+        spec = {**spec, "pids": meter.pids}
+        if quiet > 0:
+            meter.wait_quiet(timeout_s=quiet)
         raw = calibrate_runner(group.runner, spec) if devices == 1 else group.call_workers("calibrate", spec)[0]
         ids = random_prompt(context, shape.vocab_size)
         group.call("prefill", [ids], [0], "megatron")
-        t = [timed(lambda: group.call("decode", [ids[0]], [0])) for _ in range(steps)]
+        step = interleaved({"decode": lambda: group.call("decode", [ids[0]], [0])}, repeats, meter=meter,
+                           quiet_wait_s=quiet)["decode"]
         group.call_all("release", [0])
-        raw |= {"decode_step": statistics.median(t[1:]), "decode_context": context + steps // 2}
+        raw |= {"decode_step": step["median_s"], "decode_context": context + step["samples"] // 2}
     finally:
         group.shutdown()
     return raw, build_profile(hardware, devices, raw, shape=shape)

@@ -87,6 +87,7 @@ class Timer:
     budget_s: float = 4.0
     max_interference: float = 0.25
     statistic: str = "median"  # "min" for compute kernels: their undisturbed speed (as ``timeit`` advises)
+    quiet_wait_s: float = 0.0  # before a measurement, and after a disturbed repeat, wait this long at most for quiet
 
     def _max(self, values: list[float]) -> list[float]:
         if self.comm.world_size == 1:
@@ -100,12 +101,16 @@ class Timer:
             fn()
         clean: list[float] = []
         every: list[float] = []
+        disturbed = True
         while True:
+            if disturbed and self.meter is not None and self.quiet_wait_s > 0:
+                self.meter.wait_quiet(window_s=0.1, timeout_s=self.quiet_wait_s)
             if self.comm.world_size > 1:
                 dist.barrier()
             t, others = self.meter.run(fn) if self.meter is not None else (timed(fn), 0.0)
             every.append(t)
-            if others < self.max_interference:
+            disturbed = others >= self.max_interference
+            if not disturbed:
                 clean.append(t)
             slowest, fewest_clean = self._max([sum(every), -len(clean)])
             if -fewest_clean >= self.repeats or len(every) >= 4 * self.repeats or (
@@ -272,7 +277,8 @@ def measure_rank(comm, matrices: Sequence[torch.Tensor], attention_heads: tuple[
                  flat: torch.Tensor | None = None) -> dict:
     """Everything ``dynpart calibrate`` measures, run on every rank at once; every rank returns the same answer."""
     heads, kv_heads, head_dim = attention_heads
-    timer = Timer(comm, int(spec.get("repeats", 5)), Interference(spec.get("pids", ())))
+    timer = Timer(comm, int(spec.get("repeats", 5)), Interference(spec.get("pids", ())),
+                  quiet_wait_s=float(spec.get("quiet_wait", 0)))
     kernels = replace(timer, statistic="min")  # a shared machine only ever slows a kernel down
     return {
         "gemm": measure_gemm(kernels, matrices, spec.get("rows", GEMM_ROWS)),
@@ -366,5 +372,6 @@ def calibrate_runner(runner, spec: dict) -> dict:
     heads = (w.layout.q_per_rank, w.layout.kv_per_rank, w.shape.head_dim)
     out = measure_rank(runner.comm, matrices, heads, spec, flat=flat)
     out["local_step"] = local_forward_time(runner, Timer(runner.comm, int(spec.get("repeats", 5)),
-                                                         Interference(spec.get("pids", ())), statistic="min"))
+                                                         Interference(spec.get("pids", ())), statistic="min",
+                                                         quiet_wait_s=float(spec.get("quiet_wait", 0))))
     return out
