@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 APP, ROUTE, MODEL, POOL = "reliability", "/rel", "tiny-chat", "p2"
 MAX_TOKENS_LIMIT, MAX_BODY = 256, 64 * 1024
-FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 150))
+FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 400))
 SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 300))
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
