@@ -92,7 +92,8 @@ async def run_load(base_url: str, model: str, requests: Sequence[Request], promp
 
     async def issue(client, req: Request, prompt: str) -> None:
         body = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": True,
-                "temperature": 0.0, "stream_options": {"include_usage": True}, **(extra_body or {})}
+                "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True},
+                **(extra_body or {})}  # ignore_eos: output lengths as the workload says (vLLM bench does too)
         record = RequestRecord(prompt_tokens=req.prompt_tokens, sent_s=time.perf_counter())
         records.append(record)
         try:
