@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 
 import pytest  # noqa: E402
@@ -117,3 +118,38 @@ def serve_session(ray_session) -> dict[str, int]:
                               "grpc_servicer_functions": ["app.protos.dynpart_pb2_grpc.add_DynpartServicer_to_server"]})
     yield ports
     serve.shutdown()
+
+
+@contextlib.contextmanager
+def deployed(ports: dict[str, int], args: dict, name: str, route: str = "/"):
+    """The Serve application built from ``args`` (serve_config.yaml's keys), on the session's Serve, then deleted."""
+    from ray import serve
+
+    from app.serve_app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=route)
+    try:
+        yield ports
+    finally:
+        serve.delete(name)
+
+
+@contextlib.contextmanager
+def http_client(ports: dict[str, int], route: str = "", timeout: float = 120):
+    import httpx
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{ports['http']}{route.rstrip('/')}", timeout=timeout) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def grpc_stub(ports: dict[str, int]):
+    import grpc
+
+    from app.protos import dynpart_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
+    try:
+        yield dynpart_pb2_grpc.DynpartStub(channel)
+    finally:
+        channel.close()

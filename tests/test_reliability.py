@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import deployed, grpc_stub, http_client
+
 APP, ROUTE, MODEL, POOL = "reliability", "/rel", "tiny-chat", "p2"
 MAX_TOKENS_LIMIT, MAX_BODY = 256, 64 * 1024
 FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 400))
@@ -29,32 +31,24 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def rel(serve_session, chat_tiny):
-    from ray import serve
-
-    from app.serve_app import build_app
-
     pool = dict(name=POOL, devices=2, slots=2, max_model_len=512, max_ongoing_requests=2, max_queued_requests=2,
                 health_check_period_s=1, collective_timeout_s=10)
-    serve.run(build_app({"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
-                         "max_tokens_limit": MAX_TOKENS_LIMIT, "max_body_bytes": MAX_BODY,
-                         "request_timeout_s": 120}), name=APP, route_prefix=ROUTE)
-    yield serve_session
-    serve.delete(APP)
+    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
+            "max_tokens_limit": MAX_TOKENS_LIMIT, "max_body_bytes": MAX_BODY, "request_timeout_s": 120}
+    with deployed(serve_session, args, APP, ROUTE) as ports:
+        yield ports
 
 
 @pytest.fixture(scope="module")
 def http(rel):
-    with httpx.Client(base_url=f"http://127.0.0.1:{rel['http']}{ROUTE}", timeout=120) as client:
+    with http_client(rel, ROUTE) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def stub(rel):
-    from app.protos import dynpart_pb2_grpc
-
-    channel = grpc.insecure_channel(f"127.0.0.1:{rel['grpc']}")
-    yield dynpart_pb2_grpc.DynpartStub(channel)
-    channel.close()
+    with grpc_stub(rel) as s:
+        yield s
 
 
 META = (("application", APP),)

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 import yaml
 
 from app.pools import AppConfig
+from conftest import deployed, grpc_stub, http_client
 
 ROOT = Path(__file__).resolve().parents[1]
 APP, ROUTE, MODEL, KEY = "secure", "/secure", "tiny-chat", "s3cret-key"
@@ -24,31 +24,23 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def secure(serve_session, chat_tiny):
-    from ray import serve
-
-    from app.serve_app import build_app
-
     pool = dict(name="one", devices=1, slots=2, max_model_len=1024, health_check_period_s=1)
-    serve.run(build_app({"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
-                         "api_key": KEY, "request_timeout_s": 1.0, "shared_weights": False}),
-              name=APP, route_prefix=ROUTE)
-    yield serve_session
-    serve.delete(APP)
+    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
+            "api_key": KEY, "request_timeout_s": 1.0, "shared_weights": False}
+    with deployed(serve_session, args, APP, ROUTE) as ports:
+        yield ports
 
 
 @pytest.fixture(scope="module")
 def http(secure):
-    with httpx.Client(base_url=f"http://127.0.0.1:{secure['http']}{ROUTE}", timeout=60) as client:
+    with http_client(secure, ROUTE, timeout=60) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def stub(secure):
-    from app.protos import dynpart_pb2_grpc
-
-    channel = grpc.insecure_channel(f"127.0.0.1:{secure['grpc']}")
-    yield dynpart_pb2_grpc.DynpartStub(channel)
-    channel.close()
+    with grpc_stub(secure) as s:
+        yield s
 
 
 BODY = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "temperature": 0}

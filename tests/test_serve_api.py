@@ -15,7 +15,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import reference_greedy
+from conftest import deployed, http_client, reference_greedy
+from conftest import grpc_stub as stub_for
 from strategies.cost import get_hardware, plan_prefill
 from strategies.loader import Checkpoint
 
@@ -32,19 +33,14 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def app_ports(serve_session, chat_tiny):
-    from ray import serve
-
-    from app.serve_app import build_app
-
-    serve.run(build_app({"model": chat_tiny, "served_model_name": MODEL, "pools": POOLS, "graceful_shutdown_s": 1}),
-              name=APP, route_prefix="/")
-    yield serve_session
-    serve.delete(APP)
+    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": POOLS, "graceful_shutdown_s": 1}
+    with deployed(serve_session, args, APP) as ports:
+        yield ports
 
 
 @pytest.fixture(scope="module")
 def http(app_ports):
-    with httpx.Client(base_url=f"http://127.0.0.1:{app_ports['http']}", timeout=120) as client:
+    with http_client(app_ports) as client:
         yield client
 
 
@@ -55,11 +51,8 @@ def oai(app_ports):
 
 @pytest.fixture(scope="module")
 def grpc_stub(app_ports):
-    from app.protos import dynpart_pb2_grpc
-
-    channel = grpc.insecure_channel(f"127.0.0.1:{app_ports['grpc']}")
-    yield dynpart_pb2_grpc.DynpartStub(channel)
-    channel.close()
+    with stub_for(app_ports) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
