@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install model serve test test-fast clean
+.PHONY: install model serve test test-fast bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,29 @@ test: model
 # Everything but the slow end-to-end tests.
 test-fast: model
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every table of BENCHMARKS.md, in the order it reports them (about an hour on a 2-core machine; run it on an otherwise
+# idle machine, the measured tables compare timings). Results and plots land in bench_results/.
+BENCH := bench_results
+bench: model
+	mkdir -p $(BENCH)
+	$(BIN)/dynpart simulate --model llama2-7b  --pool L4:4            --workload length-sweep | tee $(BENCH)/sim-7b-l4-sweep.txt
+	$(BIN)/dynpart simulate --model llama2-7b  --pool A100-40GB-SXM:4 --workload length-sweep | tee $(BENCH)/sim-7b-a100-sweep.txt
+	$(BIN)/dynpart simulate --model llama2-13b --pool L4:4            --workload length-sweep | tee $(BENCH)/sim-13b-l4-sweep.txt
+	$(BIN)/dynpart simulate --model llama2-13b --pool A100-40GB-SXM:4 --workload length-sweep | tee $(BENCH)/sim-13b-a100-sweep.txt
+	$(BIN)/dynpart simulate --model llama2-7b  --pool L4:4            --workload mixture --rate 4 | tee $(BENCH)/sim-7b-l4-mixture.txt
+	$(BIN)/dynpart simulate --model llama2-13b --pool A100-40GB-SXM:4 --workload mixture --rate 4 | tee $(BENCH)/sim-13b-a100-mixture.txt
+	$(BIN)/dynpart plan --model llama2-7b --gpu L4 --devices 4 --plot $(BENCH)/plan-7b-4xL4.png | tee $(BENCH)/plan-7b-l4.txt
+	$(BIN)/dynpart bench engine | tee $(BENCH)/engine.txt
+	$(BIN)/dynpart bench strategies --devices 2 --lengths 16,64,256,1024,4096 | tee $(BENCH)/strategies.txt
+	$(BIN)/dynpart calibrate --devices 2 | tee $(BENCH)/calibrate.txt
+	$(BIN)/dynpart bench accuracy --devices 2 --lengths 16,64,256,1024,4096 --budget 120 | tee $(BENCH)/accuracy.txt
+	$(BIN)/python -m load_tests.shared_weights_memory --devices 2 --replicas 2 | tee $(BENCH)/shared-weights.txt
+	$(BIN)/python -m load_tests.compare --config load_tests/compare_config.yaml --workload mixture --num-requests 24 \
+		--rate 0.5 --scale 0.25 --slo-ttft-ms 2000 --slo-tpot-ms 400 --out $(BENCH)/mixture
+	$(BIN)/python -m load_tests.compare --config load_tests/compare_config.yaml --workload long-document \
+		--num-requests 16 --rate 0.3 --scale 0.25 --slo-ttft-ms 4000 --slo-tpot-ms 400 --out $(BENCH)/long-document
+	$(BIN)/python -m load_tests.overhead --repeats 5 | tee $(BENCH)/overhead.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -61,7 +61,7 @@ def ratio_table(results: dict[str, Summary]) -> str:
         cells = []
         for n in names:
             v, b = get(results[n]), get(base) if base else None
-            cells.append("-" if v is None else f"{v:.1f}" + (f" ({v / b:.2f}x)" if b else ""))
+            cells.append("-" if v is None else f"{v:.4g}" + (f" ({v / b:.2f}x)" if b else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
