@@ -54,6 +54,7 @@ def generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from app.build import build_engine
+    from app.errors import validation_message
     from app.sampling import SamplingParams
 
     try:
@@ -61,7 +62,7 @@ def generate(args: argparse.Namespace) -> int:
                                 top_p=args.top_p, seed=args.seed, stop=args.stop)
         opts = engine_options(args, slots=1)
     except ValidationError as e:
-        raise ValueError(_first_error(e)) from None
+        raise ValueError(validation_message(e.errors())[1]) from None
     engine = build_engine(opts)
     try:
         tok = engine.tokenizer
@@ -89,7 +90,3 @@ def generate(args: argparse.Namespace) -> int:
         print(seq.text)
     return 0
 
-
-def _first_error(e) -> str:
-    err = e.errors()[0]
-    return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"

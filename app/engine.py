@@ -18,7 +18,7 @@ import torch
 
 from app.sampling import SamplingParams, make_generator, sample
 from placement.workers import Group
-from strategies.cost.search import STRATEGIES
+from strategies.runner import check_strategy
 
 
 class RequestError(ValueError):
@@ -86,8 +86,7 @@ class LLMEngine:
     def add(self, prompt_ids: list[int], params: SamplingParams, strategy: str = "auto") -> Sequence:
         if not prompt_ids:
             raise RequestError("prompt is empty")
-        if strategy != "auto" and strategy not in STRATEGIES:
-            raise RequestError(f"unknown prefill strategy {strategy!r}: choose auto or one of {', '.join(STRATEGIES)}")
+        check_strategy(strategy, allow_auto=True, error=RequestError)
         need = len(prompt_ids) + params.max_tokens
         if need > self.capacity:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "

@@ -21,7 +21,7 @@ from app.engine_loop import Update
 from app.pools import AppConfig, PoolConfig
 from app.sampling import SamplingParams
 from strategies.cost import get_hardware, plan_prefill
-from strategies.cost.search import STRATEGIES
+from strategies.runner import check_strategy
 from strategies.loader import Checkpoint
 
 
@@ -142,8 +142,7 @@ class Router:
     async def classify(self, n: int, max_tokens: int, pool: str | None = None, strategy: str = "auto") -> Route:
         if pool is not None and pool not in self.queued:
             raise RequestError(f"unknown pool {pool!r}: choose one of {', '.join(self.queued)}")
-        if strategy != "auto" and strategy not in STRATEGIES:
-            raise RequestError(f"unknown prefill strategy {strategy!r}: choose auto or one of {', '.join(STRATEGIES)}")
+        check_strategy(strategy, allow_auto=True, error=RequestError)
         pools = [p for p in self.cfg.pools if pool in (None, p.name)]
         limit = {p.name: min(p.max_model_len, self.shape.max_position_embeddings) for p in pools}
         fits = [p for p in pools if n + max_tokens <= limit[p.name]]

@@ -17,13 +17,14 @@ from strategies.projection_replicated import ReplicatedLayers, StrategyUnavailab
 from strategies.sharding import RankWeights, load_rank_weights
 from strategies.token_sharded import token_chunk, token_sharded_forward
 from strategies.weight_gathered import GatheredLayers
-
 from strategies.cost.search import STRATEGIES
 
 
-def check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown prefill strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+def check_strategy(name: str, allow_auto: bool = False, error: type[ValueError] = ValueError) -> str:
+    """The one check of a prefill strategy name (``auto``, the planner's choice, where the caller resolves it)."""
+    choices = (["auto"] if allow_auto else []) + list(STRATEGIES)
+    if name not in choices:
+        raise error(f"unknown prefill strategy {name!r}: choose one of {', '.join(choices)}")
     return name
 
 
