@@ -15,11 +15,12 @@ import time
 import numpy as np
 
 from load_tests.compare import build_app, wait_ready
+from strategies.shapes import DEFAULT_MODEL
 
 
 def direct(model: str, prompts: list[str], max_tokens: int) -> tuple[list[float], list[float]]:
-    from app.build import EngineOptions, build_engine
-    from app.sampling import SamplingParams
+    from app.engine.build import EngineOptions, build_engine
+    from app.engine.sampling import SamplingParams
 
     engine = build_engine(EngineOptions(model=model, devices=1, slots=4, hardware="cpu"))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -42,7 +43,7 @@ def served(model: str, prompts: list[str], max_tokens: int, port: int) -> tuple[
     from load_tests.client import run_load
     from strategies.cost.workloads import Request
 
-    app = build_app("app.serve_app:build_app", {
+    app = build_app("app.serve.app:build_app", {
         "model": model, "shared_weights": False, "policy": "static:megatron", "graceful_shutdown_s": 2,
         "pools": [{"name": "cpu1", "hardware": "cpu", "devices": 1, "slots": 4, "num_replicas": 1}]})
     serve.run(app, name="overhead", route_prefix="/")
@@ -63,7 +64,7 @@ def served(model: str, prompts: list[str], max_tokens: int, port: int) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(prog="python -m load_tests.overhead", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--lengths", default="16,128,512", help="prompt tokens; each repeated --repeats times")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=16)

@@ -14,10 +14,11 @@ import os
 from pathlib import Path
 
 from load_tests.metrics import SLO, RequestRecord, Summary, summarize, summarize_by
+from strategies.shapes import DEFAULT_MODEL
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="model name sent, and whose tokenizer builds the prompts")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name sent, and whose tokenizer builds the prompts")
     p.add_argument("--workload", default="mixture", help="short-chat, long-document, mixture, length-sweep or CSV")
     p.add_argument("--num-requests", type=int, default=40)
     p.add_argument("--rate", type=float, default=None, help="Poisson arrivals, req/s (inf: all at once)")

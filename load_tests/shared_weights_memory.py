@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from strategies.shapes import DEFAULT_MODEL
+
 
 def tree_pss_mb() -> float:
     import psutil
@@ -33,8 +35,8 @@ def tree_pss_mb() -> float:
 def measure(model: str, devices: int, replicas: int, shared: bool) -> dict:
     import ray
 
-    from app.build import EngineOptions, build_engine
-    from app.sampling import SamplingParams
+    from app.engine.build import EngineOptions, build_engine
+    from app.engine.sampling import SamplingParams
     from placement.workers import DEVICE_RESOURCE, local_ray_options
 
     ray.init(**local_ray_options(num_cpus=2, resources={DEVICE_RESOURCE: devices * replicas},
@@ -57,7 +59,7 @@ def measure(model: str, devices: int, replicas: int, shared: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--mode", choices=["own", "shared"], help=argparse.SUPPRESS)

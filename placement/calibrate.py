@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from strategies.loader import DTYPES
+
 GEMM_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
 ATTENTION_LENGTHS = (16, 64, 256, 1024, 4096)
 COLLECTIVE_BYTES = (16 * 2**10, 128 * 2**10, 2**20, 4 * 2**20, 16 * 2**20)  # the engine's range, T·E·b and weights
@@ -295,7 +297,7 @@ def measure_rank(comm, matrices: Sequence[torch.Tensor], attention_heads: tuple[
 def local_forward_time(runner, timer: Timer, tokens: int = 1) -> float:
     """Seconds of this rank's share of a megatron forward of ``tokens`` tokens with every collective skipped
     (``SingleDevice``): the compute and per-op overhead of a step, without communication (results are not used)."""
-    from placement.collectives import SingleDevice
+    from strategies.comm import SingleDevice
     from strategies.layers import SequenceSpan, lm_head_logits
     from strategies.megatron import megatron_forward
 
@@ -347,7 +349,7 @@ def build_profile(hardware: str, devices: int, measured: dict, dtype: str = "flo
     from strategies.cost.hardware import CalibrationProfile, get_hardware
 
     profile = CalibrationProfile(
-        hardware=hardware, devices=devices, dtype=dtype, bytes_per_element=torch.empty(0, dtype=getattr(torch, dtype))
+        hardware=hardware, devices=devices, dtype=dtype, bytes_per_element=torch.empty(0, dtype=DTYPES[dtype])
         .element_size(), host=socket.gethostname(), created=datetime.datetime.now().isoformat(timespec="seconds"),
         gemm=tuple({"rows": g["rows"], "tflops": g["tflops"]} for g in measured["gemm"]),
         attention=tuple({"rows": a["rows"], "tflops": a["tflops"]} for a in measured["attention"]["causal"]),

@@ -1,60 +1,18 @@
-"""Collectives between the shard workers of one engine replica.
+"""Collectives between the shard workers of one engine replica, over torch.distributed.
 
-The partitioned model code calls only this small interface, so every collective a strategy causes is one visible
-method call: ``all_reduce`` (Megatron's row-parallel outputs), ``all_gather`` (K/V, weights, logits),
-``reduce_scatter`` (vocab-parallel embedding into token shards). ``SingleDevice`` makes the same code run on one device
-with no process group at all; ``ProcessGroupComm`` wraps torch.distributed (nccl on GPUs, gloo on CPU).
+``ProcessGroupComm`` implements ``strategies.comm.Comm`` (the interface the model math calls) with nccl on GPUs and
+gloo on CPU; ``init_process_group`` joins a replica's ranks, or returns ``SingleDevice`` for one device.
 """
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-
-class PendingGather(Protocol):
-    def wait(self) -> torch.Tensor: ...
-
-
-class Comm(Protocol):
-    rank: int
-    world_size: int
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor: ...
-    def all_gather_async(self, x: torch.Tensor, out: torch.Tensor | None = None) -> PendingGather: ...
-    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-class _Done:
-    def __init__(self, value: torch.Tensor):
-        self.value = value
-
-    def wait(self) -> torch.Tensor:
-        return self.value
-
-
-class SingleDevice:
-    """p = 1: every collective is the identity (stacked along a new leading dim of size 1 for gathers)."""
-
-    rank = 0
-    world_size = 1
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(0)
-
-    def all_gather_async(self, x: torch.Tensor, out: torch.Tensor | None = None) -> PendingGather:
-        return _Done(x.unsqueeze(0))
-
-    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
-        return x[0]
+from strategies.comm import Comm, PendingGather, SingleDevice
 
 
 class _PendingWork:

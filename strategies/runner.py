@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from placement.collectives import Comm
+from strategies.comm import Comm
 from strategies.kv_cache import KVCache
 from strategies.layers import Rotary, SequenceSpan, lm_head_logits
+from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import Checkpoint
 from strategies.megatron import megatron_forward
 from strategies.projection_replicated import ReplicatedLayers, StrategyUnavailable
 from strategies.sharding import RankWeights, load_rank_weights
 from strategies.token_sharded import token_chunk, token_sharded_forward
 from strategies.weight_gathered import GatheredLayers
-from strategies.cost.search import STRATEGIES
-
-
-def check_strategy(name: str, allow_auto: bool = False, error: type[ValueError] = ValueError) -> str:
-    """The one check of a prefill strategy name (``auto``, the planner's choice, where the caller resolves it)."""
-    choices = (["auto"] if allow_auto else []) + list(STRATEGIES)
-    if name not in choices:
-        raise error(f"unknown prefill strategy {name!r}: choose one of {', '.join(choices)}")
-    return name
 
 
 class ShardRunner:
@@ -113,7 +105,7 @@ class ShardRunner:
             self.cache.commit(slot, n)
 
     def available_strategies(self) -> list[str]:
-        return [s for s in STRATEGIES if s != "projection_replicated" or self.replicated.fits()]
+        return [s for s in STRATEGY_NAMES if s != "projection_replicated" or self.replicated.fits()]
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds: resident shards, gather buffer, replicas (if built), KV cache in use."""
@@ -140,4 +132,4 @@ class ShardRunner:
         return self.comm.all_reduce(rows)  # <- all-reduce of the B last-token rows (each owned by one rank)
 
 
-__all__ = ["ShardRunner", "STRATEGIES", "StrategyUnavailable", "check_strategy"]
+__all__ = ["ShardRunner", "StrategyUnavailable"]

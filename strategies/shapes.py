@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MODEL = "smollm2-135m"  # the model served when none is named: embedded in a PyPI package (loader.py)
+DtypeName = Literal["float32", "bfloat16", "float16"]  # weight and activation dtypes the engine runs
+DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 
 
 class ModelError(ValueError):
@@ -95,7 +99,7 @@ class ModelShape(BaseModel):
             raise ModelError(f"{path} lacks the Llama field {e.args[0]!r}") from e
 
 
-# Shapes of models we cannot load here but plan for (DESIGN.md §3). Llama 2 is MHA, 4K context, untied.
+# Shapes of models we cannot load here but plan for (their config.json values). Llama 2 is MHA, 4K context, untied.
 CATALOG: dict[str, ModelShape] = {
     "llama2-7b": ModelShape(name="llama2-7b", num_layers=32, hidden_size=4096, intermediate_size=11008,
                             num_heads=32, num_kv_heads=32, head_dim=128, vocab_size=32000,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strategies.cost.devices import check_devices
+from strategies.layout import check_devices
 from strategies.loader import Checkpoint
 from strategies.shapes import ModelShape
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from placement.collectives import Comm
+from strategies.comm import Comm
 from strategies.sharding import RankWeights
 
 

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random Llama checkpoints, the real default model, transformers references, one Ray session.
 
-Ray is started once per test session (DESIGN.md §6: per-test starts cost minutes on 2 cores).
+Ray is started once per test session (per-test starts cost minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def serve_session(ray_session) -> dict[str, int]:
     ports = {"http": free_port(), "grpc": free_port()}
     serve.start(http_options={"host": "127.0.0.1", "port": ports["http"]},
                 grpc_options={"port": ports["grpc"],
-                              "grpc_servicer_functions": ["app.protos.dynpart_pb2_grpc.add_DynpartServicer_to_server"]})
+                              "grpc_servicer_functions": ["app.serve.protos.dynpart_pb2_grpc.add_DynpartServicer_to_server"]})
     yield ports
     serve.shutdown()
 
@@ -125,7 +125,7 @@ def deployed(ports: dict[str, int], args: dict, name: str, route: str = "/"):
     """The Serve application built from ``args`` (serve_config.yaml's keys), on the session's Serve, then deleted."""
     from ray import serve
 
-    from app.serve_app import build_app
+    from app.serve.app import build_app
 
     serve.run(build_app(args), name=name, route_prefix=route)
     try:
@@ -146,7 +146,7 @@ def http_client(ports: dict[str, int], route: str = "", timeout: float = 120):
 def grpc_stub(ports: dict[str, int]):
     import grpc
 
-    from app.protos import dynpart_pb2_grpc
+    from app.serve.protos import dynpart_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
     try:

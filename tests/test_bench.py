@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app.cli import main
+from app.cli.main import main
 from placement.calibrate import fit_alpha_beta
 
 
@@ -44,15 +44,15 @@ def test_calibrate_writes_a_profile_the_planner_uses(ray_session, tiny_models, t
 
 
 def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models, tmp_path, monkeypatch, capsys):
-    from app.cli_bench import format_accuracy, format_strategies
-    from strategies.cost.search import STRATEGIES
+    from app.cli.bench import format_accuracy, format_strategies
+    from strategies.layout import STRATEGY_NAMES
 
     monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))  # no profile: the catalog's cpu entry
     res = _run(capsys, ["bench", "strategies", "--model", tiny_models["mha"], "--devices", "2", "--lengths", "8,32",
                         "--repeats", "1", "--no-handoff", "--quiet-wait", "0", "--json"])
     assert [r["tokens"] for r in res["rows"]] == [8, 32]
     for r in res["rows"]:
-        assert set(r["median_s"]) == set(res["available"]) <= set(STRATEGIES)
+        assert set(r["median_s"]) == set(res["available"]) <= set(STRATEGY_NAMES)
         assert all(t > 0 for t in r["median_s"].values())
     ranks = res["memory"][0]["ranks"]
     assert len(ranks) == 2 and all(m["weights"] > 0 and m["rss"] > 0 for m in ranks)

@@ -6,12 +6,20 @@ import json
 
 import pytest
 
-from strategies.cost.devices import check_devices
 from strategies.cost.formulas import Collective, Work, collective_time, compute_time, gemm, ops_time
-from strategies.cost.hardware import (CalibrationProfile, GemmSample, Hardware, HardwareError, Link, get_hardware,
-                                      load_catalog, save_profile)
+from strategies.cost.hardware import (
+    CalibrationProfile,
+    GemmSample,
+    Hardware,
+    HardwareError,
+    Link,
+    get_hardware,
+    load_catalog,
+    save_profile,
+)
 from strategies.cost.layouts import resident_bytes
 from strategies.cost.search import STRATEGIES, layer_costs
+from strategies.layout import check_devices
 from strategies.shapes import CATALOG
 
 # A device with round numbers: 100 TFLOP/s exactly at every row count, 1000 GB/s, 10 GB/s links, 10 µs per step.

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from app.build import EngineOptions, build_engine
 from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logits
+
+from app.engine.build import EngineOptions, build_engine
 from placement.workers import start_group
-from strategies.cost.search import STRATEGIES
+from strategies.layout import STRATEGY_NAMES
 from strategies.loader import Checkpoint
 from strategies.projection_replicated import StrategyUnavailable
 
@@ -25,7 +25,7 @@ def check_group(group, path: str, prompts: list[list[int]]) -> None:
     ref_logits = torch.cat([reference_logits(path, p) for p in prompts])
     ref_tokens = [reference_greedy(path, p, DECODE_STEPS + 1) for p in prompts]
     last = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
-    for strategy in STRATEGIES:
+    for strategy in STRATEGY_NAMES:
         group.call_all("release", slots)
         logits = group.call("prefill", prompts, slots, strategy, True)
         diff = (logits - ref_logits).abs().max().item()
@@ -35,7 +35,7 @@ def check_group(group, path: str, prompts: list[list[int]]) -> None:
             tokens.append(group.call("decode", tokens[-1], slots).argmax(-1).tolist())
         assert [list(t) for t in zip(*tokens)] == ref_tokens, f"{strategy}: decode after handoff differs"
     one_token = [[prompts[0][0]]]  # fewer tokens than devices: most ranks hold only padding
-    for strategy in STRATEGIES:
+    for strategy in STRATEGY_NAMES:
         group.call_all("release", slots)
         logits = group.call("prefill", one_token, [0], strategy, True)
         assert (logits - reference_logits(path, one_token[0])).abs().max().item() <= 1e-4, strategy

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from app.cli import main
+from app.cli.main import main
 from strategies.cost import get_hardware, plan, plan_decode, plan_prefill, search
 from strategies.cost.planner import plot_plan
 from strategies.cost.search import pareto_indices

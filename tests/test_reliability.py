@@ -1,4 +1,4 @@
-"""Failing politely (issue 7): bad input, overload, disconnects, fuzzing, a soak and killed shard workers.
+"""Failing politely: bad input, overload, disconnects, fuzzing, a soak and killed shard workers.
 
 One app for the module, deployed under its own name and route on the session's Serve: the tiny chat model on one
 pool of 2 CPU devices (gloo), 2 KV slots, 2 requests running + 2 queued per replica, a 1 s health check and a short
@@ -17,10 +17,9 @@ import time
 import grpc
 import httpx
 import pytest
+from conftest import deployed, grpc_stub, http_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import deployed, grpc_stub, http_client
 
 APP, ROUTE, MODEL, POOL = "reliability", "/rel", "tiny-chat", "p2"
 MAX_TOKENS_LIMIT, MAX_BODY = 256, 64 * 1024
@@ -180,7 +179,7 @@ def test_unknown_routes_and_methods_answer_openai_errors(http):
     (dict(prompt="x", model="gpt-4"), grpc.StatusCode.NOT_FOUND, "gpt-4"),
 ])
 def test_bad_grpc_requests(stub, fields, code, says):
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(pb.GenerateRequest(**fields), metadata=META, timeout=60)
@@ -188,7 +187,7 @@ def test_bad_grpc_requests(stub, fields, code, says):
 
 
 def test_bad_grpc_chat_role(stub):
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]), metadata=META)
@@ -199,7 +198,7 @@ def test_bad_grpc_chat_role(stub):
 
 def test_overload_is_503_with_retry_after_and_resource_exhausted(rel, stub):
     """2 running + 2 queued per replica: of 10 long requests at once, some are refused at once, the rest finish."""
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{rel['http']}{ROUTE}", timeout=120) as c:
@@ -245,7 +244,7 @@ def test_client_disconnect_cancels_generation_and_frees_its_slot(rel):
 
 
 def test_a_grpc_stream_cancelled_by_its_client_frees_its_slot(stub):
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     assert wait_until(idle, 30)
     stream = stub.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=MAX_TOKENS_LIMIT, ignore_eos=True),
@@ -439,7 +438,7 @@ def recovered(http: httpx.Client, old_pids: list[int]):
 def test_a_killed_shard_worker_fails_its_requests_fast_and_the_replica_is_replaced(rel, http, stub):
     """SIGKILL rank 1 mid-stream: the stream ends with an in-band error at once; later requests get 503 until Serve
     (health check) replaces the replica, whose new workers serve. Then the same for rank 0 under a gRPC call."""
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     pids = replica_info()["pids"]
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS_LIMIT, "stream": True, **GREEDY}

@@ -6,8 +6,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.engine import LLMEngine, RequestError
-from app.sampling import SamplingParams, sample
+from app.engine.llm_engine import LLMEngine
+from app.engine.messages import RequestError
+from app.engine.sampling import SamplingParams, sample
 from placement.workers import LocalGroup
 from strategies.loader import Checkpoint
 

@@ -1,4 +1,4 @@
-"""Security defaults (issue 7): local listening, the optional API key (HTTP and gRPC), a per-request timeout, and no
+"""Security defaults: local listening, the optional API key (HTTP and gRPC), a per-request timeout, and no
 client input ever unpickled or evaluated.
 
 One small app with an API key and a 1 s request timeout (1 device, tiny chat model), under its own name and route.
@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-
-from app.pools import AppConfig
 from conftest import deployed, grpc_stub, http_client
+
+from app.serve.config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 APP, ROUTE, MODEL, KEY = "secure", "/secure", "tiny-chat", "s3cret-key"
@@ -62,7 +62,7 @@ def test_with_the_key_it_serves_and_health_needs_none(http):
 
 
 def test_grpc_needs_the_key_in_metadata(stub):
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     req = pb.GenerateRequest(prompt="Hi", max_tokens=4)
     for meta in ((), (("authorization", "Bearer nope"),)):
@@ -101,8 +101,8 @@ def test_api_key_comes_from_config_or_environment(monkeypatch):
 
 
 def test_grpc_refuses_other_machines_unless_configured():
-    from app.errors import Forbidden
-    from app.guard import check_peer
+    from app.serve.errors import Forbidden
+    from app.serve.guard import check_peer
 
     for local in ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "ipv6:%5B::ffff:127.0.0.1%5D:5000", "unix:/tmp/s"):
         check_peer(local, remote_allowed=False)

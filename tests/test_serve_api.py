@@ -14,9 +14,9 @@ import grpc
 import httpx
 import openai
 import pytest
-
 from conftest import deployed, http_client, reference_greedy
 from conftest import grpc_stub as stub_for
+
 from strategies.cost import get_hardware, plan_prefill
 from strategies.loader import Checkpoint
 
@@ -143,7 +143,7 @@ def test_short_and_long_prompts_routed_as_the_planner_predicts(http, chat_tiny, 
 
 
 def test_disaggregated_equals_aggregated_token_for_token(grpc_stub, chat_tiny):
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     prompt = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole"
     out = {}
@@ -156,7 +156,7 @@ def test_disaggregated_equals_aggregated_token_for_token(grpc_stub, chat_tiny):
 
 
 def test_grpc_stream_equals_unary_and_reports_pool(grpc_stub):
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     req = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Tell me a story")], max_tokens=12,
                              ignore_eos=True)
@@ -186,7 +186,7 @@ def test_bad_input_is_a_clear_4xx(http, body, headers, status, says):
 
 
 def test_bad_grpc_input_is_invalid_argument(grpc_stub):
-    from app.protos import dynpart_pb2 as pb
+    from app.serve.protos import dynpart_pb2 as pb
 
     with pytest.raises(grpc.RpcError) as e:
         grpc_stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=2000))

@@ -33,10 +33,10 @@ def main(model: str) -> None:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from app.serve_app import build_app
+    from app.serve.app import build_app
     from placement.workers import DEVICE_RESOURCE, free_port, local_ray_options
 
-    local_ray_options()  # the environment DESIGN.md §6 asks for
+    local_ray_options()  # the environment a local Ray needs here (token auth off)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=1, resources={"pool_a": 2, DEVICE_RESOURCE: 2}, include_dashboard=False))
     cluster.add_node(num_cpus=1, resources={"pool_b": 2, DEVICE_RESOURCE: 2})

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from app.cli_demo import serve_run
+from app.cli.demo import serve_run
 from placement.workers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["text"]
         assert r.headers["x-dynpart-pool"] == "l4x1" and r.headers["x-dynpart-strategy"] == "megatron"
-        out = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--url", url, "--json", "--max-tokens", "4"],
+        out = subprocess.run([sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"],
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]

@@ -30,7 +30,7 @@ def wait_for(predicate, timeout: float) -> bool:
 def test_engine_deployment_scales_up_under_load_and_back_down(serve_session, chat_tiny):
     from ray import serve
 
-    from app.serve_app import build_app
+    from app.serve.app import build_app
 
     pool = dict(name="auto", devices=1, slots=2, max_model_len=512,
                 autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1,

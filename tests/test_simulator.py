@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.cli import main
+from app.cli.main import main
 from strategies.cost import get_hardware
 from strategies.cost.simulator import POLICIES, SLO, Pool, run_policy, simulate
 from strategies.cost.workloads import Request, builtin_workload, load_trace

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from app.engine import LLMEngine
-from app.sampling import SamplingParams
 from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logits
+
+from app.engine.llm_engine import LLMEngine
+from app.engine.sampling import SamplingParams
 from placement.workers import LocalGroup
 from strategies.loader import Checkpoint
 
@@ -88,6 +88,7 @@ def test_exported_kv_continues_in_another_runner(tiny_models):
 ], ids=lambda r: r["rope_type"])
 def test_rope_scaling_types_match_transformers(tmp_path, rope):
     from conftest import tiny_config
+
     from strategies.loader import save_random_llama
 
     max_pos = 32 if rope["rope_type"] == "dynamic" else 128  # dynamic rescales once the prompt passes max_pos

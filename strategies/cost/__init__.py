@@ -1,4 +1,4 @@
-"""Cost model, Pareto search, planner and cluster simulator (issue 4).
+"""Cost model, Pareto search, planner and cluster simulator.
 
 What the engine and the Serve ingress call:
 - ``check_devices(shape, p)``: the shard layout for p devices, or ValueError saying why p cannot split the model;
@@ -8,11 +8,17 @@ What the engine and the Serve ingress call:
 - ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time.
 """
 
-from strategies.cost.devices import ShardLayout, check_devices
-from strategies.cost.hardware import (CalibrationProfile, Hardware, HardwareError, get_hardware, load_catalog,
-                                      save_profile)
+from strategies.cost.hardware import (
+                                      CalibrationProfile,
+                                      Hardware,
+                                      HardwareError,
+                                      get_hardware,
+                                      load_catalog,
+                                      save_profile,
+)
 from strategies.cost.planner import PlanChoice, PlanReport, decode_step_time, plan, plan_decode, plan_prefill
 from strategies.cost.search import STRATEGIES, search
+from strategies.layout import ShardLayout, check_devices
 
 __all__ = ["CalibrationProfile", "Hardware", "HardwareError", "PlanChoice", "PlanReport", "STRATEGIES", "ShardLayout",
            "check_devices", "decode_step_time", "get_hardware", "load_catalog", "plan", "plan_decode", "plan_prefill",

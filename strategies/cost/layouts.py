@@ -3,7 +3,7 @@
 A layer is norm → QKV → attention → O → residual → norm → gate/up → SwiGLU → down → residual. Each matrix runs in a
 mode that needs its input in one activation state (REP, TOK, FEAT, PSUM) and leaves its output in another; wherever
 a producer's state is not what the consumer needs, the one collective that converts it is inserted
-(shared/reference/partitioning.md §3). Turning a ``Candidate`` into ops here, and costing ops in ``formulas``, is the
+(``TRANSITIONS`` below). Turning a ``Candidate`` into ops here, and costing ops in ``formulas``, is the
 whole cost model: the planner's three strategies are just three named candidates.
 """
 
@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from strategies.cost.formulas import (Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped,
-                                      split_time)
+from strategies.cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped, split_time
 from strategies.cost.hardware import CollectiveKind, Hardware
 from strategies.shapes import ModelShape
 

@@ -12,11 +12,11 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel
 
-from strategies.cost.devices import ShardLayout, check_devices
 from strategies.cost.formulas import Work
 from strategies.cost.hardware import Hardware
 from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
 from strategies.cost.search import STRATEGIES
+from strategies.layout import ShardLayout, check_devices
 from strategies.shapes import ModelShape
 
 DEFAULT_UTILIZATION = 0.9  # fraction of device memory the engine may use (weights, buffers, activations, KV)

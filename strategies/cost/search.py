@@ -14,10 +14,10 @@ import itertools
 import numpy as np
 from pydantic import BaseModel
 
-from strategies.cost.devices import check_devices
 from strategies.cost.formulas import Collective, Compute, Work, ops_time
 from strategies.cost.hardware import Hardware
 from strategies.cost.layouts import REP, TOK, Attn, Candidate, Mode, layer_ops, resident_bytes
+from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.shapes import ModelShape
 
 # The candidates the engine can execute (strategies/), by the names it uses.
@@ -27,6 +27,7 @@ STRATEGIES: dict[str, Candidate] = {
     "projection_replicated": Candidate(TOK, Mode.REPLICATED, Attn.TOKENS, Mode.REPLICATED, Mode.REPLICATED,
                                        Mode.REPLICATED),
 }
+assert tuple(STRATEGIES) == STRATEGY_NAMES, "the cost model prices exactly the strategies the engine runs"
 _NAMES = {c: n for n, c in STRATEGIES.items()}
 
 

@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.engine import LLMEngine
+from app.engine.llm_engine import LLMEngine
 from placement.hardware import detect_hardware, replica_budget_bytes
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
-from strategies.cost import check_devices, get_hardware, plan_prefill
-from strategies.loader import DEFAULT_MODEL, Checkpoint
+from strategies.cost import get_hardware, plan_prefill
+from strategies.layout import check_devices
+from strategies.loader import DEFAULT_MODEL, DTYPES, Checkpoint
+from strategies.shapes import DtypeName
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+class EngineFields(BaseModel):
+    """The engine settings a pool's config (``app.serve.config.PoolConfig``) and the CLI share, with their bounds."""
 
-class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = DEFAULT_MODEL
-    devices: int = Field(1, ge=1)
+    devices: int = Field(1, ge=1)  # devices (shard workers) per replica
     slots: int = Field(8, ge=1, le=256)  # sequences decoded together
     max_model_len: int = Field(2048, ge=16)  # prompt + generated tokens per sequence
-    max_prefill_tokens: int = Field(8192, ge=16)
-    dtype: str = "float32"
+    max_prefill_tokens: int = Field(8192, ge=16)  # prompt tokens one prefill batch may hold
+    dtype: DtypeName = "float32"
+    # A step whose peer rank died or hangs fails after this long (the replica is then replaced): the longest a
+    # request on a broken replica waits for its error. Rendezvous at start-up gets the same bound.
+    collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)
+
+
+class EngineOptions(EngineFields):
+    """Everything ``build_engine`` needs: the shared fields, the model, and how the planner prices the devices."""
+
+    model: str = DEFAULT_MODEL
     hardware: str | None = None  # catalog name for the planner; detected when None
     replica_budget_mb: float | None = None  # memory per device for projection_replicated; auto when None
     shared_weights: bool = False  # map the node's one copy of the shards (object store) instead of loading them
-    collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)  # bounds a step whose peer rank hangs or died
 
 
 def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
@@ -35,8 +43,6 @@ def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
     if opts.devices > limit:
         raise ValueError(f"--devices {opts.devices} is more than this machine offers ({limit})")
     check_devices(ckpt.shape, opts.devices)
-    if opts.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
 
 
 def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None = None,

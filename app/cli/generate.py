@@ -5,20 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 
-STRATEGY_CHOICES = ["auto", "megatron", "weight_gathered", "projection_replicated"]
+from strategies.layout import STRATEGY_NAMES
+from strategies.shapes import DEFAULT_MODEL, DTYPE_NAMES
+
+STRATEGY_CHOICES = ["auto", *STRATEGY_NAMES]
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or a local Llama folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (embedded) or a local Llama folder")
     p.add_argument("--devices", type=int, default=1, help="shard workers (devices) of the replica")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + generated tokens per sequence")
     p.add_argument("--hardware", default=None, help="hardware catalog entry for the planner (default: detected)")
 
 
 def register(sub) -> None:
     prep = sub.add_parser("prepare", help="convert/check a model once so later starts are fast")
-    prep.add_argument("--model", default="smollm2-135m")
+    prep.add_argument("--model", default=DEFAULT_MODEL)
     prep.set_defaults(func=prepare)
     p = sub.add_parser("generate", help="generate text for one prompt")
     add_engine_args(p)
@@ -44,7 +47,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def engine_options(args: argparse.Namespace, **extra):
-    from app.build import EngineOptions
+    from app.engine.build import EngineOptions
 
     return EngineOptions(model=args.model, devices=args.devices, dtype=args.dtype, max_model_len=args.max_model_len,
                          hardware=args.hardware, **extra)
@@ -53,9 +56,9 @@ def engine_options(args: argparse.Namespace, **extra):
 def generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from app.build import build_engine
-    from app.errors import validation_message
-    from app.sampling import SamplingParams
+    from app.engine.build import build_engine
+    from app.engine.sampling import SamplingParams
+    from app.serve.errors import validation_message
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,

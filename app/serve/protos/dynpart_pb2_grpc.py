@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from app.protos import dynpart_pb2 as app_dot_protos_dot_dynpart__pb2
+from app.serve.protos import dynpart_pb2 as app_dot_serve_dot_protos_dot_dynpart__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in app/protos/dynpart_pb2_grpc.py depends on'
+        + ' but the generated code in app/serve/protos/dynpart_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class DynpartStub:
         """
         self.Generate = channel.unary_unary(
                 '/dynpart.Dynpart/Generate',
-                request_serializer=app_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=app_dot_protos_dot_dynpart__pb2.GenerateReply.FromString,
+                request_serializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateReply.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/dynpart.Dynpart/GenerateStream',
-                request_serializer=app_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=app_dot_protos_dot_dynpart__pb2.GenerateChunk.FromString,
+                request_serializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateChunk.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_DynpartServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=app_dot_protos_dot_dynpart__pb2.GenerateRequest.FromString,
-                    response_serializer=app_dot_protos_dot_dynpart__pb2.GenerateReply.SerializeToString,
+                    request_deserializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateRequest.FromString,
+                    response_serializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateReply.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=app_dot_protos_dot_dynpart__pb2.GenerateRequest.FromString,
-                    response_serializer=app_dot_protos_dot_dynpart__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateRequest.FromString,
+                    response_serializer=app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class Dynpart:
             request,
             target,
             '/dynpart.Dynpart/Generate',
-            app_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
-            app_dot_protos_dot_dynpart__pb2.GenerateReply.FromString,
+            app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
+            app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class Dynpart:
             request,
             target,
             '/dynpart.Dynpart/GenerateStream',
-            app_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
-            app_dot_protos_dot_dynpart__pb2.GenerateChunk.FromString,
+            app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateRequest.SerializeToString,
+            app_dot_serve_dot_protos_dot_dynpart__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

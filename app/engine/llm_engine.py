@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.sampling import SamplingParams, make_generator, sample
+from app.engine.messages import Handoff, RequestError
+from app.engine.sampling import SamplingParams, make_generator, sample
 from placement.workers import Group
-from strategies.runner import check_strategy
-
-
-class RequestError(ValueError):
-    """The request cannot be served as asked (too long, bad strategy); the message names the limit."""
+from strategies.layout import check_strategy
 
 
 @dataclass
@@ -42,6 +39,7 @@ class Sequence:
     t_arrival: float = field(default_factory=time.perf_counter)
     t_first_token: float | None = None
     t_last_token: float | None = None
+    handoff: Handoff | None = None  # set by a prefill-only engine: where its K/V waits for the decode replica
 
     @property
     def finished(self) -> bool:

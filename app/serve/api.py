@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.sampling import MaxTokens, SamplingParams, Seed, Stop, Temperature, TopK, TopP
+from app.engine.sampling import MaxTokens, SamplingParams, Seed, Stop, Temperature, TopK, TopP
 
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (and gRPC's when max_tokens is 0)
+CHAT_MAX_TOKENS = 256
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
@@ -42,7 +44,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+def sampling_params(default_max_tokens: int, max_tokens: int | None, stop: str | list[str] | None,
+                    **fields: Any) -> SamplingParams:
+    """The one mapping from a request's fields (an HTTP body or a gRPC message) to the engine's ``SamplingParams``:
+    no ``max_tokens`` means the endpoint's default, one ``stop`` string means a list of one."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    return SamplingParams(max_tokens=max_tokens or default_max_tokens, stop=stop, **fields)
+
+
+class GenerationRequest(BaseModel):
+    """What completions and chat requests share: the model and the sampling fields."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(max_length=256)
@@ -61,17 +73,15 @@ class _Common(BaseModel):
     frequency_penalty: Literal[0, 0.0] = 0.0
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop,
-                              ignore_eos=self.ignore_eos)
+        return sampling_params(default_max_tokens, self.max_tokens, self.stop, temperature=self.temperature,
+                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, ignore_eos=self.ignore_eos)
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(GenerationRequest):
     prompt: Annotated[str, Field(min_length=1)] | TokenIds  # token ids are checked against the vocabulary later
     logprobs: None = None
     echo: Literal[False] = False
@@ -102,7 +112,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatRequest(_Common):
+class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     logprobs: Literal[False] | None = None

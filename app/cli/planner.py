@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from app.cli.format import ms, positive_ints
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("search", help="Pareto front of layer partitionings for a model on p devices")
@@ -46,16 +48,6 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware-file", action="append", default=[], help="extra hardware catalog JSON")
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{what} takes comma-separated whole numbers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise ValueError(f"--{what} needs positive numbers, got {text!r}")
-    return vals
-
-
 def _resolve(args: argparse.Namespace):
     from strategies.cost import check_devices, get_hardware
     from strategies.shapes import model_shape
@@ -66,15 +58,11 @@ def _resolve(args: argparse.Namespace):
     return shape, hw
 
 
-def _ms(x: float | None) -> str:
-    return f"{x * 1e3:9.2f}" if x is not None else "        —"
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     from strategies.cost import search
 
     shape, hw = _resolve(args)
-    res = search(shape, hw, args.devices, tuple(_ints(args.tokens, "tokens")))
+    res = search(shape, hw, args.devices, tuple(positive_ints(args.tokens, "tokens")))
     if args.json:
         print(res.model_dump_json(indent=2))
         return 0
@@ -102,7 +90,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from strategies.cost import STRATEGIES, plan
 
     shape, hw = _resolve(args)
-    lengths = _ints(args.lengths, "lengths") if args.lengths else None
+    lengths = positive_ints(args.lengths, "lengths") if args.lengths else None
     rep = plan(shape, hw, args.devices, lengths)
     if args.plot:
         from strategies.cost.planner import plot_plan
@@ -118,7 +106,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\nPredicted prefill time (ms; — = does not fit memory)\n{'tokens':>7} "
           + " ".join(f"{n[:21]:>22}" for n in STRATEGIES) + "  choice                 vs megatron")
     for r in rep.lengths:
-        print(f"{r.tokens:7d} " + " ".join(f"{_ms(r.predicted_s[n]):>22}" for n in STRATEGIES)
+        print(f"{r.tokens:7d} " + " ".join(f"{ms(r.predicted_s[n], digits=2, width=9):>22}" for n in STRATEGIES)
               + f"  {r.choice:<22} {r.megatron_over_choice:5.2f}×")
     print("\nCrossovers: " + ("; ".join(f"from {c.tokens} tokens {c.before} → {c.after}" for c in rep.crossovers)
                               or "none (one strategy wins at every length)"))
@@ -128,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"KV {m.kv_gb:5.2f}  budget {m.budget_gb:6.2f}  {'fits' if m.feasible else 'DOES NOT FIT'}")
     print("\nDecode step (ms; the engine always decodes with megatron)")
     for d in rep.decode:
-        print(f"  batch {d.batch:3d} × context {d.context}: megatron {_ms(d.predicted_s['megatron']).strip()}  "
+        print(f"  batch {d.batch:3d} × context {d.context}: megatron {ms(d.predicted_s['megatron'], digits=2, width=9).strip()}  "
               f"(model's own choice: {d.choice})")
     if args.plot:
         print(f"\nplot written to {args.plot}")

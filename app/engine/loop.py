@@ -17,36 +17,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import LLMEngine, RequestError, Sequence
+from app.engine.llm_engine import LLMEngine, Sequence
+from app.engine.messages import EngineFailed, RequestError, Update
 
 POLL_S = 1.0  # how often a waiting caller checks that the engine thread still runs
 
 
-class EngineFailed(RuntimeError):
-    """The engine thread stopped (a step raised, e.g. a shard worker died): the request cannot finish here."""
-
-
-@dataclass
-class Update:
-    """What one step produced for one sequence: new text and tokens, and once known, the request's figures."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    prefill_strategy: str | None
-    prefill_s: float
-    ttft_s: float | None
-    tpot_s: float | None
-    handoff: Any = None  # prefill-only engines: per-rank K/V references for the decode replica
-
-    @classmethod
-    def of(cls, seq: Sequence, sent: int) -> Update:
-        return cls(text=seq.take_delta(), token_ids=seq.output_ids[sent:], finish_reason=seq.finish_reason,
-                   prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                   prefill_strategy=seq.prefill_strategy, prefill_s=seq.prefill_s, ttft_s=seq.ttft_s,
-                   tpot_s=seq.tpot_s, handoff=getattr(seq, "handoff", None))
+def update_of(seq: Sequence, sent: int) -> Update:
+    """The ``Update`` for ``seq`` after a step, ``sent`` of its tokens having been reported already."""
+    return Update(text=seq.take_delta(), token_ids=seq.output_ids[sent:], finish_reason=seq.finish_reason,
+                  prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+                  prefill_strategy=seq.prefill_strategy, prefill_s=seq.prefill_s, ttft_s=seq.ttft_s,
+                  tpot_s=seq.tpot_s, handoff=seq.handoff)
 
 
 @dataclass
@@ -134,7 +116,7 @@ class EngineLoop:
                 job = self._jobs.get(seq.id)
                 if job is None:
                     continue
-                update = Update.of(seq, job.sent)
+                update = update_of(seq, job.sent)
                 job.sent = len(seq.output_ids)
                 if seq.finished:
                     del self._jobs[seq.id]

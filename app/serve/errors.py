@@ -13,24 +13,30 @@ import grpc
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.api import error_body
-from app.engine import RequestError
-from app.engine_loop import EngineFailed
-from app.router import Overloaded, RequestTimeout
+from app.engine.messages import EngineFailed, RequestError
+from app.serve.api import error_body
 
 RETRY_AFTER_S = 1
 
 
 class ModelNotFound(LookupError):
-    pass
+    """The request names a model this server does not serve: 404."""
 
 
 class Unauthorized(PermissionError):
-    pass
+    """No or a wrong API key: 401."""
 
 
 class Forbidden(PermissionError):
-    pass
+    """A gRPC client from another machine while the config refuses them: 403."""
+
+
+class Overloaded(RuntimeError):
+    """Every pool that could serve the request is full: 503 with ``retry-after``."""
+
+
+class RequestTimeout(TimeoutError):
+    """The request ran past the app's ``request_timeout_s``; its generation was cancelled: 504."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +66,12 @@ class ApiError:
             ctx.set_trailing_metadata([("retry-after", str(RETRY_AFTER_S))])
 
 
-def classify(e: BaseException) -> ApiError:
+def api_error(e: BaseException) -> ApiError:
     """The ``ApiError`` of an exception raised here or inside a replica."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
     from ray.serve.exceptions import BackPressureError
 
-    cause = getattr(e, "cause", None) or e
+    cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
     if isinstance(cause, ModelNotFound):
         return ApiError(404, "not_found_error", grpc.StatusCode.NOT_FOUND, str(cause), code="model_not_found")
     if isinstance(cause, Unauthorized):
@@ -94,7 +100,7 @@ def classify(e: BaseException) -> ApiError:
 
 
 def error_response(e: BaseException) -> JSONResponse:
-    return classify(e).response()
+    return api_error(e).response()
 
 
 # Type-mismatch errors of one member of a union (``stop`` as a string when a list was sent): reported only when no

@@ -1,8 +1,8 @@
 """The ingress deployment: OpenAI-compatible HTTP (FastAPI) and gRPC in front of the pools.
 
-It tokenizes once, lets the ``Router`` classify the request onto a pool, waits for the first update (prefill done,
+It tokenizes once, lets the ``Router`` pick a pool for the request, waits for the first update (prefill done,
 so the strategy is known) and only then answers, so that even a streamed response carries ``x-dynpart-pool`` and
-``x-dynpart-strategy`` headers. Errors (``app.errors``): bad input 400 (404 for an unknown model), no or a wrong API
+``x-dynpart-strategy`` headers. Errors (``app.serve.errors``): bad input 400 (404 for an unknown model), no or a wrong API
 key 401, overload 503 with ``retry-after``, a failed replica 503, past the request timeout 504; OpenAI's error body.
 """
 
@@ -17,20 +17,29 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import (ChatMessage, ChatRequest, CompletionRequest, DynpartUsage, Usage, _Common, chunk_body,
-                     completion_body, error_body, new_id)
-from app.engine import RequestError
-from app.engine_loop import Update
-from app.errors import ModelNotFound, classify, error_response, validation_message
-from app.guard import Guard, Limits, check_key, check_peer
-from app.metrics import record_request
-from app.pools import AppConfig
-from app.protos import dynpart_pb2 as pb
-from app.router import PoolHandles, Result, Router, with_deadline
-from app.sampling import SamplingParams
-
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
-CHAT_MAX_TOKENS = 256
+from app.engine.messages import RequestError, Update
+from app.engine.sampling import SamplingParams
+from app.serve.api import (
+    CHAT_MAX_TOKENS,
+    COMPLETION_MAX_TOKENS,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    DynpartUsage,
+    GenerationRequest,
+    Usage,
+    chunk_body,
+    completion_body,
+    error_body,
+    new_id,
+    sampling_params,
+)
+from app.serve.config import AppConfig
+from app.serve.errors import ModelNotFound, api_error, error_response, validation_message
+from app.serve.guard import Guard, Limits, check_key, check_peer
+from app.serve.metrics import record_request
+from app.serve.protos import dynpart_pb2 as pb
+from app.serve.router import PoolHandles, Result, Router, with_deadline
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
 api.add_middleware(Guard)
@@ -88,13 +97,13 @@ class Ingress:
             raise RequestError(f"max_tokens ({params.max_tokens}) exceeds this server's limit of "
                                f"{self.cfg.max_tokens_limit} generated tokens per request")
         strategy = strategy or self.cfg.default_strategy
-        route = await self.router.classify(len(prompt_ids), params.max_tokens, pool or None, strategy)
+        route = await self.router.pick_pool(len(prompt_ids), params.max_tokens, pool or None, strategy)
         result = Result(pool=route.pool.name, devices=route.pool.devices)
         updates = with_deadline(self.router.run(route, prompt_ids, params, strategy), self.cfg.request_timeout_s)
         try:
             first = await anext(updates)
         except BaseException as e:
-            record_request(route.pool.name, None, str(classify(e).status))
+            record_request(route.pool.name, None, str(api_error(e).status))
             raise
         result.add(first)
         return result, first, updates
@@ -103,7 +112,7 @@ class Ingress:
     def _done(r: Result, status: str = "200") -> None:
         record_request(r.pool, r.strategy, status, r.ttft_s, r.tpot_s, r.prefill_s)
 
-    def _prepare(self, body: _Common, chat: bool) -> tuple[list[int], SamplingParams]:
+    def _prepare(self, body: GenerationRequest, chat: bool) -> tuple[list[int], SamplingParams]:
         self._check_model(body.model)
         if chat:
             ids = self.router.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
@@ -136,7 +145,7 @@ class Ingress:
     async def chat_completions(self, body: ChatRequest, request: Request):
         return await self._openai(body, request, chat=True)
 
-    async def _openai(self, body: _Common, request: Request, chat: bool):
+    async def _openai(self, body: GenerationRequest, request: Request, chat: bool):
         try:
             ids, params = self._prepare(body, chat)
             result, first, rest = await self._start(ids, params, request.headers.get("x-dynpart-pool"),
@@ -151,13 +160,13 @@ class Ingress:
             async for update in rest:
                 result.add(update)
         except Exception as e:
-            self._done(result, str(classify(e).status))
+            self._done(result, str(api_error(e).status))
             return error_response(e)
         self._done(result)
         return JSONResponse(completion_body(rid, body.model, result.text, result.finish_reason, usage_of(result), chat),
                             headers=headers_of(result))
 
-    async def _sse(self, rid: str, body: _Common, result: Result, first: Update, rest: AsyncIterator[Update],
+    async def _sse(self, rid: str, body: GenerationRequest, result: Result, first: Update, rest: AsyncIterator[Update],
                    chat: bool) -> AsyncIterator[str]:
         def event(obj: dict) -> str:
             return f"data: {json.dumps(obj)}\n\n"
@@ -173,7 +182,7 @@ class Ingress:
                 if update is not None:
                     result.add(update)
         except Exception as e:  # headers are gone: report in-band, as OpenAI does
-            err = classify(e)
+            err = api_error(e)
             self._done(result, str(err.status))
             yield event(error_body(err.message, err.kind, err.code))
             return
@@ -199,15 +208,14 @@ class Ingress:
             ids = self.router.encode(req.prompt)
         else:
             raise RequestError("set prompt or messages")
-        params = SamplingParams(max_tokens=req.max_tokens or COMPLETION_MAX_TOKENS, temperature=req.temperature,
-                                top_p=req.top_p or 1.0, top_k=req.top_k,
-                                seed=req.seed if req.HasField("seed") else None, stop=list(req.stop),
-                                ignore_eos=req.ignore_eos)
+        params = sampling_params(COMPLETION_MAX_TOKENS, req.max_tokens, list(req.stop), temperature=req.temperature,
+                                 top_p=req.top_p or 1.0, top_k=req.top_k,
+                                 seed=req.seed if req.HasField("seed") else None, ignore_eos=req.ignore_eos)
         return ids, params
 
     @staticmethod
     def _grpc_error(ctx, e: BaseException) -> None:
-        classify(e).to_grpc(ctx)
+        api_error(e).to_grpc(ctx)
 
     @staticmethod
     def _info(r: Result) -> pb.DynpartInfo:

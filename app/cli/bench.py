@@ -1,12 +1,15 @@
 """``dynpart bench engine | strategies | accuracy`` and ``dynpart calibrate``: measure this machine.
 
-Thin: parsing, progress and tables; the measurements live in ``app.bench`` and ``placement.calibrate``.
+Thin: parsing, progress and tables; the measurements live in ``app.cli.bench_runs`` and ``placement.calibrate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from app.cli.format import markdown_table, mib, ms, positive_ints, progress
+from strategies.shapes import DEFAULT_MODEL
 
 
 def register(sub) -> None:
@@ -33,7 +36,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_accuracy, repeats_default=5)
 
     p = sub.add_parser("calibrate", help="measure GEMMs, attention, memory, collectives; store the planner's profile")
-    p.add_argument("--model", default="smollm2-135m", help="whose layer shards the GEMMs multiply")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="whose layer shards the GEMMs multiply")
     p.add_argument("--devices", type=int, default=2, help="shard workers measured together (p)")
     p.add_argument("--hardware", default="cpu", help="catalog entry the profile calibrates")
     p.add_argument("--repeats", type=int, default=9)
@@ -44,7 +47,7 @@ def register(sub) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or a local Llama folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (embedded) or a local Llama folder")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _quiet_arg(p)
@@ -62,44 +65,11 @@ def _strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-handoff", action="store_true", help="skip the K/V handoff between two groups")
 
 
-def _ints(text: str) -> list[int]:
-    from app.cli_planner import _ints as parse
-
-    return parse(text, "lengths")
-
-
 def _repeats(args) -> int:
     r = args.repeats if args.repeats is not None else args.repeats_default
     if r < 1:
         raise ValueError("--repeats must be at least 1")
     return r
-
-
-def _progress(total: int):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, leave=False, unit="step")
-
-    def step(label: str) -> None:
-        bar.set_description(label)
-        bar.update(1)
-
-    return bar, step
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, cells[1:])])
-
-
-def _ms(s: float | None) -> str:
-    return "—" if s is None else f"{s * 1e3:.1f}"
-
-
-def _mib(b: float) -> str:
-    return f"{b / 2**20:.0f}"
 
 
 def _machine_line(m: dict) -> str:
@@ -109,10 +79,10 @@ def _machine_line(m: dict) -> str:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    from app.bench import bench_engine
+    from app.cli.bench_runs import bench_engine
 
-    lengths = _ints(args.lengths)
-    bar, step = _progress(len(lengths) + 1)
+    lengths = positive_ints(args.lengths, "lengths")
+    bar, step = progress(len(lengths) + 1)
     with bar:
         res = bench_engine(args.model, lengths, args.decode_tokens, args.decode_prompt, _repeats(args),
                            quiet_wait_s=args.quiet_wait, progress=step)
@@ -121,7 +91,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         return 0
     print(f"{res['model']}, 1 device ({res['threads']} threads), median of {res['repeats']} clean repeats; "
           f"{_machine_line(res['machine'])}")
-    print(_table(["", "tokens", "dynpart tok/s", "transformers tok/s", "dynpart / transformers", "clean/all"],
+    print(markdown_table(["", "tokens", "dynpart tok/s", "transformers tok/s", "dynpart / transformers", "clean/all"],
                  [[r["kind"], r["tokens"], f"{r['dynpart_tok_s']:.0f}", f"{r['transformers_tok_s']:.0f}",
                    f"{r['ratio']:.2f}×", f"{r['clean']}/{r['samples']}"] for r in res["rows"]]))
     return 0
@@ -137,47 +107,47 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def _measure_strategies(args: argparse.Namespace) -> dict:
-    from app.bench import bench_strategies
+    from app.cli.bench_runs import bench_strategies
 
-    lengths = _ints(args.lengths)
+    lengths = positive_ints(args.lengths, "lengths")
     handoff = not args.no_handoff and args.devices > 1
-    bar, step = _progress(len(lengths) * (2 if handoff else 1))
+    bar, step = progress(len(lengths) * (2 if handoff else 1))
     with bar:
         return bench_strategies(args.model, args.devices, lengths, _repeats(args), budget_s=args.budget,
                                 handoff=handoff, quiet_wait_s=args.quiet_wait, progress=step)
 
 
 def format_strategies(res: dict) -> str:
-    from strategies.cost.search import STRATEGIES
+    from strategies.layout import STRATEGY_NAMES
 
-    names = [s for s in STRATEGIES if s in res["available"]]
+    names = [s for s in STRATEGY_NAMES if s in res["available"]]
     lines = [f"{res['model']} on {res['devices']} shard workers; {_machine_line(res['machine'])}",
              "Prefill, median ms of clean repeats (best in bold); clean/all repeats per strategy:"]
     rows = []
     for r in res["rows"]:
         best = min(r["median_s"], key=r["median_s"].get)
-        rows.append([r["tokens"], *[(f"**{_ms(r['median_s'][s])}**" if s == best else _ms(r["median_s"][s]))
+        rows.append([r["tokens"], *[(f"**{ms(r['median_s'][s])}**" if s == best else ms(r["median_s"][s]))
                                     for s in names],
                      " ".join(f"{r['clean'][s]}/{r['samples'][s]}" for s in names)])
-    lines.append(_table(["tokens", *names, "clean/all"], rows))
+    lines.append(markdown_table(["tokens", *names, "clean/all"], rows))
     if res["handoff"]:
         lines += ["", "K/V handoff between two groups (put_kv → take_kv, rank to rank through the object store):"]
-        lines.append(_table(["tokens", "K/V MiB (all ranks)", "handoff ms", "vs megatron prefill", "decode exact"],
-                            [[h["tokens"], f"{h['kv_bytes'] / 2**20:.1f}", _ms(h["median_s"]),
+        lines.append(markdown_table(["tokens", "K/V MiB (all ranks)", "handoff ms", "vs megatron prefill", "decode exact"],
+                            [[h["tokens"], f"{h['kv_bytes'] / 2**20:.1f}", ms(h["median_s"]),
                               f"{h['median_s'] / r['median_s']['megatron']:.1%}", h["exact"]]
                              for h, r in zip(res["handoff"], res["rows"])]))
     lines += ["", "Memory per worker, MiB (memory_report; RSS and PSS of the process):"]
     mem_rows = []
     for snap in res["memory"]:
         for rank, m in enumerate(snap["ranks"]):
-            mem_rows.append([snap["after"], rank, _mib(m["weights"]), _mib(m["gather_buffer"]), _mib(m["replicas"]),
-                             _mib(m["rss"]), _mib(m["pss"])])
-    lines.append(_table(["after", "rank", "weights", "gather buffer", "replicas", "RSS", "PSS"], mem_rows))
+            mem_rows.append([snap["after"], rank, mib(m["weights"]), mib(m["gather_buffer"]), mib(m["replicas"]),
+                             mib(m["rss"]), mib(m["pss"])])
+    lines.append(markdown_table(["after", "rank", "weights", "gather buffer", "replicas", "RSS", "PSS"], mem_rows))
     return "\n".join(lines)
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    from app.bench import accuracy
+    from app.cli.bench_runs import accuracy
     from strategies.cost import get_hardware
 
     hw = get_hardware(args.hardware)
@@ -199,8 +169,8 @@ def format_accuracy(res: dict) -> str:
     names = list(res["rows"][0]["measured_s"])
     src = res["calibrated_from"] or "UNCALIBRATED catalog entry (run `dynpart calibrate`)"
     lines = [f"planner ({res['hardware']}, profile {src}) against measurement, p = {res['devices']}",
-             _table(["tokens", *[f"{s} meas/pred ms (err)" for s in names], "choice", "measured best", "regret"],
-                    [[r["tokens"], *[f"{_ms(r['measured_s'][s])} / {_ms(r['predicted_s'][s])} "
+             markdown_table(["tokens", *[f"{s} meas/pred ms (err)" for s in names], "choice", "measured best", "regret"],
+                    [[r["tokens"], *[f"{ms(r['measured_s'][s])} / {ms(r['predicted_s'][s])} "
                                      f"({r['ape'].get(s, float('nan')):.0%})" for s in names],
                       r["choice"], r["measured_best"], f"{r['regret']:.1%}"] for r in res["rows"]]),
              f"MAPE {res['mape']:.1%}; largest regret {res['max_regret']:.1%}"]
@@ -208,7 +178,7 @@ def format_accuracy(res: dict) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from app.bench import calibrate
+    from app.cli.bench_runs import calibrate
     from strategies.cost import get_hardware, save_profile
 
     get_hardware(args.hardware, use_profile=False)  # a bad name fails before any worker starts
@@ -219,9 +189,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps({"profile": profile.model_dump(), "path": path, "raw": raw}))
         return 0
     print(f"{args.hardware}: {args.devices} workers measured together on {args.model}'s layer shards")
-    print(_table(["token rows", "GEMM GFLOP/s per worker"], [[g.rows, f"{g.tflops * 1e3:.1f}"] for g in profile.gemm]))
+    print(markdown_table(["token rows", "GEMM GFLOP/s per worker"], [[g.rows, f"{g.tflops * 1e3:.1f}"] for g in profile.gemm]))
     sharded = {a.rows * args.devices: a.tflops for a in profile.attention_sharded}
-    print(_table(["sequence length", "attention GFLOP/s per worker", "token-sharded (last shard, counted FLOPs)"],
+    print(markdown_table(["sequence length", "attention GFLOP/s per worker", "token-sharded (last shard, counted FLOPs)"],
                  [[a.rows, f"{a.tflops * 1e3:.1f}", f"{sharded[a.rows] * 1e3:.1f}" if a.rows in sharded else "—"]
                   for a in profile.attention]))
     print(f"memory bandwidth {profile.memory_bandwidth_gbs:.1f} GB/s; prefetched gather hidden behind compute: "
@@ -230,7 +200,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"collectives): per-op overhead κ {profile.launch_overhead_us:.0f} µs (tiny-kernel microbenchmark "
           f"{raw['launch_overhead_us']:.1f} µs), wait per blocking collective {profile.sync_overhead_us or 0:.0f} µs")
     if profile.collectives:
-        print(_table(["collective", "α µs per step", "β GB/s"],
+        print(markdown_table(["collective", "α µs per step", "β GB/s"],
                      [[k, f"{v.latency_us:.0f}", f"{v.bandwidth_gbs:.2f}"] for k, v in profile.collectives.items()]))
     print(f"profile written to {path}" if path else "dry run: profile not saved")
     return 0

@@ -11,20 +11,9 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from pydantic import BaseModel, ConfigDict
-
-from app.engine import LLMEngine, Sequence
-from app.sampling import SamplingParams
-
-
-class Handoff(BaseModel):
-    """What a decode replica needs to continue a prefilled sequence."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    prompt_ids: list[int]
-    first_token: int
-    kv_refs: list[list]  # [rank][0]: that rank's K/V slice in the object store
+from app.engine.llm_engine import LLMEngine, Sequence
+from app.engine.messages import Handoff
+from app.engine.sampling import SamplingParams
 
 
 class PrefillEngine(LLMEngine):
@@ -33,7 +22,7 @@ class PrefillEngine(LLMEngine):
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if reason == "length" and seq.slot is not None:
-            seq.handoff = Handoff(prompt_ids=seq.prompt_ids, first_token=seq.output_ids[-1],  # type: ignore[attr-defined]
+            seq.handoff = Handoff(prompt_ids=seq.prompt_ids, first_token=seq.output_ids[-1],
                                   kv_refs=self.group.put_kv([seq.slot]))
         super()._finish(seq, reason)
 

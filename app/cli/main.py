@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ["app.cli_generate", "app.cli_planner", "app.cli_demo", "app.cli_bench"]
+COMMAND_MODULES = ["app.cli.generate", "app.cli.planner", "app.cli.demo", "app.cli.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

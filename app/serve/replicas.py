@@ -14,16 +14,18 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from app.build import EngineOptions, build_engine
-from app.disagg import DecodeEngine, Handoff, PrefillEngine
-from app.engine import LLMEngine
-from app.engine_loop import EngineLoop, Update
-from app.metrics import set_queued_tokens
-from app.sampling import SamplingParams
+from app.engine.build import EngineOptions, build_engine
+from app.engine.disagg import DecodeEngine, PrefillEngine
+from app.engine.llm_engine import LLMEngine
+from app.engine.loop import EngineLoop
+from app.engine.messages import Handoff, Update
+from app.engine.sampling import SamplingParams
+from app.serve.metrics import set_queued_tokens
 
 
 class _EngineShell:
     engine_class: type[LLMEngine] = LLMEngine
+    loop: EngineLoop | None = None  # None until the engine has started (``__del__`` may run before)
 
     def __init__(self, pool: str, opts: EngineOptions, bundle: dict):
         import ray
@@ -34,7 +36,7 @@ class _EngineShell:
         self.available = engine.group.call("available_strategies")
         for strategy in self.available:  # first use builds buffers and replicas: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=1), strategy=strategy)
-        self.pids = [os.getpid(), *getattr(engine.group, "pids", list)()]  # this replica's processes (memory checks)
+        self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}")
         self._report = asyncio.get_event_loop().create_task(self._report_load())
 
@@ -44,7 +46,7 @@ class _EngineShell:
             await asyncio.sleep(1.0)
 
     def info(self) -> dict:
-        """What the ingress needs to classify: the strategies this replica can run, and its load; also its KV slots
+        """What the ingress needs to pick a pool: the strategies this replica can run, and its load; also its KV slots
         in use and its processes, for operators and the reliability tests (a finished or aborted request holds none)."""
         import ray
 
@@ -59,10 +61,9 @@ class _EngineShell:
             raise RuntimeError(f"engine of pool {self.pool} stopped: {self.loop.error!r}")
 
     def __del__(self):
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            loop.stop()
-            loop.engine.group.shutdown()
+        if self.loop is not None:
+            self.loop.stop()
+            self.loop.engine.group.shutdown()
 
 
 @serve.deployment

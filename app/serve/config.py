@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from app.build import EngineOptions
-from placement.workers import COLLECTIVE_TIMEOUT_S, DEVICE_RESOURCE
-from strategies.cost.search import STRATEGIES
+from app.engine.build import EngineFields, EngineOptions
+from placement.workers import DEVICE_RESOURCE
+from strategies.layout import STRATEGY_NAMES
 from strategies.loader import DEFAULT_MODEL
 
 
@@ -32,12 +32,11 @@ class Autoscaling(BaseModel):
     downscale_delay_s: float = 60.0
 
 
-class PoolConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PoolConfig(EngineFields):
+    """One pool: the engine fields (``EngineFields``) of its replicas, where they run, how many, and its limits."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     hardware: str = "cpu"  # hardware catalog entry the planner prices this pool's devices as
-    devices: int = Field(1, ge=1)  # devices (shard workers) per replica
     gpu: bool = False  # devices are GPUs (else CPU processes with gloo)
     accelerator_type: str | None = None  # Ray's accelerator type of the GPUs, e.g. "L4", "A100"
     resources: dict[str, float] = Field(default_factory=dict)  # extra custom resources per device
@@ -47,15 +46,8 @@ class PoolConfig(BaseModel):
     max_ongoing_requests: int = Field(16, ge=1)  # per replica
     max_queued_requests: int = Field(64, ge=-1)  # per caller (the ingress) beyond which requests get 503
     max_queued_tokens: int = Field(65536, ge=1)  # prompt tokens waiting for prefill beyond which the pool is full
-    slots: int = Field(8, ge=1)
-    max_model_len: int = Field(2048, ge=16)
-    max_prefill_tokens: int = Field(8192, ge=16)
-    dtype: str = "float32"
     disaggregated: bool = False  # separate prefill and decode deployments, K/V handed over via the object store
     decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
-    # A step whose peer rank died or hangs fails after this long (the replica is then replaced): the longest a
-    # request on a broken replica waits for its error. Rendezvous at start-up gets the same bound.
-    collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)
     health_check_period_s: float = Field(10.0, gt=0)  # how soon Serve notices a failed replica and replaces it
 
     def bundle(self, counted_cpu_devices: bool = False) -> dict[str, float]:
@@ -70,9 +62,8 @@ class PoolConfig(BaseModel):
         return {**device, **self.resources}
 
     def engine_options(self, model: str, shared_weights: bool) -> EngineOptions:
-        return EngineOptions(model=model, devices=self.devices, slots=self.slots, max_model_len=self.max_model_len,
-                             max_prefill_tokens=self.max_prefill_tokens, dtype=self.dtype, hardware=self.hardware,
-                             shared_weights=shared_weights, collective_timeout_s=self.collective_timeout_s)
+        shared = self.model_dump(include=set(EngineFields.model_fields))
+        return EngineOptions(model=model, hardware=self.hardware, shared_weights=shared_weights, **shared)
 
     def deployment_options(self, name: str, bundle: dict[str, float], graceful_shutdown_s: float,
                            replicas: int | None = None) -> dict[str, Any]:
@@ -121,7 +112,7 @@ class AppConfig(BaseModel):
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
-        valid = ["dynamic"] + [f"static:{s}" for s in STRATEGIES]
+        valid = ["dynamic"] + [f"static:{s}" for s in STRATEGY_NAMES]
         if self.policy not in valid:
             raise ValueError(f"policy {self.policy!r} is not one of {', '.join(valid)}")
         return self

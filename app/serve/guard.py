@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import grpc
 
-from app.errors import ApiError, Forbidden, Unauthorized, classify
+from app.serve.errors import ApiError, Forbidden, Unauthorized, api_error
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ def check_peer(peer: str, remote_allowed: bool) -> None:
     host = unquote(peer).partition(":")[2].rpartition(":")[0].strip("[]")  # ipv4:127.0.0.1:5000, ipv6:[::1]:5000
     try:
         ip = ipaddress.ip_address(host)
-        local = (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # [::ffff:127.0.0.1] on a dual-stack socket
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # [::ffff:127.0.0.1], dual-stack
+        local = (mapped or ip).is_loopback
     except ValueError:
         local = False
     if not local:
@@ -66,7 +67,7 @@ class Guard:
         try:
             check_key(limits.api_key, headers.get("authorization"))
         except Unauthorized as e:
-            return await classify(e).response()(scope, receive, send)
+            return await api_error(e).response()(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if "content-type" in headers and not _json_type(headers["content-type"]):

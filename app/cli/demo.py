@@ -49,7 +49,7 @@ def serve_run(config: str | Path, url: str, log_path: str | Path, timeout_s: flo
     """``serve run config`` in its own process group and its own Ray, until ``url`` is healthy; Ctrl-C on exit."""
     from placement.workers import local_ray_options
 
-    local_ray_options()  # sets the environment DESIGN.md §6 asks Ray for (auth off, local addresses)
+    local_ray_options()  # sets the environment a local Ray needs here (token auth off)
     serve = Path(sys.executable).with_name("serve")
     env = {"HF_HUB_OFFLINE": "1", **os.environ, "RAY_ADDRESS": "local"}  # never attach to another cluster
     with open(log_path, "w") as log:

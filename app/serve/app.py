@@ -1,4 +1,4 @@
-"""The Serve application builder: ``import_path: app.serve_app:build_app`` in ``serve_config.yaml``.
+"""The Serve application builder: ``import_path: app.serve.app:build_app`` in ``serve_config.yaml``.
 
 Turns the validated ``AppConfig`` into one engine deployment per aggregated pool (named after the pool), a
 ``<pool>-prefill`` and a ``<pool>-decode`` deployment per disaggregated pool, and the ingress that holds their handles.
@@ -7,9 +7,9 @@ Turns the validated ``AppConfig`` into one engine deployment per aggregated pool
 import ray
 from ray.serve import Application
 
-from app.engine_deployment import DecodeReplica, EngineReplica, PrefillReplica
-from app.ingress import Ingress
-from app.pools import AppConfig
+from app.serve.config import AppConfig
+from app.serve.ingress import Ingress
+from app.serve.replicas import DecodeReplica, EngineReplica, PrefillReplica
 from placement.workers import DEVICE_RESOURCE
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from placement.calibrate import Interference, timed
-from strategies.cost.search import STRATEGIES
+from strategies.layout import STRATEGY_NAMES
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -90,8 +90,8 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
     """
     from transformers import DynamicCache, LlamaForCausalLM
 
-    from app.build import EngineOptions, build_engine
-    from app.sampling import SamplingParams
+    from app.engine.build import EngineOptions, build_engine
+    from app.engine.sampling import SamplingParams
     from strategies.loader import Checkpoint
 
     ckpt = Checkpoint(model)
@@ -185,12 +185,12 @@ def process_memory(pids: Sequence[int]) -> list[dict]:
 
 def memory_snapshot(group, label: str) -> dict:
     reports = group.call_all("memory_report")
-    procs = process_memory(group.pids()) if hasattr(group, "pids") else process_memory([os.getpid()])
+    procs = process_memory(group.pids() or [os.getpid()])
     return {"after": label, "ranks": [{**r, **m} for r, m in zip(reports, procs)]}
 
 
 def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: int, budget_s: float = 60.0,
-                     strategies: Sequence[str] = tuple(STRATEGIES), handoff: bool = True, quiet_wait_s: float = 30.0,
+                     strategies: Sequence[str] = tuple(STRATEGY_NAMES), handoff: bool = True, quiet_wait_s: float = 30.0,
                      progress: Callable[[str], None] = lambda s: None) -> dict:
     """Prefill seconds of each strategy at each length on ``devices`` shard workers, the K/V handoff between two
     groups, and memory per worker (before any prefill, after the first weight-gathered and replicated ones)."""
@@ -203,7 +203,7 @@ def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: 
     decode_group = start_group(devices, kwargs) if handoff and devices > 1 else None
     available = group.call("available_strategies")
     memory = [memory_snapshot(group, "start (resident shards only)")]
-    pids = [*group.pids(), *decode_group.pids()] if decode_group is not None else getattr(group, "pids", list)()
+    pids = [*group.pids(), *(decode_group.pids() if decode_group is not None else [])]
     meter = Interference(pids)
     rows, handoffs = [], []
     try:
@@ -262,7 +262,7 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
     # decode steps: at most 1 warm-up + 4·repeats rounds (``interleaved`` without a budget)
     group = start_group(devices, runner_kwargs(model, devices, capacity=context + 4 * repeats + 2, slots=1))
     try:
-        meter = Interference([os.getpid(), *getattr(group, "pids", list)()])
+        meter = Interference([os.getpid(), *group.pids()])
         spec = {**spec, "pids": meter.pids}
         if quiet > 0:
             meter.wait_quiet(timeout_s=quiet)

@@ -1,6 +1,6 @@
-"""Classify a tokenized request onto a pool and run it there; shared by the HTTP and the gRPC front ends.
+"""Pick a pool for a tokenized request and run it there; shared by the HTTP and the gRPC front ends.
 
-Classification asks the planner, per pool that can hold the request (prompt + max_tokens within its context), for
+Picking a pool asks the planner, per pool that can hold the request (prompt + max_tokens within its context), for
 the predicted prefill time of this prompt on that pool's devices, plus the predicted time to clear the prompt tokens
 the ingress has already sent there and that are still waiting for their first token; the lowest sum wins (ties go
 to the pool listed first). A pool whose waiting tokens would pass ``max_queued_tokens`` is skipped; if every pool is
@@ -13,24 +13,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from app.disagg import Handoff
-from app.engine import RequestError
-from app.engine_loop import Update
-from app.pools import AppConfig, PoolConfig
-from app.sampling import SamplingParams
+from app.engine.messages import Handoff, RequestError, Update
+from app.engine.sampling import SamplingParams
+from app.serve.config import AppConfig, PoolConfig
+from app.serve.errors import Overloaded, RequestTimeout
 from strategies.cost import get_hardware, plan_prefill
-from strategies.runner import check_strategy
+from strategies.layout import check_strategy
 from strategies.loader import Checkpoint
-
-
-class Overloaded(RuntimeError):
-    """Every pool that could serve the request is full: answer 503."""
-
-
-class RequestTimeout(TimeoutError):
-    """The request ran past the app's ``request_timeout_s``; its generation was cancelled."""
 
 
 async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None) -> AsyncIterator[Update]:
@@ -52,6 +44,18 @@ async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None)
         await updates.aclose()
 
 
+async def until_finished(call) -> AsyncIterator[Update]:
+    """The updates of a streaming Serve call; leaving before the last one cancels it in its replica."""
+    finished = False
+    try:
+        async for update in call:
+            finished = update.finish_reason is not None
+            yield update
+    finally:
+        if not finished:
+            call.cancel()
+
+
 @dataclass
 class PoolHandles:
     """An aggregated pool has ``engine``; a disaggregated one has ``prefill`` and ``decode``."""
@@ -68,7 +72,6 @@ class PoolHandles:
 @dataclass
 class Route:
     pool: PoolConfig
-    strategy: str  # predicted prefill strategy
     predicted_s: float  # predicted time to first token, queue included
 
 
@@ -125,7 +128,7 @@ class Router:
                                                  return_dict=False)
         return list(ids)
 
-    # -- classification ----------------------------------------------------------------------------------------------
+    # -- picking a pool ----------------------------------------------------------------------------------------------
 
     async def pool_info(self, pool: str) -> dict:
         """Ask one of the pool's replicas what it can run and how loaded it is (waits while none is up)."""
@@ -139,7 +142,8 @@ class Router:
             await self.pool_info(pool)
         return self._available[pool]
 
-    async def classify(self, n: int, max_tokens: int, pool: str | None = None, strategy: str = "auto") -> Route:
+    async def pick_pool(self, n: int, max_tokens: int, pool: str | None = None, strategy: str = "auto") -> Route:
+        """The pool with the lowest predicted time to first token for ``n`` prompt tokens (``pool``: only that one)."""
         if pool is not None and pool not in self.queued:
             raise RequestError(f"unknown pool {pool!r}: choose one of {', '.join(self.queued)}")
         check_strategy(strategy, allow_auto=True, error=RequestError)
@@ -161,7 +165,7 @@ class Router:
                 continue
             wait = self.queued[p.name] and plan_prefill(self.shape, self.hardware[p.name], p.devices,
                                                         self.queued[p.name], available=available).time_s
-            routes.append(Route(pool=p, strategy=chosen, predicted_s=own + wait))
+            routes.append(Route(pool=p, predicted_s=own + wait))
         if not routes:
             raise Overloaded("every pool that can serve this request is at its queued-token limit; retry later")
         return min(routes, key=lambda r: r.predicted_s)  # min keeps the first of equals: config order
@@ -170,42 +174,54 @@ class Router:
 
     async def run(self, route: Route, prompt_ids: list[int], params: SamplingParams,
                   strategy: str = "auto") -> AsyncIterator[Update]:
-        """Updates of the request on ``route``'s pool; the first arrives after prefill (strategy known)."""
+        """Updates of the request on ``route``'s pool; the first arrives after prefill (strategy known). Its prompt
+        tokens count as queued on the pool until then; leaving early cancels the call in flight."""
         name, n = route.pool.name, len(prompt_ids)
         handles = self.handles[name]
+        run = self._run_aggregated if handles.engine is not None else self._run_disaggregated
         self.queued[name] += n
-        waiting, finished = True, False
-        call = None  # the Serve call in flight: cancelled if the caller leaves before the request finished
+        prefilled = False
         try:
-            if handles.engine is not None:
-                call = handles.engine.options(stream=True).generate.remote(prompt_ids, params.model_dump(), strategy)
-                async for update in call:
-                    if waiting:
+            async with aclosing(run(handles, prompt_ids, params, strategy)) as updates:  # closing it cancels the call
+                async for update in updates:
+                    if not prefilled:
                         self.queued[name] -= n
-                        waiting = False
-                    finished = update.finish_reason is not None
+                        prefilled = True
                     yield update
-                return
-            call = handles.prefill.prefill.remote(prompt_ids, params.model_dump(), strategy)
-            first: Update = await call
-            self.queued[name] -= n
-            waiting, finished = False, True
-            handoff: Handoff | None = first.handoff
-            if handoff is None or params.max_tokens == 1 or first.finish_reason != "length":
-                first.handoff = None
-                yield first
-                return
-            finished = False
-            # The decode replica re-emits the first token with its text; report only the prefill's figures here.
-            yield Update(text="", token_ids=[], finish_reason=None, prompt_tokens=n, completion_tokens=0,
-                         prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s, ttft_s=first.ttft_s,
-                         tpot_s=None)
-            call = handles.decode.options(stream=True).decode.remote(handoff, params.model_dump())
-            async for update in call:
-                finished = update.finish_reason is not None
-                yield update
         finally:
-            if waiting:
+            if not prefilled:
                 self.queued[name] -= n
-            if call is not None and not finished:
-                call.cancel()
+
+    @staticmethod
+    async def _run_aggregated(handles: PoolHandles, prompt_ids: list[int], params: SamplingParams,
+                              strategy: str) -> AsyncIterator[Update]:
+        """One engine replica prefills and decodes."""
+        call = handles.engine.options(stream=True).generate.remote(prompt_ids, params.model_dump(), strategy)
+        async with aclosing(until_finished(call)) as updates:
+            async for update in updates:
+                yield update
+
+    @staticmethod
+    async def _run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params: SamplingParams,
+                                 strategy: str) -> AsyncIterator[Update]:
+        """A prefill replica runs the prompt to its first token and leaves its K/V in the object store; a decode
+        replica takes it over rank to rank and streams the rest."""
+        prefill = handles.prefill.prefill.remote(prompt_ids, params.model_dump(), strategy)
+        try:
+            first: Update = await prefill
+        except BaseException:
+            prefill.cancel()
+            raise
+        handoff: Handoff | None = first.handoff
+        first.handoff = None
+        if handoff is None or params.max_tokens == 1 or first.finish_reason != "length":
+            yield first
+            return
+        # The decode replica re-emits the first token with its text; report only the prefill's figures here.
+        yield Update(text="", token_ids=[], finish_reason=None, prompt_tokens=len(prompt_ids), completion_tokens=0,
+                     prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s, ttft_s=first.ttft_s,
+                     tpot_s=None)
+        call = handles.decode.options(stream=True).decode.remote(handoff, params.model_dump())
+        async with aclosing(until_finished(call)) as updates:
+            async for update in updates:
+                yield update

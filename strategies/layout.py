@@ -1,7 +1,8 @@
-"""Whether p devices can split a model, and the padded shape they actually run.
+"""The facts the engine and the cost model share: the prefill strategies' names, and how p devices split a model.
 
 One rule shared by the engine (which shards weights by it) and the cost model (which costs the padded shape), so a
-plan is never made for a split the engine would refuse, and padded heads are paid for in the prediction too.
+plan is never made for a split the engine would refuse, and padded heads are paid for in the prediction too. Both
+import this module; neither imports the other's internals.
 """
 
 from __future__ import annotations
@@ -9,6 +10,17 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from strategies.shapes import ModelShape
+
+# The prefill strategies the engine executes, in the order tables list them. Decode always runs ``megatron``.
+STRATEGY_NAMES: tuple[str, ...] = ("megatron", "weight_gathered", "projection_replicated")
+
+
+def check_strategy(name: str, allow_auto: bool = False, error: type[ValueError] = ValueError) -> str:
+    """The one check of a prefill strategy name (``auto``, the planner's choice, where the caller resolves it)."""
+    choices = (["auto"] if allow_auto else []) + list(STRATEGY_NAMES)
+    if name not in choices:
+        raise error(f"unknown prefill strategy {name!r}: choose one of {', '.join(choices)}")
+    return name
 
 
 class ShardLayout(BaseModel):
