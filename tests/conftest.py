@@ -5,9 +5,16 @@ Ray is started once per test session (per-test starts cost minutes on 2 cores).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The planner prices ``cpu`` by a calibration profile when one exists: tests get an empty profile directory of their
+# own (set before Ray starts, so every replica and worker sees it), whatever the machine's ~/.cache holds.
+os.environ["DYNPART_PROFILE_DIR"] = tempfile.mkdtemp(prefix="dynpart-test-profiles-")
+atexit.register(shutil.rmtree, os.environ["DYNPART_PROFILE_DIR"], ignore_errors=True)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -113,9 +120,9 @@ def serve_session(ray_session) -> dict[str, int]:
     from placement.workers import free_port
 
     ports = {"http": free_port(), "grpc": free_port()}
+    servicer = "app.serve.protos.dynpart_pb2_grpc.add_DynpartServicer_to_server"
     serve.start(http_options={"host": "127.0.0.1", "port": ports["http"]},
-                grpc_options={"port": ports["grpc"],
-                              "grpc_servicer_functions": ["app.serve.protos.dynpart_pb2_grpc.add_DynpartServicer_to_server"]})
+                grpc_options={"port": ports["grpc"], "grpc_servicer_functions": [servicer]})
     yield ports
     serve.shutdown()
 

@@ -45,7 +45,9 @@ def test_calibrate_writes_a_profile_the_planner_uses(ray_session, tiny_models, t
 
 def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models, tmp_path, monkeypatch, capsys):
     from app.cli.bench import format_accuracy, format_strategies
+    from strategies.cost import get_hardware, plan_prefill
     from strategies.layout import STRATEGY_NAMES
+    from strategies.shapes import ModelShape
 
     monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))  # no profile: the catalog's cpu entry
     res = _run(capsys, ["bench", "strategies", "--model", tiny_models["mha"], "--devices", "2", "--lengths", "8,32",
@@ -61,9 +63,17 @@ def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models,
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps(res))
     acc = _run(capsys, ["bench", "accuracy", "--measured", str(measured), "--json"])
-    assert acc["mape"] >= 0 and len(acc["rows"]) == 2
-    for r in acc["rows"]:
-        assert r["choice"] in r["measured_s"] and r["regret"] >= 0
+    assert [r["tokens"] for r in acc["rows"]] == [8, 32]
+    shape, hw, errors = ModelShape(**res["shape"]), get_hardware("cpu"), []
+    for r, m in zip(acc["rows"], res["rows"]):
+        plan = plan_prefill(shape, hw, 2, r["tokens"], available=res["available"])
+        assert r["measured_s"] == m["median_s"]  # the bench's own numbers, not re-measured
+        assert r["predicted_s"] == pytest.approx({s: plan.predicted_s[s] for s in m["median_s"]})
+        assert r["choice"] == plan.strategy and r["measured_best"] == min(m["median_s"], key=m["median_s"].get)
+        assert r["regret"] == pytest.approx(m["median_s"][plan.strategy] / min(m["median_s"].values()) - 1)
+        errors += [abs(plan.predicted_s[s] - t) / t for s, t in m["median_s"].items()]
+    assert acc["mape"] == pytest.approx(sum(errors) / len(errors))
+    assert acc["max_regret"] == pytest.approx(max(r["regret"] for r in acc["rows"]))
     assert "MAPE" in format_accuracy(acc)
 
 

@@ -1,8 +1,8 @@
 """Partitioned execution on p real shard workers (Ray actors, gloo): every strategy, every p, exact.
 
 For each model shape and p, one group of workers runs every prefill strategy on a batch of prompts of different
-lengths: all-token logits equal transformers' (float32, max abs diff <= 1e-4), and 16 greedy Megatron decode steps
-after the KV handoff give transformers' tokens.
+lengths: the production path's last-token logits and all-token logits equal transformers' (float32, max abs diff
+<= 1e-4), and 16 greedy Megatron decode steps after the KV handoff give transformers' tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logit
 
 from app.engine.build import EngineOptions, build_engine
 from placement.workers import start_group
-from strategies.layout import STRATEGY_NAMES
+from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.loader import Checkpoint
 from strategies.projection_replicated import StrategyUnavailable
 
@@ -26,6 +26,10 @@ def check_group(group, path: str, prompts: list[list[int]]) -> None:
     ref_tokens = [reference_greedy(path, p, DECODE_STEPS + 1) for p in prompts]
     last = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
     for strategy in STRATEGY_NAMES:
+        group.call_all("release", slots)  # the serving path: only each prompt's last row leaves the ranks
+        served = group.call("prefill", prompts, slots, strategy)
+        diff = (served - ref_logits[last]).abs().max().item()
+        assert served.shape == (len(prompts), ref_logits.shape[-1]) and diff <= 1e-4, f"{strategy}: last-token {diff}"
         group.call_all("release", slots)
         logits = group.call("prefill", prompts, slots, strategy, True)
         diff = (logits - ref_logits).abs().max().item()
@@ -60,10 +64,15 @@ def test_every_strategy_is_exact(ray_session, tiny_models, devices):
 
 
 @pytest.mark.slow
-def test_smollm2_at_three_devices_is_exact(ray_session, smollm2):
-    tok = Checkpoint(smollm2).tokenizer()
+@pytest.mark.parametrize("devices", [2, 3, 4])
+def test_smollm2_is_exact(ray_session, smollm2, devices):
+    """SmolLM2 has 9 query and 3 KV heads: p = 3 splits them evenly, p = 2 and 4 run zero-padded heads (12 and 4)."""
+    ckpt = Checkpoint(smollm2)
+    layout = check_devices(ckpt.shape, devices)
+    assert (layout.heads, layout.kv_heads) == ((9, 3) if devices == 3 else (12, 4))
+    tok = ckpt.tokenizer()
     prompts = [tok(t)["input_ids"] for t in ("The capital of France is", "Write a haiku about partitioned matrices")]
-    group = start_group(3, dict(model=smollm2, slots=2, capacity=64, replica_budget_bytes=2**30))
+    group = start_group(devices, dict(model=smollm2, slots=2, capacity=64, replica_budget_bytes=2**30))
     try:
         check_group(group, smollm2, prompts)
     finally:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 APP, ROUTE, MODEL, POOL = "reliability", "/rel", "tiny-chat", "p2"
+POLICY = "static:weight_gathered"  # the static policy the load tests compare against: every prefill token-sharded
 MAX_TOKENS_LIMIT, MAX_BODY = 256, 64 * 1024
 FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 400))
 SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 300))
@@ -33,7 +34,8 @@ def rel(serve_session, chat_tiny):
     pool = dict(name=POOL, devices=2, slots=2, max_model_len=512, max_ongoing_requests=2, max_queued_requests=2,
                 health_check_period_s=1, collective_timeout_s=10)
     args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
-            "max_tokens_limit": MAX_TOKENS_LIMIT, "max_body_bytes": MAX_BODY, "request_timeout_s": 120}
+            "max_tokens_limit": MAX_TOKENS_LIMIT, "max_body_bytes": MAX_BODY, "request_timeout_s": 120,
+            "policy": POLICY}
     with deployed(serve_session, args, APP, ROUTE) as ports:
         yield ports
 
@@ -78,6 +80,24 @@ def assert_openai_error(r: httpx.Response) -> dict:
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), r.text
     return err
+
+
+def test_a_static_policy_prefills_every_request_its_way(http, chat_tiny):
+    """Under ``static:weight_gathered`` a prompt the planner would prefill another way still runs weight_gathered,
+    and a request that names a strategy gets the one it names."""
+    from strategies.cost import get_hardware, plan_prefill
+    from strategies.loader import Checkpoint
+
+    ckpt = Checkpoint(chat_tiny)
+    for prompt in ("Hi", "Tell me everything about partitioned matrices " * 8):
+        n = len(ckpt.tokenizer()(prompt)["input_ids"])
+        assert plan_prefill(ckpt.shape, get_hardware("cpu"), 2, n).strategy != "weight_gathered"  # dynamic's pick
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2, **GREEDY})
+        assert r.status_code == 200 and r.headers["x-dynpart-strategy"] == "weight_gathered", r.text
+        assert r.json()["usage"]["dynpart"]["strategy"] == "weight_gathered"
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **GREEDY},
+                  headers={"x-dynpart-strategy": "megatron"})
+    assert r.status_code == 200 and r.headers["x-dynpart-strategy"] == "megatron"
 
 
 # -- validation -------------------------------------------------------------------------------------------------------
@@ -139,7 +159,7 @@ JSON = {"content-type": "application/json"}
     (b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", JSON, 400, "parsed"),
     (b"[1, 2, 3]", JSON, 400, "dictionary"),
     (b"[" * 20000 + b"]" * 20000, JSON, 400, "parsed"),
-    (b"", JSON, 400, ""),
+    (b"", JSON, 400, "body is empty"),
     (b"model=tiny-chat&prompt=hi", {"content-type": "application/x-www-form-urlencoded"}, 415, "content-type"),
     (b'{"model": "tiny-chat", "prompt": "hi"}', {"content-type": "text/plain"}, 415, "application/json"),
     (b'{"model": "tiny-chat", "prompt": "' + b"a" * MAX_BODY + b'"}', JSON, 413, f"{MAX_BODY} bytes"),

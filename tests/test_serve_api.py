@@ -9,6 +9,7 @@ prompts to ``fast`` (fastest predicted), prompts that do not fit its context to 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import httpx
@@ -204,3 +205,72 @@ def test_overload_is_503(app_ports):
 
     codes = sorted(r.status_code for r in asyncio.run(burst()))
     assert 200 in codes and 503 in codes and set(codes) == {200, 503}, codes
+
+
+def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
+    """``long`` and ``split`` are the same hardware and context: idle, the first listed wins; with prompt tokens
+    waiting on ``long`` the request goes to ``split``; with more waiting on ``split``, back to ``long``. The router
+    runs here with the app's real deployment handles and the planner's real predictions."""
+    from ray import serve
+
+    from app.serve.config import AppConfig
+    from app.serve.router import PoolHandles, Router
+
+    cfg = AppConfig.model_validate({"model": chat_tiny, "pools": POOLS})
+    handles = {"fast": PoolHandles(engine=serve.get_deployment_handle("fast", APP)),
+               "long": PoolHandles(engine=serve.get_deployment_handle("long", APP)),
+               "split": PoolHandles(prefill=serve.get_deployment_handle("split-prefill", APP),
+                                    decode=serve.get_deployment_handle("split-decode", APP))}
+    router = Router(cfg, handles)
+    n = 700  # fits long and split (1024 tokens), not fast (512)
+
+    async def picks() -> list:
+        idle = await router.pick_pool(n, 8)
+        router.queued["long"] = 2000
+        long_busy = await router.pick_pool(n, 8)
+        router.queued["split"] = 3000
+        both_busy = await router.pick_pool(n, 8)
+        return [idle, long_busy, both_busy]
+
+    idle, long_busy, both_busy = asyncio.run(picks())
+    assert [r.pool.name for r in (idle, long_busy, both_busy)] == ["long", "split", "long"]
+    assert long_busy.predicted_s == pytest.approx(idle.predicted_s)  # split's own prefill, nothing queued there
+    shape, hw = Checkpoint(chat_tiny).shape, get_hardware("cpu")
+    available = asyncio.run(router.available("long"))
+    wait = plan_prefill(shape, hw, 2, 2000, available=available).time_s
+    assert both_busy.predicted_s == pytest.approx(idle.predicted_s + wait)  # own prefill + the queue ahead
+
+
+def test_prometheus_metrics_count_requests(http, ray_session):
+    """Scraped from Ray's metrics endpoint as Prometheus would: the request counter and the latency histograms
+    move with the requests served, and every engine replica reports its queued tokens."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+
+    def samples() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.startswith("ray_dynpart_") and s.labels.get("pool") == "fast":
+                    key = s.name + ("" if "status" not in s.labels else f"[{s.labels['status']}]")
+                    out[key] = out.get(key, 0.0) + s.value
+        return out
+
+    before = samples()
+    for _ in range(3):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, **GREEDY},
+                      headers={"x-dynpart-pool": "fast"})
+        assert r.status_code == 200
+    deadline, after = time.monotonic() + 60, before
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        after = samples()
+        if after.get("ray_dynpart_requests_total[200]", 0) >= before.get("ray_dynpart_requests_total[200]", 0) + 3:
+            break
+        time.sleep(1)
+    # at least these three (an earlier test's requests may be exported in the same window)
+    assert after.get("ray_dynpart_requests_total[200]", 0) - before.get("ray_dynpart_requests_total[200]", 0) >= 3
+    for hist in ("ray_dynpart_ttft_seconds_count", "ray_dynpart_prefill_seconds_count"):
+        assert after.get(hist, 0) - before.get(hist, 0) >= 3, hist
+    assert "ray_dynpart_queued_tokens" in after

@@ -35,8 +35,8 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["text"]
         assert r.headers["x-dynpart-pool"] == "l4x1" and r.headers["x-dynpart-strategy"] == "megatron"
-        out = subprocess.run([sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"],
-                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+        demo = [sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"]
+        out = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {r["pool"] for r in rows if r["kind"] == "short"} == {"l4x1"}

@@ -1,4 +1,9 @@
-"""Simulator sanity: load, per-request optimality of dynamic when uncongested, feasibility, traces."""
+"""Simulator sanity: load, feasibility, SLOs, traces, and its consistency with the planner.
+
+The simulator replays the planner's own predictions, so ``dynamic`` beating every static policy in it is consistency
+(the planner picks the minimum of what the simulator charges), not evidence of a gain: that comes from measuring
+real engines (``load_tests.compare``, BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ def test_more_load_means_higher_ttft():
     assert spread.ttft_s.p90 < heavy.ttft_s.p90
 
 
-def test_dynamic_is_never_worse_than_the_best_static_per_request_when_uncongested():
+def test_dynamic_is_consistent_with_the_predictions_it_replays():
+    """Uncongested, each request's dynamic TTFT is the least of the static ones: a check that the planner and the
+    simulator charge the same costs, not that dynamic is faster on real hardware."""
     reqs = builtin_workload("length-sweep")
     for hw in ("L4", "A100-40GB-SXM"):
         rep = simulate(LLAMA7, [Pool(hardware=get_hardware(hw), devices=4)], reqs)

@@ -190,7 +190,7 @@ def memory_snapshot(group, label: str) -> dict:
 
 
 def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: int, budget_s: float = 60.0,
-                     strategies: Sequence[str] = tuple(STRATEGY_NAMES), handoff: bool = True, quiet_wait_s: float = 30.0,
+                     strategies: Sequence[str] = STRATEGY_NAMES, handoff: bool = True, quiet_wait_s: float = 30.0,
                      progress: Callable[[str], None] = lambda s: None) -> dict:
     """Prefill seconds of each strategy at each length on ``devices`` shard workers, the K/V handoff between two
     groups, and memory per worker (before any prefill, after the first weight-gathered and replicated ones)."""

@@ -116,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"KV {m.kv_gb:5.2f}  budget {m.budget_gb:6.2f}  {'fits' if m.feasible else 'DOES NOT FIT'}")
     print("\nDecode step (ms; the engine always decodes with megatron)")
     for d in rep.decode:
-        print(f"  batch {d.batch:3d} × context {d.context}: megatron {ms(d.predicted_s['megatron'], digits=2, width=9).strip()}  "
+        print(f"  batch {d.batch:3d} × context {d.context}: megatron {ms(d.predicted_s['megatron'], digits=2)}  "
               f"(model's own choice: {d.choice})")
     if args.plot:
         print(f"\nplot written to {args.plot}")

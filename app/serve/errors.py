@@ -112,6 +112,8 @@ def validation_message(errors: list[dict]) -> tuple[str | None, str]:
     err = next((x for x in errors if not str(x.get("type", "")).endswith("_type")), errors[0])
     parts = [str(x) for x in err.get("loc", ()) if x != "body" and _is_field(x)]
     where = ".".join(parts) or None
+    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+        return None, "the request body is empty: send a JSON object"
     if err.get("type") == "json_invalid":
         return None, f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -2,8 +2,9 @@
 
 It tokenizes once, lets the ``Router`` pick a pool for the request, waits for the first update (prefill done,
 so the strategy is known) and only then answers, so that even a streamed response carries ``x-dynpart-pool`` and
-``x-dynpart-strategy`` headers. Errors (``app.serve.errors``): bad input 400 (404 for an unknown model), no or a wrong API
-key 401, overload 503 with ``retry-after``, a failed replica 503, past the request timeout 504; OpenAI's error body.
+``x-dynpart-strategy`` headers. Errors (``app.serve.errors``): bad input 400 (404 for an unknown model), no or a wrong
+API key 401, overload 503 with ``retry-after``, a failed replica 503, past the request timeout 504; OpenAI's error
+body.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.

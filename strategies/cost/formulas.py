@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 
 from strategies.cost.hardware import CollectiveKind, Hardware
 
-# Ring algorithms (the standard NCCL cost: each device sends (p-1)/p of the tensor per pass): bytes sent per device as a fraction of the full tensor D,
-# and the number of latency steps α.
+# Ring algorithms (NCCL's cost: each pass sends (p-1)/p of the tensor): bytes sent per device as a fraction of the
+# full tensor D, and the number of latency steps α.
 _BYTES_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
                  "reduce_scatter": lambda p: (p - 1) / p, "all_to_all": lambda p: (p - 1) / p**2}
 _STEPS = {"all_reduce": lambda p: 2 * (p - 1), "all_gather": lambda p: p - 1,
