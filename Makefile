@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install model serve test test-fast bench clean
+.PHONY: install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -63,6 +63,19 @@ bench: model
 	$(BIN)/python -m load_tests.compare --config load_tests/compare_config.yaml --workload long-document \
 		--num-requests 16 --rate 0.3 --scale 0.25 --slo-ttft-ms 4000 --slo-tpot-ms 400 --out $(BENCH)/long-document
 	$(BIN)/python -m load_tests.overhead --repeats 5 | tee $(BENCH)/overhead.txt
+	$(MAKE) bench-throughput flood
+
+# The service against its own engine at concurrency 1-32 (streaming and not, 3 repeats, order rotated; ~30 min), and
+# a flood of 120 requests at once with a 180 s client timeout, both on the shipped serve_config.yaml.
+bench-throughput: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.throughput --config serve_config.yaml --concurrency 1,4,8,16,32 --repeats 3 \
+		--out $(BENCH)/throughput.json | tee $(BENCH)/throughput.txt
+
+flood: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.flood --config serve_config.yaml --requests 120 --max-tokens 48 --timeout 180 \
+		--out $(BENCH)/flood.json | tee $(BENCH)/flood.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -37,6 +37,26 @@ class PromptMaker:
         return self.tok.decode(ids[:tokens])
 
 
+async def _one_whole(client: httpx.AsyncClient, url: str, body: dict, record: RequestRecord,
+                     timeout_s: float) -> None:
+    """A non-streaming request: the whole answer arrives at once (its one "chunk" is the answer)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            resp = await client.post(url, json=body)
+        record.pool = resp.headers.get("x-dynpart-pool")
+        record.strategy = resp.headers.get("x-dynpart-strategy")
+        if resp.status_code != 200:
+            record.error = f"http_{resp.status_code}"
+            return
+        record.done_s = time.perf_counter()
+        record.chunk_times_s.append(record.done_s)
+        record.output_tokens = resp.json()["usage"]["completion_tokens"]
+    except TimeoutError:
+        record.error = "timeout"
+    except httpx.HTTPError as e:
+        record.error = type(e).__name__
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: dict, record: RequestRecord, timeout_s: float) -> None:
     text_parts: list[str] = []
     try:
@@ -80,9 +100,10 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, record: RequestR
 async def run_load(base_url: str, model: str, requests: Sequence[Request], prompts: Sequence[str], *,
                    rate: float | None = None, concurrency: int | None = None, duration_s: float | None = None,
                    timeout_s: float = 600.0, progress: bool = True, extra_body: dict | None = None,
-                   seed: int = 0) -> tuple[list[RequestRecord], float]:
+                   seed: int = 0, stream: bool = True) -> tuple[list[RequestRecord], float]:
     """Send ``requests`` (prompt/output lengths) with Poisson arrivals at ``rate`` req/s (inf: all at once), or
-    keeping ``concurrency`` in flight; stop issuing after ``duration_s``. Returns the records and wall time."""
+    keeping ``concurrency`` in flight; stop issuing after ``duration_s``. Returns the records and wall time.
+    ``stream=False`` asks for whole answers (TTFT is then the whole latency; TPOT is not observable)."""
     url = base_url.rstrip("/") + "/v1/completions"
     rng = random.Random(seed)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
@@ -91,13 +112,14 @@ async def run_load(base_url: str, model: str, requests: Sequence[Request], promp
     start = time.perf_counter()
 
     async def issue(client, req: Request, prompt: str) -> None:
-        body = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": True,
-                "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True},
-                **(extra_body or {})}  # ignore_eos: output lengths as the workload says (vLLM bench does too)
+        body = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": stream,
+                "temperature": 0.0, "ignore_eos": True, **(extra_body or {})}  # ignore_eos: lengths as asked
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         record = RequestRecord(prompt_tokens=req.prompt_tokens, sent_s=time.perf_counter())
         records.append(record)
         try:
-            await _one(client, url, body, record, timeout_s)
+            await (_one if stream else _one_whole)(client, url, body, record, timeout_s)
         finally:
             bar.update(1)
             if limit:

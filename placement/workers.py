@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from placement.collectives import destroy_process_group, device_and_backend, init_process_group
+from strategies.comm import Comm, SingleDevice
 from strategies.runner import ShardRunner
 
 DEVICE_RESOURCE = "dynpart_device"  # custom resource a CPU-only node offers per emulated device
@@ -63,32 +64,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _threads_per_worker(devices: int) -> int:
-    return max(1, (os.cpu_count() or 1) // devices)
+def threads_per_device(devices: int, bundle: dict | None = None) -> int:
+    """Torch threads for one CPU device: the whole cores its bundle reserves, else the machine's cores shared by the
+    p devices (tools that start groups outside Serve)."""
+    if bundle is None:
+        return max(1, (os.cpu_count() or 1) // devices)
+    return max(1, int(bundle.get("CPU", 0)))
+
+
+def make_runner(comm: Comm, runner_kwargs: dict) -> ShardRunner:
+    """This rank's ``ShardRunner`` on this process's device; ``shared_weights`` maps the node's one copy of the
+    rank's shards (object store) instead of loading them."""
+    device, _ = device_and_backend()
+    runner_kwargs = dict(runner_kwargs)
+    if runner_kwargs.pop("shared_weights", False):
+        from placement.weight_store import shared_rank_weights
+
+        runner_kwargs["weights"] = shared_rank_weights(runner_kwargs["model"], comm.world_size, comm.rank,
+                                                       runner_kwargs.get("dtype", torch.float32), device)
+    return ShardRunner(comm=comm, device=device, **runner_kwargs)
+
+
+def use_threads(threads: int) -> None:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads)
 
 
 class ShardWorker:
     """One rank: joins the process group and holds a ``ShardRunner``. Runs as a Ray actor (see ``ShardGroup``)."""
 
     def __init__(self, rank: int, devices: int, master_addr: str, master_port: int, runner_kwargs: dict,
-                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
-        if not torch.cuda.is_available():
-            torch.set_num_threads(_threads_per_worker(devices))  # p workers share the cores fairly
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, threads: int = 1):
+        use_threads(threads)
         self.rank = rank
         self.comm = init_process_group(rank, devices, master_addr, master_port, timeout_s=collective_timeout_s)
         self.load(runner_kwargs)
 
     def load(self, runner_kwargs: dict) -> None:
         """(Re)build the runner, e.g. for another model, keeping the process group."""
-        device, _ = device_and_backend()
         self.runner = None  # free the old shards first
-        runner_kwargs = dict(runner_kwargs)
-        if runner_kwargs.pop("shared_weights", False):  # the node's one copy, through the object store
-            from placement.weight_store import shared_rank_weights
-
-            runner_kwargs["weights"] = shared_rank_weights(runner_kwargs["model"], self.comm.world_size, self.rank,
-                                                           runner_kwargs.get("dtype", torch.float32), device)
-        self.runner = ShardRunner(comm=self.comm, device=device, **runner_kwargs)
+        self.runner = make_runner(self.comm, runner_kwargs)
 
     def put_kv(self, slots: list[int]) -> list:
         """This rank's head-sharded K/V of ``slots`` into the object store, for the same rank of a decode replica.
@@ -127,15 +142,15 @@ class ShardWorker:
 
 
 class LocalGroup:
-    """p = 1 in the calling process."""
+    """p = 1 in the calling process: no actor hop per step and no logits through the object store. A Serve replica
+    of a one-device pool is its own device (it holds the bundle's resources, ``PoolConfig.replica_actor_options``)."""
 
     devices = 1
 
-    def __init__(self, **runner_kwargs):
-        from strategies.comm import SingleDevice
-
-        device, _ = device_and_backend()
-        self.runner = ShardRunner(comm=SingleDevice(), device=device, **runner_kwargs)
+    def __init__(self, threads: int | None = None, **runner_kwargs):
+        if threads is not None:
+            use_threads(threads)
+        self.runner = make_runner(SingleDevice(), runner_kwargs)
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.runner, method)(*args)
@@ -190,12 +205,12 @@ class ShardGroup:
         self.pg = placement_group
         port = free_port()
         actor = ray.remote(ShardWorker)
-        gpus = bundle.get("GPU", 0)
-        self.workers = [
+        threads = threads_per_device(devices, bundle if not self._own_pg else None)
+        self.workers = [  # each rank takes its whole bundle: Ray then never places more devices than there are
             actor.options(
-                num_cpus=0, num_gpus=gpus, resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+                **actor_resources(bundle),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=r),
-            ).remote(r, devices, "127.0.0.1", port, runner_kwargs, collective_timeout_s)
+            ).remote(r, devices, "127.0.0.1", port, runner_kwargs, collective_timeout_s, threads)
             for r in range(devices)
         ]
         try:
@@ -265,11 +280,18 @@ def default_bundle() -> dict:
     return {"CPU": 0.1}
 
 
+def actor_resources(bundle: dict) -> dict:
+    """``.options(...)`` that make an actor take exactly one device ``bundle``."""
+    return {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
+            "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}}
+
+
 def start_group(devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None,
                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Group:
-    """A ``LocalGroup`` for one device without Ray, else a ``ShardGroup`` (Ray is started locally if needed)."""
-    if devices == 1 and placement_group is None:
-        return LocalGroup(**runner_kwargs)
+    """One device runs in the calling process (``LocalGroup``: in a placement group, the caller holds its bundle);
+    p devices are a ``ShardGroup`` of Ray actors (Ray is started locally if needed)."""
+    if devices == 1:
+        return LocalGroup(threads=threads_per_device(1, bundle), **runner_kwargs)
     import ray
 
     if not ray.is_initialized():

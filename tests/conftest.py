@@ -101,13 +101,14 @@ def prompts_for(vocab: int, lengths=(7, 19, 3), seed: int = 0) -> list[list[int]
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole session: 2 CPUs and 8 emulated devices (a Serve test app holds 7)."""
+    """One local Ray instance for the whole session: 8 emulated devices with a logical CPU each (a Serve test app
+    holds up to 7; every device reserves one CPU, though they all share this machine's real cores)."""
     import ray
 
     from placement.workers import DEVICE_RESOURCE, local_ray_options
 
     if not ray.is_initialized():
-        ray.init(**local_ray_options(num_cpus=2, resources={DEVICE_RESOURCE: 8}))
+        ray.init(**local_ray_options(num_cpus=8, resources={DEVICE_RESOURCE: 8}))
     yield ray
     ray.shutdown()
 

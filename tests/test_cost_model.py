@@ -7,16 +7,8 @@ import json
 import pytest
 
 from strategies.cost.formulas import Collective, Work, collective_time, compute_time, gemm, ops_time
-from strategies.cost.hardware import (
-    CalibrationProfile,
-    GemmSample,
-    Hardware,
-    HardwareError,
-    Link,
-    get_hardware,
-    load_catalog,
-    save_profile,
-)
+from strategies.cost.hardware import (CalibrationProfile, GemmSample, Hardware, HardwareError, Link, get_hardware,
+                                      load_catalog, save_profile)
 from strategies.cost.layouts import resident_bytes
 from strategies.cost.search import STRATEGIES, layer_costs
 from strategies.layout import check_devices

@@ -94,3 +94,23 @@ def test_bad_parameters_are_rejected():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2), dict(stop=["a"] * 9)):
         with pytest.raises(ValidationError):
             SamplingParams(**bad)
+
+
+def test_load_reports_the_wait_a_new_request_would_have(chat_tiny):
+    """What admission control reads: idle, nothing to wait for; with every slot taken, the tokens still to generate
+    spread over the slots at the measured step time, plus the planner's time for the prompts waiting for prefill."""
+    ckpt = Checkpoint(chat_tiny)
+    engine = LLMEngine(LocalGroup(model=chat_tiny, slots=2, capacity=128), ckpt.tokenizer(), ckpt.eos_token_ids(),
+                       slots=2, capacity=128, predict_prefill_s=lambda tokens: 0.001 * tokens)
+    assert engine.load().wait_s == 0 and engine.load().running == 0
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    seqs = [engine.add(PROMPT, params) for _ in range(5)]
+    engine.step()  # prefill of two (the slots), three wait
+    engine.step()  # a decode step: measured
+    load = engine.load()
+    assert (load.running, load.waiting, load.waiting_prompt_tokens) == (2, 3, 3 * len(PROMPT))
+    assert load.step_s > 0 and load.decode_tokens_left == 2 * (10 - 2) + 3 * 10
+    assert load.wait_s == pytest.approx(0.001 * 3 * len(PROMPT) + load.step_s * load.decode_tokens_left / 2)
+    while not all(s.finished for s in seqs):
+        engine.step()
+    assert engine.load().wait_s == 0

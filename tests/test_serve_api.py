@@ -210,7 +210,8 @@ def test_overload_is_503(app_ports):
 def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
     """``long`` and ``split`` are the same hardware and context: idle, the first listed wins; with prompt tokens
     waiting on ``long`` the request goes to ``split``; with more waiting on ``split``, back to ``long``. The router
-    runs here with the app's real deployment handles and the planner's real predictions."""
+    runs here with the app's real deployment handles and the planner's real predictions (the tokens ahead are
+    prefilled in one batch with the request, as the engine does)."""
     from ray import serve
 
     from app.serve.config import AppConfig
@@ -237,8 +238,9 @@ def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
     assert long_busy.predicted_s == pytest.approx(idle.predicted_s)  # split's own prefill, nothing queued there
     shape, hw = Checkpoint(chat_tiny).shape, get_hardware("cpu")
     available = asyncio.run(router.available("long"))
-    wait = plan_prefill(shape, hw, 2, 2000, available=available).time_s
-    assert both_busy.predicted_s == pytest.approx(idle.predicted_s + wait)  # own prefill + the queue ahead
+    batched = plan_prefill(shape, hw, 2, [n, 2000], available=available).time_s
+    assert both_busy.predicted_s == pytest.approx(batched)  # prefilled in one batch with the 2000 tokens ahead
+    assert both_busy.predicted_s > idle.predicted_s
 
 
 def test_prometheus_metrics_count_requests(http, ray_session):

@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from app.cli.format import number
+
 PARAGRAPH = ("Ray Serve runs each engine replica as a placement group of devices; the ingress reads the prompt, asks "
              "the cost model how long each pool would take to prefill it, and sends it to the fastest one. ")
 PROMPTS = [("short", "The capital of France is"),
@@ -124,5 +126,5 @@ def _run(url: str, args: argparse.Namespace) -> int:
             print(f"{kind:<6} error {row['error']}")
         else:
             print(f"{kind:<6} {row['prompt_tokens']:>6} {row['pool']:<10} {row['strategy']:<22} "
-                  f"{row['prefill_ms']:>10.1f} {row['ttft_ms']:>9.1f} {row['tokens_per_s'] or 0:>7.1f}")
+                  f"{row['prefill_ms']:>10.1f} {row['ttft_ms']:>9.1f} {number(row['tokens_per_s']):>7}")
     return 0

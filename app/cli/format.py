@@ -19,6 +19,11 @@ def ms(seconds: float | None, digits: int = 1, width: int = 0) -> str:
     return ("—" if seconds is None else f"{seconds * 1e3:.{digits}f}").rjust(width)
 
 
+def number(x: float | None, digits: int = 1) -> str:
+    """A figure, or ``—`` where it is not known (e.g. tokens/s of an answer that stopped after one token)."""
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.0f}"
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine.llm_engine import LLMEngine
 from placement.hardware import detect_hardware, replica_budget_bytes
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
-from strategies.cost import get_hardware, plan_prefill
+from strategies.cost import decode_step_time, get_hardware, plan_prefill
 from strategies.layout import check_devices
 from strategies.loader import DEFAULT_MODEL, DTYPES, Checkpoint
 from strategies.shapes import DtypeName
@@ -23,6 +24,10 @@ class EngineFields(BaseModel):
     max_model_len: int = Field(2048, ge=16)  # prompt + generated tokens per sequence
     max_prefill_tokens: int = Field(8192, ge=16)  # prompt tokens one prefill batch may hold
     dtype: DtypeName = "float32"
+    # Cores one device's rank uses (CPU devices run that many torch threads, whole cores, at least one; ranks with
+    # less than a core share one, and the planner prices them so). Ray counts them, so it never places more engines
+    # on a node than its cores can run; a GPU device needs a core to drive it.
+    cpus_per_device: float = Field(1.0, gt=0)
     # A step whose peer rank died or hangs fails after this long (the replica is then replaced): the longest a
     # request on a broken replica waits for its error. Rendezvous at start-up gets the same bound.
     collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)
@@ -62,10 +67,17 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
                         collective_timeout_s=opts.collective_timeout_s)
     available = group.call("available_strategies")
-    hardware = get_hardware(opts.hardware or detect_hardware())
+    name = opts.hardware or detect_hardware()
+    hardware = get_hardware(name) if torch.cuda.is_available() else get_hardware(name).time_shared(
+        opts.cpus_per_device)
 
     def choose(lengths: list[int]) -> str:
         return plan_prefill(ckpt.shape, hardware, opts.devices, lengths, available=available).strategy
 
+    def predict_prefill_s(tokens: int) -> float:
+        return plan_prefill(ckpt.shape, hardware, opts.devices, tokens, available=available).time_s
+
+    step_s = decode_step_time(ckpt.shape, hardware, opts.devices, [capacity // 2] * opts.slots)
     return engine_class(group, tokenizer, ckpt.eos_token_ids(), slots=opts.slots, capacity=capacity,
-                        choose_strategy=choose, max_prefill_tokens=opts.max_prefill_tokens)
+                        choose_strategy=choose, max_prefill_tokens=opts.max_prefill_tokens,
+                        predict_prefill_s=predict_prefill_s, step_s=step_s)

@@ -44,6 +44,9 @@ class DecodeEngine(LLMEngine):
     def has_work(self) -> bool:
         return bool(self.arriving) or super().has_work()
 
+    def queued_sequences(self) -> list[Sequence]:
+        return [*super().queued_sequences(), *(seq for seq, _ in self.arriving)]
+
     def abort(self, seq: Sequence) -> None:
         self.arriving = deque(a for a in self.arriving if a[0] is not seq)
         super().abort(seq)

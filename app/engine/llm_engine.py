@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.messages import Handoff, RequestError
+from app.engine.messages import EngineLoad, Handoff, RequestError
 from app.engine.sampling import SamplingParams, make_generator, sample
 from placement.workers import Group
 from strategies.layout import check_strategy
@@ -67,12 +67,17 @@ class Sequence:
 class LLMEngine:
     """Continuous batching over ``group`` (a ``LocalGroup`` or ``ShardGroup``) with ``slots`` KV slots."""
 
+    STEP_EMA = 0.2  # weight of the newest decode step in the step-time average
+
     def __init__(self, group: Group, tokenizer, eos_token_ids: list[int], slots: int, capacity: int,
-                 choose_strategy: Callable[[list[int]], str] | None = None, max_prefill_tokens: int = 8192):
+                 choose_strategy: Callable[[list[int]], str] | None = None, max_prefill_tokens: int = 8192,
+                 predict_prefill_s: Callable[[int], float] | None = None, step_s: float = 0.0):
         self.group, self.tokenizer = group, tokenizer
         self.eos = set(eos_token_ids)
         self.capacity, self.max_prefill_tokens = capacity, max_prefill_tokens
         self.choose_strategy = choose_strategy or (lambda lengths: "megatron")
+        self.predict_prefill_s = predict_prefill_s or (lambda tokens: 0.0)  # the planner's, for load estimates
+        self.step_s = step_s  # decode step seconds: the planner's guess until steps are measured
         self.slots = slots
         self.free_slots = deque(range(slots))
         self.waiting: deque[Sequence] = deque()
@@ -105,8 +110,24 @@ class LLMEngine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def queued_sequences(self) -> list[Sequence]:
+        """Sequences accepted that hold no slot yet."""
+        return list(self.waiting)
+
     def queued_tokens(self) -> int:
         return sum(len(s.prompt_ids) for s in self.waiting)
+
+    def load(self) -> EngineLoad:
+        """This engine's load and a new request's expected wait (``EngineLoad``); call from the engine's thread."""
+        queued, waiting = self.queued_tokens(), self.queued_sequences()
+        left = (sum(s.params.max_tokens - len(s.output_ids) for s in self.running)
+                + sum(s.params.max_tokens for s in waiting))
+        full = len(self.running) + len(waiting) >= self.slots
+        slot_wait = self.step_s * left / self.slots if full else 0.0
+        wait = (self.predict_prefill_s(queued) if queued else 0.0) + slot_wait
+        return EngineLoad(slots=self.slots, running=len(self.running), waiting=len(waiting),
+                          waiting_prompt_tokens=queued, decode_tokens_left=left, step_s=self.step_s,
+                          slot_wait_s=slot_wait, wait_s=wait)
 
     def slots_in_use(self) -> int:
         """KV slots held by running sequences (0 once every request has finished or been aborted)."""
@@ -158,8 +179,12 @@ class LLMEngine:
 
     def _decode(self) -> list[Sequence]:
         batch = list(self.running)
+        t0 = time.perf_counter()
         logits = self.group.call("decode", [s.output_ids[-1] for s in batch], [s.slot for s in batch])
-        return self._advance(batch, logits)
+        out = self._advance(batch, logits)
+        took = time.perf_counter() - t0  # the whole step as a sequence sees it: forward, sampling, detokenizing
+        self.step_s = took if not self.step_s else (1 - self.STEP_EMA) * self.step_s + self.STEP_EMA * took
+        return out
 
     def _advance(self, batch: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         now = time.perf_counter()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine.llm_engine import LLMEngine, Sequence
-from app.engine.messages import EngineFailed, RequestError, Update
+from app.engine.messages import EngineFailed, EngineLoad, RequestError, Update, merge_updates
 
 POLL_S = 1.0  # how often a waiting caller checks that the engine thread still runs
 
@@ -50,6 +50,7 @@ class EngineLoop:
         self._inbox: queue.Queue = queue.Queue()
         self._jobs: dict[int, _Job] = {}
         self._stop = threading.Event()
+        self.load: EngineLoad = engine.load()  # refreshed by the engine thread at every iteration
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -58,26 +59,39 @@ class EngineLoop:
         return self._thread.is_alive() and self.error is None
 
     def queued_tokens(self) -> int:
-        return self.engine.queued_tokens()  # an int read; safe enough across threads for a load figure
+        return self.load.waiting_prompt_tokens
 
     async def submit(self, start: Callable[[LLMEngine], Sequence]) -> AsyncIterator[Update]:
         """``start(engine)`` runs in the engine thread (e.g. ``engine.add(...)``); its ``RequestError`` is raised
-        here. Updates stream until the sequence finishes; leaving early aborts it."""
+        here. Updates stream until the sequence finishes, those of steps that ran while the caller was away merged
+        into one; leaving early aborts it."""
         self._check()
         job = _Job(start=start, loop=asyncio.get_running_loop(), out=asyncio.Queue())
         self._inbox.put(("start", job))
         try:
             while True:
-                item = await self._next(job)
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    job.done = True
-                    return
+                items = [await self._next(job)]
+                while not job.out.empty():  # steps that ran while the caller was busy: one message, not many
+                    items.append(job.out.get_nowait())
+                updates = [u for u in items if isinstance(u, Update)]
+                if updates:
+                    update = merge_updates(updates)
+                    if update.finish_reason is not None:
+                        job.done = True
+                    yield update
+                    if job.done:
+                        return
+                errors = [e for e in items if isinstance(e, BaseException)]
+                if errors:
+                    raise errors[0]
         finally:
             if not job.done:
                 self._inbox.put(("abort", job))
+
+    async def run_whole(self, start: Callable[[LLMEngine], Sequence]) -> Update:
+        """``submit`` to the end, as one update (a non-streaming request: one message instead of one per step)."""
+        updates = [u async for u in self.submit(start)]
+        return merge_updates(updates)
 
     def _check(self) -> None:
         if not self.alive:
@@ -103,6 +117,7 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_work())
+            self.load = self.engine.load()
             if self._stop.is_set():
                 break
             try:

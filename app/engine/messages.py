@@ -29,6 +29,25 @@ class Handoff(BaseModel):
     kv_refs: list[list]  # [rank][0]: that rank's K/V slice in the object store
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """How busy one engine replica is, and what a new request would wait there before its prefill starts.
+
+    ``wait_s`` = the planner's time for the prompt tokens already waiting for prefill, plus, once every slot is
+    taken, the decode steps until slots free up: the tokens still to generate (running sequences' remaining ones and
+    waiting sequences' ``max_tokens``) spread over the slots, at the measured decode step time ``step_s``.
+    """
+
+    slots: int
+    running: int = 0
+    waiting: int = 0
+    waiting_prompt_tokens: int = 0
+    decode_tokens_left: int = 0
+    step_s: float = 0.0
+    slot_wait_s: float = 0.0  # the decode part of ``wait_s``: 0 while a slot is free
+    wait_s: float = 0.0
+
+
 @dataclass
 class Update:
     """What one step produced for one sequence: new text and tokens, and once known, the request's figures."""
@@ -43,3 +62,18 @@ class Update:
     ttft_s: float | None
     tpot_s: float | None
     handoff: Handoff | None = None  # prefill-only engines: per-rank K/V references for the decode replica
+
+
+def merge_updates(updates: list[Update]) -> Update:
+    """Consecutive updates of one sequence as one: their text and tokens joined, the latest figures. A consumer
+    slower than the engine then gets one message per turn, however many steps ran meanwhile."""
+    last = updates[-1]
+    if len(updates) == 1:
+        return last
+    return Update(text="".join(u.text for u in updates), token_ids=[t for u in updates for t in u.token_ids],
+                  finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
+                  completion_tokens=last.completion_tokens,
+                  prefill_strategy=next((u.prefill_strategy for u in updates if u.prefill_strategy), None),
+                  prefill_s=next((u.prefill_s for u in updates if u.prefill_s), 0.0),
+                  ttft_s=next((u.ttft_s for u in updates if u.ttft_s is not None), None), tpot_s=last.tpot_s,
+                  handoff=last.handoff)

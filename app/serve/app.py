@@ -9,6 +9,7 @@ from ray.serve import Application
 
 from app.serve.config import AppConfig
 from app.serve.ingress import Ingress
+from app.serve.load import LoadBoard
 from app.serve.replicas import DecodeReplica, EngineReplica, PrefillReplica
 from placement.workers import DEVICE_RESOURCE
 
@@ -19,11 +20,13 @@ def build_app(args: dict) -> Application:
     counted = ray.is_initialized() and ray.cluster_resources().get(DEVICE_RESOURCE, 0) >= 1
     grace = cfg.graceful_shutdown_s
     handles: dict[str, dict] = {}
+    board = LoadBoard.bind()
     for pool in cfg.pools:
         opts, bundle = pool.engine_options(cfg.model, cfg.shared_weights), pool.bundle(counted)
 
         def deployment(cls, name: str, replicas: int | None = None):
-            return cls.options(**pool.deployment_options(name, bundle, grace, replicas)).bind(pool.name, opts, bundle)
+            options = pool.deployment_options(name, bundle, grace, replicas)
+            return cls.options(**options).bind(pool.name, opts, bundle, board)
 
         if pool.disaggregated:
             handles[pool.name] = {"prefill": deployment(PrefillReplica, f"{pool.name}-prefill"),
@@ -33,4 +36,4 @@ def build_app(args: dict) -> Application:
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
                            ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
                            graceful_shutdown_timeout_s=grace,
-                           graceful_shutdown_wait_loop_s=min(1.0, grace)).bind(cfg.model_dump(), handles)
+                           graceful_shutdown_wait_loop_s=min(1.0, grace)).bind(cfg.model_dump(), handles, board)

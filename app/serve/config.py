@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from app.engine.build import EngineFields, EngineOptions
-from placement.workers import DEVICE_RESOURCE
+from placement.workers import DEVICE_RESOURCE, actor_resources
+from strategies.cost import Hardware, get_hardware
 from strategies.layout import STRATEGY_NAMES
 from strategies.loader import DEFAULT_MODEL
 
@@ -51,15 +52,26 @@ class PoolConfig(EngineFields):
     health_check_period_s: float = Field(10.0, gt=0)  # how soon Serve notices a failed replica and replaces it
 
     def bundle(self, counted_cpu_devices: bool = False) -> dict[str, float]:
-        """One device of this pool as Ray resources. A CPU device takes a tenth of a core, and one
-        ``dynpart_device`` where the cluster counts emulated devices (``counted_cpu_devices``)."""
+        """One device of this pool as Ray resources: ``cpus_per_device`` cores, and a GPU, or one
+        ``dynpart_device`` where the cluster counts emulated CPU devices (``counted_cpu_devices``)."""
         if self.gpu:
-            device = {"CPU": 1.0, "GPU": 1.0}
+            device = {"CPU": self.cpus_per_device, "GPU": 1.0}
             if self.accelerator_type:
                 device[f"accelerator_type:{self.accelerator_type}"] = 0.001
         else:
-            device = {"CPU": 0.1, **({DEVICE_RESOURCE: 1.0} if counted_cpu_devices else {})}
+            device = {"CPU": self.cpus_per_device, **({DEVICE_RESOURCE: 1.0} if counted_cpu_devices else {})}
         return {**device, **self.resources}
+
+    def replica_actor_options(self, bundle: dict[str, float]) -> dict[str, Any]:
+        """The engine replica runs in bundle 0. With one device it *is* the device (the engine runs in its process)
+        and takes the whole bundle; with several it only drives the shard workers, which take one bundle each."""
+        return actor_resources(bundle) if self.devices == 1 else {"num_cpus": 0}
+
+    def priced_hardware(self) -> Hardware:
+        """What the planner prices one of this pool's devices as: its catalog entry (or calibration profile), a CPU
+        device slowed to its share of a core when ranks share cores."""
+        hardware = get_hardware(self.hardware)
+        return hardware if self.gpu else hardware.time_shared(self.cpus_per_device)
 
     def engine_options(self, model: str, shared_weights: bool) -> EngineOptions:
         shared = self.model_dump(include=set(EngineFields.model_fields))
@@ -71,7 +83,7 @@ class PoolConfig(EngineFields):
         opts: dict[str, Any] = dict(
             name=name, placement_group_bundles=[bundle] * self.devices,
             placement_group_strategy=self.placement_strategy,
-            ray_actor_options={"num_cpus": 0},  # the replica runs in bundle 0 and only drives the workers
+            ray_actor_options=self.replica_actor_options(bundle),
             max_ongoing_requests=self.max_ongoing_requests, max_queued_requests=self.max_queued_requests,
             graceful_shutdown_timeout_s=graceful_shutdown_s, graceful_shutdown_wait_loop_s=min(1.0, graceful_shutdown_s),
             health_check_period_s=self.health_check_period_s, health_check_timeout_s=60.0,
@@ -106,12 +118,19 @@ class AppConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
     max_tokens_limit: int = Field(4096, ge=1)  # the most tokens one request may ask to generate
     request_timeout_s: float | None = Field(600.0, gt=0)  # from arrival to the last token; then 504 (None: none)
+    # Admission: a pool whose expected wait before prefill (its replicas' queued prefill and decode work, priced by
+    # the planner and the measured step time) is longer than this takes no new request; with no pool left the
+    # request gets 503 at once, with ``retry-after``, instead of waiting past the client's patience.
+    max_queue_wait_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
+        if self.request_timeout_s is not None and self.max_queue_wait_s >= self.request_timeout_s:
+            raise ValueError(f"max_queue_wait_s ({self.max_queue_wait_s:g}) must be below request_timeout_s "
+                             f"({self.request_timeout_s:g}): a request admitted to wait that long would time out")
         valid = ["dynamic"] + [f"static:{s}" for s in STRATEGY_NAMES]
         if self.policy not in valid:
             raise ValueError(f"policy {self.policy!r} is not one of {', '.join(valid)}")

@@ -7,6 +7,7 @@ Exceptions raised anywhere (the ingress, the router, inside an engine replica: R
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -32,7 +33,11 @@ class Forbidden(PermissionError):
 
 
 class Overloaded(RuntimeError):
-    """Every pool that could serve the request is full: 503 with ``retry-after``."""
+    """Every pool that could serve the request is full: 503 with ``retry-after`` (seconds until it likely is not)."""
+
+    def __init__(self, message: str, retry_after_s: float = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = max(RETRY_AFTER_S, math.ceil(retry_after_s))
 
 
 class RequestTimeout(TimeoutError):
@@ -47,13 +52,14 @@ class ApiError:
     message: str
     code: str | None = None  # OpenAI's error ``code``
     param: str | None = None
+    retry_after_s: int = RETRY_AFTER_S  # sent with every 503
 
     @property
     def retry(self) -> bool:
         return self.status == 503
 
     def response(self) -> JSONResponse:
-        headers = {"retry-after": str(RETRY_AFTER_S)} if self.retry else {}
+        headers = {"retry-after": str(self.retry_after_s)} if self.retry else {}
         if self.status == 401:
             headers["www-authenticate"] = "Bearer"
         return JSONResponse(error_body(self.message, self.kind, self.code, self.param), status_code=self.status,
@@ -63,7 +69,7 @@ class ApiError:
         ctx.set_code(self.grpc_code)
         ctx.set_details(self.message)
         if self.retry:
-            ctx.set_trailing_metadata([("retry-after", str(RETRY_AFTER_S))])
+            ctx.set_trailing_metadata([("retry-after", str(self.retry_after_s))])
 
 
 def api_error(e: BaseException) -> ApiError:
@@ -85,7 +91,8 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(cause, (RequestError, ValueError)):
         return ApiError(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, _first_line(cause))
     if isinstance(cause, Overloaded):
-        return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause))
+        return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause),
+                        retry_after_s=cause.retry_after_s)
     if isinstance(cause, BackPressureError):
         return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "the pool's request queue is full; retry later")

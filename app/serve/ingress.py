@@ -20,21 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.messages import RequestError, Update
 from app.engine.sampling import SamplingParams
-from app.serve.api import (
-    CHAT_MAX_TOKENS,
-    COMPLETION_MAX_TOKENS,
-    ChatMessage,
-    ChatRequest,
-    CompletionRequest,
-    DynpartUsage,
-    GenerationRequest,
-    Usage,
-    chunk_body,
-    completion_body,
-    error_body,
-    new_id,
-    sampling_params,
-)
+from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ChatMessage, ChatRequest, CompletionRequest,
+                           DynpartUsage, GenerationRequest, Usage, chunk_body, completion_body, error_body, new_id,
+                           sampling_params)
 from app.serve.config import AppConfig
 from app.serve.errors import ModelNotFound, api_error, error_response, validation_message
 from app.serve.guard import Guard, Limits, check_key, check_peer
@@ -79,9 +67,9 @@ def headers_of(r: Result) -> dict[str, str]:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, cfg: dict, handles: dict[str, dict]):
+    def __init__(self, cfg: dict, handles: dict[str, dict], board=None):
         self.cfg = AppConfig.model_validate(cfg)
-        self.router = Router(self.cfg, {name: PoolHandles(**h) for name, h in handles.items()})
+        self.router = Router(self.cfg, {name: PoolHandles(**h) for name, h in handles.items()}, board)
         self.api_key = self.cfg.api_key.get_secret_value() if self.cfg.api_key else None
         api.state.guard = Limits(max_body_bytes=self.cfg.max_body_bytes, api_key=self.api_key)
 
@@ -91,16 +79,18 @@ class Ingress:
         if model and model not in (self.cfg.model_name, self.cfg.model):
             raise ModelNotFound(f"model {model!r} is not served here; this server serves {self.cfg.model_name!r}")
 
-    async def _start(self, prompt_ids: list[int], params: SamplingParams, pool: str | None,
-                     strategy: str | None) -> tuple[Result, Update, AsyncIterator[Update]]:
-        """Route and run up to the first update (prefill done); the request timeout runs from here."""
+    async def _start(self, prompt_ids: list[int], params: SamplingParams, pool: str | None, strategy: str | None,
+                     whole: bool = False) -> tuple[Result, Update, AsyncIterator[Update]]:
+        """Route and run up to the first update: prefill done, or with ``whole`` (a non-streaming request) the
+        whole answer. The request timeout runs from here."""
         if params.max_tokens > self.cfg.max_tokens_limit:
             raise RequestError(f"max_tokens ({params.max_tokens}) exceeds this server's limit of "
                                f"{self.cfg.max_tokens_limit} generated tokens per request")
         strategy = strategy or self.cfg.default_strategy
         route = await self.router.pick_pool(len(prompt_ids), params.max_tokens, pool or None, strategy)
-        result = Result(pool=route.pool.name, devices=route.pool.devices)
-        updates = with_deadline(self.router.run(route, prompt_ids, params, strategy), self.cfg.request_timeout_s)
+        result = Result(pool=route.pool.name, devices=route.pool.devices, whole=whole)
+        updates = with_deadline(self.router.run(route, prompt_ids, params, strategy, whole),
+                                self.cfg.request_timeout_s)
         try:
             first = await anext(updates)
         except BaseException as e:
@@ -150,7 +140,7 @@ class Ingress:
         try:
             ids, params = self._prepare(body, chat)
             result, first, rest = await self._start(ids, params, request.headers.get("x-dynpart-pool"),
-                                                    request.headers.get("x-dynpart-strategy"))
+                                                    request.headers.get("x-dynpart-strategy"), whole=not body.stream)
         except Exception as e:
             return error_response(e)
         rid = new_id("chatcmpl" if chat else "cmpl")
@@ -227,7 +217,7 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateReply:  # noqa: N802
         try:
             ids, params = self._grpc_prepare(request, grpc_context)
-            result, _, rest = await self._start(ids, params, request.pool, request.strategy)
+            result, _, rest = await self._start(ids, params, request.pool, request.strategy, whole=True)
             async for update in rest:
                 result.add(update)
         except Exception as e:

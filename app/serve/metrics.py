@@ -2,7 +2,8 @@
 
 Exported on each node's Ray metrics endpoint (``ray start --metrics-export-port``; scraped by Prometheus):
 ``dynpart_requests_total`` {pool, strategy, status}, ``dynpart_ttft_seconds``, ``dynpart_tpot_seconds`` and
-``dynpart_prefill_seconds`` histograms {pool, strategy}, and ``dynpart_queued_tokens`` {pool} per engine replica.
+``dynpart_prefill_seconds`` histograms {pool, strategy}, ``dynpart_queued_tokens`` {pool} per engine replica, and
+``dynpart_expected_wait_seconds`` {pool} per ingress (what admission control compares with ``max_queue_wait_s``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,30 @@ def _queued_gauge():
     from ray.serve.metrics import Gauge
 
     return Gauge("dynpart_queued_tokens", "Prompt tokens waiting for prefill in this replica", tag_keys=("pool",))
+
+
+@cache
+def _wait_gauge():
+    from ray.serve.metrics import Gauge
+
+    return Gauge("dynpart_expected_wait_seconds", "A new request's expected wait before prefill, as the ingress "
+                 "last estimated it for admission", tag_keys=("pool",))
+
+
+@cache
+def _replicas_gauge():
+    from ray.serve.metrics import Gauge
+
+    return Gauge("dynpart_replicas", "Replicas of each of the app's deployments by state (STARTING for long: "
+                 "waiting for resources the cluster does not have)", tag_keys=("deployment", "state"))
+
+
+def set_replicas(deployment: str, state: str, count: int) -> None:
+    _replicas_gauge().set(count, tags={"deployment": deployment, "state": state})
+
+
+def set_expected_wait(pool: str, seconds: float) -> None:
+    _wait_gauge().set(seconds, tags={"pool": pool})
 
 
 def record_request(pool: str, strategy: str | None, status: str, ttft_s: float | None = None,

@@ -9,6 +9,7 @@ updates are plain dicts / dataclasses so the ingress needs nothing from the engi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 
@@ -20,30 +21,41 @@ from app.engine.llm_engine import LLMEngine
 from app.engine.loop import EngineLoop
 from app.engine.messages import Handoff, Update
 from app.engine.sampling import SamplingParams
+from app.serve.load import DECODE_ROLE, REPORT_S
 from app.serve.metrics import set_queued_tokens
 
 
 class _EngineShell:
     engine_class: type[LLMEngine] = LLMEngine
+    role = ""  # a disaggregated pool's decode replicas report their load apart from its prefill replicas'
+
+    @property
+    def load_key(self) -> str:
+        return f"{self.pool}{self.role}"
     loop: EngineLoop | None = None  # None until the engine has started (``__del__`` may run before)
 
-    def __init__(self, pool: str, opts: EngineOptions, bundle: dict):
+    def __init__(self, pool: str, opts: EngineOptions, bundle: dict, board=None):
         import ray
 
-        self.pool = pool
+        self.pool, self.board = pool, board
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
         self.available = engine.group.call("available_strategies")
         for strategy in self.available:  # first use builds buffers and replicas: not on a user's request
-            engine.generate([[0] * 8], SamplingParams(max_tokens=1), strategy=strategy)
+            engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}")
         self._report = asyncio.get_event_loop().create_task(self._report_load())
 
     async def _report_load(self) -> None:
+        """The load gauge, and this replica's load on the app's ``LoadBoard`` (admission control reads it)."""
         while True:
-            set_queued_tokens(self.pool, self.loop.queued_tokens())
-            await asyncio.sleep(1.0)
+            load = self.loop.load
+            set_queued_tokens(self.pool, load.waiting_prompt_tokens)
+            if self.board is not None:
+                self.board.report.remote(self.replica_id, self.load_key, load)
+            await asyncio.sleep(REPORT_S)
 
     def info(self) -> dict:
         """What the ingress needs to pick a pool: the strategies this replica can run, and its load; also its KV slots
@@ -53,7 +65,8 @@ class _EngineShell:
         engine = self.loop.engine
         return {"pool": self.pool, "available": self.available, "queued_tokens": self.loop.queued_tokens(),
                 "node": ray.get_runtime_context().get_node_id(), "slots_in_use": engine.slots_in_use(),
-                "running": len(engine.running), "pids": self.pids, "healthy": self.loop.alive}
+                "running": len(engine.running), "pids": self.pids, "healthy": self.loop.alive,
+                "load": dataclasses.asdict(self.loop.load)}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died (e.g. a shard worker crashed)."""
@@ -73,6 +86,11 @@ class EngineReplica(_EngineShell):
         async for update in self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy)):
             yield update
 
+    async def generate_whole(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> Update:
+        """The whole answer as one update (non-streaming requests: one message, not one per step)."""
+        sp = SamplingParams.model_validate(params)
+        return await self.loop.run_whole(lambda e: e.add(prompt_ids, sp, strategy))
+
 
 @serve.deployment
 class PrefillReplica(_EngineShell):
@@ -81,16 +99,19 @@ class PrefillReplica(_EngineShell):
     async def prefill(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> Update:
         """The first token; its ``handoff`` carries the K/V references when the request wants more tokens."""
         sp = SamplingParams.model_validate({**params, "max_tokens": 1})
-        async for update in self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy)):
-            last = update
-        return last
+        return await self.loop.run_whole(lambda e: e.add(prompt_ids, sp, strategy))
 
 
 @serve.deployment
 class DecodeReplica(_EngineShell):
     engine_class = DecodeEngine
+    role = DECODE_ROLE
 
     async def decode(self, handoff: Handoff, params: dict) -> AsyncIterator[Update]:
         sp = SamplingParams.model_validate(params)
         async for update in self.loop.submit(lambda e: e.adopt(handoff, sp)):
             yield update
+
+    async def decode_whole(self, handoff: Handoff, params: dict) -> Update:
+        sp = SamplingParams.model_validate(params)
+        return await self.loop.run_whole(lambda e: e.adopt(handoff, sp))

@@ -1,26 +1,32 @@
 """Pick a pool for a tokenized request and run it there; shared by the HTTP and the gRPC front ends.
 
 Picking a pool asks the planner, per pool that can hold the request (prompt + max_tokens within its context), for
-the predicted prefill time of this prompt on that pool's devices, plus the predicted time to clear the prompt tokens
-the ingress has already sent there and that are still waiting for their first token; the lowest sum wins (ties go
-to the pool listed first). A pool whose waiting tokens would pass ``max_queued_tokens`` is skipped; if every pool is
-skipped the request is refused as overloaded (503). A request's generation is cancelled in its replica whenever its
-caller stops listening: a client gone, or the app's request timeout (``with_deadline``) passed.
+the predicted prefill time of this prompt on that pool's devices, plus the pool's expected wait before a prefill
+starts there (``expected_wait``: queued prefill and decode work, from the replicas' reports on the ``LoadBoard`` and
+from what this ingress sent itself); the lowest sum wins (ties go to the pool listed first). Admission control: a
+pool whose expected wait passes ``max_queue_wait_s``, or whose waiting tokens would pass ``max_queued_tokens``, is
+skipped; if every pool is skipped the request is refused at once as overloaded (503 with ``retry-after``), rather
+than accepted and left to time out. A request's generation is cancelled in its replica whenever its caller stops
+listening: a client gone, or the app's request timeout (``with_deadline``) passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from app.engine.messages import Handoff, RequestError, Update
+from app.engine.messages import EngineLoad, Handoff, RequestError, Update, merge_updates
 from app.engine.sampling import SamplingParams
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.errors import Overloaded, RequestTimeout
-from strategies.cost import get_hardware, plan_prefill
+from app.serve.load import DECODE_ROLE, REPORT_S
+from app.serve.metrics import set_expected_wait
+from strategies.cost import plan_prefill
 from strategies.layout import check_strategy
 from strategies.loader import Checkpoint
 
@@ -56,6 +62,15 @@ async def until_finished(call) -> AsyncIterator[Update]:
             call.cancel()
 
 
+async def cancelled_with_caller(call) -> Update:
+    """The answer of a unary Serve call; if the caller gives up first (cancelled, timed out), so does the call."""
+    try:
+        return await call
+    except BaseException:
+        call.cancel()
+        raise
+
+
 @dataclass
 class PoolHandles:
     """An aggregated pool has ``engine``; a disaggregated one has ``prefill`` and ``decode``."""
@@ -87,11 +102,14 @@ class Result:
     prompt_tokens: int = 0
     strategy: str | None = None
     prefill_s: float = 0.0
-    ttft_s: float | None = None  # measured here: from arrival at the ingress to the first update
+    ttft_s: float | None = None  # from arrival at the ingress to the first update (whole answers: the engine's)
     tpot_s: float | None = None
+    whole: bool = False  # the answer comes as one update (non-streaming): its TTFT is the engine's own
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, u: Update) -> None:
+        if self.whole and self.ttft_s is None:
+            self.ttft_s = u.ttft_s
         self.text += u.text
         self.token_ids += u.token_ids
         self.finish_reason = u.finish_reason
@@ -103,13 +121,17 @@ class Result:
 
 
 class Router:
-    def __init__(self, cfg: AppConfig, handles: dict[str, PoolHandles]):
-        self.cfg, self.handles = cfg, handles
+    def __init__(self, cfg: AppConfig, handles: dict[str, PoolHandles], board=None):
+        self.cfg, self.handles, self.board = cfg, handles, board
         ckpt = Checkpoint(cfg.model)
         self.tokenizer, self.shape = ckpt.tokenizer(), ckpt.shape
-        self.hardware = {p.name: get_hardware(p.hardware) for p in cfg.pools}
-        self.queued = {p.name: 0 for p in cfg.pools}
+        self.hardware = {p.name: p.priced_hardware() for p in cfg.pools}
+        self.queued = {p.name: 0 for p in cfg.pools}  # prompt tokens sent from here, waiting for their first token
+        self.inflight: dict[str, dict[int, list[int]]] = {p.name: {} for p in cfg.pools}  # id -> [max_tokens, seen]
+        self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
+        self._ids = itertools.count()
         self._available: dict[str, list[str]] = {}
+        self._reader: asyncio.Task | None = None
 
     # -- tokenizing --------------------------------------------------------------------------------------------------
 
@@ -142,86 +164,140 @@ class Router:
             await self.pool_info(pool)
         return self._available[pool]
 
+    async def read_board(self) -> None:
+        """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
+        while True:
+            try:
+                self.reported = await self.board.snapshot.remote()
+            except Exception:  # noqa: BLE001 - the board restarting: keep the last figures, try again
+                pass
+            await asyncio.sleep(REPORT_S)
+
+    def backlog(self, pool: PoolConfig) -> tuple[int, float]:
+        """What a new request finds ahead of it in ``pool``: (prompt tokens waiting for prefill, seconds until a slot
+        frees). From the replicas' reports (mean over replicas, plus the decode half of a disaggregated pool) or
+        from what this ingress sent itself, whichever is more: the reports lag by up to a beat, and this ingress's
+        own count misses the other ingresses' requests."""
+        front = self.reported.get(pool.name, [])
+        decode = self.reported.get(pool.name + DECODE_ROLE, [])
+        mean = lambda loads, get: statistics.fmean(get(x) for x in loads) if loads else 0.0  # noqa: E731
+        reported_tokens = mean(front, lambda x: x.waiting_prompt_tokens)
+        reported_slot_wait = mean(front, lambda x: x.slot_wait_s) + mean(decode, lambda x: x.slot_wait_s)
+        replicas = max(1, len(decode or front))
+        step = mean(decode or front, lambda x: x.step_s)
+        mine = self.inflight[pool.name].values()
+        full = len(mine) >= pool.slots * replicas
+        own_slot_wait = step * sum(m - seen for m, seen in mine) / (pool.slots * replicas) if full else 0.0
+        return max(int(reported_tokens), self.queued[pool.name]), max(reported_slot_wait, own_slot_wait)
+
+    def predicted_ttft(self, pool: PoolConfig, n: int, strategy: str, available: list[str]) -> tuple[float, float]:
+        """(seconds to this request's first token, of which waiting): the prompts ahead prefill in one batch with
+        it (the engine batches waiting prompts), after a slot frees."""
+        queued, slot_wait = self.backlog(pool)
+        shape, hardware = self.shape, self.hardware[pool.name]
+        alone = plan_prefill(shape, hardware, pool.devices, n, available=available)
+        batched = plan_prefill(shape, hardware, pool.devices, [n, queued] if queued else n, available=available)
+        own = alone.predicted_s.get(alone.strategy if strategy == "auto" else strategy)
+        if own is None:
+            return float("inf"), float("inf")
+        wait = max(0.0, batched.time_s - alone.time_s) + slot_wait
+        return own + wait, wait
+
     async def pick_pool(self, n: int, max_tokens: int, pool: str | None = None, strategy: str = "auto") -> Route:
-        """The pool with the lowest predicted time to first token for ``n`` prompt tokens (``pool``: only that one)."""
+        """The pool with the lowest predicted time to first token for ``n`` prompt tokens (``pool``: only that one),
+        among those whose expected wait is within ``max_queue_wait_s``; none: ``Overloaded`` (503), at once."""
         if pool is not None and pool not in self.queued:
             raise RequestError(f"unknown pool {pool!r}: choose one of {', '.join(self.queued)}")
         check_strategy(strategy, allow_auto=True, error=RequestError)
+        if self.board is not None and self._reader is None:
+            self._reader = asyncio.create_task(self.read_board())
         pools = [p for p in self.cfg.pools if pool in (None, p.name)]
         limit = {p.name: min(p.max_model_len, self.shape.max_position_embeddings) for p in pools}
         fits = [p for p in pools if n + max_tokens <= limit[p.name]]
         if not fits:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
                                f"context limit of every pool ({max(limit.values())} tokens at most)")
-        routes = []
+        routes, waits = [], []
         for p in fits:
             if self.queued[p.name] + n > p.max_queued_tokens:
                 continue
-            available = await self.available(p.name)
-            plan = plan_prefill(self.shape, self.hardware[p.name], p.devices, n, available=available)
-            chosen = plan.strategy if strategy == "auto" else strategy
-            own = plan.predicted_s.get(chosen)
-            if own is None:
+            ttft, wait = self.predicted_ttft(p, n, strategy, await self.available(p.name))
+            if wait == float("inf"):
+                continue  # the strategy asked for cannot run in this pool
+            set_expected_wait(p.name, wait)
+            if wait > self.cfg.max_queue_wait_s:
+                waits.append(wait)
                 continue
-            wait = self.queued[p.name] and plan_prefill(self.shape, self.hardware[p.name], p.devices,
-                                                        self.queued[p.name], available=available).time_s
-            routes.append(Route(pool=p, predicted_s=own + wait))
+            routes.append(Route(pool=p, predicted_s=ttft))
         if not routes:
+            if waits:
+                least = min(waits)
+                raise Overloaded(f"every pool that can serve this request would queue it for longer than this "
+                                 f"server's max_queue_wait_s of {self.cfg.max_queue_wait_s:g} s (at least "
+                                 f"{least:.1f} s now); retry later", retry_after_s=least - self.cfg.max_queue_wait_s)
             raise Overloaded("every pool that can serve this request is at its queued-token limit; retry later")
         return min(routes, key=lambda r: r.predicted_s)  # min keeps the first of equals: config order
 
     # -- running -----------------------------------------------------------------------------------------------------
 
-    async def run(self, route: Route, prompt_ids: list[int], params: SamplingParams,
-                  strategy: str = "auto") -> AsyncIterator[Update]:
-        """Updates of the request on ``route``'s pool; the first arrives after prefill (strategy known). Its prompt
-        tokens count as queued on the pool until then; leaving early cancels the call in flight."""
+    async def run(self, route: Route, prompt_ids: list[int], params: SamplingParams, strategy: str = "auto",
+                  whole: bool = False) -> AsyncIterator[Update]:
+        """Updates of the request on ``route``'s pool; the first arrives after prefill (strategy known), or with
+        ``whole`` the answer arrives as one update (non-streaming: one message per hop instead of one per step).
+        Its prompt tokens count as queued on the pool until its first update; leaving early cancels the call."""
         name, n = route.pool.name, len(prompt_ids)
         handles = self.handles[name]
         run = self._run_aggregated if handles.engine is not None else self._run_disaggregated
+        rid, progress = next(self._ids), [params.max_tokens, 0]
         self.queued[name] += n
+        self.inflight[name][rid] = progress
         prefilled = False
         try:
-            async with aclosing(run(handles, prompt_ids, params, strategy)) as updates:  # closing it cancels the call
+            async with aclosing(run(handles, prompt_ids, params.model_dump(), strategy, whole)) as updates:
                 async for update in updates:
                     if not prefilled:
                         self.queued[name] -= n
                         prefilled = True
+                    progress[1] += len(update.token_ids)
                     yield update
         finally:
+            del self.inflight[name][rid]
             if not prefilled:
                 self.queued[name] -= n
 
     @staticmethod
-    async def _run_aggregated(handles: PoolHandles, prompt_ids: list[int], params: SamplingParams,
-                              strategy: str) -> AsyncIterator[Update]:
+    async def _run_aggregated(handles: PoolHandles, prompt_ids: list[int], params: dict, strategy: str,
+                              whole: bool) -> AsyncIterator[Update]:
         """One engine replica prefills and decodes."""
-        call = handles.engine.options(stream=True).generate.remote(prompt_ids, params.model_dump(), strategy)
+        if whole:
+            yield await cancelled_with_caller(handles.engine.generate_whole.remote(prompt_ids, params, strategy))
+            return
+        call = handles.engine.options(stream=True).generate.remote(prompt_ids, params, strategy)
         async with aclosing(until_finished(call)) as updates:
             async for update in updates:
                 yield update
 
     @staticmethod
-    async def _run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params: SamplingParams,
-                                 strategy: str) -> AsyncIterator[Update]:
+    async def _run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params: dict, strategy: str,
+                                 whole: bool) -> AsyncIterator[Update]:
         """A prefill replica runs the prompt to its first token and leaves its K/V in the object store; a decode
-        replica takes it over rank to rank and streams the rest."""
-        prefill = handles.prefill.prefill.remote(prompt_ids, params.model_dump(), strategy)
-        try:
-            first: Update = await prefill
-        except BaseException:
-            prefill.cancel()
-            raise
+        replica takes it over rank to rank and finishes the request."""
+        first: Update = await cancelled_with_caller(handles.prefill.prefill.remote(prompt_ids, params, strategy))
         handoff: Handoff | None = first.handoff
         first.handoff = None
-        if handoff is None or params.max_tokens == 1 or first.finish_reason != "length":
+        if handoff is None or params["max_tokens"] == 1 or first.finish_reason != "length":
             yield first
             return
         # The decode replica re-emits the first token with its text; report only the prefill's figures here.
-        yield Update(text="", token_ids=[], finish_reason=None, prompt_tokens=len(prompt_ids), completion_tokens=0,
-                     prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s, ttft_s=first.ttft_s,
-                     tpot_s=None)
-        call = handles.decode.options(stream=True).decode.remote(handoff, params.model_dump())
+        figures = Update(text="", token_ids=[], finish_reason=None, prompt_tokens=len(prompt_ids),
+                         completion_tokens=0, prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s,
+                         ttft_s=first.ttft_s, tpot_s=None)
+        if whole:
+            rest = await cancelled_with_caller(handles.decode.decode_whole.remote(handoff, params))
+            yield merge_updates([figures, rest])
+            return
+        yield figures
+        call = handles.decode.options(stream=True).decode.remote(handoff, params)
         async with aclosing(until_finished(call)) as updates:
             async for update in updates:
                 yield update

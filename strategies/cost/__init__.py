@@ -8,14 +8,8 @@ What the engine and the Serve ingress call:
 - ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time.
 """
 
-from strategies.cost.hardware import (
-                                      CalibrationProfile,
-                                      Hardware,
-                                      HardwareError,
-                                      get_hardware,
-                                      load_catalog,
-                                      save_profile,
-)
+from strategies.cost.hardware import (CalibrationProfile, Hardware, HardwareError, get_hardware, load_catalog,
+                                      save_profile)
 from strategies.cost.planner import PlanChoice, PlanReport, decode_step_time, plan, plan_decode, plan_prefill
 from strategies.cost.search import STRATEGIES, search
 from strategies.layout import ShardLayout, check_devices

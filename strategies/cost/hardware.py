@@ -125,6 +125,22 @@ class Hardware(BaseModel):
             return fit.latency_us * 1e-6, fit.bandwidth_gbs * 1e9
         return self.link.latency_us * 1e-6, self.link.bandwidth_gbs * 1e9
 
+    def time_shared(self, share: float) -> "Hardware":
+        """This device given ``share`` of its processor, as CPU ranks are when a pool puts more ranks than cores on a
+        node: compute, memory bandwidth and per-op overhead scale by the share. The entry's figures are per rank, so
+        a share of one or more changes nothing."""
+        if share >= 1:
+            return self
+
+        def scaled(curve: tuple[GemmSample, ...]) -> tuple[GemmSample, ...]:
+            return tuple(s.model_copy(update={"tflops": s.tflops * share}) for s in curve)
+
+        return self.model_copy(update={
+            "peak_tflops": self.peak_tflops * share, "memory_bandwidth_gbs": self.memory_bandwidth_gbs * share,
+            "launch_overhead_us": self.launch_overhead_us / share, "gemm_curve": scaled(self.gemm_curve),
+            "attention_curve": scaled(self.attention_curve),
+            "sharded_attention_curve": scaled(self.sharded_attention_curve)})
+
     def calibrated(self, profile: CalibrationProfile, source: str = "profile") -> "Hardware":
         """This entry with the profile's measurements replacing the guesses (memory size stays the catalog's)."""
         update: dict = {"gemm_curve": tuple(sorted(profile.gemm, key=lambda s: s.rows)),

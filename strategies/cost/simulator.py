@@ -19,14 +19,8 @@ from pydantic import BaseModel
 from strategies.cost.formulas import Work
 from strategies.cost.hardware import Hardware
 from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
-from strategies.cost.planner import (
-    DEFAULT_UTILIZATION,
-    decode_step_time,
-    default_lengths,
-    memory_row,
-    plan,
-    plan_prefill,
-)
+from strategies.cost.planner import (DEFAULT_UTILIZATION, decode_step_time, default_lengths, memory_row, plan,
+                                     plan_prefill)
 from strategies.cost.search import STRATEGIES
 from strategies.cost.workloads import Request
 from strategies.layout import check_devices

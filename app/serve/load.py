@@ -1,0 +1,74 @@
+"""Pool load that every ingress replica sees alike: engine replicas report it, ingresses read it.
+
+Admission control needs each pool's expected wait, and with several ingress replicas no single one has seen every
+request. So each engine replica reports its ``EngineLoad`` (what is running and waiting, its measured decode step
+time, the wait a new request would have there) to one ``LoadBoard`` a few times a second, and every ingress reads the
+board on the same beat. Between two reads an ingress also counts what it sent itself (``Router``), so a burst that
+arrives within one beat is not all admitted against a stale figure.
+
+The board also watches the app's replicas: a replica that Serve cannot place (a scale-up beyond the cluster's free
+cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{deployment,state}``, instead of
+pending silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from app.engine.messages import EngineLoad
+
+REPORT_S = 0.25  # how often replicas report and ingresses read
+STALE_S = 5.0  # a replica silent this long is gone (replaced, scaled down): its report is dropped
+DECODE_ROLE = ":decode"  # a disaggregated pool's decode replicas report as "<pool>:decode"
+WATCH_S = 5.0  # how often the board reads the app's replica states
+PENDING_WARN_S = 30.0  # a replica still starting after this long is waiting for resources: say so
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+class LoadBoard:
+    def __init__(self):
+        self.reports: dict[str, tuple[str, EngineLoad, float]] = {}
+        self.app = serve.get_replica_context().app_name
+        self.starting_since: dict[str, float] = {}
+        self._watch = asyncio.get_event_loop().create_task(self.watch_replicas())
+
+    async def watch_replicas(self) -> None:
+        from app.serve.metrics import set_replicas
+
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deployments = status.applications[self.app].deployments
+            except Exception:  # noqa: BLE001 - the app is being deleted or redeployed
+                continue
+            now = time.monotonic()
+            for name, d in deployments.items():
+                for state in ("RUNNING", "STARTING"):
+                    set_replicas(name, state, d.replica_states.get(state, 0))
+                if not d.replica_states.get("STARTING"):
+                    self.starting_since.pop(name, None)
+                    continue
+                since = self.starting_since.setdefault(name, now)
+                if now - since >= PENDING_WARN_S:
+                    logger.warning("deployment %s has %d replica(s) not placed after %.0f s: %s", name,
+                                   d.replica_states["STARTING"], now - since, d.message or "waiting for resources")
+                    self.starting_since[name] = now  # say it again after another PENDING_WARN_S
+
+    def report(self, replica: str, pool: str, load: EngineLoad) -> None:
+        self.reports[replica] = (pool, load, time.monotonic())
+
+    def snapshot(self) -> dict[str, list[EngineLoad]]:
+        """Every live replica's latest load, by pool."""
+        now = time.monotonic()
+        self.reports = {r: v for r, v in self.reports.items() if now - v[2] < STALE_S}
+        by_pool: dict[str, list[EngineLoad]] = {}
+        for pool, load, _ in self.reports.values():
+            by_pool.setdefault(pool, []).append(load)
+        return by_pool

@@ -1,0 +1,142 @@
+"""Throughput and admission under load: real Serve, real HTTP and gRPC clients, one small app for the module.
+
+The app has one 1-device pool (tiny chat model, 4 slots) that admits a request only while its expected wait before
+prefill is under ``max_queue_wait_s`` = 1 s; Serve's own queue caps are set far above, so what refuses work here is
+the admission control, and what is admitted must be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+from conftest import deployed, grpc_stub, http_client
+
+APP, ROUTE, MODEL, POOL = "admission", "/adm", "tiny-chat", "one"
+MAX_QUEUE_WAIT_S = 1.0
+META = (("application", APP),)
+
+
+@pytest.fixture(scope="module")
+def adm(serve_session, chat_tiny):
+    pool = dict(name=POOL, devices=1, slots=4, max_model_len=512, max_ongoing_requests=256,
+                max_queued_requests=1024)
+    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
+            "max_queue_wait_s": MAX_QUEUE_WAIT_S, "request_timeout_s": 120, "shared_weights": False}
+    with deployed(serve_session, args, APP, ROUTE) as ports:
+        yield ports
+
+
+@pytest.fixture(scope="module")
+def http(adm):
+    with http_client(adm, ROUTE) as client:
+        yield client
+
+
+def replica_info() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(POOL, APP).info.remote().result(timeout_s=30)
+
+
+async def fire(port: int, n: int, max_tokens: int, concurrency: int | None = None,
+               timeout_s: float = 180) -> list[tuple[int, float, httpx.Response | None]]:
+    """``n`` non-streaming requests (``concurrency`` at a time, default all at once): (status, seconds, response);
+    status 0 for a client timeout."""
+    limit = asyncio.Semaphore(concurrency or n)
+    body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+
+    async def one(c: httpx.AsyncClient):
+        async with limit:
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(f"{ROUTE}/v1/completions", json=body)
+                return r.status_code, time.perf_counter() - t0, r
+            except httpx.TimeoutException:
+                return 0, time.perf_counter() - t0, None
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout_s, limits=limits) as c:
+        return await asyncio.gather(*(one(c) for _ in range(n)))
+
+
+@pytest.mark.slow
+def test_a_flood_is_served_or_refused_at_once_never_left_hanging(adm, http):
+    results = asyncio.run(fire(adm["http"], 120, 48))
+    statuses = [s for s, _, _ in results]
+    served = [t for s, t, _ in results if s == 200]
+    refused = [(t, r) for s, t, r in results if s == 503]
+    assert set(statuses) <= {200, 503}, statuses  # no client timeout, no other error
+    assert len(served) >= 8 and refused, (len(served), len(refused))
+    assert all(r.json()["usage"]["completion_tokens"] == 48 for s, _, r in results if s == 200)
+    for t, r in refused:  # refused at once, saying why and when to come back
+        assert t < 10 and int(r.headers["retry-after"]) >= 1
+        assert "max_queue_wait_s" in r.json()["error"]["message"]
+    # admitted work is bounded by the wait it was admitted with: the longest served request is far under the
+    # client's 180 s
+    assert max(served) < 60, max(served)
+    ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200  # healthy after
+    assert replica_info()["slots_in_use"] == 0
+
+
+def test_concurrency_raises_throughput(adm):
+    """The same 16 requests one at a time and 8 at a time: batching in the engine must survive the service."""
+    asyncio.run(fire(adm["http"], 4, 32, concurrency=4))  # warm
+    t0 = time.perf_counter()
+    one = asyncio.run(fire(adm["http"], 16, 32, concurrency=1))
+    sequential = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eight = asyncio.run(fire(adm["http"], 16, 32, concurrency=8))
+    concurrent = time.perf_counter() - t0
+    assert all(s == 200 for s, _, _ in one + eight)
+    assert concurrent < 0.6 * sequential, (concurrent, sequential)
+
+
+def test_grpc_is_resource_exhausted_when_http_would_be_503(adm):
+    """Keep the pool busy with long requests; whenever HTTP is refused, gRPC asked right then is refused too, with
+    RESOURCE_EXHAUSTED and the same reason (never another error)."""
+    from app.serve.protos import dynpart_pb2 as pb
+
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 400, "ignore_eos": True}
+        with httpx.Client(base_url=f"http://127.0.0.1:{adm['http']}", timeout=120) as c:
+            while not stop.is_set():
+                c.post(f"{ROUTE}/v1/completions", json=body)
+
+    threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    codes = []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{adm['http']}", timeout=30) as c, grpc_stub(adm) as stub:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and grpc.StatusCode.RESOURCE_EXHAUSTED not in codes:
+                r = c.post(f"{ROUTE}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 8})
+                assert r.status_code in (200, 503), r.text
+                if r.status_code != 503:
+                    time.sleep(0.1)
+                    continue
+                try:
+                    stub.Generate(pb.GenerateRequest(prompt="Hi", max_tokens=8), metadata=META, timeout=30)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                    assert "max_queue_wait_s" in e.details()
+                    codes.append(e.code())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+    deadline = time.monotonic() + 60
+    while replica_info()["slots_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert replica_info()["slots_in_use"] == 0
