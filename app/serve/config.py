@@ -20,6 +20,9 @@ from strategies.layout import STRATEGY_NAMES
 from strategies.loader import DEFAULT_MODEL
 
 
+DEFAULT_MAX_QUEUE_WAIT_S = 30.0
+
+
 class Autoscaling(BaseModel):
     """Serve's ``autoscaling_config`` (the keys used here; see Ray Serve's AutoscalingConfig for the rest)."""
 
@@ -120,17 +123,22 @@ class AppConfig(BaseModel):
     request_timeout_s: float | None = Field(600.0, gt=0)  # from arrival to the last token; then 504 (None: none)
     # Admission: a pool whose expected wait before prefill (its replicas' queued prefill and decode work, priced by
     # the planner and the measured step time) is longer than this takes no new request; with no pool left the
-    # request gets 503 at once, with ``retry-after``, instead of waiting past the client's patience.
-    max_queue_wait_s: float = Field(30.0, gt=0)
+    # request gets 503 at once, with ``retry-after``, instead of waiting past the client's patience. Default: 30 s,
+    # or half of ``request_timeout_s`` when that is shorter.
+    max_queue_wait_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
-        if self.request_timeout_s is not None and self.max_queue_wait_s >= self.request_timeout_s:
+        timeout = self.request_timeout_s
+        if self.max_queue_wait_s is None:
+            self.max_queue_wait_s = DEFAULT_MAX_QUEUE_WAIT_S if timeout is None else min(DEFAULT_MAX_QUEUE_WAIT_S,
+                                                                                         timeout / 2)
+        elif timeout is not None and self.max_queue_wait_s >= timeout:
             raise ValueError(f"max_queue_wait_s ({self.max_queue_wait_s:g}) must be below request_timeout_s "
-                             f"({self.request_timeout_s:g}): a request admitted to wait that long would time out")
+                             f"({timeout:g}): a request admitted to wait that long would time out")
         valid = ["dynamic"] + [f"static:{s}" for s in STRATEGY_NAMES]
         if self.policy not in valid:
             raise ValueError(f"policy {self.policy!r} is not one of {', '.join(valid)}")
