@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +66,9 @@ def service_point(url: str, model: str, prompts: list[str], max_tokens: int, con
     records, wall = asyncio.run(run_load(url, model, reqs, prompts, concurrency=concurrency, progress=False,
                                          stream=stream, timeout_s=timeout_s))
     ok: list[RequestRecord] = [r for r in records if r.ok]
-    return point(sum(r.output_tokens for r in ok), wall, [r.ttft_s for r in ok] if stream else [],
-                 [r.tpot_s for r in ok if r.tpot_s is not None] if stream else [], errors=len(records) - len(ok))
+    res = point(sum(r.output_tokens for r in ok), wall, [r.ttft_s for r in ok] if stream else [],
+                [r.tpot_s for r in ok if r.tpot_s is not None] if stream else [], errors=len(records) - len(ok))
+    return {**res, "pools": dict(Counter(str(r.pool) for r in ok))}
 
 
 def spread(values: list[float]) -> str:
@@ -94,7 +96,12 @@ def format_table(results: dict, concurrencies: list[int]) -> str:
                      f"{m('stream', 'ttft_p50_ms') / m('engine', 'ttft_p50_ms'):.2f} | "
                      f"{m('stream', 'tpot_p50_ms') / m('engine', 'tpot_p50_ms'):.2f} |")
     errors = sum(x["errors"] for r in results.values() for mode in MODES for x in r[mode])
-    lines.append(f"\nfailed requests: {errors}")
+    pools = Counter()
+    for r in results.values():
+        for mode in ("stream", "whole"):
+            for x in r[mode]:
+                pools.update(x.get("pools", {}))
+    lines.append(f"\nfailed requests: {errors}; served by pool: " + ", ".join(f"{p} {n}" for p, n in pools.items()))
     return "\n".join(lines)
 
 

@@ -239,7 +239,7 @@ def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
     shape, hw = Checkpoint(chat_tiny).shape, get_hardware("cpu")
     available = asyncio.run(router.available("long"))
     batched = plan_prefill(shape, hw, 2, [n, 2000], available=available).time_s
-    assert both_busy.predicted_s == pytest.approx(batched)  # prefilled in one batch with the 2000 tokens ahead
+    assert both_busy.ttft_s == pytest.approx(batched)  # prefilled in one batch with the 2000 tokens ahead
     assert both_busy.predicted_s > idle.predicted_s
 
 

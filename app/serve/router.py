@@ -1,13 +1,15 @@
 """Pick a pool for a tokenized request and run it there; shared by the HTTP and the gRPC front ends.
 
 Picking a pool asks the planner, per pool that can hold the request (prompt + max_tokens within its context), for
-the predicted prefill time of this prompt on that pool's devices, plus the pool's expected wait before a prefill
-starts there (``expected_wait``: queued prefill and decode work, from the replicas' reports on the ``LoadBoard`` and
-from what this ingress sent itself); the lowest sum wins (ties go to the pool listed first). Admission control: a
-pool whose expected wait passes ``max_queue_wait_s``, or whose waiting tokens would pass ``max_queued_tokens``, is
-skipped; if every pool is skipped the request is refused at once as overloaded (503 with ``retry-after``), rather
-than accepted and left to time out. A request's generation is cancelled in its replica whenever its caller stops
-listening: a client gone, or the app's request timeout (``with_deadline``) passed.
+the predicted prefill time of this prompt on that pool's devices, batched with the prompts already waiting there,
+after the pool's expected wait for a free slot (``backlog``: from the replicas' reports on the ``LoadBoard`` and
+from what this ingress sent itself), plus ``max_tokens`` decode steps at the pool's measured step time; the lowest
+sum wins (ties go to the pool listed first), so a pool that prefills sooner but decodes slower does not take short
+requests it would finish later. Admission control: a pool whose expected wait passes ``max_queue_wait_s``, or whose
+waiting tokens would pass ``max_queued_tokens``, is skipped; if every pool is skipped the request is refused at once
+as overloaded (503 with ``retry-after``), rather than accepted and left to time out. A request's generation is
+cancelled in its replica whenever its caller stops listening: a client gone, or the app's request timeout
+(``with_deadline``) passed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from app.serve.config import AppConfig, PoolConfig
 from app.serve.errors import Overloaded, RequestTimeout
 from app.serve.load import DECODE_ROLE, REPORT_S
 from app.serve.metrics import set_expected_wait
-from strategies.cost import plan_prefill
+from strategies.cost import decode_step_time, plan_prefill
 from strategies.layout import check_strategy
 from strategies.loader import Checkpoint
 
@@ -87,7 +89,8 @@ class PoolHandles:
 @dataclass
 class Route:
     pool: PoolConfig
-    predicted_s: float  # predicted time to first token, queue included
+    predicted_s: float  # predicted time to the last token: first token (queue included), then the decode steps
+    ttft_s: float = 0.0  # of which to the first token
 
 
 @dataclass
@@ -190,6 +193,13 @@ class Router:
         own_slot_wait = step * sum(m - seen for m, seen in mine) / (pool.slots * replicas) if full else 0.0
         return max(int(reported_tokens), self.queued[pool.name]), max(reported_slot_wait, own_slot_wait)
 
+    def decode_step_s(self, pool: PoolConfig, context: int) -> float:
+        """A decode step's seconds in ``pool``: as its replicas measure it, else as the planner predicts it."""
+        measured = [x.step_s for x in self.reported.get(pool.name + DECODE_ROLE) or self.reported.get(pool.name, [])]
+        if measured:
+            return statistics.fmean(measured)
+        return decode_step_time(self.shape, self.hardware[pool.name], pool.devices, [context])
+
     def predicted_ttft(self, pool: PoolConfig, n: int, strategy: str, available: list[str]) -> tuple[float, float]:
         """(seconds to this request's first token, of which waiting): the prompts ahead prefill in one batch with
         it (the engine batches waiting prompts), after a slot frees."""
@@ -228,7 +238,9 @@ class Router:
             if wait > self.cfg.max_queue_wait_s:
                 waits.append(wait)
                 continue
-            routes.append(Route(pool=p, predicted_s=ttft))
+            # the whole request: a pool that prefills sooner but decodes slower (ranks sharing a core) loses
+            decode = (max_tokens - 1) * self.decode_step_s(p, n + max_tokens // 2)
+            routes.append(Route(pool=p, predicted_s=ttft + decode, ttft_s=ttft))
         if not routes:
             if waits:
                 least = min(waits)
