@@ -469,7 +469,7 @@ def test_a_killed_shard_worker_fails_its_requests_fast_and_the_replica_is_replac
         os.kill(pids[2], signal.SIGKILL)  # rank 1
         rest = [line for line in lines if line.startswith("data: ")]
     failed_after = time.monotonic() - t0
-    assert '"error"' in rest[-1] and "replaced" in rest[-1], rest[-3:]
+    assert '"error"' in rest[-2] and "replaced" in rest[-2] and rest[-1] == "data: [DONE]", rest[-3:]
     assert failed_after < 10, failed_after
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "now?", "max_tokens": 4})
     assert r.status_code == 503 and r.headers["retry-after"], r.text  # the broken replica refuses, explicitly

@@ -172,10 +172,11 @@ class Ingress:
                 update = await anext(rest, None)
                 if update is not None:
                     result.add(update)
-        except Exception as e:  # headers are gone: report in-band, as OpenAI does
+        except Exception as e:  # headers are gone: report in-band, as OpenAI does, then end the stream as usual
             err = api_error(e)
             self._done(result, str(err.status))
             yield event(error_body(err.message, err.kind, err.code))
+            yield "data: [DONE]\n\n"
             return
         self._done(result)
         if body.include_usage:
