@@ -61,18 +61,15 @@ def tok(chat_tiny):
     return Checkpoint(chat_tiny).tokenizer()
 
 
-def expected_route(path: str, n: int, max_tokens: int) -> tuple[str, str]:
-    """The pool and strategy the planner predicts for an idle app: lowest predicted prefill time among the pools
-    whose context holds the request (ties to the first listed)."""
+def expected_routes(path: str, n: int, max_tokens: int) -> set[tuple[str, str]]:
+    """The pools (and their strategies) the planner predicts fastest for an idle app, among those whose context
+    holds the request. Pools of the same hardware and device count tie here; the router then takes the one whose
+    replicas measure the faster decode step, so any of them is right."""
     shape = Checkpoint(path).shape
-    best = None
-    for p in POOLS:
-        if n + max_tokens > min(p["max_model_len"], shape.max_position_embeddings):
-            continue
-        choice = plan_prefill(shape, get_hardware(p["hardware"]), p["devices"], n)
-        if best is None or choice.time_s < best[0]:
-            best = (choice.time_s, p["name"], choice.strategy)
-    return best[1], best[2]
+    choices = {p["name"]: plan_prefill(shape, get_hardware(p["hardware"]), p["devices"], n) for p in POOLS
+               if n + max_tokens <= min(p["max_model_len"], shape.max_position_embeddings)}
+    best = min(c.time_s for c in choices.values())
+    return {(name, c.strategy) for name, c in choices.items() if c.time_s == pytest.approx(best)}
 
 
 def test_completion_is_greedy_transformers_and_names_pool_strategy(http, chat_tiny, tok):
@@ -139,7 +136,7 @@ def test_short_and_long_prompts_routed_as_the_planner_predicts(http, chat_tiny, 
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4, **GREEDY})
         assert r.status_code == 200, r.text
         seen[n] = (r.headers["x-dynpart-pool"], r.headers["x-dynpart-strategy"])
-        assert seen[n] == expected_route(chat_tiny, n, 4)
+        assert seen[n] in expected_routes(chat_tiny, n, 4)
     assert len(set(seen.values())) == 2  # the two prompts really went different ways
 
 

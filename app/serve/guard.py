@@ -62,7 +62,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"].rstrip("/").endswith("/health"):
             return await self.app(scope, receive, send)
-        limits: Limits = getattr(scope["app"].state, "guard", None) or Limits()
+        limits: Limits = scope["app"].state.guard
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             check_key(limits.api_key, headers.get("authorization"))

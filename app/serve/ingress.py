@@ -32,6 +32,7 @@ from app.serve.router import PoolHandles, Result, Router, with_deadline
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
 api.add_middleware(Guard)
+api.state.guard = Limits()  # the defaults until the ingress sets this app's limits
 
 
 @api.exception_handler(RequestValidationError)

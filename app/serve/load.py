@@ -30,7 +30,8 @@ PENDING_WARN_S = 30.0  # a replica still starting after this long is waiting for
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+                  logging_config={"enable_access_log": False})  # replicas report several times a second
 class LoadBoard:
     def __init__(self):
         self.reports: dict[str, tuple[str, EngineLoad, float]] = {}
@@ -46,7 +47,8 @@ class LoadBoard:
             try:
                 status = await asyncio.to_thread(serve.status)
                 deployments = status.applications[self.app].deployments
-            except Exception:  # noqa: BLE001 - the app is being deleted or redeployed
+            except Exception as e:  # noqa: BLE001 - the app is being deleted or redeployed
+                logger.info("replica states unavailable: %s: %s", type(e).__name__, e)
                 continue
             now = time.monotonic()
             for name, d in deployments.items():

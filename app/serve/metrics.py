@@ -48,11 +48,12 @@ def _replicas_gauge():
     from ray.serve.metrics import Gauge
 
     return Gauge("dynpart_replicas", "Replicas of each of the app's deployments by state (STARTING for long: "
-                 "waiting for resources the cluster does not have)", tag_keys=("deployment", "state"))
+                 "waiting for resources the cluster does not have); Serve's own ``deployment`` tag names the board",
+                 tag_keys=("serve_deployment", "state"))
 
 
 def set_replicas(deployment: str, state: str, count: int) -> None:
-    _replicas_gauge().set(count, tags={"deployment": deployment, "state": state})
+    _replicas_gauge().set(count, tags={"serve_deployment": deployment, "state": state})
 
 
 def set_expected_wait(pool: str, seconds: float) -> None:
