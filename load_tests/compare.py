@@ -13,6 +13,8 @@ import asyncio
 import importlib
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -47,6 +49,31 @@ def wait_ready(url: str, timeout_s: float = 300.0) -> None:
             pass
         time.sleep(1.0)
     raise TimeoutError(f"{url} did not become ready in {timeout_s:.0f} s")
+
+
+@contextmanager
+def local_serve(port: int) -> Iterator[str]:
+    """Ray and Serve on this machine for the duration, HTTP on 127.0.0.1:``port``; yields the base URL."""
+    import ray
+    from ray import serve
+
+    from placement.workers import local_ray_options
+
+    ray.init(**local_ray_options())
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy(url: str, import_path: str, args: dict, name: str) -> None:
+    """Run the app built from ``import_path``/``args`` as ``name`` on the local Serve and wait until it answers."""
+    from ray import serve
+
+    serve.run(build_app(import_path, args), name=name, route_prefix="/")
+    wait_ready(url)
 
 
 def ratio_table(results: dict[str, Summary]) -> str:
@@ -101,23 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     add_workload_args(p)
     args = p.parse_args(argv)
 
-    import ray
     from ray import serve
 
-    from placement.workers import local_ray_options
-
     import_path, app_args, http = load_app_spec(args.config)
-    port = int(http.get("port", 8000))
-    url = f"http://127.0.0.1:{port}"
     reqs, prompts = build_requests(args)
     out = Path(args.out)
-    ray.init(**local_ray_options())
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     summaries, runs = {}, {}
-    try:
+    with local_serve(int(http.get("port", 8000))) as url:
         for policy in args.policies.split(","):
-            serve.run(build_app(import_path, {**app_args, "policy": policy}), name="dynpart", route_prefix="/")
-            wait_ready(url)
+            deploy(url, import_path, {**app_args, "policy": policy}, "dynpart")
             asyncio.run(_warmup(url, args.model, prompts[: args.warmup]))
             records, duration = asyncio.run(_load(url, args, reqs, prompts))
             label = policy.replace(":", "_")
@@ -125,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             summaries[policy], runs[policy] = Summary(**result["summary"]), records
             print(format_summary(policy, summaries[policy]), flush=True)
             serve.delete("dynpart")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     table = ratio_table(summaries)
     (out / "compare.md").write_text(table + "\n")
     plot(out, runs)

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from load_tests.compare import build_app, load_app_spec, wait_ready
+from load_tests.compare import deploy, load_app_spec, local_serve
 
 
 async def flood(url: str, model: str, prompts: list[str], max_tokens: int, timeout_s: float) -> list[dict]:
@@ -67,32 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_results/flood.json")
     args = p.parse_args(argv)
 
-    import ray
-    from ray import serve
-
     from app.serve.config import AppConfig
     from load_tests.client import PromptMaker
-    from placement.workers import local_ray_options
     from strategies.loader import Checkpoint
 
     import_path, app_args, _ = load_app_spec(args.config)
     cfg = AppConfig.model_validate(app_args)
     maker = PromptMaker(Checkpoint(cfg.model).tokenizer())
     prompts = [maker.make(args.prompt_tokens) for _ in range(args.requests)]
-    url = f"http://127.0.0.1:{args.port}"
-    ray.init(**local_ray_options())
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    try:
-        serve.run(build_app(import_path, app_args), name="flood", route_prefix="/")
-        wait_ready(url)
+    with local_serve(args.port) as url:
+        deploy(url, import_path, app_args, "flood")
         t0 = time.perf_counter()
         results = asyncio.run(flood(url, cfg.model_name, prompts, args.max_tokens, args.timeout))
         wall = time.perf_counter() - t0
         after = httpx.post(f"{url}/v1/completions", timeout=60, json={"model": cfg.model_name, "prompt": "Hi",
                                                                        "max_tokens": 4}).status_code
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "wall_s": wall, "after": after, "results": results}, indent=1))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from load_tests.compare import build_app, load_app_spec, wait_ready
+from load_tests.compare import deploy, load_app_spec, local_serve
 from load_tests.metrics import RequestRecord
 
 MODES = ("engine", "stream", "whole")
@@ -105,6 +105,29 @@ def format_table(results: dict, concurrencies: list[int]) -> str:
     return "\n".join(lines)
 
 
+def measure(engine, url: str, model: str, maker, concurrencies: list[int], args: argparse.Namespace) -> dict:
+    """Warm both sides, then every point: repeats × concurrencies × modes, the modes' order rotated per repeat."""
+    warm = [maker.make(args.prompt_tokens) for _ in range(4)]
+    engine_point(engine, warm, 4, 4)
+    for stream in (True, False):
+        service_point(url, model, warm, 4, 4, stream, args.timeout)
+    results: dict = {str(c): {m: [] for m in MODES} for c in concurrencies}
+    with tqdm(total=args.repeats * len(concurrencies) * len(MODES), unit="point", leave=False) as bar:
+        for rep in range(args.repeats):
+            order = MODES[rep % 3:] + MODES[:rep % 3]
+            for c in concurrencies:
+                prompts = [maker.make(args.prompt_tokens) for _ in range(max(8, args.requests_per_slot * c))]
+                for mode in order:
+                    bar.set_description(f"repeat {rep + 1} concurrency {c} {mode}")
+                    if mode == "engine":
+                        res = engine_point(engine, prompts, args.max_tokens, c)
+                    else:
+                        res = service_point(url, model, prompts, args.max_tokens, c, mode == "stream", args.timeout)
+                    results[str(c)][mode].append(res)
+                    bar.update(1)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(prog="python -m load_tests.throughput", description=__doc__.splitlines()[0])
@@ -119,13 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_results/throughput.json")
     args = p.parse_args(argv)
 
-    import ray
-    from ray import serve
-
     from app.engine.build import build_engine
     from app.serve.config import AppConfig
     from load_tests.client import PromptMaker
-    from placement.workers import local_ray_options
     from strategies.loader import Checkpoint
 
     import_path, app_args, _ = load_app_spec(args.config)
@@ -134,40 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     maker = PromptMaker(Checkpoint(cfg.model).tokenizer())
 
-    ray.init(**local_ray_options())
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    url = f"http://127.0.0.1:{args.port}"
-    engine = None
-    try:
-        serve.run(build_app(import_path, app_args), name="throughput", route_prefix="/")
-        wait_ready(url)
+    with local_serve(args.port) as url:
+        deploy(url, import_path, app_args, "throughput")
         # the same engine as the pool's replicas, with the same cores (threads) as one of its devices
         engine = build_engine(short.engine_options(cfg.model, shared_weights=False), bundle=short.bundle())
-        warm = [maker.make(args.prompt_tokens) for _ in range(4)]
-        engine_point(engine, warm, 4, 4)
-        for stream in (True, False):
-            service_point(url, cfg.model_name, warm, 4, 4, stream, args.timeout)
-        results: dict = {str(c): {m: [] for m in MODES} for c in concurrencies}
-        total = args.repeats * len(concurrencies) * len(MODES)
-        with tqdm(total=total, unit="point", leave=False) as bar:
-            for rep in range(args.repeats):
-                order = MODES[rep % 3:] + MODES[:rep % 3]
-                for c in concurrencies:
-                    prompts = [maker.make(args.prompt_tokens) for _ in range(max(8, args.requests_per_slot * c))]
-                    for mode in order:
-                        bar.set_description(f"repeat {rep + 1} concurrency {c} {mode}")
-                        if mode == "engine":
-                            res = engine_point(engine, prompts, args.max_tokens, c)
-                        else:
-                            res = service_point(url, cfg.model_name, prompts, args.max_tokens, c, mode == "stream",
-                                                args.timeout)
-                        results[str(c)][mode].append(res)
-                        bar.update(1)
-    finally:
-        if engine is not None:
+        try:
+            results = measure(engine, url, cfg.model_name, maker, concurrencies, args)
+        finally:
             engine.group.shutdown()
-        serve.shutdown()
-        ray.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": args.config, "pool": short.name, "devices": short.devices, "slots": short.slots,

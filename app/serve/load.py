@@ -7,7 +7,7 @@ board on the same beat. Between two reads an ingress also counts what it sent it
 arrives within one beat is not all admitted against a stale figure.
 
 The board also watches the app's replicas: a replica that Serve cannot place (a scale-up beyond the cluster's free
-cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{deployment,state}``, instead of
+cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{serve_deployment,state}``, instead of
 pending silently.
 """
 

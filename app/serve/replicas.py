@@ -28,11 +28,11 @@ from app.serve.metrics import set_queued_tokens
 class _EngineShell:
     engine_class: type[LLMEngine] = LLMEngine
     role = ""  # a disaggregated pool's decode replicas report their load apart from its prefill replicas'
+    loop: EngineLoop | None = None  # None until the engine has started (``__del__`` may run before)
 
     @property
     def load_key(self) -> str:
         return f"{self.pool}{self.role}"
-    loop: EngineLoop | None = None  # None until the engine has started (``__del__`` may run before)
 
     def __init__(self, pool: str, opts: EngineOptions, bundle: dict, board=None):
         import ray

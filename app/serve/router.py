@@ -186,36 +186,41 @@ class Router:
         mean = lambda loads, get: statistics.fmean(get(x) for x in loads) if loads else 0.0  # noqa: E731
         reported_tokens = mean(front, lambda x: x.waiting_prompt_tokens)
         reported_slot_wait = mean(front, lambda x: x.slot_wait_s) + mean(decode, lambda x: x.slot_wait_s)
-        replicas = max(1, len(decode or front))
-        step = mean(decode or front, lambda x: x.step_s)
+        replicas = max(1, len(self.decoding(pool)))
+        step = mean(self.decoding(pool), lambda x: x.step_s)
         mine = self.inflight[pool.name].values()
         full = len(mine) >= pool.slots * replicas
         own_slot_wait = step * sum(m - seen for m, seen in mine) / (pool.slots * replicas) if full else 0.0
         return max(int(reported_tokens), self.queued[pool.name]), max(reported_slot_wait, own_slot_wait)
 
+    def decoding(self, pool: PoolConfig) -> list[EngineLoad]:
+        """The reports of the replicas that decode ``pool``'s requests: its decode half when disaggregated."""
+        return self.reported.get(pool.name + DECODE_ROLE) or self.reported.get(pool.name, [])
+
     def decode_step_s(self, pool: PoolConfig, context: int) -> float:
         """A decode step's seconds in ``pool``: as its replicas measure it, else as the planner predicts it."""
-        measured = [x.step_s for x in self.reported.get(pool.name + DECODE_ROLE) or self.reported.get(pool.name, [])]
-        if measured:
-            return statistics.fmean(measured)
+        if measured := self.decoding(pool):
+            return statistics.fmean(x.step_s for x in measured)
         return decode_step_time(self.shape, self.hardware[pool.name], pool.devices, [context])
 
-    def predicted_ttft(self, pool: PoolConfig, n: int, strategy: str, available: list[str]) -> tuple[float, float]:
+    def predicted_ttft(self, pool: PoolConfig, n: int, strategy: str,
+                       available: list[str]) -> tuple[float, float] | None:
         """(seconds to this request's first token, of which waiting): the prompts ahead prefill in one batch with
-        it (the engine batches waiting prompts), after a slot frees."""
+        it (the engine batches waiting prompts), after a slot frees. None: ``strategy`` cannot run in ``pool``."""
         queued, slot_wait = self.backlog(pool)
         shape, hardware = self.shape, self.hardware[pool.name]
         alone = plan_prefill(shape, hardware, pool.devices, n, available=available)
-        batched = plan_prefill(shape, hardware, pool.devices, [n, queued] if queued else n, available=available)
         own = alone.predicted_s.get(alone.strategy if strategy == "auto" else strategy)
         if own is None:
-            return float("inf"), float("inf")
+            return None
+        batched = plan_prefill(shape, hardware, pool.devices, [n, queued], available=available) if queued else alone
         wait = max(0.0, batched.time_s - alone.time_s) + slot_wait
         return own + wait, wait
 
     async def pick_pool(self, n: int, max_tokens: int, pool: str | None = None, strategy: str = "auto") -> Route:
-        """The pool with the lowest predicted time to first token for ``n`` prompt tokens (``pool``: only that one),
-        among those whose expected wait is within ``max_queue_wait_s``; none: ``Overloaded`` (503), at once."""
+        """The pool predicted to finish the request first (first token, then ``max_tokens`` decode steps; ``pool``:
+        only that one), among those whose expected wait is within ``max_queue_wait_s``; none: ``Overloaded`` (503),
+        at once."""
         if pool is not None and pool not in self.queued:
             raise RequestError(f"unknown pool {pool!r}: choose one of {', '.join(self.queued)}")
         check_strategy(strategy, allow_auto=True, error=RequestError)
@@ -231,9 +236,10 @@ class Router:
         for p in fits:
             if self.queued[p.name] + n > p.max_queued_tokens:
                 continue
-            ttft, wait = self.predicted_ttft(p, n, strategy, await self.available(p.name))
-            if wait == float("inf"):
-                continue  # the strategy asked for cannot run in this pool
+            predicted = self.predicted_ttft(p, n, strategy, await self.available(p.name))
+            if predicted is None:
+                continue
+            ttft, wait = predicted
             set_expected_wait(p.name, wait)
             if wait > self.cfg.max_queue_wait_s:
                 waits.append(wait)
