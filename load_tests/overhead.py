@@ -22,7 +22,7 @@ def direct(model: str, prompts: list[str], max_tokens: int) -> tuple[list[float]
     from app.engine.build import EngineOptions, build_engine
     from app.engine.sampling import SamplingParams
 
-    engine = build_engine(EngineOptions(model=model, devices=1, slots=4, hardware="cpu"))
+    engine = build_engine(EngineOptions(model=model, devices=1, max_num_seqs=4, hardware="cpu"))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     engine.generate([engine.tokenizer("warm up")["input_ids"]], params)
     ttft, tpot = [], []
@@ -45,7 +45,7 @@ def served(model: str, prompts: list[str], max_tokens: int, port: int) -> tuple[
 
     app = build_app("app.serve.app:build_app", {
         "model": model, "shared_weights": False, "policy": "static:megatron", "graceful_shutdown_s": 2,
-        "pools": [{"name": "cpu1", "hardware": "cpu", "devices": 1, "slots": 4, "num_replicas": 1}]})
+        "pools": [{"name": "cpu1", "hardware": "cpu", "devices": 1, "max_num_seqs": 4, "num_replicas": 1}]})
     serve.run(app, name="overhead", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)

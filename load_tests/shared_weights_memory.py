@@ -43,7 +43,7 @@ def measure(model: str, devices: int, replicas: int, shared: bool) -> dict:
                                  object_store_memory=2 * 2**30))
     time.sleep(3)
     idle = tree_pss_mb()
-    opts = EngineOptions(model=model, devices=devices, slots=1, max_model_len=256, shared_weights=shared)
+    opts = EngineOptions(model=model, devices=devices, max_num_seqs=1, max_model_len=256, shared_weights=shared)
     engines = [build_engine(opts) for _ in range(replicas)]
     for e in engines:  # a forward pass touches every weight page (mapped shared pages count once they are used)
         e.generate([[1] * 16], SamplingParams(max_tokens=2))

@@ -163,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             engine.group.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"config": args.config, "pool": short.name, "devices": short.devices, "slots": short.slots,
+    meta = {"config": args.config, "pool": short.name, "devices": short.devices, "max_num_seqs": short.max_num_seqs,
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats,
             "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"{args.config}: pool {short.name} ({short.devices} device, {short.slots} slots), prompts of "
+    print(f"{args.config}: pool {short.name} ({short.devices} device, max_num_seqs {short.max_num_seqs}), prompts of "
           f"{args.prompt_tokens} tokens, {args.max_tokens} output tokens, {args.repeats} repeats (median [min–max])")
     print(format_table(results, concurrencies))
     return 0

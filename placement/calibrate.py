@@ -298,17 +298,18 @@ def local_forward_time(runner, timer: Timer, tokens: int = 1) -> float:
     """Seconds of this rank's share of a megatron forward of ``tokens`` tokens with every collective skipped
     (``SingleDevice``): the compute and per-op overhead of a step, without communication (results are not used)."""
     from strategies.comm import SingleDevice
-    from strategies.layers import SequenceSpan, lm_head_logits
+    from strategies.kv_cache import Chunk, PackedChunks
+    from strategies.layers import lm_head_logits
     from strategies.megatron import megatron_forward
 
-    ids = torch.zeros(tokens, dtype=torch.long, device=runner.device)
-    cos, sin = runner.rotary(torch.arange(tokens, device=runner.device), runner.dtype)
-    spans = [SequenceSpan(start=0, length=tokens, slot=0)]  # never committed: the slot stays empty
+    blocks = list(range(-(-tokens // runner.block_size)))  # written, never read by a sequence
+    batch = PackedChunks.build([Chunk([0] * tokens, 0, blocks)], runner.block_size, runner.device)
+    cos, sin = runner.rotary(batch.positions, runner.dtype)
     local = SingleDevice()
 
     def step():
         with torch.inference_mode():
-            h = megatron_forward(runner.weights, local, runner.cache, ids, cos, sin, spans)
+            h = megatron_forward(runner.weights, local, runner.cache, batch, cos, sin)
             lm_head_logits(local, runner.weights.lm_head, h[-1:], runner.shape.vocab_size)
 
     return timer(step)

@@ -35,10 +35,11 @@ class Group(Protocol):
         """Run a runner method on every rank at once; rank 0's answer."""
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """Run a runner method on every rank at once; every rank's answer, in rank order."""
-    def put_kv(self, slots: list[int]) -> list[list]:
-        """Each rank's K/V of ``slots`` as an object reference ([rank][0]), for ``take_kv`` in another group."""
-    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
-        """Adopt K/V that a group of as many ranks ``put_kv``: rank r fetches rank r's slice."""
+    def put_kv(self, tables: list[tuple[list[int], int]]) -> list[list]:
+        """Each rank's K/V of sequences (block table, length) as an object reference ([rank][0]), for ``take_kv``
+        in another group."""
+    def take_kv(self, tables: list[list[int]], refs_by_rank: list[list]) -> None:
+        """Adopt K/V that a group of as many ranks ``put_kv`` into these block tables: rank r fetches rank r's."""
     def pids(self) -> list[int]:
         """The processes that hold the ranks besides the caller's (empty when the runner is in the caller)."""
     def shutdown(self) -> None:
@@ -105,18 +106,18 @@ class ShardWorker:
         self.runner = None  # free the old shards first
         self.runner = make_runner(self.comm, runner_kwargs)
 
-    def put_kv(self, slots: list[int]) -> list:
-        """This rank's head-sharded K/V of ``slots`` into the object store, for the same rank of a decode replica.
+    def put_kv(self, tables: list[tuple[list[int], int]]) -> list:
+        """This rank's head-sharded K/V of sequences into the object store, for the same rank of a decode replica.
         The reference comes back wrapped in a list so Ray hands over the reference, not the tensors."""
         import ray
 
-        return [ray.put(self.runner.export_kv(slots))]
+        return [ray.put(self.runner.export_kv(tables))]
 
-    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
+    def take_kv(self, tables: list[list[int]], refs_by_rank: list[list]) -> None:
         """Adopt the K/V slice that the same rank of a prefill replica put: fetched rank to rank, not via a driver."""
         import ray
 
-        self.runner.import_kv(slots, ray.get(refs_by_rank[self.rank][0]))
+        self.runner.import_kv(tables, ray.get(refs_by_rank[self.rank][0]))
 
     def run(self, method: str, *args: Any) -> Any:
         out = getattr(self.runner, method)(*args)
@@ -158,16 +159,16 @@ class LocalGroup:
     def call_all(self, method: str, *args: Any) -> list[Any]:
         return [self.call(method, *args)]
 
-    def put_kv(self, slots: list[int]) -> list[list]:
+    def put_kv(self, tables: list[tuple[list[int], int]]) -> list[list]:
         import ray
 
-        return [[ray.put(self.runner.export_kv(slots))]]
+        return [[ray.put(self.runner.export_kv(tables))]]
 
-    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
+    def take_kv(self, tables: list[list[int]], refs_by_rank: list[list]) -> None:
         import ray
 
         check_ranks(len(refs_by_rank), self.devices)
-        self.runner.import_kv(slots, ray.get(refs_by_rank[0][0]))
+        self.runner.import_kv(tables, ray.get(refs_by_rank[0][0]))
 
     def pids(self) -> list[int]:
         return []
@@ -234,13 +235,13 @@ class ShardGroup:
         """Call a ``ShardWorker`` method (not a runner method) on every rank; results in rank order."""
         return gather([getattr(w, method).remote(*args) for w in self.workers])
 
-    def put_kv(self, slots: list[int]) -> list[list]:
-        """Each rank's K/V slices of ``slots`` as object references ([rank][0]), for ``take_kv`` elsewhere."""
-        return self.call_workers("put_kv", slots)
+    def put_kv(self, tables: list[tuple[list[int], int]]) -> list[list]:
+        """Each rank's K/V slices of sequences as object references ([rank][0]), for ``take_kv`` elsewhere."""
+        return self.call_workers("put_kv", tables)
 
-    def take_kv(self, slots: list[int], refs_by_rank: list[list]) -> None:
+    def take_kv(self, tables: list[list[int]], refs_by_rank: list[list]) -> None:
         check_ranks(len(refs_by_rank), self.devices)
-        self.call_workers("take_kv", slots, refs_by_rank)
+        self.call_workers("take_kv", tables, refs_by_rank)
 
     def pids(self) -> list[int]:
         return self.call_workers("pid")

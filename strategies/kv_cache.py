@@ -1,54 +1,152 @@
-"""The decode-layout KV cache of one rank: keys and values of this rank's KV heads only (sharded by KV head).
+"""The decode-layout KV cache of one rank, in fixed-size blocks: keys and values of this rank's KV heads only.
 
-Sequences own slots; a slot holds up to ``capacity`` tokens. Every prefill strategy writes its K/V here in this
-layout, which is what makes the handoff to Megatron decode free. Storage is ``torch.empty``: pages are touched only
-as sequences fill them, so a large capacity costs address space, not memory.
+Storage per layer is ``[num_blocks * block_size, Hkv_local, dh]``: token slot ``block * block_size + offset``. Which
+blocks a sequence owns (its block table) is the engine's business (``app/engine/blocks.py``); a forward pass is told
+each sequence's table and writes/reads through it. Every prefill strategy writes its K/V here sharded by KV head,
+which is what makes the handoff to Megatron decode free, and blocks are what the disaggregated handoff moves.
+
+How many blocks fit is a memory budget divided by the bytes of one block (``block_bytes``), not slots × max length:
+short sequences hold few blocks, so a replica holds as many sequences as its memory allows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
+
+from strategies.layers import SequenceSpan, causal_attention
+
+DEFAULT_BLOCK_SIZE = 16
 
 
-class KVCacheFull(RuntimeError):
-    """A sequence would exceed its slot's capacity."""
+@dataclass
+class Chunk:
+    """The new tokens of one sequence in one forward pass: ``ids`` at positions ``cached`` .. ``cached+len-1``, the
+    first ``cached`` tokens' K/V already in the cache; ``blocks`` is the sequence's block table (covering them all)."""
 
-
-class KVCache:
-    def __init__(self, num_layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.capacity = capacity
-        shape = (slots, kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = [0] * slots
+    ids: list[int]
+    cached: int
+    blocks: list[int] = field(default_factory=list)
 
     @property
-    def slots(self) -> int:
-        return len(self.lengths)
+    def context(self) -> int:
+        return self.cached + len(self.ids)
 
-    def check_room(self, slot: int, new_tokens: int) -> None:
-        if not 0 <= slot < self.slots:
-            raise KVCacheFull(f"slot {slot} does not exist (cache has {self.slots})")
-        if self.lengths[slot] + new_tokens > self.capacity:
-            raise KVCacheFull(f"slot {slot}: {self.lengths[slot]} + {new_tokens} tokens exceed capacity {self.capacity}")
 
-    def write(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V [L, Hkv_local, dh] of new tokens after the slot's cached ones (length advances in ``commit``)."""
-        start = self.lengths[slot]
-        self.k[layer][slot, :, start:start + k.shape[0]] = k.transpose(0, 1)
-        self.v[layer][slot, :, start:start + v.shape[0]] = v.transpose(0, 1)
+def block_bytes(num_layers: int, kv_heads: int, head_dim: int, block_size: int, itemsize: int) -> int:
+    """Bytes one block takes on one rank: K and V of every layer for ``block_size`` tokens of ``kv_heads`` heads."""
+    return 2 * num_layers * kv_heads * head_dim * block_size * itemsize
 
-    def read(self, layer: int, slot: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V [L, Hkv_local, dh] of everything cached plus the ``new_tokens`` just written (views, no copy)."""
-        n = self.lengths[slot] + new_tokens
-        return self.k[layer][slot, :, :n].transpose(0, 1), self.v[layer][slot, :, :n].transpose(0, 1)
 
-    def commit(self, slot: int, new_tokens: int) -> None:
-        self.lengths[slot] += new_tokens
+def table_slots(blocks: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of ``positions`` of a sequence with block table ``blocks``."""
+    table = torch.tensor(blocks, dtype=torch.long)
+    if positions.numel() and int(positions.max()) >= table.numel() * block_size:
+        raise ValueError(f"block table of {table.numel()} blocks cannot hold position {int(positions.max())}")
+    return table[positions // block_size] * block_size + positions % block_size
 
-    def release(self, slot: int) -> None:
-        self.lengths[slot] = 0
 
-    def tokens_in_use(self) -> int:
-        return sum(self.lengths)
+@dataclass
+class PackedChunks:
+    """One forward pass's chunks packed into one token array, with everything attention needs, built once per pass.
+
+    One-token chunks (decode) are attended as one batch: their contexts gathered through the block tables, padded to
+    the longest (padding repeats the sequence's own first slot and is masked). Longer chunks (prefill) are attended
+    one by one: over their own new K/V when nothing is cached, else over their context gathered from the cache.
+    """
+
+    chunks: list[Chunk]
+    spans: list[SequenceSpan]
+    ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T]: where each new token's K/V goes
+    decode_rows: torch.Tensor  # [B]: token rows of the one-token chunks
+    decode_slots: torch.Tensor  # [B, Lmax]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax], None when no row is padded
+    contexts: list[torch.Tensor | None]  # per chunk: its context's slots (prefix + new), None when nothing is cached
+
+    @property
+    def prefill(self) -> list[tuple[SequenceSpan, torch.Tensor | None]]:
+        """The chunks of more than one token, with their context slots."""
+        return [(sp, ctx) for sp, ctx in zip(self.spans, self.contexts) if sp.length > 1]
+
+    @classmethod
+    def build(cls, chunks: list[Chunk], block_size: int, device: torch.device | str = "cpu") -> "PackedChunks":
+        spans, start = [], 0
+        for c in chunks:
+            if not c.ids:
+                raise ValueError("a chunk needs at least one token")
+            spans.append(SequenceSpan(start=start, length=len(c.ids), cached=c.cached))
+            start += len(c.ids)
+        positions = [torch.arange(c.cached, c.context) for c in chunks]
+        slots = [table_slots(c.blocks, pos, block_size) for c, pos in zip(chunks, positions)]
+        decode = [b for b, c in enumerate(chunks) if len(c.ids) == 1]
+        lmax = max((chunks[b].context for b in decode), default=0)
+        dslots = torch.empty((len(decode), lmax), dtype=torch.long)
+        for row, b in enumerate(decode):
+            ctx = table_slots(chunks[b].blocks, torch.arange(chunks[b].context), block_size)
+            dslots[row, :ctx.numel()] = ctx
+            dslots[row, ctx.numel():] = ctx[0]
+        lens = torch.tensor([chunks[b].context for b in decode], dtype=torch.long)
+        mask = None
+        if decode and int(lens.min()) < lmax:
+            mask = (torch.arange(lmax)[None, :] < lens[:, None])[:, None, None, :].to(device)
+        contexts = [table_slots(c.blocks, torch.arange(c.context), block_size).to(device) if c.cached else None
+                    for c in chunks]
+        return cls(chunks=chunks, spans=spans,
+                   ids=torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=device),
+                   positions=torch.cat(positions).to(device), slots=torch.cat(slots).to(device),
+                   decode_rows=torch.tensor([spans[b].start for b in decode], dtype=torch.long, device=device),
+                   decode_slots=dslots.to(device), decode_mask=mask, contexts=contexts)
+
+    @property
+    def last_rows(self) -> list[int]:
+        return [sp.stop - 1 for sp in self.spans]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "PagedKVCache", layer: int,
+                    batch: PackedChunks, scale: float) -> torch.Tensor:
+    """Causal attention of the packed queries [T, Hq, dh] over each sequence's context; the new K/V [T, Hkv, dh]
+    must already be in ``cache`` (written by the caller)."""
+    out = torch.empty_like(q)
+    if batch.decode_rows.numel():
+        keys, values = cache.read(layer, batch.decode_slots)  # [B, L, Hkv, dh]
+        o = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), keys.transpose(1, 2),
+                                           values.transpose(1, 2), attn_mask=batch.decode_mask, scale=scale,
+                                           enable_gqa=True)  # [B, Hq, 1, dh]
+        out[batch.decode_rows] = o[:, :, 0]
+    for sp, ctx in batch.prefill:
+        if ctx is None:
+            keys, values = k[sp.start:sp.stop], v[sp.start:sp.stop]
+        else:
+            keys, values = cache.read(layer, ctx)
+        out[sp.start:sp.stop] = causal_attention(q[sp.start:sp.stop], keys, values, sp.cached, scale)
+    return out
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks * block_size, kv_heads, head_dim)
+        # ``empty``: on a CPU, pages are touched only as blocks fill. Never-written slots are never read (padded reads
+        # repeat a sequence's own first slot), so their garbage cannot leak into attention as NaN.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V [T, Hkv_local, dh] of new tokens at cache ``slots`` [T]."""
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at ``slots`` (any shape S) as [*S, Hkv_local, dh] copies."""
+        flat = slots.reshape(-1)
+        k = self.k[layer].index_select(0, flat).view(*slots.shape, *self.k[layer].shape[1:])
+        v = self.v[layer].index_select(0, flat).view(*slots.shape, *self.v[layer].shape[1:])
+        return k, v
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

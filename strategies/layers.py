@@ -94,7 +94,6 @@ class SequenceSpan:
 
     start: int
     length: int
-    slot: int
     cached: int = 0
 
     @property

@@ -12,19 +12,19 @@ from __future__ import annotations
 import torch
 
 from strategies.comm import Comm
-from strategies.kv_cache import KVCache
-from strategies.layers import SequenceSpan, apply_rope, causal_attention, embed_partial, rms_norm, swiglu
+from strategies.kv_cache import PackedChunks, PagedKVCache, paged_attention
+from strategies.layers import apply_rope, embed_partial, rms_norm, swiglu
 from strategies.sharding import RankWeights
 
 
-def megatron_forward(w: RankWeights, comm: Comm, cache: KVCache, ids: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, spans: list[SequenceSpan]) -> torch.Tensor:
-    """Run all layers on packed tokens ``ids`` [T] of the sequences in ``spans``; return hidden states [T, E]
-    (replicated on every rank). Prefill (many tokens per span) and decode (one per span) are the same code."""
+def megatron_forward(w: RankWeights, comm: Comm, cache: PagedKVCache, batch: PackedChunks, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """Run all layers on the packed chunks; return hidden states [T, E] (replicated on every rank). Prefill chunks
+    (many tokens, maybe after a cached prefix) and decode (one token each) are the same code, in one pass."""
     s, lay = w.shape, w.layout
     hq, hkv, dh = lay.q_per_rank, lay.kv_per_rank, s.head_dim
     scale = dh ** -0.5
-    x = comm.all_reduce(embed_partial(w.embed, ids, w.rank))  # <- all-reduce: vocab-parallel embedding
+    x = comm.all_reduce(embed_partial(w.embed, batch.ids, w.rank))  # <- all-reduce: vocab-parallel embedding
     for i, layer in enumerate(w.layers):
         h = rms_norm(x, layer.attn_norm, s.rms_norm_eps)
         qkv = h @ w.block(layer.flat, "qkv").T  # column-parallel: this rank's heads only
@@ -32,11 +32,8 @@ def megatron_forward(w: RankWeights, comm: Comm, cache: KVCache, ids: torch.Tens
         q = apply_rope(q.view(-1, hq, dh), cos, sin)
         k = apply_rope(k.view(-1, hkv, dh), cos, sin)
         v = v.view(-1, hkv, dh)
-        attn = torch.empty_like(q)
-        for sp in spans:
-            cache.write(i, sp.slot, k[sp.start:sp.stop], v[sp.start:sp.stop])
-            keys, values = cache.read(i, sp.slot, sp.length)
-            attn[sp.start:sp.stop] = causal_attention(q[sp.start:sp.stop], keys, values, sp.cached, scale)
+        cache.write(i, batch.slots, k, v)  # this rank's heads: the decode layout
+        attn = paged_attention(q, k, v, cache, i, batch, scale)
         o = attn.flatten(1) @ w.block(layer.flat, "o").T  # row-parallel: partial sums
         x = x + comm.all_reduce(o)  # <- all-reduce 1 of 2
         h = rms_norm(x, layer.mlp_norm, s.rms_norm_eps)

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import torch
 
 from strategies.comm import Comm
-from strategies.kv_cache import KVCache
-from strategies.layers import SequenceSpan, apply_rope, causal_attention, embed_partial, rms_norm, swiglu
+from strategies.kv_cache import PackedChunks, PagedKVCache
+from strategies.layers import apply_rope, causal_attention, embed_partial, rms_norm, swiglu
 from strategies.sharding import RankWeights
 
 
@@ -33,26 +33,28 @@ def _by_rank(x: torch.Tensor, heads: int, dh: int) -> torch.Tensor:
     return x.view(p, t, heads, dh).permute(1, 0, 2, 3).reshape(t, p * heads, dh)
 
 
-def token_sharded_forward(w: RankWeights, comm: Comm, cache: KVCache, ids: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, spans: list[SequenceSpan],
-                          layer_weights: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Prefill the packed tokens ``ids`` [T]; ``layer_weights`` yields each layer's full weights as [p, n].
+def token_sharded_forward(w: RankWeights, comm: Comm, cache: PagedKVCache, batch: PackedChunks, cos: torch.Tensor,
+                          sin: torch.Tensor, layer_weights: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Prefill the packed chunks; ``layer_weights`` yields each layer's full weights as [p, n].
 
+    A chunk after a cached prefix attends to the prefix too: the cache holds it sharded by KV head, so each layer
+    all-gathers the prefix K/V (every rank's heads) before attention (the cost model prices that gather).
     Returns this rank's final hidden states [Tc, E] and the index of its first token in the packed array.
     """
     s, lay, p, r = w.shape, w.layout, comm.world_size, comm.rank
     hq, hkv, dh, e = lay.q_per_rank, lay.kv_per_rank, s.head_dim, s.hidden_size
     scale = dh ** -0.5
-    if any(sp.cached for sp in spans):
-        raise ValueError("token-sharded prefill starts from an empty cache; continue cached sequences with megatron")
-    tc = token_chunk(ids.shape[0], p)
+    total = batch.ids.shape[0]
+    tc = token_chunk(total, p)
     t0, t1 = r * tc, (r + 1) * tc
-    ids = torch.nn.functional.pad(ids, (0, p * tc - ids.shape[0]))
+    ids = torch.nn.functional.pad(batch.ids, (0, p * tc - total))
     x = comm.reduce_scatter(embed_partial(w.embed, ids, r).view(p, tc, e))  # <- reduce-scatter: my tokens' embedding
     cos_l, sin_l = cos[t0:t1], sin[t0:t1]
     if cos_l.shape[0] < tc:  # padding tokens: any rotation will do, nothing attends to them
         cos_l = torch.nn.functional.pad(cos_l, (0, 0, 0, tc - cos_l.shape[0]))
         sin_l = torch.nn.functional.pad(sin_l, (0, 0, 0, tc - sin_l.shape[0]))
+    prefixes = [ctx[:sp.cached] for sp, ctx in zip(batch.spans, batch.contexts) if ctx is not None]
+    prefix_slots = torch.cat(prefixes) if prefixes else None
     my_heads = slice(r * hkv, (r + 1) * hkv)
     for i, (layer, full) in enumerate(zip(w.layers, layer_weights)):
         h = rms_norm(x, layer.attn_norm, s.rms_norm_eps)
@@ -61,15 +63,25 @@ def token_sharded_forward(w: RankWeights, comm: Comm, cache: KVCache, ids: torch
         q = apply_rope(_by_rank(q, hq, dh), cos_l, sin_l)
         k = apply_rope(_by_rank(k, hkv, dh), cos_l, sin_l)
         kv = comm.all_gather(torch.stack([k, _by_rank(v, hkv, dh)]))  # <- all-gather K/V [p, 2, Tc, Hkv, dh]
-        keys = kv[:, 0].flatten(0, 1)
-        values = kv[:, 1].flatten(0, 1)
+        keys = kv[:, 0].flatten(0, 1)[:total]
+        values = kv[:, 1].flatten(0, 1)[:total]
+        prefix_k = prefix_v = None
+        if prefix_slots is not None:  # <- all-gather of the cached prefix's K/V [p, 2, C, Hkv/p, dh]: every head
+            mine = torch.stack(cache.read(i, prefix_slots))
+            everyone = comm.all_gather(mine)
+            prefix_k, prefix_v = (everyone[:, j].permute(1, 0, 2, 3).flatten(1, 2) for j in (0, 1))
+        cache.write(i, batch.slots, keys[:, my_heads], values[:, my_heads])  # my heads: the handoff to decode
         attn = torch.zeros_like(q)
-        for sp in spans:
-            cache.write(i, sp.slot, keys[sp.start:sp.stop, my_heads], values[sp.start:sp.stop, my_heads])  # handoff
+        c0 = 0  # where this chunk's prefix starts in the gathered prefixes
+        for sp in batch.spans:
             a, b = max(sp.start, t0), min(sp.stop, t1)
-            if a < b:
-                attn[a - t0:b - t0] = causal_attention(q[a - t0:b - t0], keys[sp.start:b], values[sp.start:b],
-                                                       a - sp.start, scale)
+            if a < b:  # this rank holds some of the chunk's queries: they see its prefix and its new keys up to b
+                kk, vv = keys[sp.start:b], values[sp.start:b]
+                if sp.cached:
+                    kk = torch.cat([prefix_k[c0:c0 + sp.cached], kk])
+                    vv = torch.cat([prefix_v[c0:c0 + sp.cached], vv])
+                attn[a - t0:b - t0] = causal_attention(q[a - t0:b - t0], kk, vv, sp.cached + a - sp.start, scale)
+            c0 += sp.cached
         o_in = attn.view(tc, p, hq * dh).transpose(0, 1)  # [p, Tc, hq*dh]: each rank block's heads
         x = x + torch.bmm(o_in, w.block(full, "o").transpose(1, 2)).sum(0)
         h = rms_norm(x, layer.mlp_norm, s.rms_norm_eps)

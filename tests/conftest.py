@@ -94,6 +94,21 @@ def reference_greedy(path: str, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def local_engine(path: str, tokenizer=None, eos: list[int] | None = None, max_num_seqs: int = 4,
+                 max_model_len: int = 256, num_blocks: int | None = None, block_size: int = 16, **engine_kwargs):
+    """An engine on one in-process device; KV blocks for ``max_num_seqs`` sequences of ``max_model_len`` unless
+    ``num_blocks`` says otherwise."""
+    from app.engine.llm_engine import LLMEngine
+    from placement.workers import LocalGroup
+    from strategies.loader import Checkpoint
+
+    num_blocks = num_blocks or max_num_seqs * -(-max_model_len // block_size)
+    group = LocalGroup(model=path, block_size=block_size, num_blocks=num_blocks)
+    eos = Checkpoint(path).eos_token_ids() if eos is None else eos
+    return LLMEngine(group, tokenizer, eos, num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
+                     max_num_seqs=max_num_seqs, **engine_kwargs)
+
+
 def prompts_for(vocab: int, lengths=(7, 19, 3), seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]

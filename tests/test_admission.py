@@ -23,7 +23,7 @@ META = (("application", APP),)
 
 @pytest.fixture(scope="module")
 def adm(serve_session, chat_tiny):
-    pool = dict(name=POOL, devices=1, slots=4, max_model_len=512, max_ongoing_requests=256,
+    pool = dict(name=POOL, devices=1, max_num_seqs=4, max_model_len=512, max_ongoing_requests=256,
                 max_queued_requests=1024)
     args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
             "max_queue_wait_s": MAX_QUEUE_WAIT_S, "request_timeout_s": 120, "shared_weights": False}
@@ -82,7 +82,7 @@ def test_a_flood_is_served_or_refused_at_once_never_left_hanging(adm, http):
     assert max(served) < 60, max(served)
     ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200  # healthy after
-    assert replica_info()["slots_in_use"] == 0
+    assert replica_info()["seqs_in_use"] == 0
 
 
 def test_concurrency_raises_throughput(adm):
@@ -137,9 +137,9 @@ def test_grpc_is_resource_exhausted_when_http_would_be_503(adm):
             t.join(timeout=120)
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
     deadline = time.monotonic() + 60
-    while replica_info()["slots_in_use"] and time.monotonic() < deadline:
+    while replica_info()["seqs_in_use"] and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert replica_info()["slots_in_use"] == 0
+    assert replica_info()["seqs_in_use"] == 0
 
 
 @pytest.mark.slow
@@ -151,7 +151,7 @@ def test_a_replica_the_cluster_cannot_place_is_counted_not_silent(serve_session,
 
     from app.serve.app import build_app
 
-    pools = [dict(name="stuck", devices=1, slots=2, max_model_len=256, resources={"no_such_node": 1})]
+    pools = [dict(name="stuck", devices=1, max_num_seqs=2, max_model_len=256, resources={"no_such_node": 1})]
     serve._run(build_app({"model": chat_tiny, "pools": pools, "shared_weights": False}), _blocking=False,
                name="unplaceable", route_prefix="/unplaceable")
     port = ray_session.nodes()[0]["MetricsExportPort"]

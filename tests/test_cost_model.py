@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from strategies.cost.formulas import Collective, Work, collective_time, compute_time, gemm, ops_time
+from strategies.cost.formulas import Collective, Work, collective_time, compute_time, gemm, ops_time, split_time
 from strategies.cost.hardware import (CalibrationProfile, GemmSample, Hardware, HardwareError, Link, get_hardware,
                                       load_catalog, save_profile)
-from strategies.cost.layouts import resident_bytes
+from strategies.cost.layouts import layer_ops, resident_bytes
 from strategies.cost.search import STRATEGIES, layer_costs
 from strategies.layout import check_devices
 from strategies.shapes import CATALOG
@@ -59,6 +60,59 @@ def test_work_counts_causal_pairs():
     assert (d.tokens, d.attn_pairs, d.kv_tokens) == (2, 32, 32)
     with pytest.raises(ValueError):
         Work.prefill([])
+
+
+def test_chunks_of_a_prompt_add_up_to_the_whole_prompt():
+    a, b = 300, 724
+    first, second, whole = Work.chunks(a), Work.chunks(b, a), Work.prefill(a + b)
+    assert first == Work.prefill(a)  # nothing cached: a chunk is a prompt
+    assert first.attn_pairs + second.attn_pairs == whole.attn_pairs
+    assert (second.tokens, second.kv_tokens, second.cached_tokens, second.cached_pairs) == (b, a + b, a, a * b)
+    assert second.attn_pairs == b * a + b * (b + 1) // 2
+    batch = Work.chunks([4, 2], [10, 0])
+    assert (batch.tokens, batch.attn_pairs, batch.kv_tokens, batch.cached_tokens) == (6, 40 + 10 + 3, 16, 10)
+    assert Work.chunks([4, 2], 10) == Work.chunks([4, 2], [10, 10])  # an int applies to every sequence
+    for new, cached in (([4, 2], [1]), (4, -1), (0, 5), ([], 0)):
+        with pytest.raises(ValueError):
+            Work.chunks(new, cached)
+
+
+def test_decode_is_a_one_token_chunk_after_its_context():
+    d = Work.decode([10, 20])
+    assert d == Work.chunks([1, 1], [10, 20])
+    assert (d.cached_tokens, d.cached_pairs) == (30, 30)
+
+
+def test_cached_prefix_is_gathered_for_token_sharded_attention_only():
+    new, cached, p, b = 1000, 3000, 4, 2
+    work = Work.chunks(new, cached)
+    flops = {}
+    for name, c in STRATEGIES.items():
+        ops = layer_ops(c, LLAMA7, p, work, b)
+        gathers = [op for op in ops if isinstance(op, Collective) and op.name == "cached k/v all-gather"]
+        flops[name] = next(op.flops for op in ops if op.name == "attention")
+        if name == "megatron":  # heads: each device reads its own heads of the cache
+            assert not gathers
+        else:
+            assert [(g.kind, g.size, g.prefetched) for g in gathers] == [("all_gather", cached * 2 * 32 * 128 * b,
+                                                                           False)]
+    causal = new * (new + 1) // 2
+    assert flops["megatron"] == pytest.approx(4 * (new * cached + causal) * 32 * 128 / p)
+    # the last token shard: its ceil(new/p) queries see every cached key, and (2p-1)/p² of the causal pairs
+    busiest = math.ceil(new / p) * cached + (2 * p - 1) / p**2 * causal
+    assert flops["projection_replicated"] == pytest.approx(4 * busiest * 32 * 128)
+    one = layer_ops(STRATEGIES["weight_gathered"], LLAMA7, 1, work, b)
+    assert not any(isinstance(op, Collective) for op in one)
+
+
+def test_cached_prefix_adds_its_gather_to_token_sharded_blocking_time_and_nothing_to_megatron():
+    p, b = 4, 2
+    plain, chunk = Work.chunks(512), Work.chunks(512, 2048)
+    gather = collective_time(Collective("x", "all_gather", 2048 * 2 * 32 * 128 * b), TOY, p)
+    for name, c in STRATEGIES.items():
+        before = split_time(layer_ops(c, LLAMA7, p, plain, b), TOY, p)[0]
+        after = split_time(layer_ops(c, LLAMA7, p, chunk, b), TOY, p)[0]
+        assert after - before == pytest.approx(0 if name == "megatron" else gather)
 
 
 def test_megatron_layer_costs_by_hand():

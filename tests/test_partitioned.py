@@ -1,8 +1,9 @@
 """Partitioned execution on p real shard workers (Ray actors, gloo): every strategy, every p, exact.
 
 For each model shape and p, one group of workers runs every prefill strategy on a batch of prompts of different
-lengths: the production path's last-token logits and all-token logits equal transformers' (float32, max abs diff
-<= 1e-4), and 16 greedy Megatron decode steps after the KV handoff give transformers' tokens.
+lengths through non-contiguous block tables: the production path's last-token logits and all-token logits equal
+transformers' (float32, max abs diff <= 1e-4), 16 greedy Megatron decode steps after the KV handoff give
+transformers' tokens, and so do chunked prefills of every chunk size and prefills after a prefix-cache hit.
 """
 
 from __future__ import annotations
@@ -13,36 +14,97 @@ from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logit
 
 from app.engine.build import EngineOptions, build_engine
 from placement.workers import start_group
+from strategies.kv_cache import Chunk
 from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.loader import Checkpoint
 from strategies.projection_replicated import StrategyUnavailable
 
 DECODE_STEPS = 16
+BLOCK = 4  # small blocks: the tiny prompts span several, and chunks split them
+NUM_BLOCKS = 96
+
+
+def block_tables(lengths: list[int], extra: int = DECODE_STEPS + 1) -> list[list[int]]:
+    """Non-contiguous block tables (blocks handed out from a shuffled pool), room for ``extra`` more tokens each."""
+    pool = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(len(lengths))).tolist()
+    tables = []
+    for n in lengths:
+        need = -(-(n + extra) // BLOCK)
+        tables.append([pool.pop() for _ in range(need)])
+    return tables
+
+
+def runner_kwargs(path: str, **extra) -> dict:
+    return {**dict(model=path, block_size=BLOCK, num_blocks=NUM_BLOCKS, replica_budget_bytes=2**30), **extra}
+
+
+def chunked(prompts: list[list[int]], tables: list[list[int]], size: int) -> list[list[Chunk]]:
+    """Passes that feed every prompt ``size`` tokens at a time, all prompts packed into each pass."""
+    passes, done = [], [0] * len(prompts)
+    while any(d < len(p) for d, p in zip(done, prompts)):
+        chunks = []
+        for i, p in enumerate(prompts):
+            if done[i] < len(p):
+                chunks.append(Chunk(p[done[i]:done[i] + size], done[i], tables[i]))
+                done[i] += len(chunks[-1].ids)
+        passes.append(chunks)
+    return passes
 
 
 def check_group(group, path: str, prompts: list[list[int]]) -> None:
-    slots = list(range(len(prompts)))
-    ref_logits = torch.cat([reference_logits(path, p) for p in prompts])
+    refs = [reference_logits(path, p) for p in prompts]
+    ref_logits = torch.cat(refs)
     ref_tokens = [reference_greedy(path, p, DECODE_STEPS + 1) for p in prompts]
     last = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+    tables = block_tables([len(p) for p in prompts])
+    whole = [Chunk(p, 0, t) for p, t in zip(prompts, tables)]
     for strategy in STRATEGY_NAMES:
-        group.call_all("release", slots)  # the serving path: only each prompt's last row leaves the ranks
-        served = group.call("prefill", prompts, slots, strategy)
+        served = group.call("forward", whole, strategy)  # the serving path: only each prompt's last row leaves
         diff = (served - ref_logits[last]).abs().max().item()
         assert served.shape == (len(prompts), ref_logits.shape[-1]) and diff <= 1e-4, f"{strategy}: last-token {diff}"
-        group.call_all("release", slots)
-        logits = group.call("prefill", prompts, slots, strategy, True)
+        logits = group.call("forward", whole, strategy, True)
         diff = (logits - ref_logits).abs().max().item()
         assert diff <= 1e-4, f"{strategy}: prefill logits differ by {diff}"
         tokens = [logits[last].argmax(-1).tolist()]
-        for _ in range(DECODE_STEPS):
-            tokens.append(group.call("decode", tokens[-1], slots).argmax(-1).tolist())
+        for step in range(DECODE_STEPS):
+            chunks = [Chunk([t], len(p) + step, tb) for t, p, tb in zip(tokens[-1], prompts, tables)]
+            tokens.append(group.call("forward", chunks).argmax(-1).tolist())
         assert [list(t) for t in zip(*tokens)] == ref_tokens, f"{strategy}: decode after handoff differs"
-    one_token = [[prompts[0][0]]]  # fewer tokens than devices: most ranks hold only padding
+    one_token = [Chunk([prompts[0][0]], 0, tables[0])]  # fewer tokens than devices: most ranks hold only padding
     for strategy in STRATEGY_NAMES:
-        group.call_all("release", slots)
-        logits = group.call("prefill", one_token, [0], strategy, True)
-        assert (logits - reference_logits(path, one_token[0])).abs().max().item() <= 1e-4, strategy
+        logits = group.call("forward", one_token, strategy, True)
+        assert (logits - reference_logits(path, one_token[0].ids)).abs().max().item() <= 1e-4, strategy
+
+
+def check_chunks_and_prefixes(group, path: str, prompts: list[list[int]]) -> None:
+    """Chunked prefill (chunks of 1, 3, a block, 7 tokens: shorter than p, splitting blocks) and prefix-cache hits
+    (a second prompt reusing the first's full blocks) give transformers' logits, by every strategy."""
+    refs = [reference_logits(path, p) for p in prompts]
+    tables = block_tables([len(p) for p in prompts], extra=0)
+    for size in (1, 3, BLOCK, 7):
+        for strategy in STRATEGY_NAMES:
+            got = [[] for _ in prompts]
+            for chunks in chunked(prompts, tables, size):
+                logits = group.call("forward", chunks, strategy, True)
+                at = 0
+                for c in chunks:
+                    got[next(i for i, t in enumerate(tables) if t is c.blocks)].append(logits[at:at + len(c.ids)])
+                    at += len(c.ids)
+            for i, ref in enumerate(refs):
+                diff = (torch.cat(got[i]) - ref).abs().max().item()
+                assert diff <= 1e-4, f"{strategy}, chunks of {size}: prompt {i} logits differ by {diff}"
+    base = prompts[1]  # the longest: its first full blocks are the shared prefix
+    hits = 2 * BLOCK
+    other = base[:hits] + prompts_for(512, lengths=(9,), seed=len(base))[0]
+    ref = reference_logits(path, other)[hits:]
+    spare = sorted(set(range(NUM_BLOCKS)) - {b for t in tables for b in t})
+    for strategy in STRATEGY_NAMES:
+        group.call("forward", [Chunk(base, 0, tables[1])], "megatron")  # the prefix's K/V, as a cache hit finds it
+        hit = Chunk(other[hits:], hits, tables[1][:2] + spare[:3])
+        logits = group.call("step", [(strategy, [hit])])  # last row only, as the engine asks
+        assert (logits - ref[-1:]).abs().max().item() <= 1e-4, f"{strategy}: prefix hit, last token"
+        logits = group.call("forward", [hit], strategy, True)
+        assert (logits - ref).abs().max().item() <= 1e-4, f"{strategy}: prefix hit"
 
 
 @pytest.mark.parametrize("devices", [1, 2, 3, 4])
@@ -51,14 +113,16 @@ def test_every_strategy_is_exact(ray_session, tiny_models, devices):
     group = None
     try:
         for shape in sorted(TINY_SHAPES):
-            kwargs = dict(model=tiny_models[shape], slots=3, capacity=64, replica_budget_bytes=2**30)
+            kwargs = runner_kwargs(tiny_models[shape])
             if group is None:
                 group = start_group(devices, kwargs)
             elif devices > 1:
                 group.load(kwargs)
             else:
                 group = start_group(1, kwargs)
-            check_group(group, tiny_models[shape], prompts_for(512, lengths=(7, 19, 3), seed=devices))
+            prompts = prompts_for(512, lengths=(7, 19, 3), seed=devices)
+            check_group(group, tiny_models[shape], prompts)
+            check_chunks_and_prefixes(group, tiny_models[shape], prompts)
     finally:
         group.shutdown()
 
@@ -72,7 +136,7 @@ def test_smollm2_is_exact(ray_session, smollm2, devices):
     assert (layout.heads, layout.kv_heads) == ((9, 3) if devices == 3 else (12, 4))
     tok = ckpt.tokenizer()
     prompts = [tok(t)["input_ids"] for t in ("The capital of France is", "Write a haiku about partitioned matrices")]
-    group = start_group(devices, dict(model=smollm2, slots=2, capacity=64, replica_budget_bytes=2**30))
+    group = start_group(devices, runner_kwargs(smollm2))
     try:
         check_group(group, smollm2, prompts)
     finally:
@@ -82,19 +146,18 @@ def test_smollm2_is_exact(ray_session, smollm2, devices):
 def test_one_weight_copy_split_over_workers(ray_session, tiny_models):
     """Each worker holds about 1/p of the weights; the gather buffer is two layers; replicas only once built."""
     path = tiny_models["gqa"]
-    single = start_group(1, dict(model=path, slots=1, capacity=32, replica_budget_bytes=2**30))
+    single = start_group(1, runner_kwargs(path))
     whole = single.call("memory_report")["weights"]
-    group = start_group(2, dict(model=path, slots=1, capacity=32, replica_budget_bytes=2**30))
+    group = start_group(2, runner_kwargs(path))
     try:
-        group.call("prefill", [[1, 2, 3]], [0], "weight_gathered")
+        group.call("forward", [Chunk([1, 2, 3], 0, [0])], "weight_gathered")
         reports = group.call_all("memory_report")
         layer_bytes = whole / Checkpoint(path).shape.num_layers
         for r in reports:
             assert 0.45 * whole <= r["weights"] <= 0.55 * whole
             assert r["replicas"] == 0
             assert 0 < r["gather_buffer"] <= 2 * layer_bytes  # two layers of full weights, reused
-        group.call_all("release", [0])
-        group.call("prefill", [[1, 2, 3]], [0], "projection_replicated")
+        group.call("forward", [Chunk([1, 2, 3], 0, [0])], "projection_replicated")
         assert all(r["replicas"] > 0 for r in group.call_all("memory_report"))
     finally:
         group.shutdown()
@@ -102,14 +165,14 @@ def test_one_weight_copy_split_over_workers(ray_session, tiny_models):
 
 def test_replicas_that_do_not_fit_make_the_strategy_unavailable(ray_session, tiny_models):
     path = tiny_models["mha"]
-    group = start_group(2, dict(model=path, slots=2, capacity=32, replica_budget_bytes=1024))
+    group = start_group(2, runner_kwargs(path, replica_budget_bytes=1024))
     try:
         assert group.call("available_strategies") == ["megatron", "weight_gathered"]
         with pytest.raises(StrategyUnavailable, match="over the budget"):
-            group.call("prefill", [[1, 2, 3]], [0], "projection_replicated")
+            group.call("forward", [Chunk([1, 2, 3], 0, [0])], "projection_replicated")
         # the group is still healthy: the other strategies and decode work
-        group.call("prefill", [[1, 2, 3]], [1], "weight_gathered")
-        assert group.call("decode", [4], [1]).shape[0] == 1
+        group.call("forward", [Chunk([1, 2, 3], 0, [1])], "weight_gathered")
+        assert group.call("forward", [Chunk([4], 3, [1])]).shape[0] == 1
     finally:
         group.shutdown()
 
@@ -123,4 +186,4 @@ def test_bad_requests_fail_before_any_worker_starts(tiny_models, monkeypatch):
     with pytest.raises(ValueError, match="unknown model"):
         build_engine(EngineOptions(model="llama-9000", devices=2))
     with pytest.raises(ValueError, match="unknown prefill strategy"):
-        start_group(1, dict(model=tiny_models["mha"], slots=1, capacity=32)).call("prefill", [[1]], [0], "ring")
+        start_group(1, runner_kwargs(tiny_models["mha"])).call("forward", [Chunk([1], 0, [0])], "ring")

@@ -9,12 +9,20 @@ import pytest
 
 from app.cli.main import main
 from strategies.cost import get_hardware, plan, plan_decode, plan_prefill, search
-from strategies.cost.planner import plot_plan
-from strategies.cost.search import pareto_indices
+from strategies.cost.formulas import Collective, Work, collective_time
+from strategies.cost.layouts import model_time
+from strategies.cost.planner import DEFAULT_UTILIZATION, memory_row, plot_plan
+from strategies.cost.search import STRATEGIES, pareto_indices
 from strategies.shapes import CATALOG
 
 L4, A100 = get_hardware("L4"), get_hardware("A100-80GB-SXM")
 LLAMA7, LLAMA13, LLAMA70 = CATALOG["llama2-7b"], CATALOG["llama2-13b"], CATALOG["llama2-70b"]
+
+
+def prefix_gather_s(cached: int, p: int) -> float:
+    """One layer's all-gather of a cached prefix's K/V (every head) on p L4s."""
+    size = cached * LLAMA7.kv_bytes_per_token(L4.bytes_per_element) / LLAMA7.num_layers
+    return collective_time(Collective("prefix", "all_gather", size), L4, p)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +71,54 @@ def test_prefill_choice_is_the_fastest_available_and_reports_every_strategy():
     assert batch.tokens == 2000
     with pytest.raises(ValueError, match="unknown strategies"):
         plan_prefill(LLAMA7, L4, 4, 64, available=["pipeline"])
+
+
+def test_nothing_cached_plans_exactly_as_a_whole_prompt():
+    for tokens in (64, 4000, [1000, 1000]):
+        old = plan_prefill(LLAMA7, L4, 4, tokens)
+        assert plan_prefill(LLAMA7, L4, 4, tokens, None, DEFAULT_UTILIZATION, 0) == old
+        zeros = [0] * len(tokens) if isinstance(tokens, list) else 0
+        assert plan_prefill(LLAMA7, L4, 4, tokens, cached=zeros) == old
+    n = 4000  # what the four-field Work (no cached prefix) predicts
+    legacy = Work(n, n * (n + 1) // 2, n, 1)
+    for name, t in plan_prefill(LLAMA7, L4, 4, n).predicted_s.items():
+        assert t == model_time(STRATEGIES[name], LLAMA7, L4, 4, legacy)
+
+
+def test_cached_prefix_costs_token_sharding_at_least_its_gather_per_layer():
+    new, cached, p = 1024, 2048, 4
+    plain, chunk = plan_prefill(LLAMA7, L4, p, new), plan_prefill(LLAMA7, L4, p, new, cached=cached)
+    gather = prefix_gather_s(cached, p)
+    grown = {n: chunk.predicted_s[n] - plain.predicted_s[n] for n in STRATEGIES}
+    for name in ("weight_gathered", "projection_replicated"):
+        assert grown[name] >= LLAMA7.num_layers * gather
+    assert 0 < grown["megatron"] < LLAMA7.num_layers * gather  # reads the cached keys, gathers nothing
+    # the prefix's K/V must be resident, as if it had been prefilled with the chunk
+    for name in STRATEGIES:
+        kv = memory_row(name, LLAMA7, L4, p, Work.chunks(new, cached)).kv_gb
+        assert kv == pytest.approx(memory_row(name, LLAMA7, L4, p, Work.prefill(new + cached)).kv_gb)
+
+
+def test_long_cached_prefix_can_send_a_chunk_back_to_megatron():
+    top = LLAMA7.max_position_embeddings
+    flips = []
+    for new in (512, 1024, 1536, 2048, 3072):
+        sharded = plan_prefill(LLAMA7, L4, 4, new).strategy
+        if sharded == "megatron":
+            continue
+        for cached in range(256, top - new + 1, 256):
+            if plan_prefill(LLAMA7, L4, 4, new, cached=cached).strategy == "megatron":
+                flips.append((new, cached, sharded))
+                break
+    assert flips, "7B on 4×L4 (PCIe): a long enough prefix should make some chunk cheaper under megatron"
+    new, cached, sharded = flips[0]
+    chunk = plan_prefill(LLAMA7, L4, 4, new, cached=cached)
+    gather = prefix_gather_s(cached, 4)
+    # it is the prefix gather that flips it: without it the token-sharded strategy would still be faster
+    assert chunk.predicted_s[sharded] - LLAMA7.num_layers * gather < chunk.predicted_s["megatron"]
+    # the same prefix does not flip a chunk long enough that attention dominates
+    assert any(plan_prefill(LLAMA7, L4, 4, n, cached=cached).strategy != "megatron" for n in (2048, 3072)
+               if n + cached <= top)
 
 
 def test_replication_is_refused_when_it_does_not_fit():

@@ -31,7 +31,7 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def rel(serve_session, chat_tiny):
-    pool = dict(name=POOL, devices=2, slots=2, max_model_len=512, max_ongoing_requests=2, max_queued_requests=2,
+    pool = dict(name=POOL, devices=2, max_num_seqs=2, max_model_len=512, max_ongoing_requests=2, max_queued_requests=2,
                 health_check_period_s=1, collective_timeout_s=10)
     args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
             "max_tokens_limit": MAX_TOKENS_LIMIT, "max_body_bytes": MAX_BODY, "request_timeout_s": 120,
@@ -73,7 +73,7 @@ def wait_until(predicate, timeout: float, every: float = 0.2):
 
 def idle() -> bool:
     info = replica_info()
-    return info["slots_in_use"] == 0 and info["running"] == 0 and info["queued_tokens"] == 0
+    return info["seqs_in_use"] == 0 and info["running"] == 0 and info["queued_tokens"] == 0
 
 
 def assert_openai_error(r: httpx.Response) -> dict:
@@ -256,7 +256,7 @@ def test_client_disconnect_cancels_generation_and_frees_its_slot(rel):
             lines = r.iter_lines()
             for _ in range(3):
                 next(lines)
-            assert replica_info()["slots_in_use"] == 1  # generating (256 tokens take seconds)
+            assert replica_info()["seqs_in_use"] == 1  # generating (256 tokens take seconds)
         # leaving the block closes the connection mid-stream
     t0 = time.monotonic()
     assert wait_until(idle, 10, every=0.05), replica_info()
@@ -482,7 +482,7 @@ def test_a_killed_shard_worker_fails_its_requests_fast_and_the_replica_is_replac
     pids = info["pids"]
     call = stub.Generate.future(pb.GenerateRequest(prompt="Once", max_tokens=MAX_TOKENS_LIMIT, ignore_eos=True),
                                 metadata=META)
-    assert wait_until(lambda: replica_info()["slots_in_use"] == 1, 10, every=0.05)
+    assert wait_until(lambda: replica_info()["seqs_in_use"] == 1, 10, every=0.05)
     t0 = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)  # rank 0
     with pytest.raises(grpc.RpcError) as e:

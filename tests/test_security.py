@@ -24,7 +24,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def secure(serve_session, chat_tiny):
-    pool = dict(name="one", devices=1, slots=2, max_model_len=1024, health_check_period_s=1)
+    pool = dict(name="one", devices=1, max_num_seqs=2, max_model_len=1024, health_check_period_s=1)
     args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
             "api_key": KEY, "request_timeout_s": 1.0, "shared_weights": False}
     with deployed(serve_session, args, APP, ROUTE) as ports:
@@ -86,9 +86,9 @@ def test_a_request_past_the_timeout_is_504_and_its_slot_is_freed(http):
         return serve.get_deployment_handle("one", APP).info.remote().result(timeout_s=30)
 
     deadline = time.monotonic() + 10
-    while info()["slots_in_use"] and time.monotonic() < deadline:
+    while info()["seqs_in_use"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert info()["slots_in_use"] == 0  # the generation was cancelled, not left running
+    assert info()["seqs_in_use"] == 0  # the generation was cancelled, not left running
 
 
 def test_api_key_comes_from_config_or_environment(monkeypatch):

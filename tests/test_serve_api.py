@@ -24,10 +24,10 @@ from strategies.loader import Checkpoint
 APP = "serve-api"
 MODEL = "tiny-chat"
 POOLS = [
-    dict(name="fast", hardware="L4", devices=1, max_model_len=512, slots=4, max_ongoing_requests=2,
+    dict(name="fast", hardware="L4", devices=1, max_model_len=512, max_num_seqs=4, max_ongoing_requests=2,
          max_queued_requests=1),
-    dict(name="long", hardware="cpu", devices=2, max_model_len=1024, slots=4),
-    dict(name="split", hardware="cpu", devices=2, max_model_len=1024, slots=4, disaggregated=True),
+    dict(name="long", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4),
+    dict(name="split", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4, disaggregated=True),
 ]
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

@@ -44,8 +44,8 @@ def main(model: str) -> None:
         ray.init(address=cluster.address, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
-        pools = [dict(name="a", devices=1, resources={"pool_a": 1}, slots=2, max_model_len=256, cpus_per_device=0.4),
-                 dict(name="b", devices=2, resources={"pool_b": 1}, slots=2, max_model_len=256, cpus_per_device=0.4)]
+        pools = [dict(name=n, devices=d, resources={f"pool_{n}": 1}, max_num_seqs=2, max_model_len=256,
+                      cpus_per_device=0.4) for n, d in (("a", 1), ("b", 2))]
         serve.run(build_app({"model": model, "pools": pools, "graceful_shutdown_s": 1}), name="cluster",
                   route_prefix="/")
         nodes = {n["NodeID"]: sorted(n["Resources"]) for n in ray.nodes() if n["Alive"]}

@@ -32,7 +32,7 @@ def test_engine_deployment_scales_up_under_load_and_back_down(serve_session, cha
 
     from app.serve.app import build_app
 
-    pool = dict(name="auto", devices=1, slots=2, max_model_len=512,
+    pool = dict(name="auto", devices=1, max_num_seqs=2, max_model_len=512,
                 autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1,
                                  downscale_delay_s=2, look_back_period_s=2, metrics_interval_s=0.5))
     serve.run(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False}),

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logits
+from conftest import TINY_SHAPES, local_engine, prompts_for, reference_greedy, reference_logits
 
-from app.engine.llm_engine import LLMEngine
 from app.engine.sampling import SamplingParams
 from placement.workers import LocalGroup
+from strategies.kv_cache import Chunk
 from strategies.loader import Checkpoint
 
 GREEDY_32 = SamplingParams(max_tokens=32, ignore_eos=True)
 
 
-def local_engine(path: str, slots: int = 4, capacity: int = 256) -> LLMEngine:
-    group = LocalGroup(model=path, slots=slots, capacity=capacity)
-    ckpt = Checkpoint(path)
-    return LLMEngine(group, None, ckpt.eos_token_ids(), slots=slots, capacity=capacity)
+def whole_prompts(path: str, prompts: list[list[int]], block_size: int = 16):
+    """A runner on one device, and each prompt as one chunk with blocks of its own."""
+    tables, next_block = [], 0
+    for p in prompts:
+        n = -(-len(p) // block_size) + 1
+        tables.append(list(range(next_block, next_block + n)))
+        next_block += n
+    group = LocalGroup(model=path, block_size=block_size, num_blocks=next_block)
+    return group, [Chunk(p, 0, t) for p, t in zip(prompts, tables)]
 
 
 @pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
 def test_prefill_logits_match_transformers(tiny_models, shape):
     path = tiny_models[shape]
-    group = LocalGroup(model=path, slots=3, capacity=64)
     prompts = prompts_for(512)
-    logits = group.call("prefill", prompts, [0, 1, 2], "megatron", True)
+    group, chunks = whole_prompts(path, prompts)
+    logits = group.call("forward", chunks, "megatron", True)
     ref = torch.cat([reference_logits(path, p) for p in prompts])
     assert (logits - ref).abs().max().item() <= 1e-4
 
@@ -49,18 +54,17 @@ def test_batch_of_different_lengths_equals_each_alone(tiny_models):
 def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2):
     ckpt = Checkpoint(smollm2)
     prompt = ckpt.tokenizer()("The quick brown fox jumps over the lazy dog because")["input_ids"]
-    group = LocalGroup(model=smollm2, slots=1, capacity=128)
-    logits = group.call("prefill", [prompt], [0], "megatron", True)
+    group, chunks = whole_prompts(smollm2, [prompt])
+    logits = group.call("forward", chunks, "megatron", True)
     assert (logits - reference_logits(smollm2, prompt)).abs().max().item() <= 1e-4
-    engine = LLMEngine(LocalGroup(model=smollm2, slots=1, capacity=128), None, [], slots=1, capacity=128)
+    engine = local_engine(smollm2, eos=[], max_num_seqs=1, max_model_len=128)
     assert engine.generate([prompt], GREEDY_32)[0].output_ids == reference_greedy(smollm2, prompt, 32)
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
     ckpt = Checkpoint(smollm2)
     tok = ckpt.tokenizer()
-    engine = LLMEngine(LocalGroup(model=smollm2, slots=1, capacity=128), tok, ckpt.eos_token_ids(), slots=1,
-                       capacity=128)
+    engine = local_engine(smollm2, tok, max_num_seqs=1, max_model_len=128)
     seq = engine.generate([tok("The capital of France is")["input_ids"]], SamplingParams(max_tokens=8))[0]
     assert "Paris" in seq.text
 
@@ -69,13 +73,14 @@ def test_exported_kv_continues_in_another_runner(tiny_models):
     """The disaggregation primitive: a decode runner adopting a prefill runner's K/V decodes the same tokens."""
     path = tiny_models["odd"]
     prompt = prompts_for(512, lengths=(13,))[0]
-    prefill = LocalGroup(model=path, slots=2, capacity=64)
-    decode = LocalGroup(model=path, slots=2, capacity=64)
-    first = int(prefill.call("prefill", [prompt], [1], "megatron").argmax(-1))
-    decode.call("import_kv", [0], prefill.call("export_kv", [1]))
+    prefill, (chunk,) = whole_prompts(path, [prompt])
+    decode = LocalGroup(model=path, block_size=16, num_blocks=8)
+    first = int(prefill.call("forward", [chunk], "megatron").argmax(-1))
+    table = [5, 2]  # other blocks than the prefill's: the K/V moves by block table
+    decode.call("import_kv", [table], prefill.call("export_kv", [(chunk.blocks, len(prompt))]))
     tokens = [first]
-    for _ in range(8):
-        tokens.append(int(decode.call("decode", [tokens[-1]], [0]).argmax(-1)))
+    for i in range(8):
+        tokens.append(int(decode.call("forward", [Chunk([tokens[-1]], len(prompt) + i, table)]).argmax(-1)))
     assert tokens == reference_greedy(path, prompt, 9)
 
 
@@ -94,7 +99,8 @@ def test_rope_scaling_types_match_transformers(tmp_path, rope):
     max_pos = 32 if rope["rope_type"] == "dynamic" else 128  # dynamic rescales once the prompt passes max_pos
     path = str(save_random_llama(tiny_config("gqa", rope_parameters=rope, max_position_embeddings=max_pos), tmp_path))
     prompt = prompts_for(512, lengths=(40,))[0]
-    logits = LocalGroup(model=path, slots=1, capacity=160).call("prefill", [prompt], [0], "megatron", True)
+    group, chunks = whole_prompts(path, [prompt])
+    logits = group.call("forward", chunks, "megatron", True)
     assert (logits - reference_logits(path, prompt)).abs().max().item() <= 1e-4
-    seq = local_engine(path, capacity=160).generate([prompt], GREEDY_32)[0]
+    seq = local_engine(path, max_model_len=160).generate([prompt], GREEDY_32)[0]
     assert seq.output_ids == reference_greedy(path, prompt, 32)

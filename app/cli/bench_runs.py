@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from placement.calibrate import Interference, timed
+from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk
 from strategies.layout import STRATEGY_NAMES
 
 
@@ -96,7 +97,8 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
 
     ckpt = Checkpoint(model)
     cap = max(max(lengths), decode_prompt) + decode_tokens + 1
-    engine = build_engine(EngineOptions(model=model, devices=1, slots=1, max_model_len=cap, max_prefill_tokens=cap))
+    engine = build_engine(EngineOptions(model=model, devices=1, max_num_seqs=1, max_model_len=cap,
+                                        max_num_batched_tokens=cap, enable_prefix_caching=False))
     hf = LlamaForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()
     vocab = ckpt.shape.vocab_size
     rows = []
@@ -106,14 +108,14 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
             ids = random_prompt(n, vocab)
 
             def ours():
-                engine.group.call("prefill", [ids], [0], "megatron")
+                engine.group.call("forward", [whole(ids)], "megatron")
 
             def theirs():
                 with torch.inference_mode():
                     hf(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
 
             t = interleaved({"dynpart": ours, "transformers": theirs}, repeats, budget_s=budget_s,
-                            quiet_wait_s=quiet_wait_s, after=lambda: engine.group.call_all("release", [0]))
+                            quiet_wait_s=quiet_wait_s)
             med = {k: v["median_s"] for k, v in t.items()}
             rows.append({"kind": "prefill", "tokens": n, "dynpart_tok_s": n / med["dynpart"],
                          "transformers_tok_s": n / med["transformers"], "ratio": med["transformers"] / med["dynpart"],
@@ -164,12 +166,23 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
 
 # -- the three strategies on p workers -------------------------------------------------------------------------------
 
-def runner_kwargs(model: str, devices: int, capacity: int, slots: int = 2) -> dict:
+def runner_kwargs(model: str, devices: int, capacity: int, seqs: int = 2) -> dict:
+    """A runner with room for ``seqs`` sequences of ``capacity`` tokens (blocks of the default size)."""
     from placement.hardware import replica_budget_bytes
     from strategies.loader import Checkpoint
 
-    return dict(model=str(Checkpoint(model).path), slots=slots, capacity=capacity, dtype=torch.float32,
+    return dict(model=str(Checkpoint(model).path), num_blocks=seqs * blocks_for(capacity), dtype=torch.float32,
                 replica_budget_bytes=replica_budget_bytes(devices))
+
+
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // DEFAULT_BLOCK_SIZE)
+
+
+def whole(ids: list[int], cached: int = 0, first_block: int = 0) -> Chunk:
+    """``ids`` at position ``cached`` of a sequence whose blocks are consecutive from ``first_block`` (benchmarks run
+    one sequence at a time, so any blocks will do)."""
+    return Chunk(ids, cached, list(range(first_block, first_block + blocks_for(cached + len(ids)))))
 
 
 def process_memory(pids: Sequence[int]) -> list[dict]:
@@ -209,18 +222,17 @@ def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: 
     try:
         for name in strategies:  # first prefill of each: allocates its buffers/replicas; record memory after
             if name in available:
-                group.call("prefill", [random_prompt(16, shape.vocab_size)], [0], name)
-                group.call_all("release", [0])
+                group.call("forward", [whole(random_prompt(16, shape.vocab_size))], name)
                 memory.append(memory_snapshot(group, f"first {name} prefill"))
         for n in lengths:
             progress(f"prefill {n}")
             ids = random_prompt(n, shape.vocab_size)
 
             def prefill(name: str) -> Callable[[], None]:
-                return lambda: group.call("prefill", [ids], [0], name)
+                return lambda: group.call("forward", [whole(ids)], name)
 
             t = interleaved({s: prefill(s) for s in strategies if s in available}, repeats, budget_s=budget_s,
-                            meter=meter, quiet_wait_s=quiet_wait_s, after=lambda: group.call_all("release", [0]))
+                            meter=meter, quiet_wait_s=quiet_wait_s)
             rows.append({"tokens": n, **{k: {s: v[k] for s, v in t.items()}
                                          for k in ("median_s", "min_s", "clean", "samples", "interference")}})
             if decode_group is not None:
@@ -238,13 +250,15 @@ def measure_handoff(prefill_group, decode_group, ids: list[int], repeats: int) -
     """Seconds to move one prefilled sequence's head-sharded K/V from a prefill group to a decode group, rank to rank
     through the object store (``put_kv``/``take_kv``), and whether decode continues exactly (same next-token logits).
 
-    One prefill, then ``repeats`` + 1 handoffs of it (``take_kv`` replaces what the decode slot held)."""
-    prefill_group.call("prefill", [ids], [0], "megatron")
-    times = [timed(lambda: decode_group.take_kv([0], prefill_group.put_kv([0]))) for _ in range(repeats + 1)][1:]
-    kv_bytes = sum(r["kv_cache_in_use"] for r in decode_group.call_all("memory_report"))
-    exact = bool(torch.equal(prefill_group.call("decode", [ids[-1]], [0]), decode_group.call("decode", [ids[-1]], [0])))
-    prefill_group.call_all("release", [0])
-    decode_group.call_all("release", [0])
+    One prefill, then ``repeats`` + 1 handoffs of it (``take_kv`` overwrites the same decode blocks)."""
+    chunk = whole(ids)
+    table = [(chunk.blocks, len(ids))]
+    prefill_group.call("forward", [chunk], "megatron")
+    times = [timed(lambda: decode_group.take_kv([chunk.blocks], prefill_group.put_kv(table)))
+             for _ in range(repeats + 1)][1:]
+    kv_bytes = sum(decode_group.call_all("kv_block_bytes")) * len(ids) // DEFAULT_BLOCK_SIZE
+    step = [whole([ids[-1]], cached=len(ids))]
+    exact = bool(torch.equal(prefill_group.call("forward", step), decode_group.call("forward", step)))
     return {"tokens": len(ids), "median_s": statistics.median(times), "exact": exact, "kv_bytes": kv_bytes}
 
 
@@ -260,7 +274,7 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
     shape = Checkpoint(model).shape
     context, repeats, quiet = 16, int(spec.get("repeats", 5)), float(spec.get("quiet_wait", 30.0))
     # decode steps: at most 1 warm-up + 4·repeats rounds (``interleaved`` without a budget)
-    group = start_group(devices, runner_kwargs(model, devices, capacity=context + 4 * repeats + 2, slots=1))
+    group = start_group(devices, runner_kwargs(model, devices, capacity=context + 4 * repeats + 2, seqs=1))
     try:
         meter = Interference([os.getpid(), *group.pids()])
         spec = {**spec, "pids": meter.pids}
@@ -268,10 +282,14 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
             meter.wait_quiet(timeout_s=quiet)
         raw = calibrate_runner(group.runner, spec) if devices == 1 else group.call_workers("calibrate", spec)[0]
         ids = random_prompt(context, shape.vocab_size)
-        group.call("prefill", [ids], [0], "megatron")
-        step = interleaved({"decode": lambda: group.call("decode", [ids[0]], [0])}, repeats, meter=meter,
-                           quiet_wait_s=quiet)["decode"]
-        group.call_all("release", [0])
+        group.call("forward", [whole(ids)], "megatron")
+        context_now = [context]
+
+        def decode() -> None:  # one token more each time, as decode does
+            group.call("forward", [whole([ids[0]], cached=context_now[0])])
+            context_now[0] += 1
+
+        step = interleaved({"decode": decode}, repeats, meter=meter, quiet_wait_s=quiet)["decode"]
         raw |= {"decode_step": step["median_s"], "decode_context": context + step["samples"] // 2}
     finally:
         group.shutdown()

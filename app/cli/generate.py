@@ -63,7 +63,7 @@ def generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop)
-        opts = engine_options(args, slots=1)
+        opts = engine_options(args, max_num_seqs=1)
     except ValidationError as e:
         raise ValueError(validation_message(e.errors())[1]) from None
     engine = build_engine(opts)

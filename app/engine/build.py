@@ -9,9 +9,15 @@ from app.engine.llm_engine import LLMEngine
 from placement.hardware import detect_hardware, replica_budget_bytes
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
 from strategies.cost import decode_step_time, get_hardware, plan_prefill
+from strategies.cost.formulas import Work
+from strategies.cost.planner import memory_row
+from strategies.kv_cache import DEFAULT_BLOCK_SIZE
 from strategies.layout import check_devices
 from strategies.loader import DEFAULT_MODEL, DTYPES, Checkpoint
 from strategies.shapes import DtypeName
+
+
+DEFAULT_CPU_KV_CACHE_GB = 0.5  # a CPU device's KV budget when none is set (host memory is not measured)
 
 
 class EngineFields(BaseModel):
@@ -20,9 +26,17 @@ class EngineFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     devices: int = Field(1, ge=1)  # devices (shard workers) per replica
-    slots: int = Field(8, ge=1, le=256)  # sequences decoded together
+    max_num_seqs: int = Field(64, ge=1, le=4096)  # sequences a replica runs at once (as KV memory allows)
     max_model_len: int = Field(2048, ge=16)  # prompt + generated tokens per sequence
-    max_prefill_tokens: int = Field(8192, ge=16)  # prompt tokens one prefill batch may hold
+    # Tokens one step computes: every decoding sequence's next token plus prefill chunks up to this budget.
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    enable_chunked_prefill: bool = True  # long prompts in chunks between decode steps (else whole, stalling them)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=256)  # tokens per KV block
+    # KV cache per device. None: on a GPU, what is free after the weights, up to gpu_memory_utilization of the card
+    # (measured on each device); on a CPU, DEFAULT_CPU_KV_CACHE_GB.
+    kv_cache_memory_gb: float | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     dtype: DtypeName = "float32"
     # Cores one device's rank uses (CPU devices run that many torch threads, whole cores, at least one; ranks with
     # less than a core share one, and the planner prices them so). Ray counts them, so it never places more engines
@@ -57,11 +71,11 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     ckpt = Checkpoint(opts.model)
     validate_devices(opts, ckpt)
     tokenizer = ckpt.tokenizer()  # fail on a missing tokenizer before any worker starts
-    capacity = min(opts.max_model_len, ckpt.shape.max_position_embeddings)
+    max_model_len = min(opts.max_model_len, ckpt.shape.max_position_embeddings)
     budget = (int(opts.replica_budget_mb * 2**20) if opts.replica_budget_mb is not None
               else replica_budget_bytes(opts.devices))
-    runner_kwargs = dict(model=str(ckpt.path), slots=opts.slots, capacity=capacity, dtype=DTYPES[opts.dtype],
-                         replica_budget_bytes=budget)
+    runner_kwargs = dict(model=str(ckpt.path), dtype=DTYPES[opts.dtype], replica_budget_bytes=budget,
+                         block_size=opts.block_size)
     if opts.shared_weights:
         runner_kwargs["shared_weights"] = True
     group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
@@ -70,14 +84,39 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     name = opts.hardware or detect_hardware()
     hardware = get_hardware(name) if torch.cuda.is_available() else get_hardware(name).time_shared(
         opts.cpus_per_device)
+    num_blocks = allocate_kv(group, opts, ckpt, hardware, available)
 
-    def choose(lengths: list[int]) -> str:
-        return plan_prefill(ckpt.shape, hardware, opts.devices, lengths, available=available).strategy
+    def choose(new: list[int], cached: list[int]) -> str:
+        return plan_prefill(ckpt.shape, hardware, opts.devices, new, available=available, cached=cached).strategy
 
     def predict_prefill_s(tokens: int) -> float:
         return plan_prefill(ckpt.shape, hardware, opts.devices, tokens, available=available).time_s
 
-    step_s = decode_step_time(ckpt.shape, hardware, opts.devices, [capacity // 2] * opts.slots)
-    return engine_class(group, tokenizer, ckpt.eos_token_ids(), slots=opts.slots, capacity=capacity,
-                        choose_strategy=choose, max_prefill_tokens=opts.max_prefill_tokens,
+    step_s = decode_step_time(ckpt.shape, hardware, opts.devices, [max_model_len // 2] * min(opts.max_num_seqs, 8))
+    return engine_class(group, tokenizer, ckpt.eos_token_ids(), num_blocks=num_blocks, block_size=opts.block_size,
+                        max_model_len=max_model_len, max_num_seqs=opts.max_num_seqs,
+                        max_num_batched_tokens=opts.max_num_batched_tokens,
+                        enable_chunked_prefill=opts.enable_chunked_prefill,
+                        enable_prefix_caching=opts.enable_prefix_caching, choose_strategy=choose,
                         predict_prefill_s=predict_prefill_s, step_s=step_s)
+
+
+def allocate_kv(group, opts: EngineOptions, ckpt: Checkpoint, hardware, available: list[str]) -> int:
+    """Size the KV cache on every rank and allocate it: the strategies' resident buffers first, then what each rank
+    measures it can hold (a GPU's free memory, less the activations of a full step as the cost model sizes them),
+    the smallest over ranks."""
+    group.call_all("prepare", available)
+    gb = opts.kv_cache_memory_gb
+    if gb is None and not torch.cuda.is_available():
+        gb = DEFAULT_CPU_KV_CACHE_GB
+    work = Work.prefill(opts.max_num_batched_tokens)
+    reserve = max(memory_row(s, ckpt.shape, hardware, opts.devices, work).workspace_gb for s in available)
+    fits = group.call_all("kv_blocks_fit", None if gb is None else int(gb * 1e9), opts.gpu_memory_utilization,
+                          int(reserve * 1e9))
+    blocks = min(fits)
+    if blocks * opts.block_size < min(opts.max_model_len, ckpt.shape.max_position_embeddings):
+        raise ValueError(f"the KV cache holds {blocks} blocks of {opts.block_size} tokens per device, less than one "
+                         f"sequence of max_model_len={opts.max_model_len}: raise kv_cache_memory_gb or lower "
+                         "max_model_len")
+    group.call_all("allocate_kv", blocks)
+    return blocks

@@ -1,8 +1,9 @@
 """Disaggregated serving: a prefill-only engine and a decode-only engine in separate replicas.
 
-The prefill replica runs each prompt (by the planner's strategy) to its first token, then every rank puts its
-head-sharded K/V slice into the object store before the slot is freed; the references travel with the request to a
-decode replica, whose rank r fetches rank r's slice directly and continues with Megatron decode. Both replicas use
+The prefill replica runs each prompt (by the planner's strategy, chunk by chunk) to its first token, then every rank
+puts its head-sharded K/V of the sequence's blocks into the object store before the blocks are freed; the references
+travel with the request to a decode replica, whose rank r fetches rank r's slice directly into blocks of its own and
+continues with Megatron decode. Both replicas use
 the same model and device count, so the slices line up rank for rank and the tokens equal the aggregated path's.
 """
 
@@ -18,18 +19,18 @@ from app.engine.sampling import SamplingParams
 
 class PrefillEngine(LLMEngine):
     """Prefill only: callers add sequences with ``max_tokens=1``; a sequence that stops by length (the prompt still
-    wants more tokens) leaves its K/V slices in the object store as ``seq.handoff`` before its slot is freed."""
+    wants more tokens) leaves its K/V slices in the object store as ``seq.handoff`` before its blocks are freed."""
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if reason == "length" and seq.slot is not None:
+        if reason == "length" and seq.blocks:
             seq.handoff = Handoff(prompt_ids=seq.prompt_ids, first_token=seq.output_ids[-1],
-                                  kv_refs=self.group.put_kv([seq.slot]))
+                                  kv_refs=self.group.put_kv([(seq.blocks, seq.num_computed)]))
         super()._finish(seq, reason)
 
 
 class DecodeEngine(LLMEngine):
-    """Decode only: sequences arrive prefilled (``adopt``); each waits for a free slot, pulls its K/V rank to rank,
-    and joins the running batch with its first token already sampled."""
+    """Decode only: sequences arrive prefilled (``adopt``); each waits for room (a sequence and its blocks), pulls
+    its K/V rank to rank into its blocks, and joins the running batch with its first token already sampled."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -57,15 +58,20 @@ class DecodeEngine(LLMEngine):
 
     def _adopt(self) -> list[Sequence]:
         adopted = []
-        while self.arriving and self.free_slots:
-            seq, handoff = self.arriving.popleft()
-            seq.slot = self.free_slots.popleft()
-            self.group.take_kv([seq.slot], handoff.kv_refs)  # <- each rank fetches its own slice
+        while self.arriving and len(self.running) < self.max_num_seqs:
+            seq, handoff = self.arriving[0]
+            n = len(handoff.prompt_ids)
+            if self.blocks.blocks_for(n + 1) > self.blocks.num_free:
+                break
+            self.arriving.popleft()
+            seq.blocks = self.blocks.allocate(self.blocks.blocks_for(n))
+            self.group.take_kv([seq.blocks], handoff.kv_refs)  # <- each rank fetches its own slice
+            seq.num_computed = n
+            self._register_full_blocks(seq)
             seq.output_ids.append(handoff.first_token)
+            seq.all_ids.append(handoff.first_token)
             seq.t_first_token = seq.t_last_token = time.perf_counter()
             self.running.append(seq)
-            self._update_text(seq, handoff.first_token)  # may finish it (a stop string), releasing the slot
-            if seq.finished:
-                self.running.remove(seq)
+            self._update_text(seq, handoff.first_token)  # may finish it (a stop string), releasing its blocks
             adopted.append(seq)
         return adopted

@@ -1,8 +1,12 @@
-"""The generation engine of one replica: iteration-level (continuous) batching over a group of shard workers.
+"""The generation engine of one replica: iteration-level (continuous) batching over a paged KV cache.
 
-Each ``step`` is one forward pass: if requests wait and slots are free, a prefill of as many of them as fit (the
-strategy chosen per batch, by the planner when ``auto``); otherwise one Megatron decode step for every running
-sequence. New prompts thus join between decode steps and finished sequences leave at once, freeing their slot.
+Each ``step`` is one forward pass carrying a token for every running sequence that is decoding, plus prefill chunks
+of sequences still reading their prompt, up to ``max_num_batched_tokens`` (chunked prefill, as vLLM's scheduler):
+a long prompt no longer stalls the streams around it. The chunks' strategy is chosen for that step by the planner
+(their token counts and the cached prefix they attend to); decode tokens run Megatron. A sequence is just its tokens
+and how many of them have K/V in the cache (``num_computed``): prefill, decode, a prefix-cache hit and a recompute
+after preemption are all "compute the rest". KV blocks come from ``BlockManager``; when decode runs out of them the
+newest sequence is preempted (its blocks freed, its tokens recomputed later), never failed.
 Sampling, stop sequences and EOS are handled here on full logits; the workers only run the model.
 """
 
@@ -16,21 +20,29 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.blocks import ROOT_HASH, BlockManager
 from app.engine.messages import EngineLoad, Handoff, RequestError
 from app.engine.sampling import SamplingParams, make_generator, sample
 from placement.workers import Group
+from strategies.kv_cache import Chunk
 from strategies.layout import check_strategy
 
 
-@dataclass
+@dataclass(eq=False)  # identity: ``seq in self.running`` must not compare every field
 class Sequence:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
     strategy: str  # requested: "auto" or a strategy name
     generator: torch.Generator | None = None
-    slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
+    all_ids: list[int] = field(default_factory=list)  # prompt then output: what the cache must hold
+    num_computed: int = 0  # tokens of ``all_ids`` whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)  # block table
+    hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of the full blocks computed so far
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    preemptions: int = 0
+    strategy_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens prefilled per strategy
     text: str = ""
     emitted: int = 0  # characters of ``text`` already handed out as deltas
     finish_reason: str | None = None
@@ -41,9 +53,21 @@ class Sequence:
     t_last_token: float | None = None
     handoff: Handoff | None = None  # set by a prefill-only engine: where its K/V waits for the decode replica
 
+    def __post_init__(self) -> None:
+        self.all_ids = list(self.prompt_ids)
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        """Tokens to compute before the next token can be sampled (1 while decoding)."""
+        return len(self.all_ids) - self.num_computed
+
+    @property
+    def prefilling(self) -> bool:
+        return self.remaining > 1
 
     def take_delta(self) -> str:
         """New text safe to hand out: held back while it could still be the start of a stop sequence."""
@@ -65,23 +89,27 @@ class Sequence:
 
 
 class LLMEngine:
-    """Continuous batching over ``group`` (a ``LocalGroup`` or ``ShardGroup``) with ``slots`` KV slots."""
+    """Continuous batching over ``group`` (a ``LocalGroup`` or ``ShardGroup``) whose ranks hold ``num_blocks`` KV
+    blocks of ``block_size`` tokens each."""
 
     STEP_EMA = 0.2  # weight of the newest decode step in the step-time average
 
-    def __init__(self, group: Group, tokenizer, eos_token_ids: list[int], slots: int, capacity: int,
-                 choose_strategy: Callable[[list[int]], str] | None = None, max_prefill_tokens: int = 8192,
+    def __init__(self, group: Group, tokenizer, eos_token_ids: list[int], num_blocks: int, block_size: int,
+                 max_model_len: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
+                 choose_strategy: Callable[[list[int], list[int]], str] | None = None,
                  predict_prefill_s: Callable[[int], float] | None = None, step_s: float = 0.0):
         self.group, self.tokenizer = group, tokenizer
         self.eos = set(eos_token_ids)
-        self.capacity, self.max_prefill_tokens = capacity, max_prefill_tokens
-        self.choose_strategy = choose_strategy or (lambda lengths: "megatron")
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self.max_num_batched_tokens, self.chunked = max_num_batched_tokens, enable_chunked_prefill
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.choose_strategy = choose_strategy or (lambda new, cached: "megatron")  # chunk lengths, cached prefixes
         self.predict_prefill_s = predict_prefill_s or (lambda tokens: 0.0)  # the planner's, for load estimates
         self.step_s = step_s  # decode step seconds: the planner's guess until steps are measured
-        self.slots = slots
-        self.free_slots = deque(range(slots))
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # admitted: holding blocks, prefilling or decoding, oldest first
+        self.preemptions = 0
         self._ids = itertools.count()
 
     # -- requests --------------------------------------------------------------------------------------------------
@@ -91,58 +119,95 @@ class LLMEngine:
             raise RequestError("prompt is empty")
         check_strategy(strategy, allow_auto=True, error=RequestError)
         need = len(prompt_ids) + params.max_tokens
-        if need > self.capacity:
+        if need > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
-                               f"exceeds the context limit of {self.capacity} tokens")
+                               f"exceeds the context limit of {self.max_model_len} tokens")
+        kv_tokens = self.blocks.num_blocks * self.blocks.block_size
+        if need > kv_tokens:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
+                               f"exceeds this replica's whole KV cache of {kv_tokens} tokens")
         seq = Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params, strategy=strategy,
                        generator=make_generator(params))
         self.waiting.append(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Drop a request (client gone): free its slot and KV cache now."""
+        """Drop a request (client gone): free its KV blocks now."""
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
             self._finish(seq, "abort")
-            self.running.remove(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def queued_sequences(self) -> list[Sequence]:
-        """Sequences accepted that hold no slot yet."""
+        """Sequences accepted that hold no KV blocks yet."""
         return list(self.waiting)
 
     def queued_tokens(self) -> int:
-        return sum(len(s.prompt_ids) for s in self.waiting)
+        """Prompt tokens still to prefill: those waiting, and the rest of prompts being prefilled in chunks."""
+        return (sum(len(s.all_ids) for s in self.waiting)
+                + sum(s.remaining for s in self.running if s.prefilling))
 
     def load(self) -> EngineLoad:
         """This engine's load and a new request's expected wait (``EngineLoad``); call from the engine's thread."""
         queued, waiting = self.queued_tokens(), self.queued_sequences()
         left = (sum(s.params.max_tokens - len(s.output_ids) for s in self.running)
                 + sum(s.params.max_tokens for s in waiting))
-        full = len(self.running) + len(waiting) >= self.slots
-        slot_wait = self.step_s * left / self.slots if full else 0.0
+        need_blocks = sum(self.blocks.blocks_for(len(s.all_ids) + s.params.max_tokens) for s in waiting)
+        full = (len(self.running) + len(waiting) >= self.max_num_seqs
+                or need_blocks > self.blocks.num_free)
+        slot_wait = self.step_s * left / self.max_num_seqs if full else 0.0
         wait = (self.predict_prefill_s(queued) if queued else 0.0) + slot_wait
-        return EngineLoad(slots=self.slots, running=len(self.running), waiting=len(waiting),
+        return EngineLoad(max_seqs=self.max_num_seqs, running=len(self.running), waiting=len(waiting),
                           waiting_prompt_tokens=queued, decode_tokens_left=left, step_s=self.step_s,
-                          slot_wait_s=slot_wait, wait_s=wait)
+                          slot_wait_s=slot_wait, wait_s=wait, free_blocks=self.blocks.num_free,
+                          total_blocks=self.blocks.num_blocks, prefix_hit_rate=self.blocks.hit_rate,
+                          preemptions=self.preemptions)
 
-    def slots_in_use(self) -> int:
-        """KV slots held by running sequences (0 once every request has finished or been aborted)."""
-        return self.slots - len(self.free_slots)
+    def seqs_in_use(self) -> int:
+        """Sequences holding KV blocks (0 once every request has finished or been aborted)."""
+        return len(self.running)
 
     # -- iteration -------------------------------------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
         """One forward pass. Returns the sequences that produced a token (finished ones included)."""
-        batch = self._admit()
-        if batch:
-            return self._prefill(batch)
-        if self.running:
-            return self._decode()
-        return []
+        prefill, decode = self._schedule()
+        if not prefill and not decode:
+            return []
+        strategy = "megatron"
+        if prefill:
+            requested = prefill[0][0].strategy
+            strategy = requested if requested != "auto" else self.choose_strategy(
+                [n for _, n in prefill], [s.num_computed for s, _ in prefill])
+        chunks = {id(s): Chunk(s.all_ids[s.num_computed:s.num_computed + n], s.num_computed, s.blocks)
+                  for s, n in prefill + decode}
+        if strategy == "megatron":  # one pass for every token
+            order = prefill + decode
+            parts = [("megatron", [chunks[id(s)] for s, _ in order])]
+        else:  # the prefill chunks by their strategy, then the decode tokens by megatron
+            order = prefill + decode
+            parts = [(strategy, [chunks[id(s)] for s, _ in prefill]), ("megatron", [chunks[id(s)] for s, _ in decode])]
+        t0 = time.perf_counter()
+        logits = self.group.call("step", parts)
+        took = time.perf_counter() - t0
+        for seq, n in prefill:
+            seq.strategy_tokens[strategy] = seq.strategy_tokens.get(strategy, 0) + n
+            seq.prefill_strategy = max(seq.strategy_tokens, key=seq.strategy_tokens.get)
+            seq.prefill_s += took
+        ready = []
+        for (seq, n), row in zip(order, logits):
+            seq.num_computed += n
+            self._register_full_blocks(seq)
+            if seq.remaining == 0:  # its last token computed: this row predicts the next one
+                ready.append((seq, row))
+        out = self._advance(ready)
+        if decode:  # the whole step as a decoding sequence sees it: forward, sampling, detokenizing
+            took = time.perf_counter() - t0
+            self.step_s = took if not self.step_s else (1 - self.STEP_EMA) * self.step_s + self.STEP_EMA * took
+        return out
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, strategy: str = "auto") -> list[Sequence]:
         """Run prompts to completion (the CLI and benchmarks); they are batched like concurrent requests."""
@@ -151,53 +216,119 @@ class LLMEngine:
             self.step()
         return seqs
 
-    def _admit(self) -> list[Sequence]:
-        """Waiting sequences for the next prefill: FIFO, same requested strategy, within free slots and token budget."""
-        batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(batch) < len(self.free_slots):
+    # -- scheduling ------------------------------------------------------------------------------------------------
+
+    def _schedule(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+        """This step's work: (sequence, tokens) of prefill chunks and of decode tokens. Running sequences first
+        (oldest first; decode needs one token, a prompt in progress its next chunk), then waiting ones while
+        sequences, blocks and the token budget allow. A decode token that finds no free block preempts the newest
+        running sequence; prefill chunks only take blocks that are free."""
+        budget = self.max_num_batched_tokens
+        prefill: list[tuple[Sequence, int]] = []
+        decode: list[tuple[Sequence, int]] = []
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            if seq.prefilling:
+                if prefill and seq.strategy != prefill[0][0].strategy:
+                    continue
+                n = self._chunk(seq, budget, first=not prefill)
+                if n == 0 or not self._reserve(seq, n):
+                    continue
+                prefill.append((seq, n))
+            else:
+                n = 1
+                if not self._reserve_or_preempt(seq, scheduled):
+                    continue  # it was the newest: preempted itself
+                decode.append((seq, n))
+            scheduled.add(seq.id)
+            budget -= n
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0 and not self._preempted_now:
             seq = self.waiting[0]
-            if batch and (seq.strategy != batch[0].strategy or tokens + len(seq.prompt_ids) > self.max_prefill_tokens):
+            if prefill and seq.strategy != prefill[0][0].strategy:
                 break
-            batch.append(self.waiting.popleft())
-            tokens += len(seq.prompt_ids)
-        return batch
+            hit = self.blocks.match_prefix(seq.all_ids, count=not seq.preemptions)
+            seq.blocks, seq.num_computed = hit, len(hit) * self.blocks.block_size
+            seq.hashes = [self.blocks.hash_of[b] for b in hit]
+            if not seq.output_ids:
+                seq.cached_tokens = seq.num_computed
+            n = self._chunk(seq, budget, first=not prefill)
+            if n == 0 or not self._reserve(seq, n):
+                self.blocks.release(seq.blocks)
+                seq.blocks, seq.hashes, seq.num_computed = [], [], 0
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            prefill.append((seq, n))  # even a one-token prompt: its strategy is the prefill's
+            budget -= n
+        self._preempted_now = False
+        if not prefill and not decode and self.running:  # prompts in progress hold every block: make room
+            self._preempt(self.running[-1])
+            self._preempted_now = False
+            return self._schedule()
+        return prefill, decode
 
-    def _prefill(self, batch: list[Sequence]) -> list[Sequence]:
-        strategy = batch[0].strategy
-        if strategy == "auto":
-            strategy = self.choose_strategy([len(s.prompt_ids) for s in batch])
-        for seq in batch:
-            seq.slot = self.free_slots.popleft()
-        t0 = time.perf_counter()
-        logits = self.group.call("prefill", [s.prompt_ids for s in batch], [s.slot for s in batch], strategy)
-        elapsed = time.perf_counter() - t0
-        for seq in batch:
-            seq.prefill_strategy, seq.prefill_s = strategy, elapsed
-        self.running.extend(batch)
-        return self._advance(batch, logits)
+    _preempted_now = False
 
-    def _decode(self) -> list[Sequence]:
-        batch = list(self.running)
-        t0 = time.perf_counter()
-        logits = self.group.call("decode", [s.output_ids[-1] for s in batch], [s.slot for s in batch])
-        out = self._advance(batch, logits)
-        took = time.perf_counter() - t0  # the whole step as a sequence sees it: forward, sampling, detokenizing
-        self.step_s = took if not self.step_s else (1 - self.STEP_EMA) * self.step_s + self.STEP_EMA * took
-        return out
+    def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
+        """Prompt tokens of ``seq`` this step: up to the budget and the free blocks when chunking, else the rest of
+        the prompt (over the budget only as the step's ``first`` prompt: the decode tokens then wait behind it)."""
+        if self.chunked:
+            room = (len(seq.blocks) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
+            return max(0, min(seq.remaining, budget, room))
+        return seq.remaining if seq.remaining <= budget or first else 0
 
-    def _advance(self, batch: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+    def _reserve(self, seq: Sequence, n: int) -> bool:
+        """Blocks for ``n`` more tokens of ``seq``, if free now."""
+        need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.blocks)
+        if need > self.blocks.num_free:
+            return False
+        if need > 0:
+            seq.blocks.extend(self.blocks.allocate(need))
+        return True
+
+    def _reserve_or_preempt(self, seq: Sequence, scheduled: set[int]) -> bool:
+        """Blocks for ``seq``'s next token, preempting the newest running sequences (not yet scheduled this step)
+        until they are free; False if ``seq`` itself had to go."""
+        while not self._reserve(seq, 1):
+            victims = [s for s in self.running if s.id not in scheduled]
+            victim = victims[-1]  # the newest; may be ``seq`` itself
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and queue it first, to recompute its tokens (prompt and output) later; its full
+        blocks stay in the prefix cache until evicted, so the recompute often finds them."""
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.hashes, seq.num_computed = [], [], 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self._preempted_now = True
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        bs = self.blocks.block_size
+        while len(seq.hashes) < seq.num_computed // bs:
+            i = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else ROOT_HASH
+            seq.hashes.append(self.blocks.register(seq.blocks[i], parent, seq.all_ids[i * bs:(i + 1) * bs]))
+
+    # -- tokens ----------------------------------------------------------------------------------------------------
+
+    def _advance(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[Sequence]:
         now = time.perf_counter()
-        for seq, row in zip(batch, logits):
+        for seq, row in ready:
             token = sample(row, seq.params, seq.generator)
             seq.output_ids.append(token)
+            seq.all_ids.append(token)
             seq.t_first_token = seq.t_first_token or now
             seq.t_last_token = now
             self._update_text(seq, token)
-        done = [s for s in batch if s.finished]
-        for seq in done:
-            self.running.remove(seq)
-        return batch
+        return [s for s, _ in ready]
 
     def _update_text(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -218,7 +349,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
-        if seq.slot is not None:
-            self.group.call_all("release", [seq.slot])
-            self.free_slots.append(seq.slot)
-            seq.slot = None
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []

@@ -28,7 +28,7 @@ def update_of(seq: Sequence, sent: int) -> Update:
     return Update(text=seq.take_delta(), token_ids=seq.output_ids[sent:], finish_reason=seq.finish_reason,
                   prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                   prefill_strategy=seq.prefill_strategy, prefill_s=seq.prefill_s, ttft_s=seq.ttft_s,
-                  tpot_s=seq.tpot_s, handoff=seq.handoff)
+                  tpot_s=seq.tpot_s, handoff=seq.handoff, cached_tokens=seq.cached_tokens)
 
 
 @dataclass

@@ -33,19 +33,24 @@ class Handoff(BaseModel):
 class EngineLoad:
     """How busy one engine replica is, and what a new request would wait there before its prefill starts.
 
-    ``wait_s`` = the planner's time for the prompt tokens already waiting for prefill, plus, once every slot is
-    taken, the decode steps until slots free up: the tokens still to generate (running sequences' remaining ones and
-    waiting sequences' ``max_tokens``) spread over the slots, at the measured decode step time ``step_s``.
+    ``wait_s`` = the planner's time for the prompt tokens already waiting for prefill, plus, once the replica is full
+    (``max_seqs`` sequences, or the waiting ones need more KV blocks than are free), the decode steps until room
+    frees up: the tokens still to generate (running sequences' remaining ones and waiting sequences' ``max_tokens``)
+    spread over ``max_seqs``, at the measured decode step time ``step_s``.
     """
 
-    slots: int
+    max_seqs: int
     running: int = 0
     waiting: int = 0
     waiting_prompt_tokens: int = 0
     decode_tokens_left: int = 0
     step_s: float = 0.0
-    slot_wait_s: float = 0.0  # the decode part of ``wait_s``: 0 while a slot is free
+    slot_wait_s: float = 0.0  # the decode part of ``wait_s``: 0 while sequences and KV blocks are to spare
     wait_s: float = 0.0
+    free_blocks: int = 0  # KV blocks nobody holds (prefix-cached ones included: they are evicted on demand)
+    total_blocks: int = 0
+    prefix_hit_rate: float = 0.0  # prompt tokens found in the prefix cache, of all looked up
+    preemptions: int = 0  # sequences preempted (and recomputed) so far
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Update:
     ttft_s: float | None
     tpot_s: float | None
     handoff: Handoff | None = None  # prefill-only engines: per-rank K/V references for the decode replica
+    cached_tokens: int = 0  # prompt tokens found in the replica's prefix cache (not computed)
 
 
 def merge_updates(updates: list[Update]) -> Update:
@@ -76,4 +82,4 @@ def merge_updates(updates: list[Update]) -> Update:
                   prefill_strategy=next((u.prefill_strategy for u in updates if u.prefill_strategy), None),
                   prefill_s=next((u.prefill_s for u in updates if u.prefill_s), 0.0),
                   ttft_s=next((u.ttft_s for u in updates if u.ttft_s is not None), None), tpot_s=last.tpot_s,
-                  handoff=last.handoff)
+                  handoff=last.handoff, cached_tokens=max(u.cached_tokens for u in updates))

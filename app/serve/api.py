@@ -29,6 +29,7 @@ class DynpartUsage(BaseModel):
     ttft_ms: float | None
     tpot_ms: float | None
     devices: int
+    cached_tokens: int = 0  # prompt tokens served from the replica's prefix cache
 
 
 class Usage(BaseModel):

@@ -57,7 +57,8 @@ def usage_of(r: Result) -> Usage:
     return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids),
                  total_tokens=r.prompt_tokens + len(r.token_ids),
                  dynpart=DynpartUsage(pool=r.pool, strategy=r.strategy, prefill_ms=ms(r.prefill_s) or 0.0,
-                                      ttft_ms=ms(r.ttft_s), tpot_ms=ms(r.tpot_s), devices=r.devices))
+                                      ttft_ms=ms(r.ttft_s), tpot_ms=ms(r.tpot_s), devices=r.devices,
+                                      cached_tokens=r.cached_tokens))
 
 
 def headers_of(r: Result) -> dict[str, str]:
@@ -214,7 +215,7 @@ class Ingress:
     def _info(r: Result) -> pb.DynpartInfo:
         u = usage_of(r).dynpart
         return pb.DynpartInfo(pool=u.pool, strategy=u.strategy or "", prefill_ms=u.prefill_ms, ttft_ms=u.ttft_ms or 0,
-                              tpot_ms=u.tpot_ms or 0, devices=u.devices)
+                              tpot_ms=u.tpot_ms or 0, devices=u.devices, cached_tokens=u.cached_tokens)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateReply:  # noqa: N802
         try:

@@ -72,3 +72,23 @@ def record_request(pool: str, strategy: str | None, status: str, ttft_s: float |
 
 def set_queued_tokens(pool: str, tokens: int) -> None:
     _queued_gauge().set(tokens, tags={"pool": pool})
+
+
+@cache
+def _kv_gauges():
+    from ray.serve.metrics import Gauge
+
+    return (Gauge("dynpart_prefix_cache_hit_rate", "Prompt tokens found in this replica's prefix cache, of all "
+                  "looked up", tag_keys=("pool",)),
+            Gauge("dynpart_kv_blocks_used", "KV cache blocks held by running sequences in this replica",
+                  tag_keys=("pool",)),
+            Gauge("dynpart_preemptions", "Sequences this replica preempted (and recomputed) for KV blocks so far",
+                  tag_keys=("pool",)))
+
+
+def set_kv_usage(pool: str, hit_rate: float, blocks_used: int, preemptions: int) -> None:
+    hits, used, preempted = _kv_gauges()
+    tags = {"pool": pool}
+    hits.set(hit_rate, tags=tags)
+    used.set(blocks_used, tags=tags)
+    preempted.set(preemptions, tags=tags)

@@ -22,7 +22,7 @@ from app.engine.loop import EngineLoop
 from app.engine.messages import Handoff, Update
 from app.engine.sampling import SamplingParams
 from app.serve.load import DECODE_ROLE, REPORT_S
-from app.serve.metrics import set_queued_tokens
+from app.serve.metrics import set_kv_usage, set_queued_tokens
 
 
 class _EngineShell:
@@ -53,18 +53,20 @@ class _EngineShell:
         while True:
             load = self.loop.load
             set_queued_tokens(self.pool, load.waiting_prompt_tokens)
+            set_kv_usage(self.pool, load.prefix_hit_rate, load.total_blocks - load.free_blocks, load.preemptions)
             if self.board is not None:
                 self.board.report.remote(self.replica_id, self.load_key, load)
             await asyncio.sleep(REPORT_S)
 
     def info(self) -> dict:
-        """What the ingress needs to pick a pool: the strategies this replica can run, and its load; also its KV slots
-        in use and its processes, for operators and the reliability tests (a finished or aborted request holds none)."""
+        """What the ingress needs to pick a pool: the strategies this replica can run, and its load; also the sequences
+        holding KV blocks and its processes, for operators and the reliability tests (a finished or aborted request
+        holds none)."""
         import ray
 
         engine = self.loop.engine
         return {"pool": self.pool, "available": self.available, "queued_tokens": self.loop.queued_tokens(),
-                "node": ray.get_runtime_context().get_node_id(), "slots_in_use": engine.slots_in_use(),
+                "node": ray.get_runtime_context().get_node_id(), "seqs_in_use": engine.seqs_in_use(),
                 "running": len(engine.running), "pids": self.pids, "healthy": self.loop.alive,
                 "load": dataclasses.asdict(self.loop.load)}
 

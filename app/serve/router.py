@@ -107,6 +107,7 @@ class Result:
     prefill_s: float = 0.0
     ttft_s: float | None = None  # from arrival at the ingress to the first update (whole answers: the engine's)
     tpot_s: float | None = None
+    cached_tokens: int = 0  # prompt tokens the replica's prefix cache held
     whole: bool = False  # the answer comes as one update (non-streaming): its TTFT is the engine's own
     started: float = field(default_factory=time.perf_counter)
 
@@ -119,6 +120,7 @@ class Result:
         self.prompt_tokens = u.prompt_tokens
         self.strategy = self.strategy or u.prefill_strategy
         self.prefill_s = self.prefill_s or u.prefill_s
+        self.cached_tokens = max(self.cached_tokens, u.cached_tokens)
         self.ttft_s = self.ttft_s if self.ttft_s is not None else time.perf_counter() - self.started
         self.tpot_s = u.tpot_s if u.tpot_s is not None else self.tpot_s
 
@@ -189,8 +191,8 @@ class Router:
         replicas = max(1, len(self.decoding(pool)))
         step = mean(self.decoding(pool), lambda x: x.step_s)
         mine = self.inflight[pool.name].values()
-        full = len(mine) >= pool.slots * replicas
-        own_slot_wait = step * sum(m - seen for m, seen in mine) / (pool.slots * replicas) if full else 0.0
+        full = len(mine) >= pool.max_num_seqs * replicas
+        own_slot_wait = step * sum(m - seen for m, seen in mine) / (pool.max_num_seqs * replicas) if full else 0.0
         return max(int(reported_tokens), self.queued[pool.name]), max(reported_slot_wait, own_slot_wait)
 
     def decoding(self, pool: PoolConfig) -> list[EngineLoad]:

@@ -3,8 +3,9 @@
 What the engine and the Serve ingress call:
 - ``check_devices(shape, p)``: the shard layout for p devices, or ValueError saying why p cannot split the model;
 - ``get_hardware(name)``: a catalog entry, calibrated by its profile when ``dynpart calibrate`` wrote one;
-- ``plan_prefill(shape, hardware, devices, tokens, available=None)``: the strategy for a prefill, with the
-  predicted time of every strategy;
+- ``plan_prefill(shape, hardware, devices, tokens, available=None, cached=0)``: the strategy for a prefill (or a
+  chunk of ``tokens`` new tokens after ``cached`` ones already in the KV cache), with the predicted time of every
+  strategy;
 - ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time.
 """
 

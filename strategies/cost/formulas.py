@@ -7,8 +7,8 @@ Units: seconds, bytes, FLOPs. Sizes are per device on the critical path (the bus
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from strategies.cost.hardware import CollectiveKind, Hardware
 
@@ -26,27 +26,57 @@ class Work:
 
     ``attn_pairs`` counts the (query, key) pairs causal attention scores, summed over sequences: it is what makes
     attention quadratic in prompt length. ``kv_tokens`` counts the K/V entries read (cached context plus new).
+    ``cached_tokens`` counts the context already in the KV cache and ``cached_pairs`` the part of ``attn_pairs``
+    whose key is cached: token-sharded attention must gather that prefix from the head-sharded cache, and its busiest
+    device scores a different share of those pairs than of the causal ones.
     """
 
     tokens: int
     attn_pairs: int
     kv_tokens: int
     seqs: int
+    cached_tokens: int = 0
+    cached_pairs: int = 0
 
     @classmethod
-    def prefill(cls, lengths: int | Sequence[int]) -> "Work":
+    def prefill(cls, lengths: int | Sequence[int]) -> Work:
+        """Whole prompts, nothing cached: ``chunks(lengths, 0)``."""
         lens = [lengths] if isinstance(lengths, int) else list(lengths)
         if not lens or min(lens) < 1:
             raise ValueError(f"prompt lengths must be positive, got {lengths!r}")
-        return cls(sum(lens), sum(n * (n + 1) // 2 for n in lens), sum(lens), len(lens))
+        return cls.chunks(lens)
 
     @classmethod
-    def decode(cls, contexts: Sequence[int]) -> "Work":
-        """One decode step for sequences whose caches already hold ``contexts`` tokens each."""
+    def chunks(cls, new: int | Sequence[int], cached: int | Sequence[int] = 0) -> Work:
+        """Prefill chunks: ``new`` tokens per sequence whose first ``cached`` tokens are already in the KV cache
+        (an earlier chunk or a prefix-cache hit). An int ``cached`` applies to every sequence.
+
+        Each new query sees every cached key plus the causal part of the chunk: new·cached + new(new+1)/2 pairs, so a
+        prompt's chunks add up to the whole prompt's pairs."""
+        ns = [new] if isinstance(new, int) else list(new)
+        cs = [cached] * len(ns) if isinstance(cached, int) else list(cached)
+        if not ns or min(ns) < 1:
+            raise ValueError(f"chunk lengths must be positive, got {new!r}")
+        if len(cs) != len(ns):
+            raise ValueError(f"cached lengths {cached!r} do not match the {len(ns)} chunks")
+        if min(cs) < 0:
+            raise ValueError(f"cached lengths must not be negative, got {cached!r}")
+        prefix = sum(n * c for n, c in zip(ns, cs))
+        causal = sum(n * (n + 1) // 2 for n in ns)
+        return cls(tokens=sum(ns), attn_pairs=prefix + causal, kv_tokens=sum(ns) + sum(cs), seqs=len(ns),
+                   cached_tokens=sum(cs), cached_pairs=prefix)
+
+    @classmethod
+    def decode(cls, contexts: Sequence[int]) -> Work:
+        """One decode step for sequences whose caches already hold ``contexts`` tokens each.
+
+        A one-token chunk per sequence, so ``cached_tokens`` is the contexts, as for any chunk: the engine decodes
+        with megatron, which reads its own heads of the cache locally, while ``plan_decode``'s token-sharded
+        alternatives would have to gather the whole cache each layer (and are priced so)."""
         ctx = list(contexts)
         if not ctx:
             raise ValueError("a decode step needs at least one sequence")
-        return cls(len(ctx), sum(c + 1 for c in ctx), sum(c + 1 for c in ctx), len(ctx))
+        return cls.chunks([1] * len(ctx), ctx)
 
 
 @dataclass(frozen=True, slots=True)

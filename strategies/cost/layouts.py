@@ -126,8 +126,13 @@ class _Builder:
         else:
             if p > 1:
                 self.ops.append(Collective("k/v all-gather", "all_gather", w.tokens * 2 * hkv * dh * b))
-            # Contiguous token shards: the last device's queries see the most keys, (2p-1)/p² of all pairs.
-            busiest = w.attn_pairs * (2 * p - 1) / p**2
+            if p > 1 and w.cached_tokens > 0:
+                # The cache is sharded by KV head, but a token shard needs every head: gather the prefix each layer.
+                self.ops.append(Collective("cached k/v all-gather", "all_gather", w.cached_tokens * 2 * hkv * dh * b))
+            # Contiguous token shards: the last device's queries see the most keys, (2p-1)/p² of the causal pairs,
+            # and its share of the rows of the (query, cached key) pairs, which every query has.
+            causal = w.attn_pairs - w.cached_pairs
+            busiest = w.cached_pairs * self.rows(TOK) / w.tokens + causal * (2 * p - 1) / p**2
             self.ops.append(attention("attention", busiest, w.kv_tokens, self.rows(TOK), h, hkv, dh, b,
                                       kernel="attention_sharded"))
         return state

@@ -79,7 +79,8 @@ class PlanReport(BaseModel):
 
 def memory_row(name: str, shape: ModelShape, hw: Hardware, p: int, work: Work,
                utilization: float = DEFAULT_UTILIZATION) -> MemoryRow:
-    """Per-device memory a strategy needs for ``work``: weights (+ buffers/replicas), activations, the new K/V."""
+    """Per-device memory a strategy needs for ``work``: weights (+ buffers/replicas), activations, and the K/V of
+    the cached and new tokens (the sequences' whole cache must be resident while the chunk runs)."""
     padded, b, c = check_devices(shape, p).padded_shape(shape), hw.bytes_per_element, STRATEGIES[name]
     res = resident_bytes(c, padded, p, b)
     ws = workspace_bytes(c, padded, p, work, b)
@@ -106,7 +107,8 @@ def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iter
             reasons[name] = "not available in the engine"
     ok = {n: t for n, t in times.items() if n not in reasons}
     if not ok:
-        raise ValueError(f"no strategy can run {work.tokens} tokens of {shape.name} on {p}×{hw.name}: "
+        after = f" after {work.cached_tokens} cached" if work.cached_tokens else ""
+        raise ValueError(f"no strategy can run {work.tokens} tokens{after} of {shape.name} on {p}×{hw.name}: "
                          + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
     best = min(ok, key=lambda n: (ok[n], n != "megatron"))  # ties go to megatron: no replicas, no gathers
     return PlanChoice(strategy=best, tokens=work.tokens, predicted_s=times, reasons=reasons)
@@ -121,13 +123,17 @@ def _validate(available: Iterable[str] | None) -> set[str]:
 
 
 def plan_prefill(shape: ModelShape, hardware: Hardware, devices: int, tokens: int | Sequence[int],
-                 available: Iterable[str] | None = None, utilization: float = DEFAULT_UTILIZATION) -> PlanChoice:
+                 available: Iterable[str] | None = None, utilization: float = DEFAULT_UTILIZATION,
+                 cached: int | Sequence[int] = 0) -> PlanChoice:
     """The fastest strategy that is available and fits memory, for one prompt (int) or a batch of prompt lengths.
 
+    ``tokens`` are the new tokens of each sequence (a whole prompt, or a chunk of one) and ``cached`` how many of
+    its earlier tokens are already in the KV cache (int: the same for every sequence; else aligned with ``tokens``):
+    a cached prefix costs attention reads everywhere and a per-layer K/V gather for the token-sharded strategies.
     ``available`` restricts the choice to what the engine can run now (e.g. without materialised replicas);
     unavailable strategies are still predicted, memory-infeasible ones are reported with a reason and None.
     """
-    return _choose(shape, hardware, devices, Work.prefill(tokens), available, utilization)
+    return _choose(shape, hardware, devices, Work.chunks(tokens, cached), available, utilization)
 
 
 def plan_decode(shape: ModelShape, hardware: Hardware, devices: int, contexts: Sequence[int],
