@@ -6,18 +6,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.engine.llm_engine import LLMEngine
+from conftest import local_engine
+
 from app.engine.messages import RequestError
 from app.engine.sampling import SamplingParams, sample
-from placement.workers import LocalGroup
 from strategies.loader import Checkpoint
 
 
 @pytest.fixture(scope="module")
 def engine(chat_tiny):
-    ckpt = Checkpoint(chat_tiny)
-    group = LocalGroup(model=chat_tiny, slots=4, capacity=128)
-    return LLMEngine(group, ckpt.tokenizer(), ckpt.eos_token_ids(), slots=4, capacity=128)
+    return local_engine(chat_tiny, Checkpoint(chat_tiny).tokenizer(), max_model_len=128)
 
 
 PROMPT = [1, 504, 2988, 314, 2535, 42]
@@ -71,11 +69,10 @@ def test_stop_sequence_ends_generation_and_is_not_returned(engine):
 
 def test_eos_stops_unless_ignored(chat_tiny):
     ckpt = Checkpoint(chat_tiny)
-    greedy = LLMEngine(LocalGroup(model=chat_tiny, slots=1, capacity=128), ckpt.tokenizer(), [], slots=1,
-                       capacity=128).generate([PROMPT], SamplingParams(max_tokens=8))[0].output_ids
+    greedy = local_engine(chat_tiny, ckpt.tokenizer(), [], max_num_seqs=1, max_model_len=128).generate(
+        [PROMPT], SamplingParams(max_tokens=8))[0].output_ids
     eos = greedy[3]  # pretend the 4th greedy token is EOS
-    engine = LLMEngine(LocalGroup(model=chat_tiny, slots=1, capacity=128), ckpt.tokenizer(), [eos], slots=1,
-                       capacity=128)
+    engine = local_engine(chat_tiny, ckpt.tokenizer(), [eos], max_num_seqs=1, max_model_len=128)
     stopped = engine.generate([PROMPT], SamplingParams(max_tokens=8))[0]
     assert stopped.output_ids == greedy[: greedy.index(eos) + 1] and stopped.finish_reason == "stop"
     assert engine.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))[0].output_ids == greedy
@@ -97,15 +94,15 @@ def test_bad_parameters_are_rejected():
 
 
 def test_load_reports_the_wait_a_new_request_would_have(chat_tiny):
-    """What admission control reads: idle, nothing to wait for; with every slot taken, the tokens still to generate
-    spread over the slots at the measured step time, plus the planner's time for the prompts waiting for prefill."""
-    ckpt = Checkpoint(chat_tiny)
-    engine = LLMEngine(LocalGroup(model=chat_tiny, slots=2, capacity=128), ckpt.tokenizer(), ckpt.eos_token_ids(),
-                       slots=2, capacity=128, predict_prefill_s=lambda tokens: 0.001 * tokens)
+    """What admission control reads: idle, nothing to wait for; with max_num_seqs running, the tokens still to
+    generate spread over them at the measured step time, plus the planner's time for the prompts waiting for
+    prefill."""
+    engine = local_engine(chat_tiny, Checkpoint(chat_tiny).tokenizer(), max_num_seqs=2, max_model_len=128,
+                          predict_prefill_s=lambda tokens: 0.001 * tokens)
     assert engine.load().wait_s == 0 and engine.load().running == 0
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     seqs = [engine.add(PROMPT, params) for _ in range(5)]
-    engine.step()  # prefill of two (the slots), three wait
+    engine.step()  # prefill of two (max_num_seqs), three wait
     engine.step()  # a decode step: measured
     load = engine.load()
     assert (load.running, load.waiting, load.waiting_prompt_tokens) == (2, 3, 3 * len(PROMPT))
@@ -114,3 +111,58 @@ def test_load_reports_the_wait_a_new_request_would_have(chat_tiny):
     while not all(s.finished for s in seqs):
         engine.step()
     assert engine.load().wait_s == 0
+
+
+def _batch_case():
+    """Rows of every kind: greedy (0 and a temperature under GREEDY_BELOW), seeded and unseeded, top-k, top-p."""
+    from app.engine.sampling import make_generator
+
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1e-7, seed=1),
+              SamplingParams(temperature=1.3, top_k=5, seed=4), SamplingParams(),
+              SamplingParams(temperature=0.7, top_p=0.5, seed=5), SamplingParams(temperature=1.0, seed=3),
+              SamplingParams(temperature=1.0, top_k=3, top_p=0.9)]  # unseeded: its seed from torch's global RNG
+    return params, lambda: [make_generator(p) for p in params]
+
+
+def test_sample_batch_equals_sample_row_by_row():
+    from app.engine.sampling import sample_batch
+
+    params, generators = _batch_case()
+    torch.manual_seed(0)
+    gens_a = generators()
+    torch.manual_seed(0)
+    gens_b = generators()
+    g = torch.Generator().manual_seed(11)
+    for _ in range(20):  # several steps: the generators must stay in step too
+        logits = torch.randn(len(params), 300, generator=g) * 3
+        want = [sample(logits[i], p, gens_a[i]) for i, p in enumerate(params)]
+        assert sample_batch(logits, params, gens_b) == want
+
+
+def test_sample_batch_picks_all_greedy_rows_with_one_argmax(monkeypatch):
+    from app.engine import sampling
+
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=1), SamplingParams(), SamplingParams()]
+    gens = [sampling.make_generator(p) for p in params]
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0],  # a tie: the first maximum, as torch.argmax on one row
+                           [0.0, 0.0, 9.0, 0.0],
+                           [float("-inf"), -1.0, -1.0, -2.0],
+                           [2.0, 2.0, 2.0, 2.0]])
+    calls = []
+    argmax = torch.argmax
+    monkeypatch.setattr(torch, "argmax", lambda *a, **k: calls.append(a[0].shape) or argmax(*a, **k))
+    assert sampling.sample_batch(logits, params, gens) == [1, 2, 1, 0]
+    assert calls == [torch.Size([3, 4])]
+
+
+def test_sample_batch_edges():
+    from app.engine.sampling import sample_batch
+
+    assert sample_batch(torch.empty(0, 5), [], []) == []
+    half = torch.randn(3, 50).to(torch.bfloat16)
+    greedy = [SamplingParams()] * 3
+    assert sample_batch(half, greedy, [None] * 3) == [sample(row, greedy[0], None) for row in half]
+    with pytest.raises(ValueError):
+        sample_batch(torch.zeros(2, 5), greedy, [None] * 3)
+    with pytest.raises(ValueError):
+        sample_batch(torch.zeros(5), greedy[:1], [None])

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.blocks import ROOT_HASH, BlockManager
+from app.engine.detokenize import IncrementalDetokenizer
 from app.engine.messages import EngineLoad, Handoff, RequestError
-from app.engine.sampling import SamplingParams, make_generator, sample
+from app.engine.sampling import SamplingParams, make_generator, sample_batch
 from placement.workers import Group
 from strategies.kv_cache import Chunk
 from strategies.layout import check_strategy
@@ -35,6 +36,7 @@ class Sequence:
     params: SamplingParams
     strategy: str  # requested: "auto" or a strategy name
     generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
     output_ids: list[int] = field(default_factory=list)
     all_ids: list[int] = field(default_factory=list)  # prompt then output: what the cache must hold
     num_computed: int = 0  # tokens of ``all_ids`` whose K/V are in the cache
@@ -127,7 +129,7 @@ class LLMEngine:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
                                f"exceeds this replica's whole KV cache of {kv_tokens} tokens")
         seq = Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params, strategy=strategy,
-                       generator=make_generator(params))
+                       generator=make_generator(params), detokenizer=IncrementalDetokenizer(self.tokenizer))
         self.waiting.append(seq)
         return seq
 
@@ -197,13 +199,14 @@ class LLMEngine:
             seq.strategy_tokens[strategy] = seq.strategy_tokens.get(strategy, 0) + n
             seq.prefill_strategy = max(seq.strategy_tokens, key=seq.strategy_tokens.get)
             seq.prefill_s += took
-        ready = []
-        for (seq, n), row in zip(order, logits):
+        ready, rows = [], []
+        for b, (seq, n) in enumerate(order):
             seq.num_computed += n
             self._register_full_blocks(seq)
             if seq.remaining == 0:  # its last token computed: this row predicts the next one
-                ready.append((seq, row))
-        out = self._advance(ready)
+                ready.append(seq)
+                rows.append(b)
+        out = self._advance(ready, logits[rows] if len(rows) < len(order) else logits)
         if decode:  # the whole step as a decoding sequence sees it: forward, sampling, detokenizing
             took = time.perf_counter() - t0
             self.step_s = took if not self.step_s else (1 - self.STEP_EMA) * self.step_s + self.STEP_EMA * took
@@ -319,25 +322,26 @@ class LLMEngine:
 
     # -- tokens ----------------------------------------------------------------------------------------------------
 
-    def _advance(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[Sequence]:
+    def _advance(self, ready: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        """Sample the next token of every ``ready`` sequence (rows of ``logits``, greedy ones in one argmax)."""
+        if not ready:
+            return []
+        tokens = sample_batch(logits, [s.params for s in ready], [s.generator for s in ready])
         now = time.perf_counter()
-        for seq, row in ready:
-            token = sample(row, seq.params, seq.generator)
+        for seq, token in zip(ready, tokens):
             seq.output_ids.append(token)
             seq.all_ids.append(token)
             seq.t_first_token = seq.t_first_token or now
             seq.t_last_token = now
             self._update_text(seq, token)
-        return [s for s, _ in ready]
+        return ready
 
     def _update_text(self, seq: Sequence, token: int) -> None:
         p = seq.params
         if token in self.eos and not p.ignore_eos:
             self._finish(seq, "stop")
             return
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character waits for its next token
-            seq.text = text
+        seq.text = seq.detokenizer.append(token)  # an incomplete UTF-8 character waits for its next token
         for stop in p.stop:
             at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
             if at >= 0:

@@ -61,3 +61,22 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[int]:
+    """Next tokens for a batch, logits [B, V]: what ``sample`` gives row by row, with every greedy row picked by one
+    argmax over those rows (one kernel and one host transfer instead of one each per sequence). The others go
+    through ``sample`` in row order, so seeded generators draw their random numbers exactly as before."""
+    if logits.dim() != 2 or not logits.shape[0] == len(params) == len(generators):
+        raise ValueError(f"logits {tuple(logits.shape)} for {len(params)} params and {len(generators)} generators")
+    out = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        rows = logits if len(greedy) == len(params) else logits[torch.tensor(greedy, device=logits.device)]
+        for i, token in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
+            out[i] = token
+    for i, p in enumerate(params):
+        if not p.greedy:
+            out[i] = sample(logits[i], p, generators[i])
+    return out
