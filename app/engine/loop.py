@@ -3,7 +3,7 @@
 The engine is not thread-safe and each ``step`` blocks for a forward pass, so one thread owns it: it drains an inbox
 of start/abort commands between steps (new requests join at iteration boundaries) and pushes one ``Update`` per
 sequence per step onto that request's asyncio queue. A caller that goes away (client disconnect, cancelled stream)
-aborts its sequence, which frees the slot at the next iteration. If a step fails (a shard worker died) the thread
+aborts its sequence, which frees its KV blocks at the next iteration. If a step fails (a shard worker died) the thread
 ends: every request it holds, and every one that arrives later, gets ``EngineFailed`` rather than waiting forever,
 and the replica reports itself unhealthy so Serve replaces it.
 """
