@@ -147,3 +147,22 @@ def test_two_devices_chunked_with_prefix_hits(ray_session, tiny_models, strategy
             assert {s.prefill_strategy for s in first + rest} == {strategy}
     finally:
         group.shutdown()
+
+
+def test_the_planner_chooses_each_chunk_with_its_cached_prefix(tiny_models):
+    """The strategy of a step's prefill chunks is asked of the planner with their token counts and the prefix each
+    attends to (earlier chunks, or a prefix-cache hit), not once per prompt."""
+    path = tiny_models["gqa"]
+    asked = []
+
+    def choose(new: list[int], cached: list[int]) -> str:
+        asked.append((new, cached))
+        return "megatron"
+
+    engine = local_engine(path, max_num_batched_tokens=16, choose_strategy=choose)
+    prompt = prompts_for(512, lengths=(40,), seed=9)[0]
+    engine.generate([prompt], GREEDY)
+    assert asked == [([16], [0]), ([16], [16]), ([8], [32])]
+    asked.clear()
+    engine.generate([prompt[:32] + [7, 8, 9]], GREEDY)  # two cached blocks, three new tokens
+    assert asked == [([3], [32])]
