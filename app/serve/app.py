@@ -2,6 +2,8 @@
 
 Turns the validated ``AppConfig`` into one engine deployment per aggregated pool (named after the pool), a
 ``<pool>-prefill`` and a ``<pool>-decode`` deployment per disaggregated pool, and the ingress that holds their handles.
+Engine and prefill deployments route by prompt prefix (``PrefixAffinityRouter``, at the pool's KV block size); decode
+deployments keep Serve's default router (their requests arrive with their K/V).
 """
 
 import ray
@@ -10,6 +12,7 @@ from ray.serve import Application
 from app.serve.config import AppConfig
 from app.serve.ingress import Ingress
 from app.serve.load import LoadBoard
+from app.serve.prefix_router import prefix_router_config
 from app.serve.replicas import DecodeReplica, EngineReplica, PrefillReplica
 from placement.workers import DEVICE_RESOURCE
 
@@ -26,6 +29,8 @@ def build_app(args: dict) -> Application:
 
         def deployment(cls, name: str, replicas: int | None = None):
             options = pool.deployment_options(name, bundle, grace, replicas)
+            if cls is not DecodeReplica:
+                options["request_router_config"] = prefix_router_config(pool.block_size)
             return cls.options(**options).bind(pool.name, opts, bundle, board)
 
         if pool.disaggregated:

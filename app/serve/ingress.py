@@ -89,7 +89,7 @@ class Ingress:
             raise RequestError(f"max_tokens ({params.max_tokens}) exceeds this server's limit of "
                                f"{self.cfg.max_tokens_limit} generated tokens per request")
         strategy = strategy or self.cfg.default_strategy
-        route = await self.router.pick_pool(len(prompt_ids), params.max_tokens, pool or None, strategy)
+        route = await self.router.pick_pool(prompt_ids, params.max_tokens, pool or None, strategy)
         result = Result(pool=route.pool.name, devices=route.pool.devices, whole=whole)
         updates = with_deadline(self.router.run(route, prompt_ids, params, strategy, whole),
                                 self.cfg.request_timeout_s)

@@ -5,11 +5,14 @@ the predicted prefill time of this prompt on that pool's devices, batched with t
 after the pool's expected wait for a free slot (``backlog``: from the replicas' reports on the ``LoadBoard`` and
 from what this ingress sent itself), plus ``max_tokens`` decode steps at the pool's measured step time; the lowest
 sum wins (ties go to the pool listed first), so a pool that prefills sooner but decodes slower does not take short
-requests it would finish later. Admission control: a pool whose expected wait passes ``max_queue_wait_s``, or whose
-waiting tokens would pass ``max_queued_tokens``, is skipped; if every pool is skipped the request is refused at once
-as overloaded (503 with ``retry-after``), rather than accepted and left to time out. A request's generation is
-cancelled in its replica whenever its caller stops listening: a client gone, or the app's request timeout
-(``with_deadline``) passed.
+requests it would finish later. A pool that probably holds the prompt's prefix in its KV cache (this ingress sent it
+there: ``PrefixIndex``, bounded by the KV blocks the pool's replicas report) is priced for the rest of the prompt
+only, attending to the cached prefix, so of pools otherwise equal a request goes where its prefix is; within the
+pool, ``PrefixAffinityRouter`` then picks the replica that holds it. Admission control: a pool whose expected wait
+passes ``max_queue_wait_s``, or whose waiting tokens would pass ``max_queued_tokens``, is skipped; if every pool is
+skipped the request is refused at once as overloaded (503 with ``retry-after``), rather than accepted and left to
+time out. A request's generation is cancelled in its replica whenever its caller stops listening: a client gone, or
+the app's request timeout (``with_deadline``) passed.
 """
 
 from __future__ import annotations
@@ -18,19 +21,23 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from app.engine.blocks import prefix_hashes
 from app.engine.messages import EngineLoad, Handoff, RequestError, Update, merge_updates
 from app.engine.sampling import SamplingParams
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.errors import Overloaded, RequestTimeout
 from app.serve.load import DECODE_ROLE, REPORT_S
 from app.serve.metrics import set_expected_wait
+from app.serve.prefix_router import PrefixIndex
 from strategies.cost import decode_step_time, plan_prefill
 from strategies.layout import check_strategy
 from strategies.loader import Checkpoint
+
+POOL_PREFIX_BLOCKS = 16384  # block hashes remembered per pool until its replicas report how many blocks they hold
 
 
 async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None) -> AsyncIterator[Update]:
@@ -91,6 +98,8 @@ class Route:
     pool: PoolConfig
     predicted_s: float  # predicted time to the last token: first token (queue included), then the decode steps
     ttft_s: float = 0.0  # of which to the first token
+    cached_tokens: int = 0  # prompt tokens predicted to be in the pool's prefix cache
+    hashes: list[int] | None = None  # the prompt's block-hash chain at the pool's block size (None: not known)
 
 
 @dataclass
@@ -134,6 +143,7 @@ class Router:
         self.queued = {p.name: 0 for p in cfg.pools}  # prompt tokens sent from here, waiting for their first token
         self.inflight: dict[str, dict[int, list[int]]] = {p.name: {} for p in cfg.pools}  # id -> [max_tokens, seen]
         self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
+        self.prefixes = {p.name: PrefixIndex(POOL_PREFIX_BLOCKS) for p in cfg.pools}  # chains sent to each pool
         self._ids = itertools.count()
         self._available: dict[str, list[str]] = {}
         self._reader: asyncio.Task | None = None
@@ -205,24 +215,39 @@ class Router:
             return statistics.fmean(x.step_s for x in measured)
         return decode_step_time(self.shape, self.hardware[pool.name], pool.devices, [context])
 
-    def predicted_ttft(self, pool: PoolConfig, n: int, strategy: str,
-                       available: list[str]) -> tuple[float, float] | None:
-        """(seconds to this request's first token, of which waiting): the prompts ahead prefill in one batch with
-        it (the engine batches waiting prompts), after a slot frees. None: ``strategy`` cannot run in ``pool``."""
+    def cached_tokens(self, pool: PoolConfig, n: int, hashes: Sequence[int]) -> int:
+        """Prompt tokens ``pool`` probably holds in its prefix cache: the leading blocks of ``hashes`` this ingress
+        sent there, remembered up to as many blocks as the pool's replicas report holding (LRU); the engine always
+        computes at least the prompt's last token."""
+        front = self.reported.get(pool.name)
+        index = self.prefixes[pool.name]
+        index.resize(sum(x.total_blocks for x in front) if front else POOL_PREFIX_BLOCKS)
+        bs = pool.block_size
+        return min(index.matched(pool.name, hashes) * bs, (n - 1) // bs * bs)
+
+    def predicted_ttft(self, pool: PoolConfig, n: int, strategy: str, available: list[str],
+                       cached: int = 0) -> tuple[float, float] | None:
+        """(seconds to this request's first token, of which waiting): its ``n - cached`` uncached tokens, attending
+        to the ``cached`` prefix, prefill in one batch with the prompts ahead (the engine batches waiting prompts),
+        after a slot frees. None: ``strategy`` cannot run in ``pool``."""
         queued, slot_wait = self.backlog(pool)
-        shape, hardware = self.shape, self.hardware[pool.name]
-        alone = plan_prefill(shape, hardware, pool.devices, n, available=available)
+        shape, hardware, new = self.shape, self.hardware[pool.name], n - cached
+        alone = plan_prefill(shape, hardware, pool.devices, new, available=available, cached=cached)
         own = alone.predicted_s.get(alone.strategy if strategy == "auto" else strategy)
         if own is None:
             return None
-        batched = plan_prefill(shape, hardware, pool.devices, [n, queued], available=available) if queued else alone
+        batched = (plan_prefill(shape, hardware, pool.devices, [new, queued], available=available,
+                                cached=[cached, 0]) if queued else alone)
         wait = max(0.0, batched.time_s - alone.time_s) + slot_wait
         return own + wait, wait
 
-    async def pick_pool(self, n: int, max_tokens: int, pool: str | None = None, strategy: str = "auto") -> Route:
+    async def pick_pool(self, prompt: Sequence[int] | int, max_tokens: int, pool: str | None = None,
+                        strategy: str = "auto") -> Route:
         """The pool predicted to finish the request first (first token, then ``max_tokens`` decode steps; ``pool``:
         only that one), among those whose expected wait is within ``max_queue_wait_s``; none: ``Overloaded`` (503),
-        at once."""
+        at once. ``prompt``: its token ids, or only their count (then no pool is credited with its prefix)."""
+        n = prompt if isinstance(prompt, int) else len(prompt)
+        chains: dict[int, list[int]] = {}  # block size -> the prompt's hash chain
         if pool is not None and pool not in self.queued:
             raise RequestError(f"unknown pool {pool!r}: choose one of {', '.join(self.queued)}")
         check_strategy(strategy, allow_auto=True, error=RequestError)
@@ -238,7 +263,13 @@ class Router:
         for p in fits:
             if self.queued[p.name] + n > p.max_queued_tokens:
                 continue
-            predicted = self.predicted_ttft(p, n, strategy, await self.available(p.name))
+            hashes = None
+            if not isinstance(prompt, int):
+                if p.block_size not in chains:
+                    chains[p.block_size] = prefix_hashes(prompt, p.block_size)
+                hashes = chains[p.block_size]
+            cached = self.cached_tokens(p, n, hashes) if hashes else 0
+            predicted = self.predicted_ttft(p, n, strategy, await self.available(p.name), cached)
             if predicted is None:
                 continue
             ttft, wait = predicted
@@ -248,7 +279,7 @@ class Router:
                 continue
             # the whole request: a pool that prefills sooner but decodes slower (ranks sharing a core) loses
             decode = (max_tokens - 1) * self.decode_step_s(p, n + max_tokens // 2)
-            routes.append(Route(pool=p, predicted_s=ttft + decode, ttft_s=ttft))
+            routes.append(Route(pool=p, predicted_s=ttft + decode, ttft_s=ttft, cached_tokens=cached, hashes=hashes))
         if not routes:
             if waits:
                 least = min(waits)
@@ -264,8 +295,11 @@ class Router:
                   whole: bool = False) -> AsyncIterator[Update]:
         """Updates of the request on ``route``'s pool; the first arrives after prefill (strategy known), or with
         ``whole`` the answer arrives as one update (non-streaming: one message per hop instead of one per step).
-        Its prompt tokens count as queued on the pool until its first update; leaving early cancels the call."""
+        Its prompt tokens count as queued on the pool until its first update; leaving early cancels the call. The
+        pool is taken to hold the prompt's prefix from now on (``cached_tokens``)."""
         name, n = route.pool.name, len(prompt_ids)
+        hashes = route.hashes if route.hashes is not None else prefix_hashes(prompt_ids, route.pool.block_size)
+        self.prefixes[name].record(name, hashes)
         handles = self.handles[name]
         run = self._run_aggregated if handles.engine is not None else self._run_disaggregated
         rid, progress = next(self._ids), [params.max_tokens, 0]
