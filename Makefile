@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install model serve test test-fast bench bench-throughput flood clean
+.PHONY: bench-kv install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -63,7 +63,15 @@ bench: model
 	$(BIN)/python -m load_tests.compare --config load_tests/compare_config.yaml --workload long-document \
 		--num-requests 16 --rate 0.3 --scale 0.25 --slo-ttft-ms 4000 --slo-tpot-ms 400 --out $(BENCH)/long-document
 	$(BIN)/python -m load_tests.overhead --repeats 5 | tee $(BENCH)/overhead.txt
-	$(MAKE) bench-throughput flood
+	$(MAKE) bench-throughput flood bench-kv
+
+# KV memory: sequences held under a fixed KV budget (paged vs slots), decode batching, chunked prefill against whole
+# prompts, a cached prefix against none; the in-process engine with the shipped short pool's options (~10 min). The
+# load tests above (load_tests/compare_config.yaml) run with chunked prefill on.
+bench-kv: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.kv_memory --config serve_config.yaml --repeats 3 --out $(BENCH)/kv_memory.json \
+		| tee $(BENCH)/kv_memory.txt
 
 # The service against its own engine at concurrency 1-32 (streaming and not, 3 repeats, order rotated; ~30 min), and
 # a flood of 120 requests at once with a 180 s client timeout, both on the shipped serve_config.yaml.
