@@ -141,8 +141,9 @@ def measure_gemm(timer: Timer, matrices: Sequence[torch.Tensor], rows: Sequence[
 def measure_attention(timer: Timer, heads: int, kv_heads: int, head_dim: int, lengths: Sequence[int],
                       dtype: torch.dtype = torch.float32) -> dict[str, list[dict]]:
     """The engine's attention (``strategies.layers.causal_attention``) on this rank's heads, as FLOP/s the cost model
-    counts: ``causal``, one sequence of n tokens (4·pairs·heads·dh, keyed by n); and, on p > 1, ``sharded``, the last
-    token shard (n/p queries over all n keys, every head), counted as (2p−1)/p² of the pairs and keyed by n/p."""
+    counts: ``causal``, one sequence of n tokens (4·pairs·heads·dh, keyed by n); and, on p > 1, ``sharded``, rank 0's
+    zigzag token shard (chunks 0 and 2p−1 of n/(2p) queries each, every head), counted as 1/p of the pairs and keyed
+    by n/p."""
     from strategies.layers import causal_attention
 
     p = timer.comm.world_size
@@ -153,12 +154,17 @@ def measure_attention(timer: Timer, heads: int, kv_heads: int, head_dim: int, le
         t = timer(lambda: causal_attention(q, k, v, 0, head_dim ** -0.5))
         out["causal"].append({"rows": n, "tflops": 4 * pairs * heads * head_dim / t / 1e12, "seconds": t})
         if p > 1:
-            tc = -(-n // p)
-            qs = torch.randn(tc, heads * p, head_dim, dtype=dtype)  # every head, this shard's queries
-            ks, vs = (torch.randn(n, kv_heads * p, head_dim, dtype=dtype) for _ in range(2))
-            t = timer(lambda: causal_attention(qs, ks, vs, n - tc, head_dim ** -0.5))
-            counted = 4 * pairs * (2 * p - 1) / p**2 * heads * p * head_dim
-            out["sharded"].append({"rows": tc, "tflops": counted / t / 1e12, "seconds": t})
+            c = -(-n // (2 * p))
+            qs = torch.randn(c, heads * p, head_dim, dtype=dtype)  # every head, one chunk's queries
+            ks, vs = (torch.randn(2 * p * c, kv_heads * p, head_dim, dtype=dtype) for _ in range(2))
+
+            def zigzag() -> None:  # the first chunk sees its own keys, the last one every key
+                causal_attention(qs, ks[:c], vs[:c], 0, head_dim ** -0.5)
+                causal_attention(qs, ks, vs, (2 * p - 1) * c, head_dim ** -0.5)
+
+            t = timer(zigzag)
+            counted = 4 * pairs / p * heads * p * head_dim
+            out["sharded"].append({"rows": 2 * c, "tflops": counted / t / 1e12, "seconds": t})
     return out
 
 

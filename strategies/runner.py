@@ -16,7 +16,7 @@ from strategies.loader import Checkpoint
 from strategies.megatron import megatron_forward
 from strategies.projection_replicated import ReplicatedLayers, StrategyUnavailable
 from strategies.sharding import RankWeights, load_rank_weights
-from strategies.token_sharded import token_chunk, token_sharded_forward
+from strategies.token_sharded import in_packed_order, token_sharded_forward, zigzag_order
 from strategies.weight_gathered import GatheredLayers
 
 
@@ -87,8 +87,8 @@ class ShardRunner:
                 rows = hidden if all_logits else hidden[batch.last_rows]
             else:
                 source = self.gathered if strategy == "weight_gathered" else self.replicated.materialise()
-                local, t0 = token_sharded_forward(self.weights, self.comm, self.cache, batch, cos, sin, source)
-                rows = self._collect_rows(local, t0, batch, all_logits)
+                local, mine = token_sharded_forward(self.weights, self.comm, self.cache, batch, cos, sin, source)
+                rows = self._collect_rows(local, mine, batch, all_logits)
             return lm_head_logits(self.comm, self.weights.lm_head, rows, self.shape.vocab_size)
 
     def step(self, parts: list[tuple[str, list[Chunk]]]) -> torch.Tensor:
@@ -127,16 +127,19 @@ class ShardRunner:
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
-    def _collect_rows(self, local: torch.Tensor, t0: int, batch: PackedChunks, all_logits: bool) -> torch.Tensor:
-        """Bring the hidden states the LM head needs onto every rank (they live on the rank owning the token)."""
+    def _collect_rows(self, local: torch.Tensor, mine: torch.Tensor, batch: PackedChunks,
+                      all_logits: bool) -> torch.Tensor:
+        """Bring the hidden states the LM head needs onto every rank (each lives on the rank owning the token; ``mine``:
+        the packed index of each of this rank's rows)."""
         total = batch.ids.shape[0]
-        if all_logits:
-            return self.comm.all_gather(local).flatten(0, 1)[:total]  # <- all-gather of hidden states (tests)
+        if all_logits:  # <- all-gather of hidden states (tests), back into packed order
+            gathered = self.comm.all_gather(local).flatten(0, 1)
+            return in_packed_order(gathered, zigzag_order(total, self.comm.world_size), total)
         rows = torch.zeros((len(batch.spans), local.shape[1]), dtype=local.dtype, device=local.device)
-        tc = token_chunk(total, self.comm.world_size)
+        where = {g: i for i, g in enumerate(mine.tolist())}
         for b, last in enumerate(batch.last_rows):
-            if t0 <= last < t0 + tc:
-                rows[b] = local[last - t0]
+            if last in where:
+                rows[b] = local[where[last]]
         return self.comm.all_reduce(rows)  # <- all-reduce of the B last-token rows (each owned by one rank)
 
 

@@ -1,7 +1,9 @@
 """The token-sharded layer that ``weight_gathered`` and ``projection_replicated`` share.
 
-The packed prompt tokens are cut into p equal contiguous chunks (padded), one per rank. Each rank computes every
-matrix of the layer for its own tokens, with the full (padded) weights given as the ranks' blocks stacked ``[p, n]``.
+The packed prompt tokens (padded) are cut into 2p equal chunks and rank r takes chunks r and 2p−1−r (the zigzag of
+ring and striped attention): under a causal mask a later token attends to more keys, so contiguous shards would give
+the last rank (2p−1)/p² of the attention work; the zigzag gives every rank 1/p. Each rank computes every matrix of
+the layer for its own tokens, with the full (padded) weights given as the ranks' blocks stacked ``[p, n]``.
 The two strategies differ only in where those full weights come from: gathered layer by layer from the resident
 shards (``weight_gathered``), or kept resident as replicas (``projection_replicated``).
 
@@ -23,8 +25,23 @@ from strategies.sharding import RankWeights
 
 
 def token_chunk(total: int, devices: int) -> int:
-    """Tokens per rank: the packed tokens padded up to a multiple of p."""
-    return max(1, -(-total // devices))
+    """Tokens per rank: two zigzag chunks of the packed tokens padded up to a multiple of 2p."""
+    return 2 * max(1, -(-total // (2 * devices)))
+
+
+def zigzag_order(total: int, devices: int) -> torch.Tensor:
+    """Packed (padded) token index of every rank's rows, rank-major [p·Tc]: rank r holds chunks r and 2p−1−r."""
+    c = token_chunk(total, devices) // 2
+    return torch.cat([torch.cat([torch.arange(r * c, (r + 1) * c), torch.arange((2 * devices - 1 - r) * c,
+                                                                                (2 * devices - r) * c)])
+                      for r in range(devices)])
+
+
+def in_packed_order(gathered: torch.Tensor, order: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows gathered rank-major ([p·Tc, ...] in ``order``) back in packed order, padding dropped ([total, ...])."""
+    out = torch.empty_like(gathered)
+    out[order.to(gathered.device)] = gathered
+    return out[:total]
 
 
 def _by_rank(x: torch.Tensor, heads: int, dh: int) -> torch.Tensor:
@@ -39,20 +56,23 @@ def token_sharded_forward(w: RankWeights, comm: Comm, cache: PagedKVCache, batch
 
     A chunk after a cached prefix attends to the prefix too: the cache holds it sharded by KV head, so each layer
     all-gathers the prefix K/V (every rank's heads) before attention (the cost model prices that gather).
-    Returns this rank's final hidden states [Tc, E] and the index of its first token in the packed array.
+    Returns this rank's final hidden states [Tc, E] and the packed index of each of its rows [Tc] (padding rows
+    have indices past the last token).
     """
     s, lay, p, r = w.shape, w.layout, comm.world_size, comm.rank
     hq, hkv, dh, e = lay.q_per_rank, lay.kv_per_rank, s.head_dim, s.hidden_size
     scale = dh ** -0.5
     total = batch.ids.shape[0]
     tc = token_chunk(total, p)
-    t0, t1 = r * tc, (r + 1) * tc
-    ids = torch.nn.functional.pad(batch.ids, (0, p * tc - total))
+    half = tc // 2
+    order = zigzag_order(total, p).to(batch.ids.device)
+    mine = order[r * tc:(r + 1) * tc]
+    ranges = [(int(mine[0]), int(mine[0]) + half, 0), (int(mine[half]), int(mine[half]) + half, half)]  # (g0, g1, l0)
+    ids = torch.nn.functional.pad(batch.ids, (0, p * tc - total))[order]
     x = comm.reduce_scatter(embed_partial(w.embed, ids, r).view(p, tc, e))  # <- reduce-scatter: my tokens' embedding
-    cos_l, sin_l = cos[t0:t1], sin[t0:t1]
-    if cos_l.shape[0] < tc:  # padding tokens: any rotation will do, nothing attends to them
-        cos_l = torch.nn.functional.pad(cos_l, (0, 0, 0, tc - cos_l.shape[0]))
-        sin_l = torch.nn.functional.pad(sin_l, (0, 0, 0, tc - sin_l.shape[0]))
+    # padding tokens: any rotation will do, nothing attends to them
+    cos_l = torch.nn.functional.pad(cos, (0, 0, 0, p * tc - total))[mine]
+    sin_l = torch.nn.functional.pad(sin, (0, 0, 0, p * tc - total))[mine]
     prefixes = [ctx[:sp.cached] for sp, ctx in zip(batch.spans, batch.contexts) if ctx is not None]
     prefix_slots = torch.cat(prefixes) if prefixes else None
     my_heads = slice(r * hkv, (r + 1) * hkv)
@@ -63,28 +83,30 @@ def token_sharded_forward(w: RankWeights, comm: Comm, cache: PagedKVCache, batch
         q = apply_rope(_by_rank(q, hq, dh), cos_l, sin_l)
         k = apply_rope(_by_rank(k, hkv, dh), cos_l, sin_l)
         kv = comm.all_gather(torch.stack([k, _by_rank(v, hkv, dh)]))  # <- all-gather K/V [p, 2, Tc, Hkv, dh]
-        keys = kv[:, 0].flatten(0, 1)[:total]
-        values = kv[:, 1].flatten(0, 1)[:total]
+        keys = in_packed_order(kv[:, 0].flatten(0, 1), order, total)
+        values = in_packed_order(kv[:, 1].flatten(0, 1), order, total)
         prefix_k = prefix_v = None
         if prefix_slots is not None:  # <- all-gather of the cached prefix's K/V [p, 2, C, Hkv/p, dh]: every head
-            mine = torch.stack(cache.read(i, prefix_slots))
-            everyone = comm.all_gather(mine)
+            my_prefix = torch.stack(cache.read(i, prefix_slots))
+            everyone = comm.all_gather(my_prefix)
             prefix_k, prefix_v = (everyone[:, j].permute(1, 0, 2, 3).flatten(1, 2) for j in (0, 1))
         cache.write(i, batch.slots, keys[:, my_heads], values[:, my_heads])  # my heads: the handoff to decode
         attn = torch.zeros_like(q)
         c0 = 0  # where this chunk's prefix starts in the gathered prefixes
         for sp in batch.spans:
-            a, b = max(sp.start, t0), min(sp.stop, t1)
-            if a < b:  # this rank holds some of the chunk's queries: they see its prefix and its new keys up to b
-                kk, vv = keys[sp.start:b], values[sp.start:b]
-                if sp.cached:
-                    kk = torch.cat([prefix_k[c0:c0 + sp.cached], kk])
-                    vv = torch.cat([prefix_v[c0:c0 + sp.cached], vv])
-                attn[a - t0:b - t0] = causal_attention(q[a - t0:b - t0], kk, vv, sp.cached + a - sp.start, scale)
+            for g0, g1, l0 in ranges:  # my two zigzag chunks
+                a, b = max(sp.start, g0), min(sp.stop, g1)
+                if a < b:  # this rank holds some of the chunk's queries: they see its prefix and its keys up to b
+                    kk, vv = keys[sp.start:b], values[sp.start:b]
+                    if sp.cached:
+                        kk = torch.cat([prefix_k[c0:c0 + sp.cached], kk])
+                        vv = torch.cat([prefix_v[c0:c0 + sp.cached], vv])
+                    rows = slice(l0 + a - g0, l0 + b - g0)
+                    attn[rows] = causal_attention(q[rows], kk, vv, sp.cached + a - sp.start, scale)
             c0 += sp.cached
         o_in = attn.view(tc, p, hq * dh).transpose(0, 1)  # [p, Tc, hq*dh]: each rank block's heads
         x = x + torch.bmm(o_in, w.block(full, "o").transpose(1, 2)).sum(0)
         h = rms_norm(x, layer.mlp_norm, s.rms_norm_eps)
         act = swiglu(torch.matmul(h, w.block(full, "gate_up").transpose(1, 2)))  # [p, Tc, F/p]
         x = x + torch.bmm(act, w.block(full, "down").transpose(1, 2)).sum(0)
-    return rms_norm(x, w.final_norm, s.rms_norm_eps), t0
+    return rms_norm(x, w.final_norm, s.rms_norm_eps), mine

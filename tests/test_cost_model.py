@@ -98,8 +98,8 @@ def test_cached_prefix_is_gathered_for_token_sharded_attention_only():
                                                                            False)]
     causal = new * (new + 1) // 2
     assert flops["megatron"] == pytest.approx(4 * (new * cached + causal) * 32 * 128 / p)
-    # the last token shard: its ceil(new/p) queries see every cached key, and (2p-1)/p² of the causal pairs
-    busiest = math.ceil(new / p) * cached + (2 * p - 1) / p**2 * causal
+    # zigzag token shards: every rank's ceil(new/p) queries score their share of all pairs, cached and causal
+    busiest = math.ceil(new / p) * (cached + causal / new)
     assert flops["projection_replicated"] == pytest.approx(4 * busiest * 32 * 128)
     one = layer_ops(STRATEGIES["weight_gathered"], LLAMA7, 1, work, b)
     assert not any(isinstance(op, Collective) for op in one)
@@ -133,7 +133,7 @@ def test_token_sharded_strategies_by_hand():
     wg = layer_costs(STRATEGIES["weight_gathered"], LLAMA7, TOY, p, t)
     assert wg.weight_bytes == pytest.approx((p - 1) / p * p_l * b)
     assert wg.activation_bytes == pytest.approx(kv_gather)
-    assert wg.latency_steps == 5 * (p - 1)  # four weight gathers and one K/V gather
+    assert wg.latency_steps == 2 * (p - 1)  # one weight gather (the layer's flat buffer), one K/V gather
     pr = layer_costs(STRATEGIES["projection_replicated"], LLAMA7, TOY, p, t)
     assert (pr.activation_bytes, pr.weight_bytes, pr.latency_steps) == (pytest.approx(kv_gather), 0, p - 1)
 
@@ -221,3 +221,16 @@ def test_check_devices_pads_replicates_and_refuses():
     for bad, msg in ((0, "at least 1"), (-2, "at least 1"), (10, "at most 9"), (2.0, "whole number")):
         with pytest.raises(ValueError, match=msg):
             check_devices(smol, bad)
+
+
+def test_weight_gathered_is_priced_one_weight_gather_per_layer_as_the_engine_issues():
+    """The engine all-gathers a layer's flat shard buffer once (all four matrices); the model charged four gathers
+    (four latency terms) before."""
+    from strategies.cost.layouts import layer_ops, matrix_dims
+    from strategies.cost.search import STRATEGIES
+
+    b = 2
+    ops = layer_ops(STRATEGIES["weight_gathered"], LLAMA7, 4, Work.prefill(1024), b)
+    gathers = [op for op in ops if isinstance(op, Collective) and op.prefetched]
+    assert len(gathers) == 1
+    assert gathers[0].size == sum(k * n for k, n in matrix_dims(LLAMA7).values()) * b

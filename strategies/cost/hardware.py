@@ -69,8 +69,8 @@ class CalibrationProfile(BaseModel):
     created: str = ""
     gemm: tuple[GemmSample, ...] = Field(min_length=1)
     attention: tuple[GemmSample, ...] = ()  # causal attention throughput by query rows (= sequence length)
-    attention_sharded: tuple[GemmSample, ...] = ()  # the last token shard's attention, by its query rows (T/p),
-    # as FLOPs the cost model counts for it ((2p-1)/p² of the causal pairs) per second
+    attention_sharded: tuple[GemmSample, ...] = ()  # one zigzag token shard's attention, by its query rows (T/p),
+    # as FLOPs the cost model counts for it (1/p of the causal pairs) per second
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
     launch_overhead_us: float | None = Field(default=None, ge=0)
     prefetch_overlap: float | None = Field(default=None, ge=0, le=1)

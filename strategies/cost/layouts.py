@@ -129,10 +129,9 @@ class _Builder:
             if p > 1 and w.cached_tokens > 0:
                 # The cache is sharded by KV head, but a token shard needs every head: gather the prefix each layer.
                 self.ops.append(Collective("cached k/v all-gather", "all_gather", w.cached_tokens * 2 * hkv * dh * b))
-            # Contiguous token shards: the last device's queries see the most keys, (2p-1)/p² of the causal pairs,
-            # and its share of the rows of the (query, cached key) pairs, which every query has.
-            causal = w.attn_pairs - w.cached_pairs
-            busiest = w.cached_pairs * self.rows(TOK) / w.tokens + causal * (2 * p - 1) / p**2
+            # Zigzag token shards (chunks r and 2p-1-r): every device scores 1/p of the causal pairs, and its
+            # queries' share of the (query, cached key) pairs.
+            busiest = w.attn_pairs * self.rows(TOK) / w.tokens
             self.ops.append(attention("attention", busiest, w.kv_tokens, self.rows(TOK), h, hkv, dh, b,
                                       kernel="attention_sharded"))
         return state
@@ -155,7 +154,18 @@ def layer_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> li
     bld.pointwise("swiglu", state, f, 3)
     state = bld.matmul("down", c.down, bld.move(state, NEEDS[c.down], f, "swiglu out"), *dims["down"])
     bld.move(state, c.residual, e, "mlp out")
-    return bld.ops
+    return one_weight_gather(bld.ops)
+
+
+def one_weight_gather(ops: list[Op]) -> list[Op]:
+    """The gathered matrices of a layer live in one flat buffer, so the engine gathers them with one all-gather per
+    layer (``strategies/weight_gathered.py``): price one collective of their summed size, not one per matrix."""
+    gathers = [op for op in ops if isinstance(op, Collective) and op.prefetched]
+    if len(gathers) < 2:
+        return ops
+    names = ", ".join(g.name.removesuffix(" weights") for g in gathers)
+    merged = Collective(f"layer weights ({names})", "all_gather", sum(g.size for g in gathers), prefetched=True)
+    return [op for op in ops if not (isinstance(op, Collective) and op.prefetched)] + [merged]
 
 
 def end_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> list[Op]:
