@@ -155,8 +155,9 @@ def test_the_planner_chooses_each_chunk_with_its_cached_prefix(tiny_models):
     path = tiny_models["gqa"]
     asked = []
 
-    def choose(new: list[int], cached: list[int]) -> str:
+    def choose(new: list[int], cached: list[int], decoding: list[int]) -> str:
         asked.append((new, cached))
+        assert decoding == []  # nothing else runs
         return "megatron"
 
     engine = local_engine(path, max_num_batched_tokens=16, choose_strategy=choose)

@@ -174,3 +174,25 @@ def test_cli_bad_input_is_a_clean_error(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_step_prices_the_decode_pass_that_a_non_megatron_chunk_adds():
+    """Decode tokens in a step run megatron: merged into a megatron chunk's pass, or in a second pass after a
+    token-sharded chunk. The step's choice weighs that second pass, so enough decoding sequences turn a chunk the
+    planner gives to a token-sharded strategy alone over to megatron."""
+    from strategies.cost import decode_step_time, plan_step
+
+    alone = plan_prefill(LLAMA7, L4, 4, [1024])
+    assert alone.strategy != "megatron"
+    assert plan_step(LLAMA7, L4, 4, [1024], [0], []).strategy == alone.strategy
+    flipped = None
+    for seqs in (1, 4, 16, 64, 256):
+        step = plan_step(LLAMA7, L4, 4, [1024], [0], [2048] * seqs)
+        extra = decode_step_time(LLAMA7, L4, 4, [2048] * seqs)
+        assert step.predicted_s[alone.strategy] == pytest.approx(alone.predicted_s[alone.strategy] + extra)
+        merged = plan_prefill(LLAMA7, L4, 4, [1024] + [1] * seqs, cached=[0] + [2048] * seqs)
+        assert step.predicted_s["megatron"] == pytest.approx(merged.predicted_s["megatron"])
+        if step.strategy == "megatron":
+            flipped = seqs
+            break
+    assert flipped is not None, "no decode load made the merged megatron pass cheaper"

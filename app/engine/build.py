@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.engine.llm_engine import LLMEngine
 from placement.hardware import detect_hardware, replica_budget_bytes
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
-from strategies.cost import decode_step_time, get_hardware, plan_prefill
+from strategies.cost import decode_step_time, get_hardware, plan_prefill, plan_step
 from strategies.cost.formulas import Work
 from strategies.cost.planner import memory_row
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE
@@ -86,8 +86,8 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
         opts.cpus_per_device)
     num_blocks = allocate_kv(group, opts, ckpt, hardware, available)
 
-    def choose(new: list[int], cached: list[int]) -> str:
-        return plan_prefill(ckpt.shape, hardware, opts.devices, new, available=available, cached=cached).strategy
+    def choose(new: list[int], cached: list[int], decoding: list[int]) -> str:
+        return plan_step(ckpt.shape, hardware, opts.devices, new, cached, decoding, available=available).strategy
 
     def predict_prefill_s(tokens: int) -> float:
         return plan_prefill(ckpt.shape, hardware, opts.devices, tokens, available=available).time_s

@@ -99,14 +99,15 @@ class LLMEngine:
     def __init__(self, group: Group, tokenizer, eos_token_ids: list[int], num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
-                 choose_strategy: Callable[[list[int], list[int]], str] | None = None,
+                 choose_strategy: Callable[[list[int], list[int], list[int]], str] | None = None,
                  predict_prefill_s: Callable[[int], float] | None = None, step_s: float = 0.0):
         self.group, self.tokenizer = group, tokenizer
         self.eos = set(eos_token_ids)
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.max_num_batched_tokens, self.chunked = max_num_batched_tokens, enable_chunked_prefill
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.choose_strategy = choose_strategy or (lambda new, cached: "megatron")  # chunk lengths, cached prefixes
+        # (chunk lengths, their cached prefixes, the contexts of the decode tokens in the same step) -> strategy
+        self.choose_strategy = choose_strategy or (lambda new, cached, decoding: "megatron")
         self.predict_prefill_s = predict_prefill_s or (lambda tokens: 0.0)  # the planner's, for load estimates
         self.step_s = step_s  # decode step seconds: the planner's guess until steps are measured
         self.waiting: deque[Sequence] = deque()
@@ -183,7 +184,7 @@ class LLMEngine:
         if prefill:
             requested = prefill[0][0].strategy
             strategy = requested if requested != "auto" else self.choose_strategy(
-                [n for _, n in prefill], [s.num_computed for s, _ in prefill])
+                [n for _, n in prefill], [s.num_computed for s, _ in prefill], [s.num_computed for s, _ in decode])
         chunks = {id(s): Chunk(s.all_ids[s.num_computed:s.num_computed + n], s.num_computed, s.blocks)
                   for s, n in prefill + decode}
         if strategy == "megatron":  # one pass for every token

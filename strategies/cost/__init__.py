@@ -6,15 +6,18 @@ What the engine and the Serve ingress call:
 - ``plan_prefill(shape, hardware, devices, tokens, available=None, cached=0)``: the strategy for a prefill (or a
   chunk of ``tokens`` new tokens after ``cached`` ones already in the KV cache), with the predicted time of every
   strategy;
+- ``plan_step(shape, hardware, devices, new, cached, decoding)``: the same for an engine step whose prefill chunks
+  share it with decode tokens (those run megatron: one pass with a megatron chunk, a second pass otherwise);
 - ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time.
 """
 
 from strategies.cost.hardware import (CalibrationProfile, Hardware, HardwareError, get_hardware, load_catalog,
                                       save_profile)
-from strategies.cost.planner import PlanChoice, PlanReport, decode_step_time, plan, plan_decode, plan_prefill
+from strategies.cost.planner import (PlanChoice, PlanReport, decode_step_time, plan, plan_decode, plan_prefill,
+                                     plan_step)
 from strategies.cost.search import STRATEGIES, search
 from strategies.layout import ShardLayout, check_devices
 
 __all__ = ["CalibrationProfile", "Hardware", "HardwareError", "PlanChoice", "PlanReport", "STRATEGIES", "ShardLayout",
            "check_devices", "decode_step_time", "get_hardware", "load_catalog", "plan", "plan_decode", "plan_prefill",
-           "save_profile", "search"]
+           "plan_step", "save_profile", "search"]

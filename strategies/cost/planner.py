@@ -136,6 +136,26 @@ def plan_prefill(shape: ModelShape, hardware: Hardware, devices: int, tokens: in
     return _choose(shape, hardware, devices, Work.chunks(tokens, cached), available, utilization)
 
 
+def plan_step(shape: ModelShape, hardware: Hardware, devices: int, new: Sequence[int], cached: Sequence[int],
+              decoding: Sequence[int], available: Iterable[str] | None = None,
+              utilization: float = DEFAULT_UTILIZATION) -> PlanChoice:
+    """The strategy for an engine step's prefill chunks (``new`` tokens after ``cached`` ones each) when decode tokens
+    of sequences with ``decoding`` cached tokens ride in the same step. Decode always runs megatron: with a megatron
+    chunk it is one pass over every token, with another strategy a second pass of its own, so each strategy is priced
+    for the whole step as the engine runs it (``predicted_s`` holds those step times)."""
+    chunks = plan_prefill(shape, hardware, devices, list(new), available, utilization, cached=list(cached))
+    if not decoding or devices == 1:
+        return chunks
+    merged = plan_prefill(shape, hardware, devices, [*new, *[1] * len(decoding)], available, utilization,
+                          cached=[*cached, *decoding]).predicted_s["megatron"]
+    alone = decode_step_time(shape, hardware, devices, decoding)
+    step = {s: (merged if s == "megatron" else t + alone) if t is not None else None
+            for s, t in chunks.predicted_s.items()}
+    ok = {s: t for s, t in step.items() if t is not None and s not in chunks.reasons}
+    best = min(ok, key=lambda s: (ok[s], s != "megatron"))
+    return PlanChoice(strategy=best, tokens=chunks.tokens, predicted_s=step, reasons=chunks.reasons)
+
+
 def plan_decode(shape: ModelShape, hardware: Hardware, devices: int, contexts: Sequence[int],
                 available: Iterable[str] | None = None, utilization: float = DEFAULT_UTILIZATION) -> PlanChoice:
     """The model's choice for one decode step of sequences with these cached lengths (it comes out megatron)."""
