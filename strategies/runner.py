@@ -16,7 +16,7 @@ from strategies.loader import Checkpoint
 from strategies.megatron import megatron_forward
 from strategies.projection_replicated import ReplicatedLayers, StrategyUnavailable
 from strategies.sharding import RankWeights, load_rank_weights
-from strategies.token_sharded import in_packed_order, token_sharded_forward, zigzag_order
+from strategies.token_sharded import in_packed_order, shard_order, token_sharded_forward
 from strategies.weight_gathered import GatheredLayers
 
 
@@ -26,7 +26,7 @@ class ShardRunner:
 
     def __init__(self, model: str, comm: Comm, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  replica_budget_bytes: int = 0, weights: RankWeights | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None):
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None, balanced: bool = True):
         self.comm = comm
         ckpt = Checkpoint(model)
         # ``weights``: shards already loaded elsewhere (the node's shared copy, placement/weight_store.py)
@@ -34,6 +34,7 @@ class ShardRunner:
         self.shape, self.dtype, self.device = ckpt.shape, dtype, torch.device(device)
         self.rotary = Rotary(ckpt.config, device)
         self.block_size = block_size
+        self.balanced = balanced  # zigzag token shards (False: contiguous, the benchmark's baseline)
         self.cache: PagedKVCache | None = None
         self.gathered = GatheredLayers(self.weights, comm)
         self.replicated = ReplicatedLayers(self.weights, comm, replica_budget_bytes)
@@ -87,7 +88,8 @@ class ShardRunner:
                 rows = hidden if all_logits else hidden[batch.last_rows]
             else:
                 source = self.gathered if strategy == "weight_gathered" else self.replicated.materialise()
-                local, mine = token_sharded_forward(self.weights, self.comm, self.cache, batch, cos, sin, source)
+                local, mine = token_sharded_forward(self.weights, self.comm, self.cache, batch, cos, sin, source,
+                                                    self.balanced)
                 rows = self._collect_rows(local, mine, batch, all_logits)
             return lm_head_logits(self.comm, self.weights.lm_head, rows, self.shape.vocab_size)
 
@@ -134,7 +136,7 @@ class ShardRunner:
         total = batch.ids.shape[0]
         if all_logits:  # <- all-gather of hidden states (tests), back into packed order
             gathered = self.comm.all_gather(local).flatten(0, 1)
-            return in_packed_order(gathered, zigzag_order(total, self.comm.world_size), total)
+            return in_packed_order(gathered, shard_order(total, self.comm.world_size, self.balanced), total)
         rows = torch.zeros((len(batch.spans), local.shape[1]), dtype=local.dtype, device=local.device)
         where = {g: i for i, g in enumerate(mine.tolist())}
         for b, last in enumerate(batch.last_rows):

@@ -29,12 +29,19 @@ def token_chunk(total: int, devices: int) -> int:
     return 2 * max(1, -(-total // (2 * devices)))
 
 
-def zigzag_order(total: int, devices: int) -> torch.Tensor:
-    """Packed (padded) token index of every rank's rows, rank-major [p·Tc]: rank r holds chunks r and 2p−1−r."""
-    c = token_chunk(total, devices) // 2
-    return torch.cat([torch.cat([torch.arange(r * c, (r + 1) * c), torch.arange((2 * devices - 1 - r) * c,
-                                                                                (2 * devices - r) * c)])
-                      for r in range(devices)])
+def rank_chunks(total: int, devices: int, rank: int, balanced: bool = True) -> list[tuple[int, int]]:
+    """The packed (padded) token ranges [start, stop) a rank holds, in its row order: chunks r and 2p−1−r of 2p
+    (``balanced``, the zigzag), or the r-th of p contiguous shards (the engine before it: the benchmark's baseline)."""
+    tc = token_chunk(total, devices)
+    if not balanced:
+        return [(rank * tc, (rank + 1) * tc)]
+    c = tc // 2
+    return [(rank * c, (rank + 1) * c), ((2 * devices - 1 - rank) * c, (2 * devices - rank) * c)]
+
+
+def shard_order(total: int, devices: int, balanced: bool = True) -> torch.Tensor:
+    """Packed (padded) token index of every rank's rows, rank-major [p·Tc]."""
+    return torch.cat([torch.arange(a, b) for r in range(devices) for a, b in rank_chunks(total, devices, r, balanced)])
 
 
 def in_packed_order(gathered: torch.Tensor, order: torch.Tensor, total: int) -> torch.Tensor:
@@ -51,7 +58,8 @@ def _by_rank(x: torch.Tensor, heads: int, dh: int) -> torch.Tensor:
 
 
 def token_sharded_forward(w: RankWeights, comm: Comm, cache: PagedKVCache, batch: PackedChunks, cos: torch.Tensor,
-                          sin: torch.Tensor, layer_weights: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+                          sin: torch.Tensor, layer_weights: Iterable[torch.Tensor],
+                          balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill the packed chunks; ``layer_weights`` yields each layer's full weights as [p, n].
 
     A chunk after a cached prefix attends to the prefix too: the cache holds it sharded by KV head, so each layer
@@ -64,10 +72,12 @@ def token_sharded_forward(w: RankWeights, comm: Comm, cache: PagedKVCache, batch
     scale = dh ** -0.5
     total = batch.ids.shape[0]
     tc = token_chunk(total, p)
-    half = tc // 2
-    order = zigzag_order(total, p).to(batch.ids.device)
+    order = shard_order(total, p, balanced).to(batch.ids.device)
     mine = order[r * tc:(r + 1) * tc]
-    ranges = [(int(mine[0]), int(mine[0]) + half, 0), (int(mine[half]), int(mine[half]) + half, half)]  # (g0, g1, l0)
+    ranges, l0 = [], 0  # (first packed index, past the last, first local row) of each chunk I hold
+    for g0, g1 in rank_chunks(total, p, r, balanced):
+        ranges.append((g0, g1, l0))
+        l0 += g1 - g0
     ids = torch.nn.functional.pad(batch.ids, (0, p * tc - total))[order]
     x = comm.reduce_scatter(embed_partial(w.embed, ids, r).view(p, tc, e))  # <- reduce-scatter: my tokens' embedding
     # padding tokens: any rotation will do, nothing attends to them
@@ -94,7 +104,7 @@ def token_sharded_forward(w: RankWeights, comm: Comm, cache: PagedKVCache, batch
         attn = torch.zeros_like(q)
         c0 = 0  # where this chunk's prefix starts in the gathered prefixes
         for sp in batch.spans:
-            for g0, g1, l0 in ranges:  # my two zigzag chunks
+            for g0, g1, l0 in ranges:  # my chunks (two, zigzag)
                 a, b = max(sp.start, g0), min(sp.stop, g1)
                 if a < b:  # this rank holds some of the chunk's queries: they see its prefix and its keys up to b
                     kk, vv = keys[sp.start:b], values[sp.start:b]

@@ -128,6 +128,16 @@ def test_every_strategy_is_exact(ray_session, tiny_models, devices):
         group.shutdown()
 
 
+def test_contiguous_token_shards_are_exact_too(ray_session, tiny_models):
+    """The benchmark's baseline (``balanced=False``: one contiguous token shard per rank) computes the same logits."""
+    path = tiny_models["odd"]
+    group = start_group(3, runner_kwargs(path, balanced=False))
+    try:
+        check_chunks_and_prefixes(group, path, prompts_for(512, lengths=(7, 19, 3), seed=11))
+    finally:
+        group.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 3, 4])
 def test_smollm2_is_exact(ray_session, smollm2, devices):
