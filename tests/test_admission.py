@@ -1,8 +1,8 @@
 """Throughput and admission under load: real Serve, real HTTP and gRPC clients, one small app for the module.
 
-The app has one 1-device pool (tiny chat model, 4 slots) that admits a request only while its expected wait before
-prefill is under ``max_queue_wait_s`` = 1 s; Serve's own queue caps are set far above, so what refuses work here is
-the admission control, and what is admitted must be served.
+The app has one 1-device pool (tiny chat model, 4 sequences at once) that admits a request only while its expected
+wait before prefill is under ``max_queue_wait_s`` = 1 s; Serve's own queue caps are set far above, so what refuses
+work here is the admission control, and what is admitted must be served.
 """
 
 from __future__ import annotations

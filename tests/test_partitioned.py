@@ -139,12 +139,13 @@ def test_contiguous_token_shards_are_exact_too(ray_session, tiny_models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [2, 3, 4])
+@pytest.mark.parametrize("devices", [2, 4])
 def test_smollm2_is_exact(ray_session, smollm2, devices):
-    """SmolLM2 has 9 query and 3 KV heads: p = 3 splits them evenly, p = 2 and 4 run zero-padded heads (12 and 4)."""
+    """SmolLM2 has 9 query and 3 KV heads: p = 2 and 4 run zero-padded heads (12 and 4). (The even split, p = 3, is
+    the tiny ``odd`` shape's, 9 and 3 heads too, in ``test_every_strategy_is_exact``.)"""
     ckpt = Checkpoint(smollm2)
     layout = check_devices(ckpt.shape, devices)
-    assert (layout.heads, layout.kv_heads) == ((9, 3) if devices == 3 else (12, 4))
+    assert (layout.heads, layout.kv_heads) == (12, 4)
     tok = ckpt.tokenizer()
     prompts = [tok(t)["input_ids"] for t in ("The capital of France is", "Write a haiku about partitioned matrices")]
     group = start_group(devices, runner_kwargs(smollm2))

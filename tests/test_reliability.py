@@ -1,9 +1,9 @@
 """Failing politely: bad input, overload, disconnects, fuzzing, a soak and killed shard workers.
 
 One app for the module, deployed under its own name and route on the session's Serve: the tiny chat model on one
-pool of 2 CPU devices (gloo), 2 KV slots, 2 requests running + 2 queued per replica, a 1 s health check and a short
-collective timeout. The tests that kill workers run last (they replace the replica). RELIABILITY.md reports the
-figures; ``FUZZ_EXAMPLES`` and ``SOAK_REQUESTS`` set their sizes.
+pool of 2 CPU devices (gloo), 2 sequences at once (max_num_seqs), 2 requests running + 2 queued per replica, a
+1 s health check and a short collective timeout. The tests that kill workers run last (they replace the replica).
+RELIABILITY.md reports the figures; ``FUZZ_EXAMPLES`` and ``SOAK_REQUESTS`` set their sizes.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def test_overload_is_503_with_retry_after_and_resource_exhausted(rel, stub):
     assert wait_until(idle, 30)
 
 
-def test_client_disconnect_cancels_generation_and_frees_its_slot(rel):
+def test_client_disconnect_cancels_generation_and_frees_its_blocks(rel):
     assert wait_until(idle, 30)
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS_LIMIT, "stream": True, **GREEDY}
     with httpx.Client(base_url=f"http://127.0.0.1:{rel['http']}{ROUTE}", timeout=60) as c:
@@ -263,7 +263,7 @@ def test_client_disconnect_cancels_generation_and_frees_its_slot(rel):
     assert time.monotonic() - t0 < 5
 
 
-def test_a_grpc_stream_cancelled_by_its_client_frees_its_slot(stub):
+def test_a_grpc_stream_cancelled_by_its_client_frees_its_blocks(stub):
     from app.serve.protos import dynpart_pb2 as pb
 
     assert wait_until(idle, 30)
@@ -418,7 +418,7 @@ async def mixed_requests(base: str, n: int, concurrency: int, seed: int = 0) -> 
 @pytest.mark.slow
 def test_soak_accounts_for_every_request_and_leaks_nothing(rel, http):
     """Mixed short requests at 8 at a time, twice the replica's 2 running + 2 queued: every one ends 200, 400 (bad on
-    purpose) or 503 with retry-after (retried as it says); afterwards no KV slot is held and the replica's memory
+    purpose) or 503 with retry-after (retried as it says); afterwards no KV block is held and the replica's memory
     has not grown."""
     base = f"http://127.0.0.1:{rel['http']}{ROUTE}"
     asyncio.run(mixed_requests(base, 40, 8, seed=1))  # warm up every path before the baseline

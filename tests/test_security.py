@@ -73,7 +73,7 @@ def test_grpc_needs_the_key_in_metadata(stub):
     assert reply.completion_tokens == 4
 
 
-def test_a_request_past_the_timeout_is_504_and_its_slot_is_freed(http):
+def test_a_request_past_the_timeout_is_504_and_its_blocks_are_freed(http):
     from ray import serve
 
     t0 = time.monotonic()
