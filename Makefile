@@ -65,13 +65,16 @@ bench: model
 	$(BIN)/python -m load_tests.overhead --repeats 5 | tee $(BENCH)/overhead.txt
 	$(MAKE) bench-throughput flood bench-kv
 
-# KV memory: sequences held under a fixed KV budget (paged vs slots), decode batching, chunked prefill against whole
-# prompts, a cached prefix against none; the in-process engine with the shipped short pool's options (~10 min). The
-# load tests above (load_tests/compare_config.yaml) run with chunked prefill on.
+# KV memory on the in-process engine with the shipped short pool's options: sequences held under a fixed KV budget
+# (paged vs slots), decode batching, chunked prefill against whole prompts, a cached prefix against none (~10 min);
+# then zigzag against contiguous token shards on 2 workers (~7 min). The load tests above
+# (load_tests/compare_config.yaml) run with chunked prefill on.
 bench-kv: model
 	mkdir -p $(BENCH)
 	$(BIN)/python -m load_tests.kv_memory --config serve_config.yaml --repeats 3 --out $(BENCH)/kv_memory.json \
 		| tee $(BENCH)/kv_memory.txt
+	$(BIN)/python -m load_tests.token_order --lengths 1024,2048,4096 --repeats 3 --out $(BENCH)/token_order.json \
+		| tee $(BENCH)/token_order.txt
 
 # The service against its own engine at concurrency 1-32 (streaming and not, 3 repeats, order rotated; ~30 min), and
 # a flood of 120 requests at once with a 180 s client timeout, both on the shipped serve_config.yaml.
