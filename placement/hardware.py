@@ -23,11 +23,15 @@ def detect_hardware() -> str:
     raise ValueError(f"GPU {name!r} is not in the hardware catalog: add it to a file named by DYNPART_HARDWARE")
 
 
-def replica_budget_bytes(devices: int, fraction: float = 0.25) -> int:
-    """Default memory per device that ``projection_replicated`` may fill with replicas: a fraction of the device's
-    free memory (GPU), or of the machine's physical memory shared by the p emulated devices (CPU)."""
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * fraction)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * fraction / devices)
+def replica_budget_bytes(devices: int, device: torch.device | str = "cpu", kv_reserve_bytes: int = 0,
+                         fraction: float = 0.25) -> int:
+    """Memory this device may fill with ``projection_replicated``'s replicas, measured where the weights live (call
+    it in the worker, after its shards are loaded): a fraction of what is free on its GPU, or of the host's available
+    memory shared by the p emulated devices on it, and never what the KV cache has been promised
+    (``kv_reserve_bytes``, e.g. ``kv_cache_memory_gb``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // devices
+    return max(0, min(int(free * fraction), free - kv_reserve_bytes))

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from placement.collectives import destroy_process_group, device_and_backend, init_process_group
+from placement.hardware import replica_budget_bytes
 from strategies.comm import Comm, SingleDevice
 from strategies.runner import ShardRunner
 
@@ -75,15 +76,22 @@ def threads_per_device(devices: int, bundle: dict | None = None) -> int:
 
 def make_runner(comm: Comm, runner_kwargs: dict) -> ShardRunner:
     """This rank's ``ShardRunner`` on this process's device; ``shared_weights`` maps the node's one copy of the
-    rank's shards (object store) instead of loading them."""
+    rank's shards (object store) instead of loading them. ``replica_budget_bytes`` None: measured here, once the
+    shards are loaded, less ``kv_reserve_bytes`` (``placement.hardware.replica_budget_bytes``)."""
     device, _ = device_and_backend()
     runner_kwargs = dict(runner_kwargs)
+    kv_reserve = runner_kwargs.pop("kv_reserve_bytes", 0)
+    measure = runner_kwargs.get("replica_budget_bytes", 0) is None
+    runner_kwargs["replica_budget_bytes"] = runner_kwargs.get("replica_budget_bytes") or 0
     if runner_kwargs.pop("shared_weights", False):
         from placement.weight_store import shared_rank_weights
 
         runner_kwargs["weights"] = shared_rank_weights(runner_kwargs["model"], comm.world_size, comm.rank,
                                                        runner_kwargs.get("dtype", torch.float32), device)
-    return ShardRunner(comm=comm, device=device, **runner_kwargs)
+    runner = ShardRunner(comm=comm, device=device, **runner_kwargs)
+    if measure:
+        runner.replicated.budget_bytes = replica_budget_bytes(comm.world_size, device, kv_reserve)
+    return runner
 
 
 def use_threads(threads: int) -> None:

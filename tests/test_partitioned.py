@@ -113,7 +113,7 @@ def test_every_strategy_is_exact(ray_session, tiny_models, devices):
     """All shapes through one group of workers per p (the workers load each model in turn)."""
     group = None
     try:
-        for shape in sorted(TINY_SHAPES):
+        for i, shape in enumerate(sorted(TINY_SHAPES)):
             kwargs = runner_kwargs(tiny_models[shape])
             if group is None:
                 group = start_group(devices, kwargs)
@@ -123,7 +123,8 @@ def test_every_strategy_is_exact(ray_session, tiny_models, devices):
                 group = start_group(1, kwargs)
             prompts = prompts_for(512, lengths=(7, 19, 3), seed=devices)
             check_group(group, tiny_models[shape], prompts)
-            check_chunks_and_prefixes(group, tiny_models[shape], prompts)
+            if (i + devices) % 2 == 1:  # chunks and prefix hits: each shape at two of the four device counts
+                check_chunks_and_prefixes(group, tiny_models[shape], prompts)
     finally:
         group.shutdown()
 
@@ -139,10 +140,10 @@ def test_contiguous_token_shards_are_exact_too(ray_session, tiny_models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [2, 4])
+@pytest.mark.parametrize("devices", [2])
 def test_smollm2_is_exact(ray_session, smollm2, devices):
-    """SmolLM2 has 9 query and 3 KV heads: p = 2 and 4 run zero-padded heads (12 and 4). (The even split, p = 3, is
-    the tiny ``odd`` shape's, 9 and 3 heads too, in ``test_every_strategy_is_exact``.)"""
+    """SmolLM2 has 9 query and 3 KV heads: p = 2 runs zero-padded heads (12 and 4). (The tiny ``odd`` shape has 9 and
+    3 heads too: ``test_every_strategy_is_exact`` runs its even split at p = 3 and its padding at p = 2 and 4.)"""
     ckpt = Checkpoint(smollm2)
     layout = check_devices(ckpt.shape, devices)
     assert (layout.heads, layout.kv_heads) == (12, 4)
@@ -200,6 +201,23 @@ def test_memory_per_device_is_what_the_cost_model_prices(ray_session, tiny_model
         assert (logits - reference_logits(path, [1, 2, 3, 4, 5])[-1:]).abs().max().item() <= 1e-4
     finally:
         group.shutdown()
+
+
+def test_the_replica_budget_is_measured_in_each_worker_less_the_kv_reservation(ray_session, tiny_models, chat_tiny):
+    """No budget given: each worker measures its own (after loading its shards) and leaves the KV cache's promised
+    memory alone; a pool's ``replica_budget_gb`` caps it."""
+    path = tiny_models["mha"]
+    for kv_reserve, expect in ((0, True), (2**50, False)):
+        group = start_group(2, runner_kwargs(path, replica_budget_bytes=None, kv_reserve_bytes=kv_reserve))
+        try:
+            assert ("projection_replicated" in group.call("available_strategies")) is expect, kv_reserve
+        finally:
+            group.shutdown()
+    engine = build_engine(EngineOptions(model=chat_tiny, devices=2, replica_budget_gb=0, max_model_len=64))
+    try:
+        assert "projection_replicated" not in engine.group.call("available_strategies")
+    finally:
+        engine.group.shutdown()
 
 
 def test_replicas_that_do_not_fit_make_the_strategy_unavailable(ray_session, tiny_models):

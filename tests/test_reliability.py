@@ -25,7 +25,7 @@ APP, ROUTE, MODEL, POOL = "reliability", "/rel", "tiny-chat", "p2"
 POLICY = "static:weight_gathered"  # the static policy the load tests compare against: every prefill token-sharded
 MAX_TOKENS_LIMIT, MAX_BODY = 256, 64 * 1024
 FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 400))
-SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 300))
+SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 200))
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 

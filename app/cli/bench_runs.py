@@ -168,11 +168,10 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
 
 def runner_kwargs(model: str, devices: int, capacity: int, seqs: int = 2) -> dict:
     """A runner with room for ``seqs`` sequences of ``capacity`` tokens (blocks of the default size)."""
-    from placement.hardware import replica_budget_bytes
     from strategies.loader import Checkpoint
 
     return dict(model=str(Checkpoint(model).path), num_blocks=seqs * blocks_for(capacity), dtype=torch.float32,
-                replica_budget_bytes=replica_budget_bytes(devices))
+                replica_budget_bytes=None)  # measured in each worker
 
 
 def blocks_for(tokens: int) -> int:

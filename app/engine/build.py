@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine.llm_engine import LLMEngine
-from placement.hardware import detect_hardware, replica_budget_bytes
+from placement.hardware import detect_hardware
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
 from strategies.cost import decode_step_time, get_hardware, plan_prefill, plan_step
 from strategies.cost.formulas import Work
@@ -37,6 +37,9 @@ class EngineFields(BaseModel):
     # (measured on each device); on a CPU, DEFAULT_CPU_KV_CACHE_GB.
     kv_cache_memory_gb: float | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    # Memory per device projection_replicated's replicas may take. None: measured in each worker once its shards are
+    # loaded (a quarter of its free GPU memory, or of the host's available memory per device), less the KV budget.
+    replica_budget_gb: float | None = Field(None, ge=0)
     dtype: DtypeName = "float32"
     # Cores one device's rank uses (CPU devices run that many torch threads, whole cores, at least one; ranks with
     # less than a core share one, and the planner prices them so). Ray counts them, so it never places more engines
@@ -52,7 +55,6 @@ class EngineOptions(EngineFields):
 
     model: str = DEFAULT_MODEL
     hardware: str | None = None  # catalog name for the planner; detected when None
-    replica_budget_mb: float | None = None  # memory per device for projection_replicated; auto when None
     shared_weights: bool = False  # map the node's one copy of the shards (object store) instead of loading them
 
 
@@ -72,10 +74,10 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     validate_devices(opts, ckpt)
     tokenizer = ckpt.tokenizer()  # fail on a missing tokenizer before any worker starts
     max_model_len = min(opts.max_model_len, ckpt.shape.max_position_embeddings)
-    budget = (int(opts.replica_budget_mb * 2**20) if opts.replica_budget_mb is not None
-              else replica_budget_bytes(opts.devices))
+    budget = None if opts.replica_budget_gb is None else int(opts.replica_budget_gb * 1e9)
+    kv_gb = opts.kv_cache_memory_gb or (DEFAULT_CPU_KV_CACHE_GB if not torch.cuda.is_available() else 0)
     runner_kwargs = dict(model=str(ckpt.path), dtype=DTYPES[opts.dtype], replica_budget_bytes=budget,
-                         block_size=opts.block_size)
+                         kv_reserve_bytes=int(kv_gb * 1e9), block_size=opts.block_size)
     if opts.shared_weights:
         runner_kwargs["shared_weights"] = True
     group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
