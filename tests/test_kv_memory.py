@@ -128,7 +128,7 @@ def test_block_manager_evicts_least_recently_freed_and_verifies_tokens():
     assert bm.match_prefix([9, 9, 3, 4, 5]) == []  # a different first block: a different chain
 
 
-@pytest.mark.parametrize("strategy", ["auto", "weight_gathered", "projection_replicated"])
+@pytest.mark.parametrize("strategy", ["auto", "projection_replicated"])
 def test_two_devices_chunked_with_prefix_hits(ray_session, tiny_models, strategy):
     """On 2 shard workers, chunks by every strategy (token-sharded ones attending to the cached prefix) give
     transformers' tokens, for prompts that hit the prefix cache and prompts that do not."""
