@@ -81,7 +81,8 @@ def strategy_for(tokenizer: Any) -> Strategy:
     state = json.loads(decoder.__getstate__())
     if state.get("type") == "ByteLevel":
         return "bytelevel"
-    if state.get("type") == "Sequence" and state.get("decoders") in (_SPIECE_DECODER, _SPIECE_DECODER + [_SPIECE_STRIP]):
+    spiece = (_SPIECE_DECODER, _SPIECE_DECODER + [_SPIECE_STRIP])
+    if state.get("type") == "Sequence" and state.get("decoders") in spiece:
         return "sentencepiece"
     return "full"
 

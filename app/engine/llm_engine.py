@@ -48,6 +48,7 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of ``text`` already handed out as deltas
     finish_reason: str | None = None
+    error: str | None = None  # why it failed, when ``finish_reason`` is "error"
     prefill_strategy: str | None = None
     prefill_s: float = 0.0
     t_arrival: float = field(default_factory=time.perf_counter)
@@ -327,15 +328,34 @@ class LLMEngine:
         """Sample the next token of every ``ready`` sequence (rows of ``logits``, greedy ones in one argmax)."""
         if not ready:
             return []
-        tokens = sample_batch(logits, [s.params for s in ready], [s.generator for s in ready])
+        try:
+            tokens: list[int | None] = sample_batch(logits, [s.params for s in ready], [s.generator for s in ready])
+        except Exception:  # one row's failure must not end the others: sample them one by one
+            tokens = [self._sample_alone(seq, row) for seq, row in zip(ready, logits)]
         now = time.perf_counter()
         for seq, token in zip(ready, tokens):
+            if token is None:
+                continue
             seq.output_ids.append(token)
             seq.all_ids.append(token)
             seq.t_first_token = seq.t_first_token or now
             seq.t_last_token = now
-            self._update_text(seq, token)
+            try:
+                self._update_text(seq, token)
+            except Exception as e:  # a detokenizer failure ends this sequence only
+                self._fail(seq, f"detokenizing failed: {type(e).__name__}: {e}")
         return ready
+
+    def _sample_alone(self, seq: Sequence, row: torch.Tensor) -> int | None:
+        try:
+            return sample_batch(row[None], [seq.params], [seq.generator])[0]
+        except Exception as e:
+            self._fail(seq, f"sampling failed: {type(e).__name__}: {e}")
+            return None
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        seq.error = error
+        self._finish(seq, "error")
 
     def _update_text(self, seq: Sequence, token: int) -> None:
         p = seq.params

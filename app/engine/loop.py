@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine.llm_engine import LLMEngine, Sequence
-from app.engine.messages import EngineFailed, EngineLoad, RequestError, Update, merge_updates
+from app.engine.messages import EngineFailed, EngineLoad, RequestError, SequenceFailed, Update, merge_updates
 
 POLL_S = 1.0  # how often a waiting caller checks that the engine thread still runs
 
@@ -130,6 +130,10 @@ class EngineLoop:
             for seq in stepped:
                 job = self._jobs.get(seq.id)
                 if job is None:
+                    continue
+                if seq.finish_reason == "error":  # this request failed alone: an error, not a finish reason
+                    del self._jobs[seq.id]
+                    self._send(job, SequenceFailed(seq.error or "generation failed"))
                     continue
                 update = update_of(seq, job.sent)
                 job.sent = len(seq.output_ids)

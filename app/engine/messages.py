@@ -15,6 +15,11 @@ class RequestError(ValueError):
     """The request cannot be served as asked (too long, bad strategy); the message names the limit."""
 
 
+class SequenceFailed(RuntimeError):
+    """One request's generation failed (its sampling or detokenization raised); the replica and the other requests in
+    its batch go on."""
+
+
 class EngineFailed(RuntimeError):
     """The engine thread stopped (a step raised, e.g. a shard worker died): the request cannot finish here."""
 

@@ -1,0 +1,69 @@
+"""Failures as small as they can be: a request whose sampling fails ends with its own error; the other requests in
+its batch, and the replica, go on.
+
+The failure is real, not simulated: a checkpoint whose LM head has one NaN row makes every sampled (temperature > 0)
+request's probabilities NaN, which ``torch.multinomial`` refuses, while greedy requests (argmax) still decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import local_engine, prompts_for
+
+from app.engine.loop import EngineLoop
+from app.engine.messages import SequenceFailed
+from app.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def nan_head(tiny_models, tmp_path_factory) -> str:
+    from safetensors.torch import load_file, save_file
+
+    dest = tmp_path_factory.mktemp("nan") / "mha"
+    shutil.copytree(tiny_models["mha"], dest)
+    weights = next(Path(dest).glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["lm_head.weight"][7] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return str(dest)
+
+
+def test_a_failed_sampling_ends_its_sequence_alone(nan_head):
+    engine = local_engine(nan_head)
+    prompt = prompts_for(512, lengths=(9,), seed=3)[0]
+    greedy = [engine.add(prompt, GREEDY) for _ in range(2)]
+    sampled = engine.add(prompt, SAMPLED)
+    while engine.has_work():
+        engine.step()
+    assert sampled.finish_reason == "error" and "sampling failed" in sampled.error
+    assert [(s.finish_reason, len(s.output_ids)) for s in greedy] == [("length", 8)] * 2
+    assert engine.blocks.num_used == 0 and not engine.running  # its blocks were freed with it
+
+
+def test_the_failed_request_gets_an_error_and_the_engine_serves_on(nan_head):
+    loop = EngineLoop(local_engine(nan_head))
+    prompt = prompts_for(512, lengths=(9,), seed=4)[0]
+
+    async def both():
+        async def sampled():
+            return [u async for u in loop.submit(lambda e: e.add(prompt, SAMPLED))]
+
+        results = await asyncio.gather(sampled(), loop.run_whole(lambda e: e.add(prompt, GREEDY)),
+                                       return_exceptions=True)
+        after = await loop.run_whole(lambda e: e.add(prompt, GREEDY))
+        return results, after
+
+    try:
+        (failed, served), after = asyncio.run(both())
+        assert isinstance(failed, SequenceFailed) and "sampling failed" in str(failed)
+        assert served.finish_reason == "length" and len(served.token_ids) == 8
+        assert after.finish_reason == "length" and loop.alive  # the replica is healthy
+    finally:
+        loop.stop()
