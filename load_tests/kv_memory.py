@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.cli.format import markdown_table
+from app.cli.format import markdown_table, spread
 from load_tests.compare import load_app_spec
 
 PARTS = ("capacity", "batching", "chunked", "prefix")
@@ -40,10 +40,6 @@ def build(config: str, **override):
 
 def random_ids(n: int, seed: int) -> list[int]:
     return torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
-    return f"{fmt.format(statistics.median(xs))} [{fmt.format(min(xs))}–{fmt.format(max(xs))}]"
 
 
 def params(max_tokens: int):
@@ -200,10 +196,10 @@ def report(res: dict) -> str:
         c = res["chunked"]
         rows = []
         for m, runs in c["runs"].items():
-            rows.append([m, spread([x["tpot_p50_ms"] for x in runs], "{:.0f}"),
-                         spread([x["tpot_p90_ms"] for x in runs], "{:.0f}"),
-                         spread([x["tpot_max_ms"] for x in runs], "{:.0f}"),
-                         spread([x["long_ttft_ms"] for x in runs], "{:.0f}")])
+            rows.append([m, spread([x["tpot_p50_ms"] for x in runs], 0),
+                         spread([x["tpot_p90_ms"] for x in runs], 0),
+                         spread([x["tpot_max_ms"] for x in runs], 0),
+                         spread([x["long_ttft_ms"] for x in runs], 0)])
         lines += [f"{c['streams']} short streams while a {c['long_len']}-token prompt arrives every {c['every_s']} s "
                   "(4 of them), ms, median [min–max]:", "",
                   markdown_table(["prefill", "stream TPOT p50", "stream TPOT p90", "stream worst gap",
@@ -214,8 +210,8 @@ def report(res: dict) -> str:
         lines += [f"TTFT of a {p['prefix']}-token prefix + {p['tail']} new tokens (cached tokens found: "
                   f"{sorted(set(p['cached_tokens']))}), ms, median [min–max]:", "",
                   markdown_table(["prefix", "TTFT ms", "ratio"],
-                                 [["uncached", spread([t * 1e3 for t in p["ttft_s"]["uncached"]], "{:.0f}"), "1.00"],
-                                  ["cached", spread([t * 1e3 for t in p["ttft_s"]["cached"]], "{:.0f}"),
+                                 [["uncached", spread([t * 1e3 for t in p["ttft_s"]["uncached"]], 0), "1.00"],
+                                  ["cached", spread([t * 1e3 for t in p["ttft_s"]["cached"]], 0),
                                    f"{ca / un:.2f}"]]), ""]
     return "\n".join(lines)
 

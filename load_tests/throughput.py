@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from app.cli.format import spread
 from load_tests.compare import deploy, load_app_spec, local_serve
 from load_tests.metrics import RequestRecord
 
@@ -69,10 +70,6 @@ def service_point(url: str, model: str, prompts: list[str], max_tokens: int, con
     res = point(sum(r.output_tokens for r in ok), wall, [r.ttft_s for r in ok] if stream else [],
                 [r.tpot_s for r in ok if r.tpot_s is not None] if stream else [], errors=len(records) - len(ok))
     return {**res, "pools": dict(Counter(str(r.pool) for r in ok))}
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} [{min(values):.1f}–{max(values):.1f}]"
 
 
 def format_table(results: dict, concurrencies: list[int]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from app.cli.bench_runs import random_prompt, runner_kwargs, whole
-from app.cli.format import markdown_table
+from app.cli.format import markdown_table, spread
 from placement.calibrate import timed
 
 ORDERS = {"zigzag": True, "contiguous": False}
@@ -58,8 +58,7 @@ def report(res: dict) -> str:
     for s, by_order in res["times"].items():
         for n in by_order["zigzag"]:
             z, c = by_order["zigzag"][n], by_order["contiguous"][n]
-            fmt = lambda xs: f"{statistics.median(xs):.2f} [{min(xs):.2f}–{max(xs):.2f}]"  # noqa: E731
-            rows.append([s, n, fmt(c), fmt(z), f"{statistics.median(c) / statistics.median(z):.2f}"])
+            rows.append([s, n, spread(c, 2), spread(z, 2), f"{statistics.median(c) / statistics.median(z):.2f}"])
     return markdown_table(["strategy", "tokens", "contiguous s", "zigzag s", "contiguous / zigzag"], rows)
 
 

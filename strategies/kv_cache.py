@@ -57,7 +57,6 @@ class PackedChunks:
     one by one: over their own new K/V when nothing is cached, else over their context gathered from the cache.
     """
 
-    chunks: list[Chunk]
     spans: list[SequenceSpan]
     ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -80,24 +79,22 @@ class PackedChunks:
                 raise ValueError("a chunk needs at least one token")
             spans.append(SequenceSpan(start=start, length=len(c.ids), cached=c.cached))
             start += len(c.ids)
-        positions = [torch.arange(c.cached, c.context) for c in chunks]
-        slots = [table_slots(c.blocks, pos, block_size) for c, pos in zip(chunks, positions)]
+        full = [table_slots(c.blocks, torch.arange(c.context), block_size) for c in chunks]  # each context's slots
         decode = [b for b, c in enumerate(chunks) if len(c.ids) == 1]
         lmax = max((chunks[b].context for b in decode), default=0)
         dslots = torch.empty((len(decode), lmax), dtype=torch.long)
         for row, b in enumerate(decode):
-            ctx = table_slots(chunks[b].blocks, torch.arange(chunks[b].context), block_size)
-            dslots[row, :ctx.numel()] = ctx
-            dslots[row, ctx.numel():] = ctx[0]
+            dslots[row, :full[b].numel()] = full[b]
+            dslots[row, full[b].numel():] = full[b][0]
         lens = torch.tensor([chunks[b].context for b in decode], dtype=torch.long)
         mask = None
         if decode and int(lens.min()) < lmax:
             mask = (torch.arange(lmax)[None, :] < lens[:, None])[:, None, None, :].to(device)
-        contexts = [table_slots(c.blocks, torch.arange(c.context), block_size).to(device) if c.cached else None
-                    for c in chunks]
-        return cls(chunks=chunks, spans=spans,
+        contexts = [ctx.to(device) if c.cached else None for c, ctx in zip(chunks, full)]
+        return cls(spans=spans,
                    ids=torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=device),
-                   positions=torch.cat(positions).to(device), slots=torch.cat(slots).to(device),
+                   positions=torch.cat([torch.arange(c.cached, c.context) for c in chunks]).to(device),
+                   slots=torch.cat([ctx[c.cached:] for c, ctx in zip(chunks, full)]).to(device),
                    decode_rows=torch.tensor([spans[b].start for b in decode], dtype=torch.long, device=device),
                    decode_slots=dslots.to(device), decode_mask=mask, contexts=contexts)
 

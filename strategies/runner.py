@@ -103,9 +103,8 @@ class ShardRunner:
         out = []
         for blocks, n in tables:
             slots = table_slots(blocks, torch.arange(n), self.block_size).to(self.device)
-            k = torch.stack([layer.index_select(0, slots) for layer in self.cache.k]).cpu()
-            v = torch.stack([layer.index_select(0, slots) for layer in self.cache.v]).cpu()
-            out.append((n, k, v))
+            k, v = zip(*(self.cache.read(i, slots) for i in range(self.shape.num_layers)))
+            out.append((n, torch.stack(k).cpu(), torch.stack(v).cpu()))
         return out
 
     def import_kv(self, tables: list[list[int]], kv: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:

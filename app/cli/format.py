@@ -1,6 +1,9 @@
-"""Formatting shared by the command groups: argument lists, milliseconds, MiB, markdown tables, progress bars."""
+"""Formatting shared by the command groups and load tests: argument lists, milliseconds, MiB, spreads over repeats,
+markdown tables, progress bars."""
 
 from __future__ import annotations
+
+import statistics
 
 
 def positive_ints(text: str, what: str) -> list[int]:
@@ -26,6 +29,11 @@ def number(x: float | None, digits: int = 1) -> str:
 
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.0f}"
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """Repeated measurements as ``median [min–max]``."""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

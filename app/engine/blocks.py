@@ -109,10 +109,6 @@ class BlockManager:
             self.hash_of[block], self.tokens_of[block] = h, tuple(tokens)
         return h
 
-    def cached_hashes(self) -> set[int]:
-        """Hashes of every block in the prefix cache (held or free), for prefix-aware routing."""
-        return set(self.by_hash)
-
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0

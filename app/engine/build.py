@@ -14,7 +14,7 @@ from strategies.cost.planner import memory_row
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE
 from strategies.layout import check_devices
 from strategies.loader import DEFAULT_MODEL, DTYPES, Checkpoint
-from strategies.shapes import DtypeName
+from strategies.shapes import DtypeName, ModelShape
 
 
 DEFAULT_CPU_KV_CACHE_GB = 0.5  # a CPU device's KV budget when none is set (host memory is not measured)
@@ -75,9 +75,9 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     tokenizer = ckpt.tokenizer()  # fail on a missing tokenizer before any worker starts
     max_model_len = min(opts.max_model_len, ckpt.shape.max_position_embeddings)
     budget = None if opts.replica_budget_gb is None else int(opts.replica_budget_gb * 1e9)
-    kv_gb = opts.kv_cache_memory_gb or (DEFAULT_CPU_KV_CACHE_GB if not torch.cuda.is_available() else 0)
+    kv_gb = kv_budget_gb(opts)
     runner_kwargs = dict(model=str(ckpt.path), dtype=DTYPES[opts.dtype], replica_budget_bytes=budget,
-                         kv_reserve_bytes=int(kv_gb * 1e9), block_size=opts.block_size)
+                         kv_reserve_bytes=int((kv_gb or 0) * 1e9), block_size=opts.block_size)
     if opts.shared_weights:
         runner_kwargs["shared_weights"] = True
     group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
@@ -86,7 +86,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     name = opts.hardware or detect_hardware()
     hardware = get_hardware(name) if torch.cuda.is_available() else get_hardware(name).time_shared(
         opts.cpus_per_device)
-    num_blocks = allocate_kv(group, opts, ckpt, hardware, available)
+    num_blocks = allocate_kv(group, opts, ckpt.shape, hardware, available, kv_gb, max_model_len)
 
     def choose(new: list[int], cached: list[int], decoding: list[int]) -> str:
         return plan_step(ckpt.shape, hardware, opts.devices, new, cached, decoding, available=available).strategy
@@ -103,20 +103,25 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                         predict_prefill_s=predict_prefill_s, step_s=step_s)
 
 
-def allocate_kv(group, opts: EngineOptions, ckpt: Checkpoint, hardware, available: list[str]) -> int:
+def kv_budget_gb(opts: EngineFields) -> float | None:
+    """KV cache per device: as set, else on a CPU the default, else None (each GPU worker measures what is free)."""
+    if opts.kv_cache_memory_gb is None and not torch.cuda.is_available():
+        return DEFAULT_CPU_KV_CACHE_GB
+    return opts.kv_cache_memory_gb
+
+
+def allocate_kv(group, opts: EngineOptions, shape: ModelShape, hardware, available: list[str], gb: float | None,
+                max_model_len: int) -> int:
     """Size the KV cache on every rank and allocate it: the strategies' resident buffers first, then what each rank
-    measures it can hold (a GPU's free memory, less the activations of a full step as the cost model sizes them),
-    the smallest over ranks."""
+    can hold (``gb`` per device, or a GPU's measured free memory less the activations of a full step as the cost
+    model sizes them), the smallest over ranks."""
     group.call_all("prepare", available)
-    gb = opts.kv_cache_memory_gb
-    if gb is None and not torch.cuda.is_available():
-        gb = DEFAULT_CPU_KV_CACHE_GB
     work = Work.prefill(opts.max_num_batched_tokens)
-    reserve = max(memory_row(s, ckpt.shape, hardware, opts.devices, work).workspace_gb for s in available)
+    reserve = max(memory_row(s, shape, hardware, opts.devices, work).workspace_gb for s in available)
     fits = group.call_all("kv_blocks_fit", None if gb is None else int(gb * 1e9), opts.gpu_memory_utilization,
                           int(reserve * 1e9))
     blocks = min(fits)
-    if blocks * opts.block_size < min(opts.max_model_len, ckpt.shape.max_position_embeddings):
+    if blocks * opts.block_size < max_model_len:
         raise ValueError(f"the KV cache holds {blocks} blocks of {opts.block_size} tokens per device, less than one "
                          f"sequence of max_model_len={opts.max_model_len}: raise kv_cache_memory_gb or lower "
                          "max_model_len")

@@ -186,14 +186,12 @@ class LLMEngine:
             requested = prefill[0][0].strategy
             strategy = requested if requested != "auto" else self.choose_strategy(
                 [n for _, n in prefill], [s.num_computed for s, _ in prefill], [s.num_computed for s, _ in decode])
-        chunks = {id(s): Chunk(s.all_ids[s.num_computed:s.num_computed + n], s.num_computed, s.blocks)
-                  for s, n in prefill + decode}
+        order = prefill + decode
+        chunks = [Chunk(s.all_ids[s.num_computed:s.num_computed + n], s.num_computed, s.blocks) for s, n in order]
         if strategy == "megatron":  # one pass for every token
-            order = prefill + decode
-            parts = [("megatron", [chunks[id(s)] for s, _ in order])]
+            parts = [("megatron", chunks)]
         else:  # the prefill chunks by their strategy, then the decode tokens by megatron
-            order = prefill + decode
-            parts = [(strategy, [chunks[id(s)] for s, _ in prefill]), ("megatron", [chunks[id(s)] for s, _ in decode])]
+            parts = [(strategy, chunks[:len(prefill)]), ("megatron", chunks[len(prefill):])]
         t0 = time.perf_counter()
         logits = self.group.call("step", parts)
         took = time.perf_counter() - t0
@@ -229,6 +227,7 @@ class LLMEngine:
         sequences, blocks and the token budget allow. A decode token that finds no free block preempts the newest
         running sequence; prefill chunks only take blocks that are free."""
         budget = self.max_num_batched_tokens
+        preempted_before = self.preemptions  # no new admissions in a step that had to preempt
         prefill: list[tuple[Sequence, int]] = []
         decode: list[tuple[Sequence, int]] = []
         scheduled: set[int] = set()
@@ -249,7 +248,8 @@ class LLMEngine:
                 decode.append((seq, n))
             scheduled.add(seq.id)
             budget -= n
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0 and not self._preempted_now:
+        while (self.waiting and len(self.running) < self.max_num_seqs and budget > 0
+               and self.preemptions == preempted_before):
             seq = self.waiting[0]
             if prefill and seq.strategy != prefill[0][0].strategy:
                 break
@@ -267,14 +267,10 @@ class LLMEngine:
             self.running.append(seq)
             prefill.append((seq, n))  # even a one-token prompt: its strategy is the prefill's
             budget -= n
-        self._preempted_now = False
         if not prefill and not decode and self.running:  # prompts in progress hold every block: make room
             self._preempt(self.running[-1])
-            self._preempted_now = False
             return self._schedule()
         return prefill, decode
-
-    _preempted_now = False
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
         """Prompt tokens of ``seq`` this step: up to the budget and the free blocks when chunking, else the rest of
@@ -313,7 +309,6 @@ class LLMEngine:
         self.preemptions += 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
-        self._preempted_now = True
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         bs = self.blocks.block_size
