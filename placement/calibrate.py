@@ -304,9 +304,10 @@ def local_forward_time(runner, timer: Timer, tokens: int = 1) -> float:
     """Seconds of this rank's share of a megatron forward of ``tokens`` tokens with every collective skipped
     (``SingleDevice``): the compute and per-op overhead of a step, without communication (results are not used)."""
     from strategies.comm import SingleDevice
+    from strategies.executor import LayoutPass
     from strategies.kv_cache import Chunk, PackedChunks
     from strategies.layers import lm_head_logits
-    from strategies.megatron import megatron_forward
+    from strategies.layout import MEGATRON
 
     blocks = list(range(-(-tokens // runner.block_size)))  # written, never read by a sequence
     batch = PackedChunks.build([Chunk([0] * tokens, 0, blocks)], runner.block_size, runner.device)
@@ -315,7 +316,8 @@ def local_forward_time(runner, timer: Timer, tokens: int = 1) -> float:
 
     def step():
         with torch.inference_mode():
-            h = megatron_forward(runner.weights, local, runner.cache, batch, cos, sin)
+            run = LayoutPass(MEGATRON, runner.weights, local, runner.cache, batch, cos, sin)
+            h = run.run(runner.sources.layers(MEGATRON))
             lm_head_logits(local, runner.weights.lm_head, h[-1:], runner.shape.vocab_size)
 
     return timer(step)

@@ -28,7 +28,8 @@ class ProcessGroupComm:
     """Collectives over the default torch.distributed process group.
 
     Gathers return ``[p, *x.shape]`` (rank-major); ``reduce_scatter`` takes ``[p, *shape]`` and returns this rank's
-    summed ``shape`` block. Inputs must have the same shape on every rank.
+    summed ``shape`` block; ``all_to_all`` exchanges the blocks of ``[p, *shape]``. Inputs must have the same shape
+    on every rank.
     """
 
     def __init__(self, rank: int, world_size: int):
@@ -51,6 +52,13 @@ class ProcessGroupComm:
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
         dist.reduce_scatter_single(out.view(-1), x.contiguous().view(-1))
+        return out
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [p, ...]: block j goes to rank j; returns [p, ...] whose block j came from rank j."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x)
         return out
 
 

@@ -90,7 +90,7 @@ def make_runner(comm: Comm, runner_kwargs: dict) -> ShardRunner:
                                                        runner_kwargs.get("dtype", torch.float32), device)
     runner = ShardRunner(comm=comm, device=device, **runner_kwargs)
     if measure:
-        runner.replicated.budget_bytes = replica_budget_bytes(comm.world_size, device, kv_reserve)
+        runner.sources.budget_bytes = replica_budget_bytes(comm.world_size, device, kv_reserve)
     return runner
 
 

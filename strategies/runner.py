@@ -1,4 +1,4 @@
-"""One rank's model runner: resident shards, the paged decode-layout KV cache, and a forward pass by any strategy.
+"""One rank's model runner: resident shards, the paged decode-layout KV cache, and a forward pass by any layout.
 
 Every rank of a replica runs the same call with the same arguments (SPMD); the collectives inside keep them in step.
 The driver receives logits from rank 0 (every rank has them after the vocab-parallel gather).
@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from strategies.comm import Comm
+from strategies.comm import Comm, CountingComm
+from strategies.executor import LayoutPass
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk, PackedChunks, PagedKVCache, block_bytes, table_slots
 from strategies.layers import Rotary, lm_head_logits
-from strategies.layout import STRATEGY_NAMES, check_strategy
+from strategies.layout import REP, STRATEGY_NAMES, parse_layout
+from strategies.layout_weights import LayoutWeights, StrategyUnavailable
 from strategies.loader import Checkpoint
-from strategies.megatron import megatron_forward
-from strategies.projection_replicated import ReplicatedLayers, StrategyUnavailable
 from strategies.sharding import RankWeights, load_rank_weights
-from strategies.token_sharded import in_packed_order, shard_order, token_sharded_forward
-from strategies.weight_gathered import GatheredLayers
 
 
 class ShardRunner:
@@ -36,8 +34,7 @@ class ShardRunner:
         self.block_size = block_size
         self.balanced = balanced  # zigzag token shards (False: contiguous, the benchmark's baseline)
         self.cache: PagedKVCache | None = None
-        self.gathered = GatheredLayers(self.weights, comm)
-        self.replicated = ReplicatedLayers(self.weights, comm, replica_budget_bytes)
+        self.sources = LayoutWeights(self.weights, comm, replica_budget_bytes)
         if num_blocks:
             self.allocate_kv(num_blocks)
 
@@ -68,30 +65,40 @@ class ShardRunner:
         return num_blocks
 
     def prepare(self, strategies: list[str]) -> None:
-        """Build what ``strategies`` keep resident (gather buffers, replicas) before KV memory is measured."""
-        if "projection_replicated" in strategies:
-            self.replicated.materialise()
+        """Build what these layouts keep resident (replicas, transposed shards) before KV memory is measured."""
+        self.sources.prepare([parse_layout(s) for s in strategies])
 
     # -- what the driver calls -------------------------------------------------------------------------------------
 
     def forward(self, chunks: list[Chunk], strategy: str = "megatron", all_logits: bool = False) -> torch.Tensor:
-        """One forward pass over ``chunks`` by ``strategy``; logits of each chunk's last token [B, V] (or of every
-        token [T, V] with ``all_logits``). Each chunk's new K/V lands in the cache through its block table."""
-        check_strategy(strategy)
+        """One forward pass over ``chunks`` by ``strategy`` (a name or any layout label); logits of each chunk's last
+        token [B, V] (or of every token [T, V] with ``all_logits``). Each chunk's new K/V lands in the cache through
+        its block table."""
+        layout = parse_layout(strategy)
         if self.cache is None:
             raise RuntimeError("no KV cache: call allocate_kv first")
         batch = PackedChunks.build(chunks, self.block_size, self.device)
         cos, sin = self.rotary(batch.positions, self.dtype)
         with torch.inference_mode():
-            if strategy == "megatron":
-                hidden = megatron_forward(self.weights, self.comm, self.cache, batch, cos, sin)
+            run = LayoutPass(layout, self.weights, self.comm, self.cache, batch, cos, sin, self.balanced)
+            hidden = run.run(self.sources.layers(layout))
+            if layout.residual == REP:
                 rows = hidden if all_logits else hidden[batch.last_rows]
             else:
-                source = self.gathered if strategy == "weight_gathered" else self.replicated.materialise()
-                local, mine = token_sharded_forward(self.weights, self.comm, self.cache, batch, cos, sin, source,
-                                                    self.balanced)
-                rows = self._collect_rows(local, mine, batch, all_logits)
+                rows = self._collect_rows(hidden, run.tok, batch, all_logits)
             return lm_head_logits(self.comm, self.weights.lm_head, rows, self.shape.vocab_size)
+
+    def collectives(self, chunks: list[Chunk], strategy: str) -> list[tuple[str, int]]:
+        """The collectives one serving forward pass of ``strategy`` issues, as (kind, bytes of the whole tensor), in
+        order: what the cost model's op list for the same work must name."""
+        self.sources.prepare([parse_layout(strategy)])  # replicas are built once, not part of a pass
+        counting, inner = CountingComm(self.comm), self.comm
+        self.comm = self.sources.comm = counting
+        try:
+            self.forward(chunks, strategy)
+        finally:
+            self.comm = self.sources.comm = inner
+        return counting.calls
 
     def step(self, parts: list[tuple[str, list[Chunk]]]) -> torch.Tensor:
         """An engine step: each part's chunks in one pass by its strategy (prefill chunks by the planner's pick, decode
@@ -114,30 +121,26 @@ class ShardRunner:
             for i in range(self.shape.num_layers):
                 self.cache.write(i, slots, k[i].to(self.device), v[i].to(self.device))
 
-    def available_strategies(self) -> list[str]:
-        return [s for s in STRATEGY_NAMES if s != "projection_replicated" or self.replicated.fits()]
+    def available_strategies(self, layouts: list[str] | None = None) -> list[str]:
+        """Those of ``layouts`` (default: the named ones) whose replicas fit the budget, each with what is built."""
+        names = list(STRATEGY_NAMES) if layouts is None else layouts
+        return [s for s in names if self.sources.fits([parse_layout(s)])]
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes this rank holds: resident shards, gather buffer, replicas (if built), the KV cache's blocks."""
-        return {
-            "weights": self.weights.nbytes(),
-            "gather_buffer": self.gathered.nbytes(),
-            "replicas": self.replicated.nbytes(),
-            "kv_cache": self.cache.nbytes() if self.cache is not None else 0,
-        }
+        """Bytes this rank holds: resident shards, gather buffers, replicas and transposed shards (if built), the KV
+        cache's blocks."""
+        return {"weights": self.weights.nbytes(), **self.sources.nbytes(),
+                "kv_cache": self.cache.nbytes() if self.cache is not None else 0}
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
-    def _collect_rows(self, local: torch.Tensor, mine: torch.Tensor, batch: PackedChunks,
-                      all_logits: bool) -> torch.Tensor:
-        """Bring the hidden states the LM head needs onto every rank (each lives on the rank owning the token; ``mine``:
-        the packed index of each of this rank's rows)."""
-        total = batch.ids.shape[0]
+    def _collect_rows(self, local: torch.Tensor, tok, batch: PackedChunks, all_logits: bool) -> torch.Tensor:
+        """Bring the hidden states the LM head needs onto every rank (each lives on the rank owning the token; ``tok``:
+        the pass's ``TokenShards``)."""
         if all_logits:  # <- all-gather of hidden states (tests), back into packed order
-            gathered = self.comm.all_gather(local).flatten(0, 1)
-            return in_packed_order(gathered, shard_order(total, self.comm.world_size, self.balanced), total)
+            return tok.packed(self.comm.all_gather(local).flatten(0, 1))
         rows = torch.zeros((len(batch.spans), local.shape[1]), dtype=local.dtype, device=local.device)
-        where = {g: i for i, g in enumerate(mine.tolist())}
+        where = {g: i for i, g in enumerate(tok.mine.tolist())}
         for b, last in enumerate(batch.last_rows):
             if last in where:
                 rows[b] = local[where[last]]

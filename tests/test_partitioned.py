@@ -17,7 +17,7 @@ from placement.workers import start_group
 from strategies.kv_cache import Chunk
 from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.loader import Checkpoint
-from strategies.projection_replicated import StrategyUnavailable
+from strategies.layout_weights import StrategyUnavailable
 
 DECODE_STEPS = 16
 BLOCK = 4  # small blocks: the tiny prompts span several, and chunks split them

@@ -10,66 +10,16 @@ whole cost model: the planner's three strategies are just three named candidates
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import Enum
 
 from strategies.cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped, split_time
-from strategies.cost.hardware import CollectiveKind, Hardware
+from strategies.cost.hardware import Hardware
+from strategies.layout import (ATTN_STATE, FEAT, GIVES, HELD_WHOLE, MATRICES, NEEDS, PSUM, REP, TOK, TRANSITIONS, Attn,
+                               Candidate, Mode, feature_width, token_chunk, transposed)
 from strategies.shapes import ModelShape
 
-REP, TOK, FEAT, PSUM = "REP", "TOK", "FEAT", "PSUM"
-
-# (from, to) -> the collective that converts; absent pairs are free (same state, or a local slice of REP).
-TRANSITIONS: dict[tuple[str, str], CollectiveKind] = {
-    (TOK, REP): "all_gather", (FEAT, REP): "all_gather", (TOK, FEAT): "all_to_all", (FEAT, TOK): "all_to_all",
-    (PSUM, REP): "all_reduce", (PSUM, TOK): "reduce_scatter", (PSUM, FEAT): "reduce_scatter",
-}
-
-
-class Mode(str, Enum):
-    """How one matrix Y = X·W runs on p devices."""
-
-    COL = "col"  # column-parallel: W split by output features; X replicated
-    ROW = "row"  # row-parallel: W split by input features; partial sums out
-    GATHERED = "gathered"  # weight-gathered: tokens split, full W all-gathered (prefetched) from the shards
-    REPLICATED = "replicated"  # replicated W resident, tokens split
-    REDUNDANT = "redundant"  # replicated W, every device computes every token
-
-
-NEEDS = {Mode.COL: REP, Mode.ROW: FEAT, Mode.GATHERED: TOK, Mode.REPLICATED: TOK, Mode.REDUNDANT: REP}
-GIVES = {Mode.COL: FEAT, Mode.ROW: PSUM, Mode.GATHERED: TOK, Mode.REPLICATED: TOK, Mode.REDUNDANT: REP}
-
-
-class Attn(str, Enum):
-    """Where attention runs: by head (free), by token (needs the other tokens' K/V: all-gather), or everywhere."""
-
-    HEADS = "heads"
-    TOKENS = "tokens"
-    REDUNDANT = "redundant"
-
-
-ATTN_STATE = {Attn.HEADS: FEAT, Attn.TOKENS: TOK, Attn.REDUNDANT: REP}
-MATRICES = ("qkv", "o", "gate_up", "down")
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One partitioning of a layer: the residual stream's state, and a mode per matrix and for attention."""
-
-    residual: str
-    qkv: Mode
-    attn: Attn
-    o: Mode
-    gate_up: Mode
-    down: Mode
-
-    @property
-    def label(self) -> str:
-        return (f"residual={self.residual} qkv={self.qkv.value} attn={self.attn.value} o={self.o.value} "
-                f"gate_up={self.gate_up.value} down={self.down.value}")
-
-    def modes(self) -> dict[str, Mode]:
-        return {m: getattr(self, m) for m in MATRICES}
+# The vocabulary (states, modes, ``Candidate``) lives where the engine reads it too; re-exported for the cost model.
+__all__ = ["ATTN_STATE", "Attn", "Candidate", "FEAT", "GIVES", "MATRICES", "Mode", "NEEDS", "PSUM", "REP", "TOK",
+           "TRANSITIONS", "end_ops", "layer_ops", "matrix_dims", "model_time", "resident_bytes", "workspace_bytes"]
 
 
 def matrix_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
@@ -88,12 +38,16 @@ class _Builder:
         self.ops: list[Op] = []
 
     def rows(self, state: str) -> float:
-        return math.ceil(self.work.tokens / self.p) if state == TOK else self.work.tokens
+        return token_chunk(self.work.tokens, self.p) if state == TOK else self.work.tokens
 
     def move(self, state: str, need: str, width: int, what: str) -> str:
+        """The collective converting ``state`` into ``need``, on the tensor the engine really moves: token shards
+        padded to p equal zigzag chunks, a feature split padded to a multiple of p."""
         kind = TRANSITIONS.get((state, need))
         if kind and self.p > 1:
-            self.ops.append(Collective(f"{what} {state}->{need}", kind, self.work.tokens * width * self.b))
+            rows = self.p * token_chunk(self.work.tokens, self.p) if TOK in (state, need) else self.work.tokens
+            cols = feature_width(width, self.p) if FEAT in (state, need) else width
+            self.ops.append(Collective(f"{what} {state}->{need}", kind, rows * cols * self.b))
         return need
 
     def pointwise(self, name: str, state: str, width: int, tensors: int) -> None:
@@ -123,12 +77,12 @@ class _Builder:
             self.ops.append(attention("attention", w.attn_pairs, w.kv_tokens, w.tokens, h / p, hkv / p, dh, b))
         elif mode is Attn.REDUNDANT:
             self.ops.append(attention("attention", w.attn_pairs, w.kv_tokens, w.tokens, h, hkv, dh, b))
-        else:
+        if mode is not Attn.HEADS and p > 1 and w.cached_tokens > 0:
+            # The cache is sharded by KV head, but these need every head: gather the cached prefix each layer.
+            self.ops.append(Collective("cached k/v all-gather", "all_gather", w.cached_tokens * 2 * hkv * dh * b))
+        if mode is Attn.TOKENS:
             if p > 1:
-                self.ops.append(Collective("k/v all-gather", "all_gather", w.tokens * 2 * hkv * dh * b))
-            if p > 1 and w.cached_tokens > 0:
-                # The cache is sharded by KV head, but a token shard needs every head: gather the prefix each layer.
-                self.ops.append(Collective("cached k/v all-gather", "all_gather", w.cached_tokens * 2 * hkv * dh * b))
+                self.ops.append(Collective("k/v all-gather", "all_gather", self.rows(TOK) * p * 2 * hkv * dh * b))
             # Zigzag token shards (chunks r and 2p-1-r): every device scores 1/p of the causal pairs, and its
             # queries' share of the (query, cached key) pairs.
             busiest = w.attn_pairs * self.rows(TOK) / w.tokens
@@ -174,12 +128,13 @@ def end_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> list
     bld = _Builder(shape, p, work, b)
     bld.pointwise("embedding", PSUM, e, 1)  # every device writes partial sums for all T rows
     bld.move(PSUM, c.residual, e, "embedding")
-    last = Work(work.seqs, work.seqs, work.seqs, work.seqs)
-    if c.residual == TOK and p > 1:  # each sequence's last hidden state lives on one device
-        bld.ops.append(Collective("last hidden states", "all_gather", last.tokens * e * b))
-    bld.ops.append(gemm("lm head", last.tokens, e, v / p, b))
+    last = work.seqs
+    if c.residual == TOK and p > 1:  # each sequence's last hidden state lives on one device: summed into place
+        bld.ops.append(Collective("last hidden states", "all_reduce", last * e * b))
+    v_rank = math.ceil(v / p)  # vocab-parallel, padded
+    bld.ops.append(gemm("lm head", last, e, v_rank, b))
     if p > 1:
-        bld.ops.append(Collective("logits", "all_gather", last.tokens * v * b))
+        bld.ops.append(Collective("logits", "all_gather", last * v_rank * p * b))
     return bld.ops
 
 
@@ -197,13 +152,20 @@ def model_time(c: Candidate, shape: ModelShape, hw: Hardware, p: int, work: Work
 
 
 def resident_bytes(c: Candidate, shape: ModelShape, p: int, b: int) -> float:
-    """Weights per device for the whole model: shards, replicas, the 2-layer gather buffer, embedding shards."""
+    """Weights per device for the whole model: the Megatron shards (decode reads them), a whole replica for a
+    replicated matrix (the shard is a view of its row: held once), a second shard sliced the other way for a
+    transposed one, the 2-layer gather buffer, embedding shards."""
     dims = matrix_dims(shape)
     per_layer = buffer = 0.0
     for m, mode in c.modes().items():
         kn = dims[m][0] * dims[m][1]
-        per_layer += kn if mode in (Mode.REPLICATED, Mode.REDUNDANT) else kn / p
-        buffer += 2 * kn if mode is Mode.GATHERED and p > 1 else 0
+        if p == 1:
+            per_layer += kn
+            continue
+        per_layer += kn if mode in HELD_WHOLE else kn / p
+        if transposed(m, mode):  # its other dimension by a p-th of the (padded) hidden size
+            per_layer += kn // shape.hidden_size * feature_width(shape.hidden_size, p) / p
+        buffer += 2 * kn if mode is Mode.GATHERED else 0
     norms = 2 * shape.hidden_size
     return (shape.num_layers * (per_layer + norms) + buffer + shape.embedding_params / p) * b
 
@@ -211,5 +173,5 @@ def resident_bytes(c: Candidate, shape: ModelShape, p: int, b: int) -> float:
 def workspace_bytes(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> float:
     """Peak live activations on one device: the residual stream plus the largest op's inputs and outputs."""
     ops = layer_ops(c, shape, p, work, b) + end_ops(c, shape, p, work, b)
-    residual = (math.ceil(work.tokens / p) if c.residual == TOK else work.tokens) * shape.hidden_size * b
+    residual = (token_chunk(work.tokens, p) if c.residual == TOK else work.tokens) * shape.hidden_size * b
     return residual + max(op.activation_bytes for op in ops if isinstance(op, Compute))
