@@ -157,6 +157,21 @@ def chunk_body(rid: str, model: str, text: str | None, finish: str | None, chat:
     return body
 
 
+class ErrorDetail(BaseModel):
+    """OpenAI's error object: what is wrong (naming the field and its limit), its type, the field, a code."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer, and of a stream's in-band error event."""
+
+    error: ErrorDetail
+
+
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
                param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()

@@ -8,6 +8,7 @@ Exceptions raised anywhere (the ingress, the router, inside an engine replica: R
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -15,9 +16,32 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.engine.messages import EngineFailed, RequestError
-from app.serve.api import error_body
+from app.serve.api import ErrorResponse, error_body
 
 RETRY_AFTER_S = 1
+
+# What each HTTP status answers here, for the OpenAPI schema; each comes with ``ErrorResponse`` as its body.
+MEANING = {
+    400: "Bad input: an unknown field, an out-of-range value, malformed JSON or UTF-8, a missing field, max_tokens "
+         "past the server's limit, a prompt that fits no pool's context, an unknown pool or strategy",
+    401: "No or a wrong API key (only when the app is configured with one)",
+    404: "The request names a model this server does not serve",
+    413: "The request body is larger than the server's max_body_bytes",
+    415: "A content type other than JSON",
+    500: "This request's own sampling or detokenization failed (the rest of its batch goes on)",
+    503: "The chosen pool is full, or its replica failed and is being replaced: retry after retry-after seconds",
+    504: "The request ran past the server's request_timeout_s; its generation was cancelled",
+}
+_HEADERS = {
+    401: {"www-authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    503: {"retry-after": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+}
+
+
+def documented(*statuses: int) -> dict[int, dict]:
+    """FastAPI's ``responses=`` for the error statuses a route answers: OpenAI's error body, what the status means
+    here, and the headers that come with it."""
+    return {s: {"model": ErrorResponse, "description": MEANING[s], "headers": _HEADERS.get(s, {})} for s in statuses}
 
 
 class ModelNotFound(LookupError):
@@ -112,19 +136,33 @@ def error_response(e: BaseException) -> JSONResponse:
 
 # Type-mismatch errors of one member of a union (``stop`` as a string when a list was sent): reported only when no
 # error says more, so ``stop: List should have at most 4 items`` wins over ``stop: Input should be a valid string``.
-def validation_message(errors: list[dict]) -> tuple[str | None, str]:
-    """``(field, "field: what is wrong")`` of pydantic's errors, preferring a broken limit over a type mismatch."""
+def validation_message(errors: list[dict], required: Sequence[str] = ()) -> tuple[str | None, str]:
+    """``(field, "field: what is wrong")`` of pydantic's errors, preferring a broken limit over a type mismatch. A
+    missing field is named (``missing required field 'model'``); ``required`` are the body's required fields, named
+    when the whole body is missing."""
     if not errors:
         return None, "invalid request"
     err = next((x for x in errors if not str(x.get("type", "")).endswith("_type")), errors[0])
-    parts = [str(x) for x in err.get("loc", ()) if x != "body" and _is_field(x)]
-    where = ".".join(parts) or None
-    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
-        return None, "the request body is empty: send a JSON object"
+    where = _path(err)
+    if err.get("type") == "missing" and where is None:
+        fields = ", ".join(repr(f) for f in required)
+        return (required[0] if required else None,
+                "the request body is empty: send a JSON object" + (f" with {fields}" if fields else ""))
+    if err.get("type") == "missing":
+        missing = [p for p in (_path(x) for x in errors if x.get("type") == "missing") if p]
+        plural = "s" if len(missing) > 1 else ""
+        return where, f"missing required field{plural} " + ", ".join(repr(p) for p in missing)
     if err.get("type") == "json_invalid":
         return None, f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
+    if err.get("type") == "model_attributes_type" and where is None and isinstance(err.get("input"), bytes):
+        return "content-type", "the request body was not read as JSON: send it with 'content-type: application/json'"
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return where, f"{where}: {msg}" if where else msg
+
+
+def _path(err: dict) -> str | None:
+    """The field an error is about, ``messages.0.content``; None for the body itself."""
+    return ".".join(str(x) for x in err.get("loc", ()) if x != "body" and _is_field(x)) or None
 
 
 def _is_field(x) -> bool:

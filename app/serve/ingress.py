@@ -3,8 +3,8 @@
 It tokenizes once, lets the ``Router`` pick a pool for the request, waits for the first update (prefill done,
 so the strategy is known) and only then answers, so that even a streamed response carries ``x-dynpart-pool`` and
 ``x-dynpart-strategy`` headers. Errors (``app.serve.errors``): bad input 400 (404 for an unknown model), no or a wrong
-API key 401, overload 503 with ``retry-after``, a failed replica 503, past the request timeout 504; OpenAI's error
-body.
+API key 401, a body too large 413 or not JSON 415, overload 503 with ``retry-after``, a failed replica 503, a failed
+sequence 500, past the request timeout 504; OpenAI's error body. ``/openapi.json`` documents them route by route.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
@@ -24,7 +24,7 @@ from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ChatMessage, 
                            DynpartUsage, GenerationRequest, Usage, chunk_body, completion_body, error_body, new_id,
                            sampling_params)
 from app.serve.config import AppConfig
-from app.serve.errors import ModelNotFound, api_error, error_response, validation_message
+from app.serve.errors import ModelNotFound, api_error, documented, error_response, validation_message
 from app.serve.guard import Guard, Limits, check_key, check_peer
 from app.serve.metrics import record_request
 from app.serve.protos import dynpart_pb2 as pb
@@ -37,9 +37,41 @@ api.state.guard = Limits()  # the defaults until the ingress sets this app's lim
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 → the 400 OpenAI answers, naming the field and the limit it broke."""
-    where, message = validation_message(exc.errors())
+    """FastAPI's 422 → the 400 OpenAI answers, naming the field and the limit it broke (or the fields an empty body
+    lacks)."""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(body, "field_info", None), "annotation", None)
+    required = [name for name, f in getattr(model, "model_fields", {}).items() if f.is_required()]
+    where, message = validation_message(exc.errors(), required)
     return JSONResponse(error_body(message, param=where), status_code=400)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema without the 422 it documents for every route with a body: validation errors answer 400 here
+    (each route's ``responses`` say what it answers)."""
+    if api.openapi_schema is None:
+        schema = FastAPI.openapi(api)
+        for route in schema["paths"].values():
+            for operation in route.values():
+                operation["responses"].pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+# The error statuses each route can answer (app.serve.errors.MEANING says why): bad input 400, the API key 401, the
+# guard's 413 and 415 (POST bodies only), another model 404, a failed sequence 500, overload or a failed replica 503,
+# the request timeout 504. A 200 is JSON, or server-sent events with ``stream: true``.
+GENERATION_RESPONSES = {200: {"description": "The completion (JSON), or with stream: true server-sent events "
+                                             "ending in 'data: [DONE]'",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        **documented(400, 401, 404, 413, 415, 500, 503, 504)}
+HEALTH_RESPONSES = {503: {"description": "A pool has no replica that answers yet",
+                          "content": {"application/json": {"schema": {
+                              "type": "object", "required": ["status", "reason"],
+                              "properties": {"status": {"const": "unavailable"}, "reason": {"type": "string"}}}}}}}
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -115,7 +147,7 @@ class Ingress:
 
     # -- HTTP ---------------------------------------------------------------------------------------------------------
 
-    @api.get("/health")
+    @api.get("/health", responses=HEALTH_RESPONSES)
     async def health(self):
         """200 once every pool has a replica that answers (so a started app is a ready one), else 503."""
         pools = [p.name for p in self.cfg.pools]
@@ -125,16 +157,16 @@ class Ingress:
             return JSONResponse({"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
         return {"status": "ok", "model": self.cfg.model_name, "pools": pools}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=documented(401))
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
                                             "owned_by": "dynpart", "root": self.cfg.model}]}
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request):
         return await self._openai(body, request, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(self, body: ChatRequest, request: Request):
         return await self._openai(body, request, chat=True)
 
