@@ -4,8 +4,9 @@ Every collective a layout causes is one visible method call on a ``Comm``: ``all
 replicated activations), ``all_gather`` (K/V, weights, logits, token or feature shards), ``reduce_scatter`` (partial
 sums into token or feature shards), ``all_to_all`` (token shards ↔ feature shards). ``CountingComm`` records what a
 pass really issues, so a test can hold the cost model's op lists to it. The model code sees only this interface;
-``SingleDevice`` runs the same code on one device with no process group at all, and ``placement.collectives.ProcessGroupComm`` implements it over torch.distributed (nccl on
-GPUs, gloo on CPU), so the math never imports the floor that starts processes.
+``SingleDevice`` runs the same code on one device with no process group at all, and
+``placement.collectives.ProcessGroupComm`` implements it over torch.distributed (nccl on GPUs, gloo on CPU), so the
+math never imports the floor that starts processes.
 """
 
 from __future__ import annotations

@@ -63,6 +63,13 @@ SPLIT_BY_OUTPUT = ("qkv", "gate_up")
 FIELDS = ("residual", "attn", *MATRICES)
 
 
+def adjacent(matrices: list[str]) -> bool:
+    """Whether these matrices sit next to each other in a layer's flat shard buffer (in ``MATRICES`` order), so one
+    collective can send them without packing."""
+    at = [MATRICES.index(m) for m in matrices]
+    return at == list(range(at[0], at[0] + len(at)))
+
+
 def transposed(matrix: str, mode: Mode) -> bool:
     """True when ``mode`` splits ``matrix`` along the other axis than its resident shard (qkv/gate_up by rows of the
     input, o/down by output features)."""

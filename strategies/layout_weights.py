@@ -22,7 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from strategies.comm import Comm
-from strategies.layout import HELD_WHOLE, MATRICES, SPLIT_BY_OUTPUT, Candidate, Mode, feature_width, transposed
+from strategies.layout import (HELD_WHOLE, MATRICES, SPLIT_BY_OUTPUT, Candidate, Mode, adjacent, feature_width,
+                               transposed)
 from strategies.sharding import RankWeights
 
 Blocks = Sequence[torch.Tensor]  # the whole matrix as its p rank blocks (a [p, rows, cols] tensor or a list)
@@ -156,8 +157,7 @@ class LayoutWeights:
         n = sum(r * c for _, (r, c) in spans)
         if not self.buffers or self.buffers[0].numel() < self.p * n:
             self.buffers = [torch.empty(self.p * n, dtype=flat.dtype, device=flat.device) for _ in range(2)]
-        adjacent = all(a[0] + a[1][0] * a[1][1] == b[0] for a, b in zip(spans, spans[1:]))
-        if adjacent:
+        if adjacent(gathered):
             send = flat[spans[0][0]:spans[0][0] + n]
         else:  # pack the shards into one send buffer: still one collective per layer
             if self.send is None or self.send.numel() < n:

@@ -68,6 +68,15 @@ class ShardRunner:
         """Build what these layouts keep resident (replicas, transposed shards) before KV memory is measured."""
         self.sources.prepare([parse_layout(s) for s in strategies])
 
+    def fitting(self, strategies: list[str]) -> list[str]:
+        """The longest run of ``strategies``, in order, skipping any that would not fit, whose replicas and transposed
+        shards fit the budget together (nothing is built)."""
+        kept: list[str] = []
+        for s in strategies:
+            if self.sources.fits([parse_layout(x) for x in (*kept, s)]):
+                kept.append(s)
+        return kept
+
     # -- what the driver calls -------------------------------------------------------------------------------------
 
     def forward(self, chunks: list[Chunk], strategy: str = "megatron", all_logits: bool = False) -> torch.Tensor:

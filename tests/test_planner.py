@@ -69,7 +69,7 @@ def test_prefill_choice_is_the_fastest_available_and_reports_every_strategy():
     assert only.strategy == "megatron" and "projection_replicated" in only.reasons
     batch = plan_prefill(LLAMA7, L4, 4, [1000, 1000])
     assert batch.tokens == 2000
-    with pytest.raises(ValueError, match="unknown strategies"):
+    with pytest.raises(ValueError, match="unknown prefill strategy .pipeline."):
         plan_prefill(LLAMA7, L4, 4, 64, available=["pipeline"])
 
 
@@ -196,3 +196,26 @@ def test_a_step_prices_the_decode_pass_that_a_non_megatron_chunk_adds():
             flipped = seqs
             break
     assert flipped is not None, "no decode load made the merged megatron pass cheaper"
+
+
+def test_the_planner_picks_from_the_whole_executable_front(capsys, tmp_path, monkeypatch):
+    """13B on 4×L4: the front's partially replicated layouts fit where projection_replicated does not, and the planner
+    takes one of them for long prompts; ``dynpart plan`` names it; the engine's contenders contain every choice."""
+    from strategies.cost.planner import contenders, executable_layouts
+
+    monkeypatch.setenv("DYNPART_CACHE", str(tmp_path))
+    front = executable_layouts(LLAMA13, L4, 4)
+    assert len(front) > 20 and set(STRATEGIES) <= set(front)
+    for n in (64, 2048, 4000):
+        ch = plan_prefill(LLAMA13, L4, 4, n, available=front)
+        assert set(front) <= set(ch.predicted_s)
+        ok = [t for s, t in ch.predicted_s.items() if t is not None and s not in ch.reasons]
+        assert ch.time_s == min(ok)
+    long = plan_prefill(LLAMA13, L4, 4, 2048, available=front)
+    named = plan_prefill(LLAMA13, L4, 4, 2048)
+    assert long.strategy not in STRATEGIES and long.time_s < named.time_s  # beyond the three, and faster
+    assert named.predicted_s["projection_replicated"] is None  # the full replicas do not fit a 24 GB L4
+    picks = contenders(LLAMA13, L4, 4, front, 4096)
+    assert long.strategy in picks and "megatron" in picks and len(picks) < len(front)
+    assert main(["plan", "--model", "llama2-13b", "--gpu", "L4", "--devices", "4", "--lengths", "2048"]) == 0
+    assert long.strategy in capsys.readouterr().out

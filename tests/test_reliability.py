@@ -98,6 +98,13 @@ def test_a_static_policy_prefills_every_request_its_way(http, chat_tiny):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **GREEDY},
                   headers={"x-dynpart-strategy": "megatron"})
     assert r.status_code == 200 and r.headers["x-dynpart-strategy"] == "megatron"
+    label = "residual=TOK qkv=col attn=heads o=replicated gate_up=gathered down=replicated"  # any layout, by label
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi there", "max_tokens": 2, **GREEDY},
+                  headers={"x-dynpart-strategy": label})
+    assert r.status_code == 200 and r.headers["x-dynpart-strategy"] == label, r.text
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **GREEDY},
+                  headers={"x-dynpart-strategy": label.replace("o=replicated", "o=sideways")})
+    assert r.status_code == 400 and "layout field 'o'" in assert_openai_error(r)["message"]
 
 
 # -- validation -------------------------------------------------------------------------------------------------------

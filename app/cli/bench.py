@@ -63,6 +63,9 @@ def _strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="16,64,256,1024,4096", help="prompt lengths (comma-separated)")
     p.add_argument("--budget", type=float, default=60.0, help="seconds per length after which repeats stop (min 3)")
     p.add_argument("--no-handoff", action="store_true", help="skip the K/V handoff between two groups")
+    p.add_argument("--layouts", choices=["named", "contenders", "front"], default="named",
+                   help="measure the three named strategies, the layouts the engine's planner picks from "
+                        "(contenders), or every layout of the executable Pareto front")
 
 
 def _repeats(args) -> int:
@@ -114,13 +117,25 @@ def _measure_strategies(args: argparse.Namespace) -> dict:
     bar, step = progress(len(lengths) * (2 if handoff else 1))
     with bar:
         return bench_strategies(args.model, args.devices, lengths, _repeats(args), budget_s=args.budget,
-                                handoff=handoff, quiet_wait_s=args.quiet_wait, progress=step)
+                                strategies=_layouts(args), handoff=handoff, quiet_wait_s=args.quiet_wait,
+                                progress=step)
+
+
+def _layouts(args: argparse.Namespace) -> list[str]:
+    from strategies.cost import get_hardware
+    from strategies.cost.planner import contenders, executable_layouts
+    from strategies.layout import STRATEGY_NAMES
+    from strategies.loader import Checkpoint
+
+    if args.layouts == "named":
+        return list(STRATEGY_NAMES)
+    shape, hw = Checkpoint(args.model).shape, get_hardware(getattr(args, "hardware", "cpu"))
+    front = executable_layouts(shape, hw, args.devices)
+    return front if args.layouts == "front" else contenders(shape, hw, args.devices, front, 4096)
 
 
 def format_strategies(res: dict) -> str:
-    from strategies.layout import STRATEGY_NAMES
-
-    names = [s for s in STRATEGY_NAMES if s in res["available"]]
+    names = list(res["available"])
     lines = [f"{res['model']} on {res['devices']} shard workers; {_machine_line(res['machine'])}",
              "Prefill, median ms of clean repeats (best in bold); clean/all repeats per strategy:"]
     rows = []
@@ -168,7 +183,18 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 def format_accuracy(res: dict) -> str:
     names = list(res["rows"][0]["measured_s"])
     src = res["calibrated_from"] or "UNCALIBRATED catalog entry (run `dynpart calibrate`)"
-    lines = [f"planner ({res['hardware']}, profile {src}) against measurement, p = {res['devices']}",
+    head = f"planner ({res['hardware']}, profile {src}) against measurement, p = {res['devices']}"
+    if len(names) > 3:  # layouts: one row per length and layout
+        rows = [[r["tokens"], s, ms(r["measured_s"][s]), ms(r["predicted_s"][s]),
+                 f"{r['ape'].get(s, float('nan')):.0%}",
+                 "chosen" if s == r["choice"] else "", "best" if s == r["measured_best"] else ""]
+                for r in res["rows"] for s in names]
+        summary = [[r["tokens"], r["choice"], r["measured_best"], f"{r['regret']:.1%}"] for r in res["rows"]]
+        return "\n".join([head, markdown_table(["tokens", "layout", "measured ms", "predicted ms", "error", "", ""],
+                                                rows),
+                          markdown_table(["tokens", "choice", "measured best", "regret"], summary),
+                          f"MAPE {res['mape']:.1%}; largest regret {res['max_regret']:.1%}"])
+    lines = [head,
              markdown_table(["tokens", *[f"{s} meas/pred ms (err)" for s in names], "choice", "measured best", "regret"],
                     [[r["tokens"], *[f"{ms(r['measured_s'][s])} / {ms(r['predicted_s'][s])} "
                                      f"({r['ape'].get(s, float('nan')):.0%})" for s in names],

@@ -213,7 +213,7 @@ def bench_strategies(model: str, devices: int, lengths: Sequence[int], repeats: 
     kwargs = runner_kwargs(model, devices, capacity=max(lengths) + 8)
     group = start_group(devices, kwargs)
     decode_group = start_group(devices, kwargs) if handoff and devices > 1 else None
-    available = group.call("available_strategies")
+    available = group.call("available_strategies", list(strategies))
     memory = [memory_snapshot(group, "start (resident shards only)")]
     pids = [*group.pids(), *(decode_group.pids() if decode_group is not None else [])]
     meter = Interference(pids)

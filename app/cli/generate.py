@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from strategies.layout import STRATEGY_NAMES
+from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.shapes import DEFAULT_MODEL, DTYPE_NAMES
 
-STRATEGY_CHOICES = ["auto", *STRATEGY_NAMES]
+
+
+def strategy_arg(text: str) -> str:
+    """argparse type of ``--prefill-strategy``: auto, a strategy name, or any layout label (its canonical name)."""
+    try:
+        return check_strategy(text, allow_auto=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +40,9 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    p.add_argument("--prefill-strategy", default="auto", choices=STRATEGY_CHOICES)
+    p.add_argument("--prefill-strategy", default="auto", type=strategy_arg,
+                   help=f"auto (the planner), {', '.join(STRATEGY_NAMES)}, or a layout label as `dynpart search` "
+                        "prints it, quoted")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=generate)
 

@@ -18,10 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", default="128,4096", help="token counts the front must hold at (comma-separated)")
     p.set_defaults(func=cmd_search)
 
-    p = subparsers.add_parser("plan", help="predicted prefill time per strategy by input length, and the choice")
+    p = subparsers.add_parser("plan", help="predicted prefill time per layout by input length, and the choice")
     _target_args(p)
     p.add_argument("--lengths", help="input lengths (comma-separated; default powers of two up to the context)")
-    p.add_argument("--plot", metavar="FILE.png", help="write time against length per strategy, crossovers marked")
+    p.add_argument("--plot", metavar="FILE.png", help="write time against length per layout, crossovers marked")
+    p.add_argument("--layouts", choices=["front", "named"], default="front",
+                   help="choose among the whole executable Pareto front (default, as the engine does) or only the "
+                        "three named strategies")
     p.set_defaults(func=cmd_plan)
 
     p = subparsers.add_parser("simulate", help="replay a workload on a cluster for every policy, side by side")
@@ -88,10 +91,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from strategies.cost import STRATEGIES, plan
+    from strategies.cost.planner import executable_layouts
 
     shape, hw = _resolve(args)
     lengths = positive_ints(args.lengths, "lengths") if args.lengths else None
-    rep = plan(shape, hw, args.devices, lengths)
+    layouts = executable_layouts(shape, hw, args.devices) if args.layouts == "front" else None
+    rep = plan(shape, hw, args.devices, lengths, available=layouts)
     if args.plot:
         from strategies.cost.planner import plot_plan
 
@@ -103,15 +108,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     lay = rep.layout
     print(f"{rep.model} on {rep.devices}×{rep.hardware} ({cal}); per device: {lay.heads_per_device} query heads, "
           f"{lay.kv_heads_per_device} KV heads (replication {lay.kv_replication}), MLP {lay.intermediate // lay.devices}")
-    print(f"\nPredicted prefill time (ms; — = does not fit memory)\n{'tokens':>7} "
-          + " ".join(f"{n[:21]:>22}" for n in STRATEGIES) + "  choice                 vs megatron")
+    among = (f"the {len(layouts)} executable layouts (named + Pareto front)" if layouts
+             else "the named strategies")
+    print(f"\nPredicted prefill time (ms; — = does not fit memory); the choice is among {among}\n{'tokens':>7} "
+          + " ".join(f"{n[:21]:>22}" for n in STRATEGIES) + f"  {'choice':>9}  vs megatron  layout chosen")
     for r in rep.lengths:
         print(f"{r.tokens:7d} " + " ".join(f"{ms(r.predicted_s[n], digits=2, width=9):>22}" for n in STRATEGIES)
-              + f"  {r.choice:<22} {r.megatron_over_choice:5.2f}×")
+              + f"  {ms(r.predicted_s[r.choice], digits=2, width=9)}  {r.megatron_over_choice:9.2f}×  {r.choice}")
     print("\nCrossovers: " + ("; ".join(f"from {c.tokens} tokens {c.before} → {c.after}" for c in rep.crossovers)
                               or "none (one strategy wins at every length)"))
     print(f"\nMemory per device at {rep.memory_at_tokens} tokens (GB)")
-    for m in rep.memory:
+    shown = {*STRATEGIES, *(r.choice for r in rep.lengths)}
+    for m in (m for m in rep.memory if m.strategy in shown):
         print(f"  {m.strategy:<22} weights+buffers {m.resident_gb:6.2f}  activations {m.workspace_gb:5.2f}  "
               f"KV {m.kv_gb:5.2f}  budget {m.budget_gb:6.2f}  {'fits' if m.feasible else 'DOES NOT FIT'}")
     print("\nDecode step (ms; the engine always decodes with megatron)")

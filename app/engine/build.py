@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine.llm_engine import LLMEngine
@@ -10,9 +12,9 @@ from placement.hardware import detect_hardware
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
 from strategies.cost import decode_step_time, get_hardware, plan_prefill, plan_step
 from strategies.cost.formulas import Work
-from strategies.cost.planner import memory_row
+from strategies.cost.planner import contenders, executable_layouts, memory_row
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE
-from strategies.layout import check_devices
+from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.loader import DEFAULT_MODEL, DTYPES, Checkpoint
 from strategies.shapes import DtypeName, ModelShape
 
@@ -40,6 +42,10 @@ class EngineFields(BaseModel):
     # Memory per device projection_replicated's replicas may take. None: measured in each worker once its shards are
     # loaded (a quarter of its free GPU memory, or of the host's available memory per device), less the KV budget.
     replica_budget_gb: float | None = Field(None, ge=0)
+    # Layouts prefill may use: "front", the named strategies and every member of the Pareto front for this model and
+    # device count (those whose replicas fit the budget together, in order of the search's ranking); "named", only the
+    # three named strategies.
+    prefill_layouts: Literal["front", "named"] = "front"
     dtype: DtypeName = "float32"
     # Cores one device's rank uses (CPU devices run that many torch threads, whole cores, at least one; ranks with
     # less than a core share one, and the planner prices them so). Ray counts them, so it never places more engines
@@ -82,17 +88,21 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
         runner_kwargs["shared_weights"] = True
     group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
                         collective_timeout_s=opts.collective_timeout_s)
-    available = group.call("available_strategies")
     name = opts.hardware or detect_hardware()
     hardware = get_hardware(name) if torch.cuda.is_available() else get_hardware(name).time_shared(
         opts.cpus_per_device)
+    layouts = (executable_layouts(ckpt.shape, hardware, opts.devices) if opts.prefill_layouts == "front"
+               else list(STRATEGY_NAMES))
+    fit = group.call_all("fitting", layouts)  # every rank must build the same replicas: what fits on all of them
+    available = [s for s in layouts if all(s in f for f in fit)]
     num_blocks = allocate_kv(group, opts, ckpt.shape, hardware, available, kv_gb, max_model_len)
+    picks = contenders(ckpt.shape, hardware, opts.devices, available, opts.max_num_batched_tokens)
 
     def choose(new: list[int], cached: list[int], decoding: list[int]) -> str:
-        return plan_step(ckpt.shape, hardware, opts.devices, new, cached, decoding, available=available).strategy
+        return plan_step(ckpt.shape, hardware, opts.devices, new, cached, decoding, available=picks).strategy
 
     def predict_prefill_s(tokens: int) -> float:
-        return plan_prefill(ckpt.shape, hardware, opts.devices, tokens, available=available).time_s
+        return plan_prefill(ckpt.shape, hardware, opts.devices, tokens, available=picks).time_s
 
     step_s = decode_step_time(ckpt.shape, hardware, opts.devices, [max_model_len // 2] * min(opts.max_num_seqs, 8))
     return engine_class(group, tokenizer, ckpt.eos_token_ids(), num_blocks=num_blocks, block_size=opts.block_size,
@@ -100,7 +110,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                         max_num_batched_tokens=opts.max_num_batched_tokens,
                         enable_chunked_prefill=opts.enable_chunked_prefill,
                         enable_prefix_caching=opts.enable_prefix_caching, choose_strategy=choose,
-                        predict_prefill_s=predict_prefill_s, step_s=step_s)
+                        predict_prefill_s=predict_prefill_s, step_s=step_s, layouts=available, contenders=picks)
 
 
 def kv_budget_gb(opts: EngineFields) -> float | None:

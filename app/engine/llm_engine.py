@@ -26,7 +26,7 @@ from app.engine.messages import EngineLoad, Handoff, RequestError
 from app.engine.sampling import SamplingParams, make_generator, sample_batch
 from placement.workers import Group
 from strategies.kv_cache import Chunk
-from strategies.layout import check_strategy
+from strategies.layout import STRATEGY_NAMES, check_strategy
 
 
 @dataclass(eq=False)  # identity: ``seq in self.running`` must not compare every field
@@ -101,8 +101,12 @@ class LLMEngine:
                  max_model_len: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
                  choose_strategy: Callable[[list[int], list[int], list[int]], str] | None = None,
-                 predict_prefill_s: Callable[[int], float] | None = None, step_s: float = 0.0):
+                 predict_prefill_s: Callable[[int], float] | None = None, step_s: float = 0.0,
+                 layouts: list[str] | None = None, contenders: list[str] | None = None):
         self.group, self.tokenizer = group, tokenizer
+        # Layouts built and offered (named strategies + the executable front), and those the planner prices per step
+        self.layouts = layouts or list(STRATEGY_NAMES)
+        self.contenders = contenders or self.layouts
         self.eos = set(eos_token_ids)
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.max_num_batched_tokens, self.chunked = max_num_batched_tokens, enable_chunked_prefill
@@ -121,7 +125,11 @@ class LLMEngine:
     def add(self, prompt_ids: list[int], params: SamplingParams, strategy: str = "auto") -> Sequence:
         if not prompt_ids:
             raise RequestError("prompt is empty")
-        check_strategy(strategy, allow_auto=True, error=RequestError)
+        strategy = check_strategy(strategy, allow_auto=True, error=RequestError)
+        if strategy != "auto" and strategy not in self.layouts and not self.group.call("available_strategies",
+                                                                                      [strategy]):
+            raise RequestError(f"layout {strategy!r} needs more replica memory per device than this pool's budget "
+                               "(replica_budget_gb) leaves")
         need = len(prompt_ids) + params.max_tokens
         if need > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "

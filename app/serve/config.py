@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from app.engine.build import EngineFields, EngineOptions
 from placement.workers import DEVICE_RESOURCE, actor_resources
 from strategies.cost import Hardware, get_hardware
-from strategies.layout import STRATEGY_NAMES
+from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import DEFAULT_MODEL
 
 
@@ -139,9 +139,11 @@ class AppConfig(BaseModel):
         elif timeout is not None and self.max_queue_wait_s >= timeout:
             raise ValueError(f"max_queue_wait_s ({self.max_queue_wait_s:g}) must be below request_timeout_s "
                              f"({timeout:g}): a request admitted to wait that long would time out")
-        valid = ["dynamic"] + [f"static:{s}" for s in STRATEGY_NAMES]
-        if self.policy not in valid:
-            raise ValueError(f"policy {self.policy!r} is not one of {', '.join(valid)}")
+        if self.policy != "dynamic":
+            if not self.policy.startswith("static:"):
+                raise ValueError(f"policy {self.policy!r} is not 'dynamic' or 'static:<strategy or layout label>' "
+                                 f"(e.g. static:{STRATEGY_NAMES[0]})")
+            self.policy = "static:" + check_strategy(self.policy.removeprefix("static:"))
         return self
 
     @property

@@ -41,8 +41,8 @@ class _EngineShell:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
-        self.available = engine.group.call("available_strategies")
-        for strategy in self.available:  # first use builds buffers and replicas: not on a user's request
+        self.available = engine.contenders  # the layouts the planner picks from (the ingress prices them too)
+        for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}")

@@ -232,6 +232,8 @@ class Router:
         after a slot frees. None: ``strategy`` cannot run in ``pool``."""
         queued, slot_wait = self.backlog(pool)
         shape, hardware, new = self.shape, self.hardware[pool.name], n - cached
+        if strategy != "auto" and strategy not in available:  # a layout asked for by label: priced too
+            available = [*available, strategy]
         alone = plan_prefill(shape, hardware, pool.devices, new, available=available, cached=cached)
         own = alone.predicted_s.get(alone.strategy if strategy == "auto" else strategy)
         if own is None:
@@ -250,7 +252,7 @@ class Router:
         chains: dict[int, list[int]] = {}  # block size -> the prompt's hash chain
         if pool is not None and pool not in self.queued:
             raise RequestError(f"unknown pool {pool!r}: choose one of {', '.join(self.queued)}")
-        check_strategy(strategy, allow_auto=True, error=RequestError)
+        strategy = check_strategy(strategy, allow_auto=True, error=RequestError)
         if self.board is not None and self._reader is None:
             self._reader = asyncio.create_task(self.read_board())
         pools = [p for p in self.cfg.pools if pool in (None, p.name)]

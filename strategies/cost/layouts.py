@@ -14,7 +14,8 @@ import math
 from strategies.cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped, split_time
 from strategies.cost.hardware import Hardware
 from strategies.layout import (ATTN_STATE, FEAT, GIVES, HELD_WHOLE, MATRICES, NEEDS, PSUM, REP, TOK, TRANSITIONS, Attn,
-                               Candidate, Mode, feature_width, token_chunk, transposed)
+                               Candidate, Mode, adjacent, feature_width, token_chunk,
+                               transposed)
 from strategies.shapes import ModelShape
 
 # The vocabulary (states, modes, ``Candidate``) lives where the engine reads it too; re-exported for the cost model.
@@ -166,6 +167,9 @@ def resident_bytes(c: Candidate, shape: ModelShape, p: int, b: int) -> float:
         if transposed(m, mode):  # its other dimension by a p-th of the (padded) hidden size
             per_layer += kn // shape.hidden_size * feature_width(shape.hidden_size, p) / p
         buffer += 2 * kn if mode is Mode.GATHERED else 0
+    gathered = [m for m, mode in c.modes().items() if mode is Mode.GATHERED]
+    if p > 1 and gathered and not adjacent(gathered):  # packed into one send buffer for the one gather per layer
+        buffer += sum(dims[m][0] * dims[m][1] for m in gathered) / p
     norms = 2 * shape.hidden_size
     return (shape.num_layers * (per_layer + norms) + buffer + shape.embedding_params / p) * b
 

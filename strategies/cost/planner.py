@@ -1,22 +1,28 @@
-"""The planner: which executable strategy to prefill a batch with, and the full report behind that choice.
+"""The planner: which layout to prefill a batch with, and the full report behind that choice.
 
 ``plan_prefill`` is the one function the engine (per prefill batch) and the Serve ingress (per request and pool)
-call; ``plan`` sweeps input lengths for ``dynpart plan``. Both cost the engine's three strategies with the same
-layout model the Pareto search uses, after the same device check the engine applies, and filter by memory.
+call; ``plan`` sweeps input lengths for ``dynpart plan``. Both cost layouts with the same model the Pareto search
+uses, after the same device check the engine applies, and filter by memory. The layouts priced are the ``available``
+ones (strategy names or layout labels): by default the three named strategies; an engine offers the whole executable
+front (``executable_layouts``), of which it prices per step the members that win somewhere (``contenders``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from pydantic import BaseModel
 
 from strategies.cost.formulas import Work
 from strategies.cost.hardware import Hardware
 from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
-from strategies.cost.search import STRATEGIES
-from strategies.layout import ShardLayout, check_devices
+from strategies.cost.search import STRATEGIES, search
+from strategies.layout import STRATEGY_NAMES, ShardLayout, check_devices, parse_layout
 from strategies.shapes import ModelShape
 
 DEFAULT_UTILIZATION = 0.9  # fraction of device memory the engine may use (weights, buffers, activations, KV)
@@ -81,7 +87,7 @@ def memory_row(name: str, shape: ModelShape, hw: Hardware, p: int, work: Work,
                utilization: float = DEFAULT_UTILIZATION) -> MemoryRow:
     """Per-device memory a strategy needs for ``work``: weights (+ buffers/replicas), activations, and the K/V of
     the cached and new tokens (the sequences' whole cache must be resident while the chunk runs)."""
-    padded, b, c = check_devices(shape, p).padded_shape(shape), hw.bytes_per_element, STRATEGIES[name]
+    padded, b, c = check_devices(shape, p).padded_shape(shape), hw.bytes_per_element, parse_layout(name)
     res = resident_bytes(c, padded, p, b)
     ws = workspace_bytes(c, padded, p, work, b)
     kv = work.kv_tokens * padded.kv_bytes_per_token(b) / p
@@ -96,8 +102,8 @@ def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iter
     padded = check_devices(shape, p).padded_shape(shape)
     times: dict[str, float | None] = {}
     reasons: dict[str, str] = {}
-    for name, c in STRATEGIES.items():
-        times[name] = model_time(c, padded, hw, p, work)
+    for name in dict.fromkeys([*STRATEGY_NAMES, *names]):
+        times[name] = model_time(parse_layout(name), padded, hw, p, work)
         row = memory_row(name, shape, hw, p, work, utilization)
         if not row.feasible:  # cannot run at all: no prediction
             times[name] = None
@@ -114,12 +120,63 @@ def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iter
     return PlanChoice(strategy=best, tokens=work.tokens, predicted_s=times, reasons=reasons)
 
 
-def _validate(available: Iterable[str] | None) -> set[str]:
-    names = set(STRATEGIES) if available is None else set(available)
-    unknown = names - set(STRATEGIES)
-    if unknown:
-        raise ValueError(f"unknown strategies {sorted(unknown)}: use {sorted(STRATEGIES)}")
-    return names
+def _validate(available: Iterable[str] | None) -> list[str]:
+    """Canonical names of the available layouts (a named layout's label becomes its name); ValueError on a bad one."""
+    return list(STRATEGY_NAMES) if available is None else list(dict.fromkeys(parse_layout(a).name for a in available))
+
+
+def _memo(kind: str, key: object, compute: Callable[[], list[str]]) -> list[str]:
+    """``compute()``, remembered on disk by ``key`` and the cost model's own source (searching the front and the grid
+    takes seconds; every engine replica of a pool would repeat it at start)."""
+    from strategies.loader import cache_dir
+
+    root = Path(__file__).parent
+    code = b"".join(f.read_bytes() for f in sorted([*root.glob("*.py"), root.parent / "layout.py"]))
+    digest = hashlib.sha256(code + json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir() / "plans" / f"{kind}-{digest}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)  # atomic: replicas starting together never read half a file
+        return value
+
+
+def executable_layouts(shape: ModelShape, hardware: Hardware, devices: int) -> list[str]:
+    """The named strategies and every member of the Pareto front for this model and device count (all run)."""
+    if devices == 1:  # one device: every layout is the same computation
+        return list(STRATEGY_NAMES)
+
+    def compute() -> list[str]:
+        front = search(shape, hardware, devices).front
+        return list(dict.fromkeys([*STRATEGY_NAMES, *(m.strategy or m.label for m in front)]))
+
+    return _memo("front", [shape.model_dump(), hardware.model_dump(), devices], compute)
+
+
+def contenders(shape: ModelShape, hardware: Hardware, devices: int, layouts: Sequence[str], max_tokens: int,
+               utilization: float = DEFAULT_UTILIZATION) -> list[str]:
+    """Those of ``layouts`` the planner picks somewhere on a grid of chunk lengths (1 … ``max_tokens``, four points
+    per octave) after cached prefixes of 0 … 4× the chunk, alone and with decode tokens riding along: the rest
+    never win there, so pricing them per step would only cost time. Megatron (decode) is always kept."""
+    def compute() -> list[str]:
+        grid = sorted({max(1, round(2 ** (k / 4))) for k in range(int(4 * math.log2(max(2, max_tokens))) + 1)})
+        keep = {"megatron"}
+        for n in grid:
+            for cached in (0, n, 4 * n):
+                for decoding in ([], [cached + n] * 8):
+                    try:
+                        keep.add(plan_step(shape, hardware, devices, [n], [cached], decoding, layouts, utilization)
+                                 .strategy)
+                    except ValueError:  # nothing fits this much
+                        pass
+        return [name for name in _validate(layouts) if name in keep]
+
+    return _memo("contenders", [shape.model_dump(), hardware.model_dump(), devices, list(layouts), max_tokens,
+                                utilization], compute)
 
 
 def plan_prefill(shape: ModelShape, hardware: Hardware, devices: int, tokens: int | Sequence[int],
@@ -191,7 +248,7 @@ def plan(shape: ModelShape, hardware: Hardware, devices: int, lengths: Sequence[
                               megatron_over_choice=(mega / ch.time_s) if mega else 1.0))
     crossovers = _crossovers(choose, lengths[0], lengths[-1])
     top = Work.prefill(lengths[-1])
-    memory = [memory_row(n, shape, hardware, devices, top, utilization) for n in STRATEGIES]
+    memory = [memory_row(n, shape, hardware, devices, top, utilization) for n in _validate(available)]
     ctx = min(1024, shape.max_position_embeddings // 2)
     decode = []
     for bsz in (1, 16, 64):
@@ -224,7 +281,8 @@ def _crossovers(choose, lo: int, hi: int) -> list[Crossover]:
 
 
 def plot_plan(report: PlanReport, path: str) -> None:
-    """Prefill time against input length per strategy (log-log), crossovers marked; writes a PNG."""
+    """Prefill time against input length per layout (log-log): the named strategies and every chosen layout in
+    colour, the other front members as thin grey lines; crossovers marked; writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,13 +295,20 @@ def plot_plan(report: PlanReport, path: str) -> None:
         ax.plot(xs, ys, marker="o", ms=3, label=name)
     for c in report.crossovers:
         ax.axvline(c.tokens, color="grey", ls="--", lw=0.8)
-        ax.annotate(f"{c.tokens}: →{c.after}", (c.tokens, ax.get_ylim()[1]), rotation=90, va="top", ha="right",
+        after = c.after if len(c.after) < 40 else _short(c.after)
+        ax.annotate(f"{c.tokens}: →{after}", (c.tokens, ax.get_ylim()[1]), rotation=90, va="top", ha="right",
                     fontsize=7)
     ax.set(xscale="log", yscale="log", xlabel="input tokens", ylabel="predicted prefill time (ms)",
            title=f"{report.model} on {report.devices}×{report.hardware}"
                  f"{' (calibrated)' if report.calibrated_from else ''}")
-    ax.legend()
+    ax.legend(fontsize=6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _short(label: str) -> str:
+    """A layout label in a few characters for legends: residual state, then the modes' first letters."""
+    c = parse_layout(label)
+    return f"{c.residual} " + " ".join(f"{m}:{mode.value[:3]}" for m, mode in (("attn", c.attn), *c.modes().items()))

@@ -125,8 +125,9 @@ def search(shape: ModelShape, hw: Hardware, p: int, tokens: tuple[int, ...] = (1
     for name, c in STRATEGIES.items():
         if name not in on_front:
             v = keys[cands.index(c)]
-            by = next(m for m in members if _dominates(keys[cands.index(_by_label(cands, m.label))], v))
-            dominated[name] = by.label
+            by = next((m for m in members if _dominates(keys[cands.index(_by_label(cands, m.label))], v)), None)
+            if by is not None:  # else it costs the same as a member (listed among its equivalents)
+                dominated[name] = by.label
     return SearchResult(model=shape.name, hardware=hw.name, devices=p, tokens=list(tokens), candidates=len(cands),
                         front=members, dominated_strategies=dominated)
 

@@ -1,0 +1,163 @@
+"""A layout is the unit of execution: every layout of the executable front runs exactly, issues exactly the
+collectives the cost model prices for it, and holds the memory it prices; labels are accepted wherever a strategy is.
+
+For each tiny shape (MHA, GQA, MQA, odd heads) and p ∈ {1, 2, 3, 4}, one group of workers runs every member of that
+shape's executable front (``executable_layouts``: the named strategies and the Pareto front on this hardware):
+float32 logits of every token equal transformers' (≤ 1e-4) through non-contiguous block tables, the greedy Megatron
+decode after the handoff gives transformers' tokens, a chunk after a cached prefix gives transformers' last-token
+logits through the serving path, and at p > 1 the
+collectives the pass issued (``CountingComm``: kind and bytes) are exactly those of the cost model's op list for the
+same work.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logits
+from test_partitioned import block_tables, runner_kwargs
+
+from placement.workers import start_group
+from strategies.cost import get_hardware
+from strategies.cost.formulas import Collective, Work
+from strategies.cost.layouts import end_ops, layer_ops, resident_bytes
+from strategies.cost.planner import executable_layouts
+from strategies.kv_cache import Chunk
+from strategies.layout import MEGATRON, check_devices, check_strategy, parse_layout
+from strategies.loader import Checkpoint
+
+DECODE_STEPS = 3
+
+
+def priced_collectives(label: str, path: str, p: int, new: list[int], cached: list[int]) -> Counter:
+    """(kind, bytes) of every collective the cost model's op lists name for one serving pass (float32)."""
+    shape = Checkpoint(path).shape
+    padded = check_devices(shape, p).padded_shape(shape)
+    c, work = parse_layout(label), Work.chunks(new, cached)
+    ops = layer_ops(c, padded, p, work, 4) * padded.num_layers + end_ops(c, padded, p, work, 4)
+    return Counter((op.kind, int(op.size)) for op in ops if isinstance(op, Collective))
+
+
+def check_front(group, path: str, p: int, prompts: list[list[int]]) -> int:
+    shape = Checkpoint(path).shape
+    layouts = executable_layouts(shape, get_hardware("cpu"), p)
+    refs = [reference_logits(path, x) for x in prompts]
+    ref_tokens = [reference_greedy(path, x, DECODE_STEPS + 1) for x in prompts]
+    last = torch.tensor([len(x) for x in prompts]).cumsum(0) - 1
+    tables = block_tables([len(x) for x in prompts], extra=DECODE_STEPS + 1)
+    whole = [Chunk(x, 0, t) for x, t in zip(prompts, tables)]
+    hits = 8  # the second prompt again, its first 8 tokens cached (written by the pass before)
+    after_prefix = [Chunk(prompts[1][hits:], hits, tables[1])]
+    for label in layouts:
+        logits = group.call("forward", whole, label, True)
+        diff = (logits - torch.cat(refs)).abs().max().item()
+        assert diff <= 1e-4, f"p={p} [{label}]: prefill logits differ by {diff}"
+        tokens = [logits[last].argmax(-1).tolist()]
+        for step in range(DECODE_STEPS):  # megatron decode reads the K/V this layout wrote
+            chunks = [Chunk([t], len(x) + step, tb) for t, x, tb in zip(tokens[-1], prompts, tables)]
+            tokens.append(group.call("forward", chunks).argmax(-1).tolist())
+        assert [list(t) for t in zip(*tokens)] == ref_tokens, f"p={p} [{label}]: decode after the handoff differs"
+        group.call("forward", whole, "megatron")  # the prefix's K/V as a cache hit finds it
+        logits = group.call("step", [(label, after_prefix)])  # the serving path: only the last row leaves
+        diff = (logits - refs[1][-1:]).abs().max().item()
+        assert diff <= 1e-4, f"p={p} [{label}]: chunk after a cached prefix differs by {diff}"
+        if p > 1:
+            issued = Counter(group.call("collectives", [*whole[:1], *after_prefix], label))
+            priced = priced_collectives(label, path, p, [len(prompts[0]), len(after_prefix[0].ids)], [0, hits])
+            assert issued == priced, (f"p={p} [{label}]: issued but not priced {issued - priced}, "
+                                      f"priced but not issued {priced - issued}")
+    return len(layouts)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3, 4])
+def test_every_front_layout_is_exact_and_priced_as_it_runs(ray_session, tiny_models, devices):
+    group, checked = None, 0
+    try:
+        for shape in sorted(TINY_SHAPES):
+            kwargs = runner_kwargs(tiny_models[shape])
+            if group is not None and devices > 1:
+                group.load(kwargs)
+            else:  # one device runs in this process: a new group per model
+                group = start_group(devices, kwargs)
+            checked += check_front(group, tiny_models[shape], devices, prompts_for(512, (7, 19, 3), seed=devices))
+    finally:
+        group.shutdown()
+    assert checked >= (4 * 3 if devices == 1 else 4 * 10)  # at p > 1 each front has 10 or more layouts
+
+
+LAYOUTS_HELD = {  # what each holds beyond the shards: nothing, packed gathers, partial replicas, transposed shards
+    "megatron": "megatron",
+    "weight_gathered": "weight_gathered",
+    "projection_replicated": "projection_replicated",
+    "partial replicas + one gather": "residual=TOK qkv=col attn=heads o=replicated gate_up=gathered down=replicated",
+    "two gathers apart": "residual=TOK qkv=gathered attn=tokens o=replicated gate_up=gathered down=replicated",
+    "transposed shards": "residual=TOK qkv=row attn=redundant o=col gate_up=row down=col",
+}
+
+
+@pytest.mark.parametrize("devices", [3])
+def test_memory_per_device_is_what_the_cost_model_prices(ray_session, tiny_models, devices):
+    """Resident weights, gather buffers, replicas and transposed shards, as each worker holds them after a prefill by
+    the layout, within 3% of ``resident_bytes``: a replicated matrix is held once (the replica is built around the
+    rank's shard), a transposed one costs one more p-th of it."""
+    path = tiny_models["mha"]
+    shape = Checkpoint(path).shape
+    padded = check_devices(shape, devices).padded_shape(shape)
+    group = start_group(devices, runner_kwargs(path))
+    try:
+        for what, label in LAYOUTS_HELD.items():
+            group.load(runner_kwargs(path))  # a fresh runner: only this layout's extras
+            group.call("forward", [Chunk([1, 2, 3], 0, [0])], label)
+            model = resident_bytes(parse_layout(label), padded, devices, 4)
+            for r in group.call_all("memory_report"):
+                held = r["weights"] + r["gather_buffer"] + r["replicas"] + r["transposed"]
+                assert held == pytest.approx(model, rel=0.03), (what, r, model)
+        logits = group.call("forward", [Chunk([4, 5], 3, [0, 1])])  # decode still reads the shards
+        assert (logits - reference_logits(path, [1, 2, 3, 4, 5])[-1:]).abs().max().item() <= 1e-4
+    finally:
+        group.shutdown()
+
+
+def test_a_valid_layout_off_the_front_runs_exactly(ray_session, tiny_models):
+    label = "residual=REP qkv=row attn=tokens o=gathered gate_up=redundant down=col"
+    path = tiny_models["gqa"]
+    assert label not in executable_layouts(Checkpoint(path).shape, get_hardware("cpu"), 2)
+    group = start_group(2, runner_kwargs(path))
+    try:
+        prompt = prompts_for(512, (13,), seed=3)[0]
+        logits = group.call("forward", [Chunk(prompt, 0, [5, 2, 7, 1])], label, True)
+        assert (logits - reference_logits(path, prompt)).abs().max().item() <= 1e-4
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("ring", "unknown prefill strategy 'ring'"),
+    ("residual=TOK qkv=col attn=heads o=row gate_up=col", "missing field(s) down"),
+    ("residual=TOK qkv=diagonal attn=heads o=row gate_up=col down=row", "layout field 'qkv': 'diagonal'"),
+    ("residual=FEAT qkv=col attn=heads o=row gate_up=col down=row", "layout field 'residual': 'FEAT'"),
+    ("residual=TOK qkv=col attn=everywhere o=row gate_up=col down=row", "layout field 'attn': 'everywhere'"),
+    ("residual=TOK qkv=col attn=heads o=row gate_up=col down=row mlp=col", "'mlp=col' is not a field"),
+])
+def test_a_bad_layout_label_names_the_bad_field(text, says):
+    with pytest.raises(ValueError) as e:
+        parse_layout(text)
+    assert says in str(e.value)
+
+
+def test_labels_are_strategies_everywhere_a_strategy_is_named():
+    """A named layout's label is that strategy; any order of fields; the CLI and the static policy take labels."""
+    from app.cli.generate import strategy_arg
+    from app.serve.config import AppConfig
+
+    assert check_strategy(MEGATRON.label) == "megatron"
+    shuffled = "down=row gate_up=col o=row attn=heads qkv=col residual=REP"
+    assert check_strategy(shuffled) == "megatron"
+    label = LAYOUTS_HELD["partial replicas + one gather"]
+    assert strategy_arg(label) == label and strategy_arg("auto") == "auto"
+    assert AppConfig(pools=[{"name": "a"}], policy=f"static:{label}").default_strategy == label
+    with pytest.raises(ValueError, match="layout field 'o'"):
+        AppConfig(pools=[{"name": "a"}],
+                  policy="static:residual=TOK qkv=col attn=heads o=sideways gate_up=col down=row")
