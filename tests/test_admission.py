@@ -95,7 +95,7 @@ def test_concurrency_raises_throughput(adm):
     eight = asyncio.run(fire(adm["http"], 16, 32, concurrency=8))
     concurrent = time.perf_counter() - t0
     assert all(s == 200 for s, _, _ in one + eight)
-    assert concurrent < 0.6 * sequential, (concurrent, sequential)
+    assert concurrent < 0.75 * sequential, (concurrent, sequential)  # ~0.25 in the engine; unbatched would be ~1
 
 
 def test_grpc_is_resource_exhausted_when_http_would_be_503(adm):

@@ -50,4 +50,7 @@ def test_bad_arguments_get_one_clear_error(args, message):
 
 def test_unknown_strategy_is_refused_by_the_parser():
     out = dynpart("generate", "--prompt", "hi", "--prefill-strategy", "ring")
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert out.returncode == 2 and "unknown prefill strategy 'ring'" in out.stderr
+    out = dynpart("generate", "--prompt", "hi", "--prefill-strategy",
+                  "residual=TOK qkv=col attn=heads o=row gate_up=col down=sideways")
+    assert out.returncode == 2 and "layout field 'down': 'sideways'" in out.stderr

@@ -67,3 +67,45 @@ def test_the_failed_request_gets_an_error_and_the_engine_serves_on(nan_head):
         assert after.finish_reason == "length" and loop.alive  # the replica is healthy
     finally:
         loop.stop()
+
+
+def test_a_hung_worker_is_detected_by_the_step_watchdog(ray_session, chat_tiny):
+    """A shard worker stopped (SIGSTOP: hung, not dead) mid-generation: the stuck step is given up after its deadline
+    (the floor here), every request the replica held ends with ``EngineFailed`` rather than waiting for ever, new ones
+    are refused at once, and the replica reports unhealthy (Serve replaces it)."""
+    import os
+    import signal
+    import time
+
+    from app.engine.build import EngineOptions, build_engine
+    from app.engine.messages import EngineFailed
+
+    engine = build_engine(EngineOptions(model=chat_tiny, devices=2, max_model_len=256,
+                                        step_watchdog_floor_s=2.0, prefill_layouts="named"))
+    loop = EngineLoop(engine)
+    prompt = prompts_for(512, lengths=(9,), seed=5)[0]
+    pid = engine.group.pids()[1]
+    try:
+        async def run() -> tuple[list, BaseException | None, float]:
+            got, stopped_at = [], None
+            try:
+                async for update in loop.submit(lambda e: e.add(prompt, SamplingParams(max_tokens=200,
+                                                                                         ignore_eos=True))):
+                    got.append(update)
+                    if stopped_at is None and len(got) == 2:
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped_at = time.perf_counter()
+            except EngineFailed as e:
+                return got, e, time.perf_counter() - stopped_at
+            return got, None, 0.0
+
+        got, error, detected_s = asyncio.run(asyncio.wait_for(run(), 60))
+        assert error is not None and "watchdog" in str(error), error
+        assert 2.0 <= detected_s < 10.0, detected_s  # the floor, plus the watchdog's poll
+        assert not loop.alive
+        with pytest.raises(EngineFailed):
+            asyncio.run(loop.run_whole(lambda e: e.add(prompt, GREEDY)))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        loop.stop()
+        engine.group.shutdown()

@@ -18,12 +18,27 @@ import yaml
 from app.cli.demo import serve_run
 from placement.workers import free_port
 from strategies.cost import get_hardware, plan_prefill
+from strategies.cost.layouts import resident_bytes
+from strategies.cost.planner import contenders, executable_layouts
+from strategies.layout import check_devices, parse_layout
 from strategies.loader import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+
+def fitting(shape, layouts: list[str], budget_gb: float, p: int = 2) -> list[str]:
+    """The layouts a pool's workers build, in order, while their extras fit the replica budget together (the cost
+    model's memory equals what workers hold within 3%: tests/test_layouts.py)."""
+    padded = check_devices(shape, p).padded_shape(shape)
+    held = lambda names: resident_bytes([parse_layout(n) for n in names], padded, p, 4)  # noqa: E731
+    base, kept = held(["megatron"]), []
+    for name in layouts:
+        if held([*kept, name, "megatron"]) - base <= budget_gb * 1e9:
+            kept.append(name)
+    return kept
+
 def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     http = free_port()
@@ -42,12 +57,16 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {r["pool"] for r in rows if r["kind"] == "short"} == {"short"}
-    # long prompts do not fit `short`'s context: `long`, prefilled as the planner prices this machine's CPU, in
-    # chunks of the pool's token budget (the demo sends one prompt at a time: the first chunk is the largest)
+    # long prompts do not fit `short`'s context: `long`, prefilled by a layout its planner offers (the named strategies
+    # and the front, priced as this machine's CPU shared by the pool's ranks), in chunks of the pool's token budget
     shape = Checkpoint(smollm2).shape
-    budget = next(p for p in cfg["applications"][0]["args"]["pools"] if p["name"] == "long")["max_num_batched_tokens"]
-    for r in rows:
-        if r["kind"] == "long":
-            first = min(r["prompt_tokens"], budget)
-            assert r["pool"] == "long" and r["strategy"] == plan_prefill(shape, get_hardware("cpu"), 2,
-                                                                         first).strategy, r
+    long = next(p for p in cfg["applications"][0]["args"]["pools"] if p["name"] == "long")
+    budget = long["max_num_batched_tokens"]
+    hw = get_hardware("cpu").time_shared(long["cpus_per_device"])  # as the pool's engine prices its ranks
+    offered = contenders(shape, hw, 2, fitting(shape, executable_layouts(shape, hw, 2), long["replica_budget_gb"]),
+                         budget)  # what the engine picks from
+    longs = [r for r in rows if r["kind"] == "long"]
+    assert longs and all(r["pool"] == "long" and r["strategy"] in offered for r in longs), (longs, offered)
+    # the first long prompt has nothing cached (later ones share its prefix): its first chunk is its largest
+    first = min(longs[0]["prompt_tokens"], budget)
+    assert longs[0]["strategy"] == plan_prefill(shape, hw, 2, first, available=offered).strategy, (longs[0], offered)

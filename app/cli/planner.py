@@ -168,9 +168,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"{r.policy:<30}{_pct(r.ttft_s, 1):>24}{_pct(r.tpot_s, 1e3):>24}{_pct(r.e2e_s, 1):>24}"
               f"{r.slo_attainment:9.0%}{r.goodput_rps:8.2f}/s  {r.strategies}"
               + (f"  ({r.rejected} rejected)" if r.rejected else ""))
-    dyn = next((r for r in rep.policies if r.policy == "dynamic" and r.runnable), None)
-    if dyn:
-        print("\nDynamic against each static policy (negative = dynamic is lower/better)")
+    for dyn in (r for r in rep.policies if r.policy.startswith("dynamic") and r.runnable):
+        print(f"\n{dyn.policy} against each other policy (negative = {dyn.policy} is lower/better)")
         for r in rep.policies:
             if r.runnable and r is not dyn:
                 print(f"  vs {r.policy:<30} TTFT p50 {_red(dyn.ttft_s.p50, r.ttft_s.p50)}  p90 "

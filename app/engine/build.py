@@ -54,6 +54,9 @@ class EngineFields(BaseModel):
     # A step whose peer rank died or hangs fails after this long (the replica is then replaced): the longest a
     # request on a broken replica waits for its error. Rendezvous at start-up gets the same bound.
     collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)
+    # A step running past 10× its predicted time, and at least this long, means a hung worker (SIGSTOP, a stuck
+    # collective; one device has no collective to time out): its requests fail and the replica is replaced.
+    step_watchdog_floor_s: float = Field(30.0, gt=0)
 
 
 class EngineOptions(EngineFields):
@@ -110,7 +113,8 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                         max_num_batched_tokens=opts.max_num_batched_tokens,
                         enable_chunked_prefill=opts.enable_chunked_prefill,
                         enable_prefix_caching=opts.enable_prefix_caching, choose_strategy=choose,
-                        predict_prefill_s=predict_prefill_s, step_s=step_s, layouts=available, contenders=picks)
+                        predict_prefill_s=predict_prefill_s, step_s=step_s, layouts=available, contenders=picks,
+                        watchdog_floor_s=opts.step_watchdog_floor_s)
 
 
 def kv_budget_gb(opts: EngineFields) -> float | None:

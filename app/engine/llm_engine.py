@@ -28,6 +28,8 @@ from placement.workers import Group
 from strategies.kv_cache import Chunk
 from strategies.layout import STRATEGY_NAMES, check_strategy
 
+WATCHDOG_FACTOR = 10.0  # a step may take this many times its predicted time (at least the floor) before it is hung
+
 
 @dataclass(eq=False)  # identity: ``seq in self.running`` must not compare every field
 class Sequence:
@@ -102,7 +104,8 @@ class LLMEngine:
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
                  choose_strategy: Callable[[list[int], list[int], list[int]], str] | None = None,
                  predict_prefill_s: Callable[[int], float] | None = None, step_s: float = 0.0,
-                 layouts: list[str] | None = None, contenders: list[str] | None = None):
+                 layouts: list[str] | None = None, contenders: list[str] | None = None,
+                 watchdog_floor_s: float = 30.0):
         self.group, self.tokenizer = group, tokenizer
         # Layouts built and offered (named strategies + the executable front), and those the planner prices per step
         self.layouts = layouts or list(STRATEGY_NAMES)
@@ -115,6 +118,10 @@ class LLMEngine:
         self.choose_strategy = choose_strategy or (lambda new, cached, decoding: "megatron")
         self.predict_prefill_s = predict_prefill_s or (lambda tokens: 0.0)  # the planner's, for load estimates
         self.step_s = step_s  # decode step seconds: the planner's guess until steps are measured
+        # The step watchdog (``EngineLoop``): a step running past its deadline means a hung worker
+        self.watchdog_floor_s = watchdog_floor_s
+        self.step_started: float | None = None  # perf_counter() while a step runs
+        self.step_deadline_s = watchdog_floor_s
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: holding blocks, prefilling or decoding, oldest first
         self.preemptions = 0
@@ -200,8 +207,14 @@ class LLMEngine:
             parts = [("megatron", chunks)]
         else:  # the prefill chunks by their strategy, then the decode tokens by megatron
             parts = [(strategy, chunks[:len(prefill)]), ("megatron", chunks[len(prefill):])]
-        t0 = time.perf_counter()
-        logits = self.group.call("step", parts)
+        prefill_tokens = sum(n for _, n in prefill)
+        predicted = (self.predict_prefill_s(prefill_tokens) if prefill_tokens else 0.0) + (self.step_s if decode else 0)
+        self.step_deadline_s = max(self.watchdog_floor_s, WATCHDOG_FACTOR * predicted)
+        t0 = self.step_started = time.perf_counter()
+        try:
+            logits = self.group.call("step", parts)
+        finally:
+            self.step_started = None
         took = time.perf_counter() - t0
         for seq, n in prefill:
             seq.strategy_tokens[strategy] = seq.strategy_tokens.get(strategy, 0) + n

@@ -6,6 +6,10 @@ sequence per step onto that request's asyncio queue. A caller that goes away (cl
 aborts its sequence, which frees its KV blocks at the next iteration. If a step fails (a shard worker died) the thread
 ends: every request it holds, and every one that arrives later, gets ``EngineFailed`` rather than waiting forever,
 and the replica reports itself unhealthy so Serve replaces it.
+
+A worker that hangs instead of dying (SIGSTOP, a stuck collective; one device has no collective to time out) would
+block the step for ever: a watchdog thread fails the engine the same way once a step has run past its deadline
+(``WATCHDOG_FACTOR`` times the planner's prediction for that step, at least ``watchdog_floor_s``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +26,11 @@ from app.engine.llm_engine import LLMEngine, Sequence
 from app.engine.messages import EngineFailed, EngineLoad, RequestError, SequenceFailed, Update, merge_updates
 
 POLL_S = 1.0  # how often a waiting caller checks that the engine thread still runs
+WATCHDOG_POLL_S = 0.25  # how often the watchdog looks at the running step
+
+
+class StepTimeout(RuntimeError):
+    """A step ran past its watchdog deadline: a worker hangs."""
 
 
 def update_of(seq: Sequence, sent: int) -> Update:
@@ -49,10 +59,13 @@ class EngineLoop:
         self.error: BaseException | None = None  # set when a step failed: the replica is unhealthy
         self._inbox: queue.Queue = queue.Queue()
         self._jobs: dict[int, _Job] = {}
+        self._failing = threading.Lock()
         self._stop = threading.Event()
         self.load: EngineLoad = engine.load()  # refreshed by the engine thread at every iteration
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
+        self._watchdog.start()
 
     @property
     def alive(self) -> bool:
@@ -123,9 +136,9 @@ class EngineLoop:
             try:
                 stepped = self.engine.step()
             except Exception as e:  # a dead worker or a bug: fail every request, report unhealthy
-                self.error = e
-                for job in self._jobs.values():
-                    self._send(job, EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
+                self._fail(e)
+                return
+            if self.error is not None:  # the watchdog gave up on this step: its requests were failed already
                 return
             for seq in stepped:
                 job = self._jobs.get(seq.id)
@@ -140,6 +153,25 @@ class EngineLoop:
                 if seq.finished:
                     del self._jobs[seq.id]
                 self._send(job, update)
+
+    def _watch(self) -> None:
+        """Fail the engine when a step outlives its deadline (the stepping thread is stuck in the call)."""
+        while not self._stop.is_set() and self.error is None and self._thread.is_alive():
+            started, deadline = self.engine.step_started, self.engine.step_deadline_s
+            if started is not None and time.perf_counter() - started > deadline:
+                self._fail(StepTimeout(f"an engine step ran past its watchdog deadline of {deadline:.1f} s: a shard "
+                                       "worker is hung"))
+                return
+            time.sleep(WATCHDOG_POLL_S)
+
+    def _fail(self, e: BaseException) -> None:
+        """Every request held gets ``EngineFailed``; the replica reports unhealthy from now on."""
+        with self._failing:
+            if self.error is not None:
+                return
+            self.error = e
+            for job in list(self._jobs.values()):
+                self._send(job, EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
 
     def _drain(self, block: bool) -> None:
         try:

@@ -152,24 +152,29 @@ def model_time(c: Candidate, shape: ModelShape, hw: Hardware, p: int, work: Work
     return w + n * a + (n - 1) * overlapped(comp, w, hw) + comp + ea + ec
 
 
-def resident_bytes(c: Candidate, shape: ModelShape, p: int, b: int) -> float:
-    """Weights per device for the whole model: the Megatron shards (decode reads them), a whole replica for a
-    replicated matrix (the shard is a view of its row: held once), a second shard sliced the other way for a
-    transposed one, the 2-layer gather buffer, embedding shards."""
+def resident_bytes(c: Candidate | list[Candidate], shape: ModelShape, p: int, b: int) -> float:
+    """Weights per device for the whole model, for one layout or for several held together (as an engine holds
+    every layout it offers): the Megatron shards (decode reads them), a whole replica for a matrix some layout
+    replicates (the shard is a view of its row: held once), a second shard sliced the other way for one some layout
+    transposes, the gather buffers (two layers of the most any layout gathers, plus its packed send buffer), the
+    embedding shards."""
+    layouts = c if isinstance(c, list) else [c]
     dims = matrix_dims(shape)
     per_layer = buffer = 0.0
-    for m, mode in c.modes().items():
+    for m in MATRICES:
         kn = dims[m][0] * dims[m][1]
+        modes = {x.modes()[m] for x in layouts}
         if p == 1:
             per_layer += kn
             continue
-        per_layer += kn if mode in HELD_WHOLE else kn / p
-        if transposed(m, mode):  # its other dimension by a p-th of the (padded) hidden size
+        per_layer += kn if modes & set(HELD_WHOLE) else kn / p
+        if any(transposed(m, mode) for mode in modes):  # its other dimension by a p-th of the padded hidden size
             per_layer += kn // shape.hidden_size * feature_width(shape.hidden_size, p) / p
-        buffer += 2 * kn if mode is Mode.GATHERED else 0
-    gathered = [m for m, mode in c.modes().items() if mode is Mode.GATHERED]
-    if p > 1 and gathered and not adjacent(gathered):  # packed into one send buffer for the one gather per layer
-        buffer += sum(dims[m][0] * dims[m][1] for m in gathered) / p
+    for x in layouts if p > 1 else []:
+        gathered = [m for m, mode in x.modes().items() if mode is Mode.GATHERED]
+        size = sum(dims[m][0] * dims[m][1] for m in gathered)
+        send = size / p if gathered and not adjacent(gathered) else 0  # packed for the one gather per layer
+        buffer = max(buffer, 2 * size + send)
     norms = 2 * shape.hidden_size
     return (shape.num_layers * (per_layer + norms) + buffer + shape.embedding_params / p) * b
 

@@ -128,12 +128,11 @@ def _validate(available: Iterable[str] | None) -> list[str]:
 def _memo(kind: str, key: object, compute: Callable[[], list[str]]) -> list[str]:
     """``compute()``, remembered on disk by ``key`` and the cost model's own source (searching the front and the grid
     takes seconds; every engine replica of a pool would repeat it at start)."""
-    from strategies.loader import cache_dir
-
     root = Path(__file__).parent
     code = b"".join(f.read_bytes() for f in sorted([*root.glob("*.py"), root.parent / "layout.py"]))
     digest = hashlib.sha256(code + json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = cache_dir() / "plans" / f"{kind}-{digest}.json"
+    cache = Path(os.environ.get("DYNPART_CACHE") or Path.home() / ".cache" / "dynpart")  # as strategies.loader
+    path = cache / "plans" / f"{kind}-{digest}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

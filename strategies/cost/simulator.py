@@ -19,15 +19,17 @@ from pydantic import BaseModel
 from strategies.cost.formulas import Work
 from strategies.cost.hardware import Hardware
 from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
-from strategies.cost.planner import (DEFAULT_UTILIZATION, decode_step_time, default_lengths, memory_row, plan,
-                                     plan_prefill)
+from strategies.cost.planner import (DEFAULT_UTILIZATION, decode_step_time, default_lengths, executable_layouts,
+                                     memory_row, plan, plan_prefill)
 from strategies.cost.search import STRATEGIES
 from strategies.cost.workloads import Request
-from strategies.layout import check_devices
+from strategies.layout import check_devices, parse_layout
 from strategies.shapes import ModelShape
 
-POLICIES = ("static:megatron", "static:weight_gathered", "static:projection_replicated", "dynamic")
+# ``dynamic`` picks among the three named strategies, ``dynamic:front`` among every layout of the executable front
+POLICIES = ("static:megatron", "static:weight_gathered", "static:projection_replicated", "dynamic", "dynamic:front")
 LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+REPLICA_SHARE = 0.6  # of the memory the Megatron shards leave, what a dynamic policy's replicas may take
 
 
 class Pool(BaseModel):
@@ -123,7 +125,7 @@ class _Replica:
         if len(self.strategies) == 1:
             name = self.strategies[0]
             padded = check_devices(self.shape, self.p).padded_shape(self.shape)
-            return name, model_time(STRATEGIES[name], padded, self.hw, self.p, Work.prefill(lengths))
+            return name, model_time(parse_layout(name), padded, self.hw, self.p, Work.prefill(lengths))
         ch = plan_prefill(self.shape, self.hw, self.p, lengths, available=self.strategies)
         return ch.strategy, ch.time_s
 
@@ -153,7 +155,7 @@ class _Replica:
 
 
 def _replicas(shape: ModelShape, pools: list[Pool], policy: str, max_batched_tokens: int, max_seqs: int,
-              utilization: float) -> list[_Replica]:
+              utilization: float, replica_share: float = REPLICA_SHARE) -> list[_Replica]:
     """Build each pool's replicas for a policy; ValueError when a static policy's strategy cannot run there."""
     out = []
     for pool in pools:
@@ -161,21 +163,34 @@ def _replicas(shape: ModelShape, pools: list[Pool], policy: str, max_batched_tok
         padded = check_devices(shape, p).padded_shape(shape)
         b = hw.bytes_per_element
         longest = Work.prefill(shape.max_position_embeddings)
-        fits = [n for n in STRATEGIES if memory_row(n, shape, hw, p, longest, utilization).feasible]
-        if policy == "dynamic":  # keep resident only what the planner would ever pick (buffers cost KV room)
+        offered = executable_layouts(shape, hw, p) if policy == "dynamic:front" else list(STRATEGIES)
+        fits = [n for n in offered if memory_row(n, shape, hw, p, longest, utilization).feasible]
+        work = Work.prefill(max_batched_tokens)
+
+        def held(names) -> float:  # resident weights of these layouts together, and the largest workspace
+            layouts = [parse_layout(n) for n in (*names, "megatron")]
+            return (resident_bytes(layouts, padded, p, b)
+                    + max(workspace_bytes(x, padded, p, work, b) for x in layouts))
+
+        if policy.startswith("dynamic"):  # keep resident only what the planner would ever pick (buffers cost KV room)
             top = max(max_batched_tokens, shape.max_position_embeddings)
-            chosen = {row.choice for row in plan(shape, hw, p, lengths=default_lengths(shape) + [top],
-                                                 available=fits, utilization=utilization).lengths}
-            names = tuple(n for n in fits if n in chosen | {"megatron"})
+            rows = plan(shape, hw, p, lengths=default_lengths(shape) + [top], available=fits,
+                        utilization=utilization).lengths
+            names: tuple[str, ...] = ("megatron",)
+            base = held(names)
+            # Replicas and buffers may take at most ``replica_share`` of what the Megatron shards leave, the rest
+            # stays KV cache (an engine pool's replica_budget_gb): one sequence fitting is not enough under load.
+            room = base + replica_share * (hw.memory_gb * 1e9 * utilization - base)
+            for n in dict.fromkeys(r.choice for r in rows):  # by length, while they fit together
+                if n not in names and held((*names, n)) <= room:
+                    names += (n,)
         else:
             names = (policy.removeprefix("static:"),)
         if not set(names) <= set(fits) or not names:
             raise ValueError(f"{names[0] if names else 'no strategy'} does not fit {shape.name} on {p}×{hw.name} "
                              f"with room for one {longest.tokens}-token sequence")
-        base = resident_bytes(STRATEGIES["megatron"], padded, p, b)
-        resident = base + sum(resident_bytes(STRATEGIES[n], padded, p, b) - base for n in names)
-        work = Work.prefill(max_batched_tokens)
-        ws = max(workspace_bytes(STRATEGIES[n], padded, p, work, b) for n in (*names, "megatron"))
+        resident = resident_bytes([parse_layout(n) for n in (*names, "megatron")], padded, p, b)
+        ws = max(workspace_bytes(parse_layout(n), padded, p, work, b) for n in (*names, "megatron"))
         kv = int((hw.memory_gb * 1e9 * utilization - resident - ws) / (padded.kv_bytes_per_token(b) / p))
         for i in range(pool.replicas):
             out.append(_Replica(f"{p}x{hw.name}#{i}", shape, hw, p, names, kv, max_batched_tokens, max_seqs))
