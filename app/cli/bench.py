@@ -63,9 +63,10 @@ def _strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="16,64,256,1024,4096", help="prompt lengths (comma-separated)")
     p.add_argument("--budget", type=float, default=60.0, help="seconds per length after which repeats stop (min 3)")
     p.add_argument("--no-handoff", action="store_true", help="skip the K/V handoff between two groups")
-    p.add_argument("--layouts", choices=["named", "contenders", "front"], default="named",
-                   help="measure the three named strategies, the layouts the engine's planner picks from "
-                        "(contenders), or every layout of the executable Pareto front")
+    p.add_argument("--layouts", default="named",
+                   help="named (the three strategies), contenders (the layouts the engine's planner picks from), "
+                        "front (every layout of the executable Pareto front), or strategy names and layout labels "
+                        "separated by ';'")
 
 
 def _repeats(args) -> int:
@@ -124,11 +125,13 @@ def _measure_strategies(args: argparse.Namespace) -> dict:
 def _layouts(args: argparse.Namespace) -> list[str]:
     from strategies.cost import get_hardware
     from strategies.cost.planner import contenders, executable_layouts
-    from strategies.layout import STRATEGY_NAMES
+    from strategies.layout import STRATEGY_NAMES, check_strategy
     from strategies.loader import Checkpoint
 
     if args.layouts == "named":
         return list(STRATEGY_NAMES)
+    if args.layouts not in ("contenders", "front"):
+        return [check_strategy(x.strip()) for x in args.layouts.split(";") if x.strip()]
     shape, hw = Checkpoint(args.model).shape, get_hardware(getattr(args, "hardware", "cpu"))
     front = executable_layouts(shape, hw, args.devices)
     return front if args.layouts == "front" else contenders(shape, hw, args.devices, front, 4096)

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot", type=float, default=0.1, help="time-per-output-token objective, seconds")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hardware-file", action="append", default=[], help="extra hardware catalog JSON")
+    p.add_argument("--replica-share", type=float, default=0.6,
+                   help="of the memory the Megatron shards leave, the share a dynamic policy's replicas may take "
+                        "(the rest stays KV cache; an engine pool's replica_budget_gb)")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -153,7 +156,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for pool in pools:
         check_devices(shape, pool.devices)
     reqs = workload(args.workload, args.requests, args.rate, args.seed, shape.max_position_embeddings)
-    rep = simulate(shape, pools, reqs, slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
+    rep = simulate(shape, pools, reqs, slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
+                   replica_share=args.replica_share)
     if args.json:
         print(json.dumps(rep.model_dump(exclude={"policies": {"__all__": {"records"}}}), indent=2))
         return 0

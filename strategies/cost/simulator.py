@@ -210,12 +210,12 @@ def _percentiles(xs: list[float]) -> Percentiles | None:
 
 def run_policy(shape: ModelShape, pools: list[Pool], requests: list[Request], policy: str, slo: SLO = SLO(),
                max_batched_tokens: int = 4096, max_seqs: int = 256,
-               utilization: float = DEFAULT_UTILIZATION) -> PolicyResult:
+               utilization: float = DEFAULT_UTILIZATION, replica_share: float = REPLICA_SHARE) -> PolicyResult:
     """Replay ``requests`` under one policy; event-driven over arrivals and iteration completions."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: use {list(POLICIES)}")
     try:
-        reps = _replicas(shape, pools, policy, max_batched_tokens, max_seqs, utilization)
+        reps = _replicas(shape, pools, policy, max_batched_tokens, max_seqs, utilization, replica_share)
     except ValueError as e:
         return PolicyResult(policy=policy, runnable=False, reason=str(e))
     seq = itertools.count()
