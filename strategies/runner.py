@@ -97,17 +97,17 @@ class ShardRunner:
                 rows = self._collect_rows(hidden, run.tok, batch, all_logits)
             return lm_head_logits(self.comm, self.weights.lm_head, rows, self.shape.vocab_size)
 
-    def collectives(self, chunks: list[Chunk], strategy: str) -> list[tuple[str, int]]:
-        """The collectives one serving forward pass of ``strategy`` issues, as (kind, bytes of the whole tensor), in
-        order: what the cost model's op list for the same work must name."""
+    def collectives(self, chunks: list[Chunk], strategy: str) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+        """One serving forward pass of ``strategy``: its logits, and the collectives it issued as (kind, bytes of the
+        whole tensor) in order: what the cost model's op list for the same work must name."""
         self.sources.prepare([parse_layout(strategy)])  # replicas are built once, not part of a pass
         counting, inner = CountingComm(self.comm), self.comm
         self.comm = self.sources.comm = counting
         try:
-            self.forward(chunks, strategy)
+            logits = self.forward(chunks, strategy)
         finally:
             self.comm = self.sources.comm = inner
-        return counting.calls
+        return logits, counting.calls
 
     def step(self, parts: list[tuple[str, list[Chunk]]]) -> torch.Tensor:
         """An engine step: each part's chunks in one pass by its strategy (prefill chunks by the planner's pick, decode
