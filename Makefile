@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: bench-kv install model serve test test-fast bench bench-throughput flood clean
+.PHONY: bench-kv bench-layouts install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -63,7 +63,7 @@ bench: model
 	$(BIN)/python -m load_tests.compare --config load_tests/compare_config.yaml --workload long-document \
 		--num-requests 16 --rate 0.3 --scale 0.25 --slo-ttft-ms 4000 --slo-tpot-ms 400 --out $(BENCH)/long-document
 	$(BIN)/python -m load_tests.overhead --repeats 5 | tee $(BENCH)/overhead.txt
-	$(MAKE) bench-throughput flood bench-kv
+	$(MAKE) bench-throughput flood bench-kv bench-layouts
 
 # KV memory on the in-process engine with the shipped short pool's options: sequences held under a fixed KV budget
 # (paged vs slots), decode batching, chunked prefill against whole prompts, a cached prefix against none (~10 min);
@@ -75,6 +75,16 @@ bench-kv: model
 		| tee $(BENCH)/kv_memory.txt
 	$(BIN)/python -m load_tests.token_order --lengths 1024,2048,4096 --repeats 3 --out $(BENCH)/token_order.json \
 		| tee $(BENCH)/token_order.txt
+
+# Every layout of SmolLM2's executable front (41 at p = 2) at six lengths the calibration never saw, predicted against
+# measured (~15 min), then the long-prompt contenders again with 3 repeats (~6 min): BENCHMARKS.md "Layouts".
+LONG_LAYOUTS := megatron;projection_replicated;weight_gathered;residual=TOK qkv=col attn=heads o=row gate_up=replicated down=replicated;residual=TOK qkv=col attn=heads o=gathered gate_up=replicated down=replicated;residual=TOK qkv=col attn=heads o=replicated gate_up=replicated down=replicated
+bench-layouts: model
+	mkdir -p $(BENCH)
+	$(BIN)/dynpart bench accuracy --devices 2 --layouts front --lengths 24,80,240,720,1600,3200 --repeats 1 \
+		--no-handoff | tee $(BENCH)/accuracy-front.txt
+	$(BIN)/dynpart bench accuracy --devices 2 --layouts "$(LONG_LAYOUTS)" --lengths 1600,3200 --repeats 3 \
+		--no-handoff | tee $(BENCH)/accuracy-long.txt
 
 # The service against its own engine at concurrency 1-32 (streaming and not, 3 repeats, order rotated; ~30 min), and
 # a flood of 120 requests at once with a 180 s client timeout, both on the shipped serve_config.yaml.
