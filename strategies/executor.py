@@ -15,6 +15,7 @@ there, so the handoff from any prefill layout is free.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,14 @@ class LayoutPass:
                  cos: torch.Tensor, sin: torch.Tensor, balanced: bool = True):
         self.c, self.w, self.comm, self.cache, self.batch = c, w, comm, cache, batch
         self.p, self.r = comm.world_size, comm.rank
-        self.cos, self.sin = cos, sin
-        self.tok = TokenShards(batch.ids.shape[0], self.p, self.r, balanced, batch.ids.device)
+        self.cos, self.sin, self.balanced = cos, sin, balanced
         prefixes = [ctx[:sp.cached] for sp, ctx in zip(batch.spans, batch.contexts) if ctx is not None]
         self.prefix_slots = torch.cat(prefixes) if prefixes else None
+
+    @cached_property
+    def tok(self) -> TokenShards:
+        """The pass's token split, built only by a layout that shards tokens (not on a megatron decode step)."""
+        return TokenShards(self.batch.ids.shape[0], self.p, self.r, self.balanced, self.batch.ids.device)
 
     # -- the state transitions: the only collectives of a layer besides attention's K/V ------------------------------
 
@@ -48,9 +53,9 @@ class LayoutPass:
 
     def move(self, x: torch.Tensor, state: str, need: str, width: int) -> torch.Tensor:
         """``x`` (logical width ``width``) from ``state`` into ``need``."""
-        p, r, tok, comm = self.p, self.r, self.tok, self.comm
         if state == need:
             return x
+        p, r, tok, comm = self.p, self.r, self.tok, self.comm
         if (state, need) == (REP, TOK):  # free: my rows
             return tok.local(x)
         if (state, need) == (REP, FEAT):  # free: my features

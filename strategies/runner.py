@@ -72,9 +72,12 @@ class ShardRunner:
         """The longest run of ``strategies``, in order, skipping any that would not fit, whose replicas and transposed
         shards fit the budget together (nothing is built)."""
         kept: list[str] = []
+        held: list = []  # their layouts
         for s in strategies:
-            if self.sources.fits([parse_layout(x) for x in (*kept, s)]):
+            layout = parse_layout(s)
+            if self.sources.fits([*held, layout]):
                 kept.append(s)
+                held.append(layout)
         return kept
 
     # -- what the driver calls -------------------------------------------------------------------------------------

@@ -167,10 +167,13 @@ def _replicas(shape: ModelShape, pools: list[Pool], policy: str, max_batched_tok
         fits = [n for n in offered if memory_row(n, shape, hw, p, longest, utilization).feasible]
         work = Work.prefill(max_batched_tokens)
 
-        def held(names) -> float:  # resident weights of these layouts together, and the largest workspace
+        def weights_and_workspace(names) -> tuple[float, float]:  # these layouts held together; largest workspace
             layouts = [parse_layout(n) for n in (*names, "megatron")]
-            return (resident_bytes(layouts, padded, p, b)
-                    + max(workspace_bytes(x, padded, p, work, b) for x in layouts))
+            return (resident_bytes(layouts, padded, p, b),
+                    max(workspace_bytes(x, padded, p, work, b) for x in layouts))
+
+        def held(names) -> float:
+            return sum(weights_and_workspace(names))
 
         if policy.startswith("dynamic"):  # keep resident only what the planner would ever pick (buffers cost KV room)
             top = max(max_batched_tokens, shape.max_position_embeddings)
@@ -189,8 +192,7 @@ def _replicas(shape: ModelShape, pools: list[Pool], policy: str, max_batched_tok
         if not set(names) <= set(fits) or not names:
             raise ValueError(f"{names[0] if names else 'no strategy'} does not fit {shape.name} on {p}×{hw.name} "
                              f"with room for one {longest.tokens}-token sequence")
-        resident = resident_bytes([parse_layout(n) for n in (*names, "megatron")], padded, p, b)
-        ws = max(workspace_bytes(parse_layout(n), padded, p, work, b) for n in (*names, "megatron"))
+        resident, ws = weights_and_workspace(names)
         kv = int((hw.memory_gb * 1e9 * utilization - resident - ws) / (padded.kv_bytes_per_token(b) / p))
         for i in range(pool.replicas):
             out.append(_Replica(f"{p}x{hw.name}#{i}", shape, hw, p, names, kv, max_batched_tokens, max_seqs))
