@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: bench-kv bench-layouts install model serve test test-fast bench bench-throughput flood clean
+.PHONY: chaos soak bench-kv bench-layouts install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -97,6 +97,17 @@ flood: model
 	mkdir -p $(BENCH)
 	$(BIN)/python -m load_tests.flood --config serve_config.yaml --requests 120 --max-tokens 48 --timeout 180 \
 		--out $(BENCH)/flood.json | tee $(BENCH)/flood.txt
+
+# Faults under load (RELIABILITY.md): the shipped config with two ingress replicas and two replicas of `long`; each
+# fault hits one replica while 16 streams run, then the pool must be whole again. About 10 minutes.
+chaos: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.chaos --config serve_config.yaml | tee $(BENCH)/chaos.txt
+
+# 1,000 mixed requests on the shipped config (RELIABILITY.md): every one accounted for, memory growth under 5%.
+soak: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.soak --config serve_config.yaml --requests 1000 | tee $(BENCH)/soak.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,6 +4,10 @@ For every policy (``dynamic`` and ``static:<strategy>``) the Serve application o
 with that policy (its builder's ``policy`` argument), warmed up, and loaded with the identical request list. The
 table gives each policy's figures and their ratios against ``static:megatron`` measured in the same run; plots of
 the latency CDFs and of TTFT against prompt length are written next to the JSON/CSV results.
+
+``--repeats N`` runs N rounds; round r runs the policy list rotated by r, so no policy always runs first (warm-up,
+caches and machine drift then fall on every policy in turn). The table then shows each policy's median over rounds
+and its per-round ratios to the baseline as ``median [min–max]``, marked ✓ only where that spread does not cover 1.0.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import argparse
 import asyncio
 import importlib
 import os
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,20 +81,96 @@ def deploy(url: str, import_path: str, args: dict, name: str) -> None:
     wait_ready(url)
 
 
+# The figures compared, one table row each: a label and how to read it off a Summary (None where not measured).
+METRICS: list[tuple[str, Callable[[Summary], float | None]]] = [
+    ("TTFT p50", lambda s: s.ttft_ms and s.ttft_ms.p50), ("TTFT p90", lambda s: s.ttft_ms and s.ttft_ms.p90),
+    ("TPOT p50", lambda s: s.tpot_ms and s.tpot_ms.p50), ("E2E p50", lambda s: s.e2e_ms and s.e2e_ms.p50),
+    ("E2E p90", lambda s: s.e2e_ms and s.e2e_ms.p90), ("req/s", lambda s: s.request_throughput),
+    ("goodput", lambda s: s.goodput)]
+
+
+def _header(names: list[str]) -> list[str]:
+    return ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+
 def ratio_table(results: dict[str, Summary]) -> str:
     base = results.get(BASELINE)
-    rows = [("TTFT p50", lambda s: s.ttft_ms and s.ttft_ms.p50), ("TTFT p90", lambda s: s.ttft_ms and s.ttft_ms.p90),
-            ("TPOT p50", lambda s: s.tpot_ms and s.tpot_ms.p50), ("E2E p50", lambda s: s.e2e_ms and s.e2e_ms.p50),
-            ("E2E p90", lambda s: s.e2e_ms and s.e2e_ms.p90), ("req/s", lambda s: s.request_throughput),
-            ("goodput", lambda s: s.goodput)]
     names = list(results)
-    lines = [f"| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, get in rows:
+    lines = _header(names)
+    for label, get in METRICS:
         cells = []
         for n in names:
             v, b = get(results[n]), get(base) if base else None
             cells.append("-" if v is None else f"{v:.4g}" + (f" ({v / b:.2f}x)" if b else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rotated(policies: list[str], r: int) -> list[str]:
+    """The order of round ``r``: the list rotated left by ``r``, so each policy takes every position in turn and
+    whatever favours an early (or late) slot is not credited to one policy."""
+    if not policies:
+        return []
+    k = r % len(policies)
+    return policies[k:] + policies[:k]
+
+
+def run_label(policy: str, r: int, repeats: int) -> str:
+    """File label of one (policy, round); a single round keeps the old label so existing result names stay valid."""
+    label = policy.replace(":", "_")
+    return label if repeats == 1 else f"{label}_r{r}"
+
+
+def same_side_of_one(ratios: list[float]) -> bool:
+    """True where every ratio is above 1 or every ratio is below 1, i.e. the spread does not cover "no difference".
+
+    At least two ratios are required: one round has no spread, so it cannot show that a difference is not noise."""
+    return len(ratios) >= 2 and (all(x > 1.0 for x in ratios) or all(x < 1.0 for x in ratios))
+
+
+def spread_cell(values: list[float], ratios: list[float] | None) -> str:
+    """``median`` of the values, then for a non-baseline policy ``(medianx [min–max])`` of its per-round ratios."""
+    if not values:
+        return "-"
+    cell = f"{statistics.median(values):.4g}"
+    if ratios:
+        cell += f" ({statistics.median(ratios):.2f}x [{min(ratios):.2f}–{max(ratios):.2f}])"
+        cell += " ✓" if same_side_of_one(ratios) else ""
+    return cell
+
+
+def round_values(rounds: list[dict[str, Summary]], name: str,
+                 get: Callable[[Summary], float | None]) -> tuple[list[float], list[float]]:
+    """One policy's values over the rounds, and its ratios to the baseline of the same round.
+
+    Ratios are taken within a round because rounds differ (order, drift); a round where either figure is missing
+    (or the baseline's is 0) gives no ratio."""
+    values, ratios = [], []
+    for rnd in rounds:
+        v = get(rnd[name]) if name in rnd else None
+        if v is None:
+            continue
+        values.append(v)
+        b = get(rnd[BASELINE]) if BASELINE in rnd else None
+        if b:
+            ratios.append(v / b)
+    return values, ratios
+
+
+def spread_table(rounds: list[dict[str, Summary]]) -> str:
+    """The ratio table over several rounds: medians, per-round ratio ranges, and ✓ where a difference can be claimed.
+
+    Columns follow the first appearance of each policy (round 0 is the list as given)."""
+    names = list(dict.fromkeys(n for rnd in rounds for n in rnd))
+    lines = _header(names)
+    for label, get in METRICS:
+        cells = []
+        for n in names:
+            values, ratios = round_values(rounds, n, get)
+            cells.append(spread_cell(values, None if n == BASELINE else ratios))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(f"\n{len(rounds)} rounds: median value; ratio to {BASELINE} of the same round as median [min–max]; "
+                 "✓ where every round's ratio is on the same side of 1.")
     return "\n".join(lines)
 
 
@@ -125,30 +206,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="serve_config.yaml")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) before each policy's run")
+    p.add_argument("--repeats", type=int, default=1, help="rounds, each with the policy order rotated by one more")
     add_workload_args(p)
     args = p.parse_args(argv)
-
-    from ray import serve
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
 
     import_path, app_args, http = load_app_spec(args.config)
     reqs, prompts = build_requests(args)
     out = Path(args.out)
-    summaries, runs = {}, {}
+    policies = args.policies.split(",")
+    rounds: list[dict[str, Summary]] = []
+    runs: dict[str, list] = {}
     with local_serve(int(http.get("port", 8000))) as url:
-        for policy in args.policies.split(","):
-            deploy(url, import_path, {**app_args, "policy": policy}, "dynpart")
-            asyncio.run(_warmup(url, args.model, prompts[: args.warmup]))
-            records, duration = asyncio.run(_load(url, args, reqs, prompts))
-            label = policy.replace(":", "_")
-            result = write_results(out, label, records, duration, slo_of(args))
-            summaries[policy], runs[policy] = Summary(**result["summary"]), records
-            print(format_summary(policy, summaries[policy]), flush=True)
-            serve.delete("dynpart")
-    table = ratio_table(summaries)
-    (out / "compare.md").write_text(table + "\n")
-    plot(out, runs)
+        for r in range(args.repeats):
+            summaries: dict[str, Summary] = {}
+            for policy in rotated(policies, r):
+                summaries[policy], records = _run_policy(url, args, import_path, app_args, policy, reqs, prompts,
+                                                         run_label(policy, r, args.repeats))
+                # The plot shows round 0's records: that round runs the list as given, so with N == 1 the plot is the
+                # same as before and with N > 1 each curve is one run rather than rounds of different order pooled.
+                runs.setdefault(policy, records)
+                print(f"[round {r}] " + format_summary(policy, summaries[policy]), flush=True)
+            rounds.append({n: summaries[n] for n in policies})  # the given order, whatever order the round ran in
+    table = ratio_table(rounds[0]) if args.repeats == 1 else spread_table(rounds)
+    (out / "compare.md").write_text(table + "\n", encoding="utf-8")
+    plot(out, {n: runs[n] for n in policies})
     print(table)
     return 0
+
+
+def _run_policy(url: str, args: argparse.Namespace, import_path: str, app_args: dict, policy: str, reqs, prompts,
+                label: str) -> tuple[Summary, list]:
+    """Deploy one policy, warm it up, load it, write its results under ``label``, and take it down again."""
+    from ray import serve
+
+    deploy(url, import_path, {**app_args, "policy": policy}, "dynpart")
+    asyncio.run(_warmup(url, args.model, prompts[: args.warmup]))
+    records, duration = asyncio.run(_load(url, args, reqs, prompts))
+    result = write_results(Path(args.out), label, records, duration, slo_of(args))
+    serve.delete("dynpart")
+    return Summary(**result["summary"]), records
 
 
 async def _load(url, args, reqs, prompts):

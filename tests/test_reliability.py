@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 
@@ -21,11 +20,14 @@ from conftest import deployed, grpc_stub, http_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from load_tests.chaos import rss_mb
+from load_tests.soak import ended, mixed_requests
+
 APP, ROUTE, MODEL, POOL = "reliability", "/rel", "tiny-chat", "p2"
 POLICY = "static:weight_gathered"  # the static policy the load tests compare against: every prefill token-sharded
 MAX_TOKENS_LIMIT, MAX_BODY = 256, 64 * 1024
-FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 400))
-SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 200))
+FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 300))
+SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 120))
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
@@ -364,84 +366,26 @@ def test_fuzzed_requests_never_get_a_5xx(rel, http):
 
 # -- soak -------------------------------------------------------------------------------------------------------------
 
-def rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return total / 1024
-
-
-async def mixed_requests(base: str, n: int, concurrency: int, seed: int = 0) -> dict[str, int]:
-    """``n`` short requests of every kind, ``concurrency`` at a time; returns how each ended. Anything but 200,
-    an explicit 503 (with retry-after) or the 400 of a deliberately bad request fails the soak."""
-    rng = random.Random(seed)
-    outcomes: dict[str, int] = {}
-    gate = asyncio.Semaphore(concurrency)
-
-    async def post(c: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
-        """As a polite client does: on 503 wait ``retry-after`` and try again (50 tries at most)."""
-        for _ in range(50):
-            async with gate:
-                r = await c.post(path, json=body)
-            if r.status_code != 503:
-                return r
-            assert r.headers["retry-after"] and assert_openai_error(r)["type"] == "overloaded_error"
-            outcomes["503 (retried)"] = outcomes.get("503 (retried)", 0) + 1
-            await asyncio.sleep(float(r.headers["retry-after"]) * rng.uniform(0.2, 1.0))
-        return r
-
-    async def one(c: httpx.AsyncClient, i: int) -> None:
-        kind = rng.choice(["completion", "completion", "chat", "stream", "chat-stream", "bad"])
-        mt = rng.randint(1, 8)
-        if kind.startswith("chat"):
-            path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Say {i}"}]}
-        else:
-            path, body = "/v1/completions", {"prompt": "word " * rng.randint(1, 60)}
-        body = {"model": MODEL, "max_tokens": mt, "temperature": rng.choice([0, 0.8]), "ignore_eos": True, **body,
-                "stream": kind.endswith("stream")}
-        if kind == "bad":
-            body["top_k"] = -1
-        r = await post(c, path, body)
-        if r.status_code == 200 and body["stream"]:
-            events = [line for line in r.text.splitlines() if line.startswith("data: ")]
-            assert events[-1] == "data: [DONE]", r.text
-            outcome = "200-stream"
-        elif r.status_code == 200:
-            assert r.json()["usage"]["completion_tokens"] == mt, r.text
-            outcome = "200"
-        elif r.status_code == 503:
-            outcome = "503"  # still refused after 50 tries
-        else:
-            assert r.status_code == 400 and kind == "bad", (r.status_code, r.text)
-            outcome = "400"
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
-    async with httpx.AsyncClient(base_url=base, timeout=120) as c:
-        await asyncio.gather(*(one(c, i) for i in range(n)))
-    return outcomes
-
-
 @pytest.mark.slow
 def test_soak_accounts_for_every_request_and_leaks_nothing(rel, http):
-    """Mixed short requests at 8 at a time, twice the replica's 2 running + 2 queued: every one ends 200, 400 (bad on
-    purpose) or 503 with retry-after (retried as it says); afterwards no KV block is held and the replica's memory
-    has not grown."""
+    """Mixed short requests (some streamed, some cancelled by their client, some invalid) 8 at a time, twice the
+    replica's 2 running + 2 queued: every one ends 200, cancelled, 400 (invalid on purpose) or 503 with retry-after
+    (retried as it says); afterwards no KV block is held and the replica's memory has not grown."""
     base = f"http://127.0.0.1:{rel['http']}{ROUTE}"
-    asyncio.run(mixed_requests(base, 40, 8, seed=1))  # warm up every path before the baseline
+    asyncio.run(mixed_requests(base, 40, 8, MODEL, seed=1))  # warm up every path before the baseline
     assert wait_until(idle, 30)
     pids = replica_info()["pids"]
     before = rss_mb(pids)
     t0 = time.monotonic()
-    outcomes = asyncio.run(mixed_requests(base, SOAK_REQUESTS, 8, seed=2))
+    outcomes = asyncio.run(mixed_requests(base, SOAK_REQUESTS, 8, MODEL, seed=2))
     elapsed = time.monotonic() - t0
-    assert sum(v for k, v in outcomes.items() if k != "503 (retried)") == SOAK_REQUESTS, outcomes
-    assert outcomes.get("503 (retried)", 0) > 0, outcomes  # the load really was past the queue limit
+    assert ended(outcomes) == SOAK_REQUESTS and not [k for k in outcomes if k.startswith("unexpected")], outcomes
+    assert outcomes["503 (retried)"] > 0 and outcomes["cancelled"] > 0, outcomes  # past the queue limit; cancels
     assert wait_until(idle, 30), replica_info()
     after = rss_mb(pids)
-    print(f"soak: {SOAK_REQUESTS} requests in {elapsed:.1f} s at concurrency 8: {outcomes}; "
+    print(f"soak: {SOAK_REQUESTS} requests in {elapsed:.1f} s at concurrency 8: {dict(outcomes)}; "
           f"RSS of replica + workers {before:.0f} -> {after:.0f} MB")
-    assert outcomes.get("200", 0) + outcomes.get("200-stream", 0) > SOAK_REQUESTS // 2, outcomes
+    assert outcomes["200"] + outcomes["200-stream"] > SOAK_REQUESTS // 2, outcomes
     assert after < before * 1.10 + 50, (before, after)
     assert replica_info()["pids"] == pids  # nothing crashed and restarted on the way
 
@@ -463,30 +407,12 @@ def recovered(http: httpx.Client, old_pids: list[int]):
 
 @pytest.mark.slow
 def test_a_killed_shard_worker_fails_its_requests_fast_and_the_replica_is_replaced(rel, http, stub):
-    """SIGKILL rank 1 mid-stream: the stream ends with an in-band error at once; later requests get 503 until Serve
-    (health check) replaces the replica, whose new workers serve. Then the same for rank 0 under a gRPC call."""
+    """SIGKILL rank 0 of the pool's only replica under a gRPC call: UNAVAILABLE at once (nowhere to retry it); new
+    requests get 503 with retry-after until Serve (health check) replaces the replica, whose new workers serve.
+    (Faults under load, with a second replica to retry on: tests/test_chaos.py.)"""
     from app.serve.protos import dynpart_pb2 as pb
 
     pids = replica_info()["pids"]
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS_LIMIT, "stream": True, **GREEDY}
-    with http.stream("POST", "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-        t0 = time.monotonic()
-        os.kill(pids[2], signal.SIGKILL)  # rank 1
-        rest = [line for line in lines if line.startswith("data: ")]
-    failed_after = time.monotonic() - t0
-    assert '"error"' in rest[-2] and "replaced" in rest[-2] and rest[-1] == "data: [DONE]", rest[-3:]
-    assert failed_after < 10, failed_after
-    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "now?", "max_tokens": 4})
-    assert r.status_code == 503 and r.headers["retry-after"], r.text  # the broken replica refuses, explicitly
-    t1 = time.monotonic()
-    info = wait_until(lambda: recovered(http, pids), 120, every=1)
-    assert info, "the replica was not replaced"
-    print(f"fault 1: stream failed {failed_after:.2f} s after the kill; replaced and serving after "
-          f"{time.monotonic() - t1:.1f} s")
-
-    pids = info["pids"]
     call = stub.Generate.future(pb.GenerateRequest(prompt="Once", max_tokens=MAX_TOKENS_LIMIT, ignore_eos=True),
                                 metadata=META)
     assert wait_until(lambda: replica_info()["seqs_in_use"] == 1, 10, every=0.05)
@@ -497,7 +423,11 @@ def test_a_killed_shard_worker_fails_its_requests_fast_and_the_replica_is_replac
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
     failed_after = time.monotonic() - t0
     assert failed_after < 10
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "now?", "max_tokens": 4})
+    assert r.status_code == 503 and r.headers["retry-after"], r.text  # the broken replica takes nothing, explicitly
+    t1 = time.monotonic()
     info = wait_until(lambda: recovered(http, pids), 120, every=1)
     assert info, "the replica was not replaced"
-    print(f"fault 2: gRPC call failed UNAVAILABLE {failed_after:.2f} s after the kill; replaced")
+    print(f"fault: gRPC call failed UNAVAILABLE {failed_after:.2f} s after the kill; replaced and serving after "
+          f"{time.monotonic() - t1:.1f} s")
     assert wait_until(idle, 30)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -26,8 +28,6 @@ from strategies.loader import Checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-
 def fitting(shape, layouts: list[str], budget_gb: float, p: int = 2) -> list[str]:
     """The layouts a pool's workers build, in order, while their extras fit the replica budget together (the cost
     model's memory equals what workers hold within 3%: tests/test_layouts.py)."""
@@ -39,7 +39,33 @@ def fitting(shape, layouts: list[str], budget_gb: float, p: int = 2) -> list[str
             kept.append(name)
     return kept
 
+
+def stream_in_background(url: str, lines: list[str]) -> tuple[threading.Event, threading.Thread]:
+    """Start a streamed completion in a thread collecting its ``data:`` lines (or the transport error); the event is
+    set once the first line arrived (or the stream failed)."""
+    first = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "smollm2-135m", "prompt": "Count to twenty:", "max_tokens": 32, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        first.set()
+        except httpx.HTTPError as e:
+            lines.append(f"transport error: {e!r}")
+        first.set()
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    return first, thread
+
+
+@pytest.mark.slow
 def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
+    """The README's main job answers, routes, and on Ctrl-C lets a stream in flight finish (graceful_shutdown_s)."""
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     http = free_port()
     cfg["http_options"]["port"], cfg["grpc_options"]["port"] = http, free_port()
@@ -54,6 +80,15 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         assert r.headers["x-dynpart-pool"] == "short" and r.headers["x-dynpart-strategy"] == "megatron"
         demo = [sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"]
         out = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        streamed: list[str] = []
+        first, streaming = stream_in_background(url, streamed)
+        assert first.wait(60)
+        ctrl_c = time.monotonic()
+    # Ctrl-C came with the stream in flight: it finished before the service stopped
+    streaming.join(30)
+    assert streamed[-1] == "data: [DONE]" and '"finish_reason": "length"' in streamed[-2], streamed[-3:]
+    print(f"Ctrl-C with a stream in flight: it finished, {len(streamed)} events; stopped after "
+          f"{time.monotonic() - ctrl_c:.1f} s")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {r["pool"] for r in rows if r["kind"] == "short"} == {"short"}

@@ -54,8 +54,8 @@ class _Job:
 class EngineLoop:
     """The engine's thread. ``submit`` starts a request and yields its updates until it finishes."""
 
-    def __init__(self, engine: LLMEngine, name: str = "engine"):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, name: str = "engine", replica: str = ""):
+        self.engine, self.replica = engine, replica
         self.error: BaseException | None = None  # set when a step failed: the replica is unhealthy
         self._inbox: queue.Queue = queue.Queue()
         self._jobs: dict[int, _Job] = {}
@@ -108,7 +108,7 @@ class EngineLoop:
 
     def _check(self) -> None:
         if not self.alive:
-            raise EngineFailed(f"engine stopped: {self.error!r}" if self.error else "engine stopped")
+            raise EngineFailed(f"engine stopped: {self.error!r}" if self.error else "engine stopped", self.replica)
 
     async def _next(self, job: _Job) -> Any:
         """The job's next item; if the thread has died meanwhile (with this job never started, or its failure
@@ -171,7 +171,7 @@ class EngineLoop:
                 return
             self.error = e
             for job in list(self._jobs.values()):
-                self._send(job, EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
+                self._send(job, EngineFailed(f"engine step failed: {type(e).__name__}: {e}", self.replica))
 
     def _drain(self, block: bool) -> None:
         try:

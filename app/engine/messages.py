@@ -21,7 +21,15 @@ class SequenceFailed(RuntimeError):
 
 
 class EngineFailed(RuntimeError):
-    """The engine thread stopped (a step raised, e.g. a shard worker died): the request cannot finish here."""
+    """The engine thread stopped (a step raised, e.g. a shard worker died): the request cannot finish here.
+    ``replica``: the Serve replica whose engine failed (the ingress stops routing to it and retries elsewhere)."""
+
+    def __init__(self, message: str, replica: str = ""):
+        super().__init__(message)
+        self.replica = replica
+
+    def __reduce__(self):  # crosses processes with its replica (Ray pickles it into a RayTaskError)
+        return type(self), (str(self), self.replica)
 
 
 class Handoff(BaseModel):
@@ -56,6 +64,8 @@ class EngineLoad:
     total_blocks: int = 0
     prefix_hit_rate: float = 0.0  # prompt tokens found in the prefix cache, of all looked up
     preemptions: int = 0  # sequences preempted (and recomputed) so far
+    replica: str = ""  # the Serve replica reporting (set by its shell)
+    failed: bool = False  # its engine stopped: routers skip it until Serve replaces it
 
 
 @dataclass

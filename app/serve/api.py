@@ -30,6 +30,7 @@ class DynpartUsage(BaseModel):
     tpot_ms: float | None
     devices: int
     cached_tokens: int = 0  # prompt tokens served from the replica's prefix cache
+    retries: int = 0  # times it was started again elsewhere because its replica failed before its first token
 
 
 class Usage(BaseModel):

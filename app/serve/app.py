@@ -2,8 +2,8 @@
 
 Turns the validated ``AppConfig`` into one engine deployment per aggregated pool (named after the pool), a
 ``<pool>-prefill`` and a ``<pool>-decode`` deployment per disaggregated pool, and the ingress that holds their handles.
-Engine and prefill deployments route by prompt prefix (``PrefixAffinityRouter``, at the pool's KV block size); decode
-deployments keep Serve's default router (their requests arrive with their K/V).
+Every engine deployment routes with ``PrefixAffinityRouter`` (by prompt prefix at the pool's KV block size; decode
+calls carry K/V, not a prompt), which also keeps requests off replicas known to have failed.
 """
 
 import ray
@@ -29,15 +29,15 @@ def build_app(args: dict) -> Application:
 
         def deployment(cls, name: str, replicas: int | None = None):
             options = pool.deployment_options(name, bundle, grace, replicas)
-            if cls is not DecodeReplica:
-                options["request_router_config"] = prefix_router_config(pool.block_size)
+            options["request_router_config"] = prefix_router_config(pool.block_size)
             return cls.options(**options).bind(pool.name, opts, bundle, board)
 
+        names = pool.deployments
         if pool.disaggregated:
-            handles[pool.name] = {"prefill": deployment(PrefillReplica, f"{pool.name}-prefill"),
-                                  "decode": deployment(DecodeReplica, f"{pool.name}-decode", pool.decode_replicas)}
+            handles[pool.name] = {"prefill": deployment(PrefillReplica, names["prefill"]),
+                                  "decode": deployment(DecodeReplica, names["decode"], pool.decode_replicas)}
         else:
-            handles[pool.name] = {"engine": deployment(EngineReplica, pool.name)}
+            handles[pool.name] = {"engine": deployment(EngineReplica, names["engine"])}
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
                            ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
                            graceful_shutdown_timeout_s=grace,

@@ -70,6 +70,13 @@ class PoolConfig(EngineFields):
         and takes the whole bundle; with several it only drives the shard workers, which take one bundle each."""
         return actor_resources(bundle) if self.devices == 1 else {"num_cpus": 0}
 
+    @property
+    def deployments(self) -> dict[str, str]:
+        """The pool's Serve deployments by role: ``engine``, or a disaggregated pool's ``prefill`` and ``decode``."""
+        if self.disaggregated:
+            return {"prefill": f"{self.name}-prefill", "decode": f"{self.name}-decode"}
+        return {"engine": self.name}
+
     def priced_hardware(self) -> Hardware:
         """What the planner prices one of this pool's devices as: its catalog entry (or calibration profile), a CPU
         device slowed to its share of a core when ranks share cores."""
@@ -109,7 +116,7 @@ class AppConfig(BaseModel):
     pools: list[PoolConfig] = Field(min_length=1)
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0)
-    graceful_shutdown_s: float = Field(5.0, ge=0)
+    graceful_shutdown_s: float = Field(30.0, ge=0)  # a replica being stopped finishes its requests within this
     # How prefills pick a strategy when a request names none: the planner per batch ("dynamic"), or one fixed
     # strategy for every prefill ("static:<strategy>"), which is what the load tests compare dynamic against.
     policy: str = "dynamic"
@@ -126,6 +133,9 @@ class AppConfig(BaseModel):
     # request gets 503 at once, with ``retry-after``, instead of waiting past the client's patience. Default: 30 s,
     # or half of ``request_timeout_s`` when that is shorter.
     max_queue_wait_s: float | None = Field(None, gt=0)
+    # A request whose replica fails before it produced anything (a stream's first token, a whole answer) is started
+    # again on another replica of its pool or on another pool that fits, at most this many times (0: never).
+    max_retries: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:

@@ -10,6 +10,7 @@ sequence 500, past the request timeout 504; OpenAI's error body. ``/openapi.json
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -28,7 +29,7 @@ from app.serve.errors import ModelNotFound, api_error, documented, error_respons
 from app.serve.guard import Guard, Limits, check_key, check_peer
 from app.serve.metrics import record_request
 from app.serve.protos import dynpart_pb2 as pb
-from app.serve.router import PoolHandles, Result, Router, with_deadline
+from app.serve.router import PoolHandles, Result, Router
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
 api.add_middleware(Guard)
@@ -90,12 +91,12 @@ def usage_of(r: Result) -> Usage:
                  total_tokens=r.prompt_tokens + len(r.token_ids),
                  dynpart=DynpartUsage(pool=r.pool, strategy=r.strategy, prefill_ms=ms(r.prefill_s) or 0.0,
                                       ttft_ms=ms(r.ttft_s), tpot_ms=ms(r.tpot_s), devices=r.devices,
-                                      cached_tokens=r.cached_tokens))
+                                      cached_tokens=r.cached_tokens, retries=r.retries))
 
 
 def headers_of(r: Result) -> dict[str, str]:
     return {"x-dynpart-pool": r.pool, "x-dynpart-strategy": r.strategy or "none",
-            "x-dynpart-prefill-ms": f"{r.prefill_s * 1e3:.3f}"}
+            "x-dynpart-prefill-ms": f"{r.prefill_s * 1e3:.3f}", "x-dynpart-retries": str(r.retries)}
 
 
 @serve.deployment
@@ -121,15 +122,15 @@ class Ingress:
             raise RequestError(f"max_tokens ({params.max_tokens}) exceeds this server's limit of "
                                f"{self.cfg.max_tokens_limit} generated tokens per request")
         strategy = strategy or self.cfg.default_strategy
-        route = await self.router.pick_pool(prompt_ids, params.max_tokens, pool or None, strategy)
-        result = Result(pool=route.pool.name, devices=route.pool.devices, whole=whole)
-        updates = with_deadline(self.router.run(route, prompt_ids, params, strategy, whole),
-                                self.cfg.request_timeout_s)
+        started = time.perf_counter()
         try:
-            first = await anext(updates)
-        except BaseException as e:
-            record_request(route.pool.name, None, str(api_error(e).status))
+            route, retries, first, updates = await self.router.start(prompt_ids, params, pool or None, strategy,
+                                                                     whole, self.cfg.request_timeout_s)
+        except Exception as e:
+            record_request(pool or "none", None, str(api_error(e).status))
             raise
+        result = Result(pool=route.pool.name, devices=route.pool.devices, whole=whole, retries=retries,
+                        started=started)
         result.add(first)
         return result, first, updates
 

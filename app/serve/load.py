@@ -8,7 +8,9 @@ arrives within one beat is not all admitted against a stale figure.
 
 The board also watches the app's replicas: a replica that Serve cannot place (a scale-up beyond the cluster's free
 cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{serve_deployment,state}``, instead of
-pending silently.
+pending silently; and ``down()`` tells ingresses which deployments have lost every replica they had running (a node
+lost), so they route around that pool instead of queueing for a replica that is not coming soon. (A deployment that
+has not started yet is not down: requests wait for it, as Serve makes them.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from app.engine.messages import EngineLoad
 REPORT_S = 0.25  # how often replicas report and ingresses read
 STALE_S = 5.0  # a replica silent this long is gone (replaced, scaled down): its report is dropped
 DECODE_ROLE = ":decode"  # a disaggregated pool's decode replicas report as "<pool>:decode"
-WATCH_S = 5.0  # how often the board reads the app's replica states
+WATCH_S = 2.0  # how often the board reads the app's replica states
 PENDING_WARN_S = 30.0  # a replica still starting after this long is waiting for resources: say so
 
 logger = logging.getLogger("ray.serve")
@@ -37,6 +39,8 @@ class LoadBoard:
         self.reports: dict[str, tuple[str, EngineLoad, float]] = {}
         self.app = serve.get_replica_context().app_name
         self.starting_since: dict[str, float] = {}
+        self.ran: set[str] = set()  # deployments seen with a running replica
+        self.lost: list[str] = []  # deployments that ran and, at the last read, have no running replica
         self._watch = asyncio.get_event_loop().create_task(self.watch_replicas())
 
     async def watch_replicas(self) -> None:
@@ -51,6 +55,9 @@ class LoadBoard:
                 logger.info("replica states unavailable: %s: %s", type(e).__name__, e)
                 continue
             now = time.monotonic()
+            running = {name for name, d in deployments.items() if d.replica_states.get("RUNNING", 0)}
+            self.ran |= running
+            self.lost = sorted(self.ran - running)
             for name, d in deployments.items():
                 for state in ("RUNNING", "STARTING"):
                     set_replicas(name, state, d.replica_states.get(state, 0))
@@ -65,6 +72,10 @@ class LoadBoard:
 
     def report(self, replica: str, pool: str, load: EngineLoad) -> None:
         self.reports[replica] = (pool, load, time.monotonic())
+
+    def down(self) -> list[str]:
+        """The app's deployments that had running replicas and, as Serve last said, have none now."""
+        return self.lost
 
     def snapshot(self) -> dict[str, list[EngineLoad]]:
         """Every live replica's latest load, by pool."""

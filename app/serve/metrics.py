@@ -3,7 +3,8 @@
 Exported on each node's Ray metrics endpoint (``ray start --metrics-export-port``; scraped by Prometheus):
 ``dynpart_requests_total`` {pool, strategy, status}, ``dynpart_ttft_seconds``, ``dynpart_tpot_seconds`` and
 ``dynpart_prefill_seconds`` histograms {pool, strategy}, ``dynpart_queued_tokens`` {pool} per engine replica, and
-``dynpart_expected_wait_seconds`` {pool} per ingress (what admission control compares with ``max_queue_wait_s``).
+``dynpart_expected_wait_seconds`` {pool} per ingress (what admission control compares with ``max_queue_wait_s``),
+``dynpart_retries_total`` {pool}: requests started again elsewhere after their replica in ``pool`` failed.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def record_request(pool: str, strategy: str | None, status: str, ttft_s: float |
     for hist, value in ((ttft, ttft_s), (tpot, tpot_s), (prefill, prefill_s)):
         if value is not None:
             hist.observe(value, tags=tags)
+
+
+@cache
+def _retries_counter():
+    from ray.serve.metrics import Counter
+
+    return Counter("dynpart_retries_total", "Requests started again elsewhere because their replica in this pool "
+                   "failed before they produced a token", tag_keys=("pool",))
+
+
+def record_retry(pool: str) -> None:
+    _retries_counter().inc(tags={"pool": pool})
 
 
 def set_queued_tokens(pool: str, tokens: int) -> None:

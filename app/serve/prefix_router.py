@@ -16,6 +16,10 @@ bounded LRU of block hashes) and prefers the holder of the longest matching pref
 
 The index is the caller's memory, not the replicas' caches: it is per ingress replica, and a replica may have
 evicted what it was sent. A wrong guess costs one prefill, as without prefix routing.
+
+The same router keeps requests off failed replicas (``app.serve.failed_replicas``): an engine replica whose engine
+stopped stays in Serve's replica set until its next health check and looks idle (it refuses at once), so the power of
+two choices would even prefer it. Decode deployments use this router too (their calls carry no prompt: random two).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from app.engine.blocks import prefix_hashes
+from app.serve import failed_replicas  # a module, so the router (pickled by value by Serve) shares the process's set
 
 REPLICA_PREFIX_BLOCKS = 16384  # block hashes remembered per replica (256K tokens at 16 per block)
 IMBALANCE_THRESHOLD = 4  # requests more than the least loaded candidate beyond which affinity gives way
@@ -115,10 +120,10 @@ def prompt_of(args: Sequence[Any]) -> list[int] | None:
 
 
 class PrefixAffinityRouter(RequestRouter):
-    """Serve request router of a pool's engine (or prefill) replicas: a prompt goes to the replica this caller most
-    recently sent its longest known prefix, while that replica's queue is within ``imbalance_threshold`` requests of
-    the least loaded candidate's; other calls, prompts with no known prefix, and imbalanced cases get the power of two
-    random choices (Serve then takes the shorter queue of the two)."""
+    """Serve request router of a pool's engine, prefill and decode replicas: a prompt goes to the replica this caller
+    most recently sent its longest known prefix, while that replica's queue is within ``imbalance_threshold`` requests
+    of the least loaded candidate's; other calls, prompts with no known prefix, and imbalanced cases get the power of
+    two random choices (Serve then takes the shorter queue of the two). Failed replicas are never chosen."""
 
     def initialize_state(self, block_size: int = 16, imbalance_threshold: float = IMBALANCE_THRESHOLD,
                          max_blocks_per_replica: int = REPLICA_PREFIX_BLOCKS) -> None:
@@ -134,7 +139,10 @@ class PrefixAffinityRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """Ranks of replicas to try in turn: the affine replica alone first (Serve skips it if its queue is full),
-        then two at random."""
+        then two at random; never a replica known to have failed (none left: Serve waits for a replacement)."""
+        candidate_replicas = failed_replicas.FAILED.healthy(candidate_replicas)
+        if not candidate_replicas:
+            return []
         fallback = [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         hashes = self.hashes(pending_request)
         if not hashes:
@@ -160,7 +168,7 @@ class PrefixAffinityRouter(RequestRouter):
 
 
 def prefix_router_config(block_size: int) -> RequestRouterConfig:
-    """``request_router_config`` of a pool's engine or prefill deployment (a decode deployment keeps Serve's
-    default: its requests carry K/V already computed)."""
+    """``request_router_config`` of each of a pool's deployments (a decode call carries no prompt: only the failed
+    replicas are skipped)."""
     return RequestRouterConfig(request_router_class=PrefixAffinityRouter,
                                request_router_kwargs={"block_size": block_size})

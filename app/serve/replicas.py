@@ -45,13 +45,13 @@ class _EngineShell:
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
-        self.loop = EngineLoop(engine, name=f"engine-{pool}")
+        self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
 
     async def _report_load(self) -> None:
         """The load gauge, and this replica's load on the app's ``LoadBoard`` (admission control reads it)."""
         while True:
-            load = self.loop.load
+            load = dataclasses.replace(self.loop.load, replica=self.replica_id, failed=not self.loop.alive)
             set_queued_tokens(self.pool, load.waiting_prompt_tokens)
             set_kv_usage(self.pool, load.prefix_hit_rate, load.total_blocks - load.free_blocks, load.preemptions)
             if self.board is not None:
@@ -65,7 +65,8 @@ class _EngineShell:
         import ray
 
         engine = self.loop.engine
-        return {"pool": self.pool, "available": self.available, "queued_tokens": self.loop.queued_tokens(),
+        return {"pool": self.pool, "replica": self.replica_id, "available": self.available,
+                "queued_tokens": self.loop.queued_tokens(),
                 "node": ray.get_runtime_context().get_node_id(), "seqs_in_use": engine.seqs_in_use(),
                 "running": len(engine.running), "pids": self.pids, "healthy": self.loop.alive,
                 "load": dataclasses.asdict(self.loop.load)}

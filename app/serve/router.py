@@ -13,12 +13,19 @@ passes ``max_queue_wait_s``, or whose waiting tokens would pass ``max_queued_tok
 skipped the request is refused at once as overloaded (503 with ``retry-after``), rather than accepted and left to
 time out. A request's generation is cancelled in its replica whenever its caller stops listening: a client gone, or
 the app's request timeout (``with_deadline``) passed.
+
+Failures (``start``): a request whose replica fails (its engine stopped: ``EngineFailed``; its actor died) before
+anything reached the client (a stream's first update, a whole answer) is retried, up to ``max_retries`` times, on
+another replica of the pool or on another pool that fits; the failed replica is skipped from that moment
+(``prefix_router.FAILED``, which the request routers of this process read), and so is a pool none of whose replicas
+is left. A failure after the first update cannot be hidden (tokens were sent): the stream ends with an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -26,17 +33,19 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from app.engine.blocks import prefix_hashes
-from app.engine.messages import EngineLoad, Handoff, RequestError, Update, merge_updates
+from app.engine.messages import EngineFailed, EngineLoad, Handoff, RequestError, Update, merge_updates
 from app.engine.sampling import SamplingParams
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.errors import Overloaded, RequestTimeout
 from app.serve.load import DECODE_ROLE, REPORT_S
-from app.serve.metrics import set_expected_wait
+from app.serve.metrics import record_retry, set_expected_wait
+from app.serve.failed_replicas import FAILED
 from app.serve.prefix_router import PrefixIndex
 from strategies.cost import decode_step_time, plan_prefill
 from strategies.layout import check_strategy
 from strategies.loader import Checkpoint
 
+logger = logging.getLogger("ray.serve")
 POOL_PREFIX_BLOCKS = 16384  # block hashes remembered per pool until its replicas report how many blocks they hold
 
 
@@ -80,6 +89,11 @@ async def cancelled_with_caller(call) -> Update:
         raise
 
 
+def _cause(e: BaseException) -> BaseException:
+    """The exception raised inside a replica (Ray wraps it in a ``RayTaskError``), or ``e`` itself."""
+    return getattr(e, "cause", None) or e
+
+
 @dataclass
 class PoolHandles:
     """An aggregated pool has ``engine``; a disaggregated one has ``prefill`` and ``decode``."""
@@ -117,6 +131,7 @@ class Result:
     ttft_s: float | None = None  # from arrival at the ingress to the first update (whole answers: the engine's)
     tpot_s: float | None = None
     cached_tokens: int = 0  # prompt tokens the replica's prefix cache held
+    retries: int = 0  # times the request was started again elsewhere after its replica failed (nothing sent yet)
     whole: bool = False  # the answer comes as one update (non-streaming): its TTFT is the engine's own
     started: float = field(default_factory=time.perf_counter)
 
@@ -143,6 +158,7 @@ class Router:
         self.queued = {p.name: 0 for p in cfg.pools}  # prompt tokens sent from here, waiting for their first token
         self.inflight: dict[str, dict[int, list[int]]] = {p.name: {} for p in cfg.pools}  # id -> [max_tokens, seen]
         self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
+        self.down: set[str] = set()  # deployments that lost every running replica (the board says)
         self.prefixes = {p.name: PrefixIndex(POOL_PREFIX_BLOCKS) for p in cfg.pools}  # chains sent to each pool
         self._ids = itertools.count()
         self._available: dict[str, list[str]] = {}
@@ -183,18 +199,36 @@ class Router:
         """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
         while True:
             try:
-                self.reported = await self.board.snapshot.remote()
+                reported, down = await asyncio.gather(self.board.snapshot.remote(), self.board.down.remote())
             except Exception:  # noqa: BLE001 - the board restarting: keep the last figures, try again
                 pass
+            else:
+                for x in itertools.chain.from_iterable(reported.values()):
+                    if x.failed:
+                        FAILED.add(x.replica)
+                self.reported, self.down = reported, set(down)
             await asyncio.sleep(REPORT_S)
+
+    def loads(self, key: str) -> list[EngineLoad]:
+        """The reports of the replicas under ``key`` (a pool, or its decode half) that have not failed."""
+        return [x for x in self.reported.get(key, []) if x.replica not in FAILED]
+
+    def serving(self, pool: PoolConfig) -> bool:
+        """False while a deployment of the pool has lost all its running replicas (as Serve told the board), or once
+        every replica the board reports for the pool (or either half of a disaggregated pool) is known to have failed:
+        until Serve replaces one, the pool takes nothing. A pool not reported yet may serve."""
+        keys = (pool.name, pool.name + DECODE_ROLE) if pool.disaggregated else (pool.name,)
+        if self.down & set(pool.deployments.values()):  # no replica left at all (a node lost)
+            return False
+        return all(self.loads(k) or not self.reported.get(k) for k in keys)
 
     def backlog(self, pool: PoolConfig) -> tuple[int, float]:
         """What a new request finds ahead of it in ``pool``: (prompt tokens waiting for prefill, seconds until a slot
         frees). From the replicas' reports (mean over replicas, plus the decode half of a disaggregated pool) or
         from what this ingress sent itself, whichever is more: the reports lag by up to a beat, and this ingress's
         own count misses the other ingresses' requests."""
-        front = self.reported.get(pool.name, [])
-        decode = self.reported.get(pool.name + DECODE_ROLE, [])
+        front = self.loads(pool.name)
+        decode = self.loads(pool.name + DECODE_ROLE)
         mean = lambda loads, get: statistics.fmean(get(x) for x in loads) if loads else 0.0  # noqa: E731
         reported_tokens = mean(front, lambda x: x.waiting_prompt_tokens)
         reported_slot_wait = mean(front, lambda x: x.slot_wait_s) + mean(decode, lambda x: x.slot_wait_s)
@@ -207,7 +241,7 @@ class Router:
 
     def decoding(self, pool: PoolConfig) -> list[EngineLoad]:
         """The reports of the replicas that decode ``pool``'s requests: its decode half when disaggregated."""
-        return self.reported.get(pool.name + DECODE_ROLE) or self.reported.get(pool.name, [])
+        return self.loads(pool.name + DECODE_ROLE) or self.loads(pool.name)
 
     def decode_step_s(self, pool: PoolConfig, context: int) -> float:
         """A decode step's seconds in ``pool``: as its replicas measure it, else as the planner predicts it."""
@@ -219,7 +253,7 @@ class Router:
         """Prompt tokens ``pool`` probably holds in its prefix cache: the leading blocks of ``hashes`` this ingress
         sent there, remembered up to as many blocks as the pool's replicas report holding (LRU); the engine always
         computes at least the prompt's last token."""
-        front = self.reported.get(pool.name)
+        front = self.loads(pool.name)
         index = self.prefixes[pool.name]
         index.resize(sum(x.total_blocks for x in front) if front else POOL_PREFIX_BLOCKS)
         bs = pool.block_size
@@ -244,10 +278,11 @@ class Router:
         return own + wait, wait
 
     async def pick_pool(self, prompt: Sequence[int] | int, max_tokens: int, pool: str | None = None,
-                        strategy: str = "auto") -> Route:
+                        strategy: str = "auto", avoid: frozenset[str] = frozenset()) -> Route:
         """The pool predicted to finish the request first (first token, then ``max_tokens`` decode steps; ``pool``:
         only that one), among those whose expected wait is within ``max_queue_wait_s``; none: ``Overloaded`` (503),
-        at once. ``prompt``: its token ids, or only their count (then no pool is credited with its prefix)."""
+        at once. Pools in ``avoid`` and pools whose replicas all failed are skipped (none left: ``EngineFailed``,
+        503). ``prompt``: its token ids, or only their count (then no pool is credited with its prefix)."""
         n = prompt if isinstance(prompt, int) else len(prompt)
         chains: dict[int, list[int]] = {}  # block size -> the prompt's hash chain
         if pool is not None and pool not in self.queued:
@@ -261,8 +296,11 @@ class Router:
         if not fits:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
                                f"context limit of every pool ({max(limit.values())} tokens at most)")
-        routes, waits = [], []
+        routes, waits, down = [], [], []
         for p in fits:
+            if p.name in avoid or not self.serving(p):
+                down.append(p.name)
+                continue
             if self.queued[p.name] + n > p.max_queued_tokens:
                 continue
             hashes = None
@@ -288,10 +326,60 @@ class Router:
                 raise Overloaded(f"every pool that can serve this request would queue it for longer than this "
                                  f"server's max_queue_wait_s of {self.cfg.max_queue_wait_s:g} s (at least "
                                  f"{least:.1f} s now); retry later", retry_after_s=least - self.cfg.max_queue_wait_s)
+            if len(down) == len(fits):
+                raise EngineFailed(f"the replicas of pool {', '.join(down)} failed; Serve is replacing them")
             raise Overloaded("every pool that can serve this request is at its queued-token limit; retry later")
         return min(routes, key=lambda r: r.predicted_s)  # min keeps the first of equals: config order
 
     # -- running -----------------------------------------------------------------------------------------------------
+
+    async def start(self, prompt_ids: list[int], params: SamplingParams, pool: str | None, strategy: str,
+                    whole: bool = False, timeout_s: float | None = None
+                    ) -> tuple[Route, int, Update, AsyncIterator[Update]]:
+        """Pick a pool and run the request up to its first update (with ``whole``: its whole answer); returns (the
+        route, the retries it took, the first update, the rest). A replica failure before the first update starts
+        the request again elsewhere (at most ``max_retries`` times), the failed replica (or a pool left without
+        replicas) skipped; the last failure is raised when no other place is left. ``timeout_s`` bounds the whole
+        request, retries included."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        avoid: set[str] = set()
+        failure: BaseException | None = None
+        for retries in range(self.cfg.max_retries + 1):
+            try:
+                route = await self.pick_pool(prompt_ids, params.max_tokens, pool, strategy, frozenset(avoid))
+            except (Overloaded, EngineFailed) as e:
+                if failure is None:
+                    raise
+                logger.warning("a failed request has nowhere else to go: %s", e)
+                raise failure from None  # nowhere else to go: the client learns what failed
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            updates = with_deadline(self.run(route, prompt_ids, params, strategy, whole), left)
+            try:
+                return route, retries, await anext(updates), updates
+            except Exception as e:
+                await updates.aclose()
+                if not self.replica_failed(e):
+                    raise
+                failure = e
+                if retries < self.cfg.max_retries:
+                    record_retry(route.pool.name)
+                    logger.warning("a request's replica in pool %s failed before its first token; starting it again "
+                                   "(retry %d of %d): %s", route.pool.name, retries + 1, self.cfg.max_retries,
+                                   str(_cause(e)).splitlines()[0][:200])
+                if not getattr(_cause(e), "replica", None) and len(self.loads(route.pool.name)) < 2:
+                    avoid.add(route.pool.name)  # a replica not named (its actor died): go where another one runs
+        raise failure
+
+    @staticmethod
+    def replica_failed(e: BaseException) -> bool:
+        """Whether ``e`` says the request's replica failed, so that starting it again elsewhere is right; a replica
+        whose engine failed is skipped from now on (a dead actor is dropped by Serve's router itself)."""
+        from ray.exceptions import RayActorError
+
+        cause = _cause(e)
+        if isinstance(cause, EngineFailed):
+            FAILED.add(cause.replica)
+        return isinstance(cause, (EngineFailed, RayActorError))
 
     async def run(self, route: Route, prompt_ids: list[int], params: SamplingParams, strategy: str = "auto",
                   whole: bool = False) -> AsyncIterator[Update]:
@@ -316,6 +404,9 @@ class Router:
                         prefilled = True
                     progress[1] += len(update.token_ids)
                     yield update
+        except Exception as e:
+            self.replica_failed(e)  # stop routing to a failed replica now, not at its health check
+            raise
         finally:
             del self.inflight[name][rid]
             if not prefilled:
