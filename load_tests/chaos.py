@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--pool", default="long", help="the pool whose replicas the faults hit (needs >= 2 devices)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--watchdog-floor", type=float, default=5.0, help="step_watchdog_floor_s of the hit pool")
+    ap.add_argument("--num-cpus", type=int, default=6, help="CPUs Ray may hand out (at least this machine's)")
     ap.add_argument("--graceful-shutdown", type=float, default=60.0,
                     help="graceful_shutdown_s: how long a replaced replica may finish its requests (the redeploy)")
     args = ap.parse_args()
@@ -254,7 +255,9 @@ def main() -> None:
             p.num_replicas, p.step_watchdog_floor_s, p.health_check_period_s = 2, args.watchdog_floor, 2
     import ray
 
-    ray.init()
+    # Two replicas of the hit pool and two ingresses ask Ray for more cores than a small machine has: declare enough
+    # (the processes share the real cores; the faults, not the speed, are measured here).
+    ray.init(num_cpus=max(args.num_cpus, os.cpu_count() or 1))
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     app, route = "chaos", "/chaos"
     serve.run(build_app(cfg.model_dump()), name=app, route_prefix=route)

@@ -23,7 +23,7 @@ def build_app(args: dict) -> Application:
     counted = ray.is_initialized() and ray.cluster_resources().get(DEVICE_RESOURCE, 0) >= 1
     grace = cfg.graceful_shutdown_s
     handles: dict[str, dict] = {}
-    board = LoadBoard.bind()
+    board = LoadBoard.options(ray_actor_options={"num_cpus": 0, "resources": cfg.ingress_resources}).bind()
     for pool in cfg.pools:
         opts, bundle = pool.engine_options(cfg.model, cfg.shared_weights), pool.bundle(counted)
 
@@ -39,6 +39,6 @@ def build_app(args: dict) -> Application:
         else:
             handles[pool.name] = {"engine": deployment(EngineReplica, names["engine"])}
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
-                           ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+                           ray_actor_options={"num_cpus": cfg.ingress_num_cpus, "resources": cfg.ingress_resources},
                            graceful_shutdown_timeout_s=grace,
                            graceful_shutdown_wait_loop_s=min(1.0, grace)).bind(cfg.model_dump(), handles, board)

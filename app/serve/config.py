@@ -116,6 +116,9 @@ class AppConfig(BaseModel):
     pools: list[PoolConfig] = Field(min_length=1)
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0)
+    # Custom resources the ingress and the load board need (e.g. {"head": 0.01}): pins them to nodes that offer them,
+    # so losing a pool's node never takes the ingress with it.
+    ingress_resources: dict[str, float] = Field(default_factory=dict)
     graceful_shutdown_s: float = Field(30.0, ge=0)  # a replica being stopped finishes its requests within this
     # How prefills pick a strategy when a request names none: the planner per batch ("dynamic"), or one fixed
     # strategy for every prefill ("static:<strategy>"), which is what the load tests compare dynamic against.
