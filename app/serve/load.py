@@ -24,7 +24,7 @@ from ray import serve
 from app.engine.messages import EngineLoad
 
 REPORT_S = 0.25  # how often replicas report and ingresses read
-STALE_S = 2.0  # a replica silent this long (8 beats) is gone (replaced, scaled down, its node lost): report dropped
+STALE_S = 5.0  # a replica silent this long is gone (replaced, scaled down): its report is dropped
 DECODE_ROLE = ":decode"  # a disaggregated pool's decode replicas report as "<pool>:decode"
 WATCH_S = 2.0  # how often the board reads the app's replica states
 PENDING_WARN_S = 30.0  # a replica still starting after this long is waiting for resources: say so

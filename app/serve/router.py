@@ -159,7 +159,6 @@ class Router:
         self.inflight: dict[str, dict[int, list[int]]] = {p.name: {} for p in cfg.pools}  # id -> [max_tokens, seen]
         self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
         self.down: set[str] = set()  # deployments that lost every running replica (the board says)
-        self.ever_reported: set[str] = set()  # pools (and decode halves) whose replicas have reported
         self.prefixes = {p.name: PrefixIndex(POOL_PREFIX_BLOCKS) for p in cfg.pools}  # chains sent to each pool
         self._ids = itertools.count()
         self._available: dict[str, list[str]] = {}
@@ -209,7 +208,6 @@ class Router:
                         FAILED.add(x.replica)
                 if reported or not self.reported:  # an empty board after a full one: the board restarted
                     self.reported = reported
-                    self.ever_reported |= set(reported)
                 self.down = set(down)
             await asyncio.sleep(REPORT_S)
 
@@ -218,21 +216,15 @@ class Router:
         return [x for x in self.reported.get(key, []) if x.replica not in FAILED]
 
     def serving(self, pool: PoolConfig) -> bool:
-        """False while a deployment of the pool has lost all its running replicas (as Serve told the board), while
-        none of its replicas reports any more (after some did: their node is gone), or once every replica reporting
-        for the pool (or either half of a disaggregated pool) is known to have failed: until Serve replaces one, the
-        pool takes nothing (503 at once rather than a wait for a replica that is not coming soon). A pool whose
-        replicas have not reported yet (still starting) may serve."""
+        """False while a deployment of the pool has lost all its running replicas (as Serve told the board: a node
+        lost), or once every replica reporting for the pool (or either half of a disaggregated pool) is known to have
+        failed: until Serve replaces one, the pool takes nothing (503 at once rather than a wait for a replica that is
+        not coming soon). A pool whose replicas have not reported yet (still starting) may serve. (A pool whose
+        reports merely stopped is not taken for gone: under a flood on few cores, reports lag.)"""
         if self.down & set(pool.deployments.values()):  # no replica left at all (a node lost)
             return False
-        for key in (pool.name, pool.name + DECODE_ROLE) if pool.disaggregated else (pool.name,):
-            if not self.reported.get(key):
-                if key in self.ever_reported:  # its replicas all stopped reporting: gone (their node lost)
-                    return False
-                continue  # not started yet: requests wait for it, as Serve makes them
-            if not self.loads(key):  # every replica reporting has failed
-                return False
-        return True
+        keys = (pool.name, pool.name + DECODE_ROLE) if pool.disaggregated else (pool.name,)
+        return all(self.loads(k) or not self.reported.get(k) for k in keys)
 
     def backlog(self, pool: PoolConfig) -> tuple[int, float]:
         """What a new request finds ahead of it in ``pool``: (prompt tokens waiting for prefill, seconds until a slot
