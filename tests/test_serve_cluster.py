@@ -2,10 +2,10 @@
 
 On a two-node cluster (``ray.cluster_utils.Cluster`` on this machine) whose nodes offer different pool resources, each
 pool's replica — and so its placement group and shard workers — lands on its node. Then the node holding pool ``b`` is
-removed: pool ``a`` keeps serving every request that fits it (all answered 200); once the loss is noticed (Serve counts no
-running replica of b), a request pinned to ``b`` is refused at once with 503 (not
-left waiting for a replica that is not coming); and ``b`` serves again once a node offering its resource joins. The
-ingress and the load board are pinned to the head node (``ingress_resources``).
+removed: pool ``a`` keeps serving every request that fits it (all answered 200); once the loss is noticed (Serve
+counts no running replica of b), a request pinned to ``b`` is refused at once with 503 (not left waiting for a replica
+that is not coming); and ``b`` serves again once a node offering its resource joins. The ingress and the load board
+are pinned to the head node (``ingress_resources``).
 
 The cluster needs its own Ray, so the check runs in a subprocess (this file run as a script) and never touches the
 test session's Ray.
