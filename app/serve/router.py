@@ -49,9 +49,12 @@ logger = logging.getLogger("ray.serve")
 POOL_PREFIX_BLOCKS = 16384  # block hashes remembered per pool until its replicas report how many blocks they hold
 
 
-async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None) -> AsyncIterator[Update]:
-    """``updates`` until ``timeout_s`` from now (None: no limit); then ``RequestTimeout``, and closing ``updates``
-    cancels the generation in its replica (``Router.run``) so it frees its KV slot."""
+async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None,
+                        limit_s: float | None = None) -> AsyncIterator[Update]:
+    """``updates`` until ``timeout_s`` from now (None: no limit); then ``RequestTimeout`` (naming ``limit_s``, the
+    configured limit, when the request had already spent part of it), and closing ``updates`` cancels the generation
+    in its replica (``Router.run``) so it frees its KV slot."""
+    limit_s = timeout_s if limit_s is None else limit_s
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:
@@ -61,7 +64,7 @@ async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None)
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise RequestTimeout(f"the request ran past this server's request_timeout_s of {timeout_s:g} s; "
+                raise RequestTimeout(f"the request ran past this server's request_timeout_s of {limit_s:g} s; "
                                      "ask for fewer tokens or retry later") from None
             yield update
     finally:
@@ -357,7 +360,7 @@ class Router:
                 logger.warning("a failed request has nowhere else to go: %s", e)
                 raise failure from None  # nowhere else to go: the client learns what failed
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            updates = with_deadline(self.run(route, prompt_ids, params, strategy, whole), left)
+            updates = with_deadline(self.run(route, prompt_ids, params, strategy, whole), left, timeout_s)
             try:
                 return route, retries, await anext(updates), updates
             except Exception as e:
