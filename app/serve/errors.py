@@ -96,12 +96,19 @@ class ApiError:
             ctx.set_trailing_metadata([("retry-after", str(self.retry_after_s))])
 
 
+def cause_of(e: BaseException) -> BaseException:
+    """The exception raised inside a replica (Ray wraps it in a ``RayTaskError``), or ``e`` itself."""
+    from ray.exceptions import RayTaskError
+
+    return e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
+
+
 def api_error(e: BaseException) -> ApiError:
     """The ``ApiError`` of an exception raised here or inside a replica."""
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
-    cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
+    cause = cause_of(e)
     if isinstance(cause, ModelNotFound):
         return ApiError(404, "not_found_error", grpc.StatusCode.NOT_FOUND, str(cause), code="model_not_found")
     if isinstance(cause, Unauthorized):

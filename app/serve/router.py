@@ -36,7 +36,7 @@ from app.engine.blocks import prefix_hashes
 from app.engine.messages import EngineFailed, EngineLoad, Handoff, RequestError, Update, merge_updates
 from app.engine.sampling import SamplingParams
 from app.serve.config import AppConfig, PoolConfig
-from app.serve.errors import Overloaded, RequestTimeout
+from app.serve.errors import Overloaded, RequestTimeout, cause_of
 from app.serve.load import DECODE_ROLE, REPORT_S
 from app.serve.metrics import record_retry, set_expected_wait
 from app.serve.failed_replicas import FAILED
@@ -90,11 +90,6 @@ async def cancelled_with_caller(call) -> Update:
     except BaseException:
         call.cancel()
         raise
-
-
-def _cause(e: BaseException) -> BaseException:
-    """The exception raised inside a replica (Ray wraps it in a ``RayTaskError``), or ``e`` itself."""
-    return getattr(e, "cause", None) or e
 
 
 @dataclass
@@ -372,8 +367,8 @@ class Router:
                     record_retry(route.pool.name)
                     logger.warning("a request's replica in pool %s failed before its first token; starting it again "
                                    "(retry %d of %d): %s", route.pool.name, retries + 1, self.cfg.max_retries,
-                                   str(_cause(e)).splitlines()[0][:200])
-                if not getattr(_cause(e), "replica", None) and len(self.loads(route.pool.name)) < 2:
+                                   str(cause_of(e)).splitlines()[0][:200])
+                if not getattr(cause_of(e), "replica", None) and len(self.loads(route.pool.name)) < 2:
                     avoid.add(route.pool.name)  # a replica not named (its actor died): go where another one runs
         raise failure
 
@@ -383,7 +378,7 @@ class Router:
         whose engine failed is skipped from now on (a dead actor is dropped by Serve's router itself)."""
         from ray.exceptions import RayActorError
 
-        cause = _cause(e)
+        cause = cause_of(e)
         if isinstance(cause, EngineFailed):
             FAILED.add(cause.replica)
         return isinstance(cause, (EngineFailed, RayActorError))
