@@ -31,8 +31,9 @@ model: $(STAMP)
 	$(BIN)/dynpart prepare
 
 serve: model
-	# The Serve application: OpenAI-compatible HTTP on :8000, gRPC on :9000 (Ctrl-C stops it). Try `dynpart demo`.
-	$(BIN)/serve run serve_config.yaml
+	# The Serve application: OpenAI-compatible HTTP on :8000, gRPC on :9000. `dynpart serve` is `serve run` that, on
+	# Ctrl-C, lets the requests in flight finish first. Try `dynpart demo`.
+	$(BIN)/dynpart serve serve_config.yaml
 
 test: model
 	$(BIN)/python -m pytest -q

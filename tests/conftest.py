@@ -123,7 +123,9 @@ def ray_session():
     from placement.workers import DEVICE_RESOURCE, local_ray_options
 
     if not ray.is_initialized():
-        ray.init(**local_ray_options(num_cpus=8, resources={DEVICE_RESOURCE: 8}))
+        # metrics exported every 2 s, not 10 s: tests that read /metrics wait for an export
+        ray.init(**local_ray_options(num_cpus=8, resources={DEVICE_RESOURCE: 8},
+                                     _system_config={"metrics_report_interval_ms": 2000}))
     yield ray
     ray.shutdown()
 

@@ -152,8 +152,8 @@ def test_a_replica_the_cluster_cannot_place_is_counted_not_silent(serve_session,
     from app.serve.app import build_app
 
     pools = [dict(name="stuck", devices=1, max_num_seqs=2, max_model_len=256, resources={"no_such_node": 1})]
-    serve._run(build_app({"model": chat_tiny, "pools": pools, "shared_weights": False}), _blocking=False,
-               name="unplaceable", route_prefix="/unplaceable")
+    args = {"model": chat_tiny, "pools": pools, "shared_weights": False, "graceful_shutdown_s": 1}
+    serve._run(build_app(args), _blocking=False, name="unplaceable", route_prefix="/unplaceable")
     port = ray_session.nodes()[0]["MetricsExportPort"]
 
     def starting() -> float:

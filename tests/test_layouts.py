@@ -29,7 +29,7 @@ from strategies.kv_cache import Chunk
 from strategies.layout import MEGATRON, check_devices, check_strategy, parse_layout
 from strategies.loader import Checkpoint
 
-DECODE_STEPS = 2
+DECODE_STEPS = 1  # the first decode step reads every K/V the layout wrote (later steps: test_partitioned.py)
 
 
 def priced_collectives(label: str, path: str, p: int, new: list[int], cached: list[int]) -> Counter:

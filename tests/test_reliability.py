@@ -26,8 +26,8 @@ from load_tests.soak import ended, mixed_requests
 APP, ROUTE, MODEL, POOL = "reliability", "/rel", "tiny-chat", "p2"
 POLICY = "static:weight_gathered"  # the static policy the load tests compare against: every prefill token-sharded
 MAX_TOKENS_LIMIT, MAX_BODY = 256, 64 * 1024
-FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 300))
-SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 120))
+FUZZ_EXAMPLES = int(os.environ.get("DYNPART_FUZZ_EXAMPLES", 200))
+SOAK_REQUESTS = int(os.environ.get("DYNPART_SOAK_REQUESTS", 90))
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 

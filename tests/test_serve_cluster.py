@@ -50,8 +50,11 @@ def main(model: str) -> None:
     from placement.workers import DEVICE_RESOURCE, free_port, local_ray_options
 
     local_ray_options()  # the environment a local Ray needs here (token auth off)
+    # a node is declared dead after 3 missed 1 s health checks (Ray's default: 5 missed 3 s ones)
+    fast_health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, resources={"pool_a": 2, DEVICE_RESOURCE: 2, "head": 1}, include_dashboard=False))
+        num_cpus=1, resources={"pool_a": 2, DEVICE_RESOURCE: 2, "head": 1}, include_dashboard=False,
+        _system_config=fast_health))
     node_b = cluster.add_node(num_cpus=1, resources={"pool_b": 2, DEVICE_RESOURCE: 2})
     try:
         ray.init(address=cluster.address, log_to_driver=False)

@@ -1,5 +1,6 @@
-"""``serve run serve_config.yaml`` — the README's main job — starts its own Ray, answers, and stops on Ctrl-C;
-``dynpart demo`` against it prints where each prompt went.
+"""``dynpart serve serve_config.yaml`` (``serve run`` that drains on Ctrl-C) — the README's main job — starts its own
+Ray, answers, and on Ctrl-C finishes the streams in flight while refusing new requests; ``dynpart demo`` against it
+prints where each prompt went.
 
 The shipped config is used as is except for its ports (8000/9000 may be taken on a shared machine).
 """
@@ -7,6 +8,8 @@ The shipped config is used as is except for its ports (8000/9000 may be taken on
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -40,13 +43,13 @@ def fitting(shape, layouts: list[str], budget_gb: float, p: int = 2) -> list[str
     return kept
 
 
-def stream_in_background(url: str, lines: list[str]) -> tuple[threading.Event, threading.Thread]:
+def stream_in_background(url: str, lines: list[str], max_tokens: int) -> tuple[threading.Event, threading.Thread]:
     """Start a streamed completion in a thread collecting its ``data:`` lines (or the transport error); the event is
     set once the first line arrived (or the stream failed)."""
     first = threading.Event()
 
     def stream() -> None:
-        body = {"model": "smollm2-135m", "prompt": "Count to twenty:", "max_tokens": 32, "temperature": 0,
+        body = {"model": "smollm2-135m", "prompt": "Count to twenty:", "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         try:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
@@ -65,14 +68,14 @@ def stream_in_background(url: str, lines: list[str]) -> tuple[threading.Event, t
 
 @pytest.mark.slow
 def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
-    """The README's main job answers, routes, and on Ctrl-C ends a stream in flight honestly."""
+    """The README's main job answers, routes, and on Ctrl-C lets a stream in flight finish."""
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     http = free_port()
     cfg["http_options"]["port"], cfg["grpc_options"]["port"] = http, free_port()
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     url = f"http://127.0.0.1:{http}"
-    with serve_run(path, url, tmp_path / "serve.log", timeout_s=240):
+    with serve_run(path, url, tmp_path / "serve.log", timeout_s=240) as proc:
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
@@ -81,16 +84,23 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         demo = [sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"]
         out = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=ROOT)
         streamed: list[str] = []
-        first, streaming = stream_in_background(url, streamed)
+        first, streaming = stream_in_background(url, streamed, max_tokens=160)  # a few seconds of decode here
         assert first.wait(60)
         ctrl_c = time.monotonic()
-    # Ctrl-C came with the stream in flight: it ends honestly — finished, or its connection broken (Serve's shutdown
-    # stops the proxy without draining: RELIABILITY.md, open) — never a body that simply stops
-    streaming.join(30)
-    finished = streamed[-1] == "data: [DONE]" and '"finish_reason": "length"' in streamed[-2]
-    assert finished or streamed[-1].startswith("transport error: RemoteProtocolError"), streamed[-3:]
-    print(f"Ctrl-C with a stream in flight: {'finished' if finished else streamed[-1]}, {len(streamed)} events; "
-          f"stopped after {time.monotonic() - ctrl_c:.1f} s")
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+        time.sleep(1.0)  # the ingress reads the drain within 0.25 s
+        refused = httpx.post(f"{url}/v1/completions", timeout=30, json={
+            "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4})
+        still_streaming = streaming.is_alive()
+        streaming.join(60)
+        stopped = proc.wait(90)
+    # the stream admitted before Ctrl-C finished; a request during the drain was refused with a 503 naming the shutdown
+    assert streamed[-1] == "data: [DONE]" and '"finish_reason": "length"' in streamed[-2], streamed[-3:]
+    assert still_streaming, "the stream ended before the request sent during the drain: make it longer"
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"], refused.text
+    assert stopped == 0
+    print(f"Ctrl-C with a stream in flight: it finished ({len(streamed)} events); dynpart serve stopped "
+          f"{time.monotonic() - ctrl_c:.1f} s after Ctrl-C")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {r["pool"] for r in rows if r["kind"] == "short"} == {"short"}

@@ -1,6 +1,6 @@
 """``dynpart demo``: send a mix of short and long prompts to the Serve app and show where each one went.
 
-Uses a running app at ``--url`` if one answers, otherwise starts ``serve run <config>`` (its own Ray) for the demo
+Uses a running app at ``--url`` if one answers, otherwise starts ``dynpart serve <config>`` (its own Ray) for the demo
 and stops it afterwards. Per request it prints the prompt length, the pool and prefill strategy the ingress and the
 engine chose, the prefill time, the time to first token and the decode rate seen by the client.
 """
@@ -48,26 +48,28 @@ def healthy(url: str) -> bool:
 
 @contextmanager
 def serve_run(config: str | Path, url: str, log_path: str | Path, timeout_s: float = 300):
-    """``serve run config`` in its own process group and its own Ray, until ``url`` is healthy; Ctrl-C on exit."""
+    """``dynpart serve config`` (``serve run`` that drains on Ctrl-C) in its own process group and its own Ray, until
+    ``url`` is healthy; Ctrl-C on exit (waits up to 90 s for the drain and the shutdown)."""
     from placement.workers import local_ray_options
 
     local_ray_options()  # sets the environment a local Ray needs here (token auth off)
-    serve = Path(sys.executable).with_name("serve")
+    dynpart = Path(sys.executable).with_name("dynpart")
     env = {"HF_HUB_OFFLINE": "1", **os.environ, "RAY_ADDRESS": "local"}  # never attach to another cluster
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(serve), "run", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen([str(dynpart), "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         try:
             deadline = time.time() + timeout_s
             while not healthy(url):
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"serve run {config} did not come up; see {log_path}")
+                    raise RuntimeError(f"dynpart serve {config} did not come up; see {log_path}")
                 time.sleep(2)
             yield proc
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
+            if proc.poll() is None:  # still running (the caller may have stopped it already)
+                os.killpg(proc.pid, signal.SIGINT)
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -106,7 +108,7 @@ def demo(args: argparse.Namespace) -> int:
     if healthy(url):
         return _run(url, args)
     log = Path(tempfile.gettempdir()) / f"dynpart-demo-{os.getpid()}.log"
-    print(f"starting serve run {args.config} (log: {log}) ...", file=sys.stderr)
+    print(f"starting dynpart serve {args.config} (log: {log}) ...", file=sys.stderr)
     with serve_run(args.config, url, log):
         return _run(url, args)
 

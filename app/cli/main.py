@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ["app.cli.generate", "app.cli.planner", "app.cli.demo", "app.cli.bench"]
+COMMAND_MODULES = ["app.cli.generate", "app.cli.planner", "app.cli.demo", "app.cli.bench", "app.cli.serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

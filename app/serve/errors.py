@@ -64,6 +64,10 @@ class Overloaded(RuntimeError):
         self.retry_after_s = max(RETRY_AFTER_S, math.ceil(retry_after_s))
 
 
+class ShuttingDown(RuntimeError):
+    """The app is draining before it stops (``dynpart serve``'s Ctrl-C): 503; retry against another server."""
+
+
 class RequestTimeout(TimeoutError):
     """The request ran past the app's ``request_timeout_s``; its generation was cancelled: 504."""
 
@@ -124,6 +128,9 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(cause, Overloaded):
         return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause),
                         retry_after_s=cause.retry_after_s)
+    if isinstance(cause, ShuttingDown):
+        return ApiError(503, "unavailable_error", grpc.StatusCode.UNAVAILABLE, str(cause),
+                        retry_after_s=RETRY_AFTER_S)
     if isinstance(cause, BackPressureError):
         return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "the pool's request queue is full; retry later")

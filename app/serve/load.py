@@ -11,6 +11,9 @@ cores or GPUs) is logged with what it waits for and counted in ``dynpart_replica
 pending silently; and ``down()`` tells ingresses which deployments have lost every replica they had running (a node
 lost), so they route around that pool instead of queueing for a replica that is not coming soon. (A deployment that
 has not started yet is not down: requests wait for it, as Serve makes them.)
+
+Shutting down (``dynpart serve``'s Ctrl-C): ``drain()`` tells every ingress, on its next read, to take no new request
+(503, retry elsewhere) while the ones in flight finish; the board's reports say when the engines are idle.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class LoadBoard:
         self.starting_since: dict[str, float] = {}
         self.ran: set[str] = set()  # deployments seen with a running replica
         self.lost: list[str] = []  # deployments that ran and, at the last read, have no running replica
+        self.draining = False  # the app is shutting down: ingresses take no new requests
         self._watch = asyncio.get_event_loop().create_task(self.watch_replicas())
 
     async def watch_replicas(self) -> None:
@@ -76,6 +80,14 @@ class LoadBoard:
     def down(self) -> list[str]:
         """The app's deployments that had running replicas and, as Serve last said, have none now."""
         return self.lost
+
+    def drain(self) -> None:
+        """From now on every ingress refuses new requests (it reads this within ``REPORT_S``); those already
+        admitted run to their end."""
+        self.draining = True
+
+    def is_draining(self) -> bool:
+        return self.draining
 
     def snapshot(self) -> dict[str, list[EngineLoad]]:
         """Every live replica's latest load, by pool."""

@@ -36,7 +36,7 @@ from app.engine.blocks import prefix_hashes
 from app.engine.messages import EngineFailed, EngineLoad, Handoff, RequestError, Update, merge_updates
 from app.engine.sampling import SamplingParams
 from app.serve.config import AppConfig, PoolConfig
-from app.serve.errors import Overloaded, RequestTimeout, cause_of
+from app.serve.errors import Overloaded, RequestTimeout, ShuttingDown, cause_of
 from app.serve.load import DECODE_ROLE, REPORT_S
 from app.serve.metrics import record_retry, set_expected_wait
 from app.serve.failed_replicas import FAILED
@@ -157,6 +157,7 @@ class Router:
         self.inflight: dict[str, dict[int, list[int]]] = {p.name: {} for p in cfg.pools}  # id -> [max_tokens, seen]
         self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
         self.down: set[str] = set()  # deployments that lost every running replica (the board says)
+        self.draining = False  # the app is shutting down (the board says): no new requests
         self.prefixes = {p.name: PrefixIndex(POOL_PREFIX_BLOCKS) for p in cfg.pools}  # chains sent to each pool
         self._ids = itertools.count()
         self._available: dict[str, list[str]] = {}
@@ -197,7 +198,8 @@ class Router:
         """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
         while True:
             try:
-                reported, down = await asyncio.gather(self.board.snapshot.remote(), self.board.down.remote())
+                reported, down, draining = await asyncio.gather(
+                    self.board.snapshot.remote(), self.board.down.remote(), self.board.is_draining.remote())
             except Exception:  # noqa: BLE001 - the board restarting: keep the last figures, try again
                 pass
             else:
@@ -206,7 +208,7 @@ class Router:
                         FAILED.add(x.replica)
                 if reported or not self.reported:  # an empty board after a full one: the board restarted
                     self.reported = reported
-                self.down = set(down)
+                self.down, self.draining = set(down), draining
             await asyncio.sleep(REPORT_S)
 
     def loads(self, key: str) -> list[EngineLoad]:
@@ -235,7 +237,9 @@ class Router:
         reported_tokens = mean(front, lambda x: x.waiting_prompt_tokens)
         reported_slot_wait = mean(front, lambda x: x.slot_wait_s) + mean(decode, lambda x: x.slot_wait_s)
         replicas = max(1, len(self.decoding(pool)))
-        step = mean(self.decoding(pool), lambda x: x.step_s)
+        # measured, else (no report read yet: a burst as this ingress's first requests) as the engine first guesses it
+        step = mean(self.decoding(pool), lambda x: x.step_s) or decode_step_time(
+            self.shape, self.hardware[pool.name], pool.devices, [pool.max_model_len // 2] * min(pool.max_num_seqs, 8))
         mine = self.inflight[pool.name].values()
         full = len(mine) >= pool.max_num_seqs * replicas
         own_slot_wait = step * sum(m - seen for m, seen in mine) / (pool.max_num_seqs * replicas) if full else 0.0
@@ -284,7 +288,8 @@ class Router:
         """The pool predicted to finish the request first (first token, then ``max_tokens`` decode steps; ``pool``:
         only that one), among those whose expected wait is within ``max_queue_wait_s``; none: ``Overloaded`` (503),
         at once. Pools in ``avoid`` and pools whose replicas all failed are skipped (none left: ``EngineFailed``,
-        503). ``prompt``: its token ids, or only their count (then no pool is credited with its prefix)."""
+        503). While the app drains before it stops: ``ShuttingDown`` (503). ``prompt``: its token ids, or only
+        their count (then no pool is credited with its prefix)."""
         n = prompt if isinstance(prompt, int) else len(prompt)
         chains: dict[int, list[int]] = {}  # block size -> the prompt's hash chain
         if pool is not None and pool not in self.queued:
@@ -292,6 +297,9 @@ class Router:
         strategy = check_strategy(strategy, allow_auto=True, error=RequestError)
         if self.board is not None and self._reader is None:
             self._reader = asyncio.create_task(self.read_board())
+        if self.draining:
+            raise ShuttingDown("this server is shutting down: it finishes the requests it holds and takes no new ones; "
+                             "retry against another server")
         pools = [p for p in self.cfg.pools if pool in (None, p.name)]
         limit = {p.name: min(p.max_model_len, self.shape.max_position_embeddings) for p in pools}
         fits = [p for p in pools if n + max_tokens <= limit[p.name]]

@@ -1,0 +1,98 @@
+"""``dynpart serve [CONFIG]``: ``serve run CONFIG`` that lets in-flight requests finish on Ctrl-C.
+
+Serve's own shutdown (what ``serve run`` does on Ctrl-C) stops the HTTP and gRPC proxies at once, which cuts every
+stream in flight. This command runs the same ``serve run`` in this process and, on the first Ctrl-C, drains before it
+lets ``serve run`` shut down: each app's ``LoadBoard`` tells its ingresses to refuse new requests (503, retry against
+another server), then the command waits until every engine replica has reported nothing running or waiting for a
+second, at most the app's ``graceful_shutdown_s``. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+IDLE_S = 1.0  # engines idle this long: nothing is in flight (reports come every 0.25 s; a request admitted just
+# before the ingresses read the drain reaches its engine within that)
+DEFAULT_GRACE_S = 30.0  # AppConfig.graceful_shutdown_s's default (not imported: keeps `dynpart --help` instant)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve run CONFIG; on Ctrl-C, finish the requests in flight, then stop")
+    p.add_argument("config", nargs="?", default="serve_config.yaml", help="a Serve config (default: %(default)s)")
+    p.set_defaults(func=serve_and_drain)
+
+
+def apps_to_drain(config: Path) -> dict[str, float]:
+    """The config's dynpart applications by name, with their ``graceful_shutdown_s``."""
+    import yaml
+
+    apps = yaml.safe_load(config.read_text()).get("applications") or []
+    return {a.get("name", "default"): float((a.get("args") or {}).get("graceful_shutdown_s", DEFAULT_GRACE_S))
+            for a in apps if str(a.get("import_path", "")).startswith("app.serve.app:")}
+
+
+def in_flight(boards: dict) -> int:
+    """Sequences running or waiting in every engine replica of ``boards``' apps, as they last reported."""
+    return sum(x.running + x.waiting for board in boards.values()
+               for loads in board.snapshot.remote().result(timeout_s=10).values() for x in loads)
+
+
+def drain(apps: dict[str, float]) -> None:
+    from ray import serve
+
+    boards = {name: serve.get_deployment_handle("LoadBoard", name) for name in apps}
+    for board in boards.values():
+        board.drain.remote().result(timeout_s=10)
+    grace = max(apps.values())
+    say(f"draining: new requests are refused (503); waiting up to {grace:g} s for those in flight "
+        "(Ctrl-C again to stop now)")
+    start = time.monotonic()
+    idle_since, told = None, None
+    while (waited := time.monotonic() - start) < grace:
+        busy = in_flight(boards)
+        if busy:
+            idle_since = None
+            if busy != told:
+                say(f"{busy} request(s) in flight after {waited:.1f} s")
+                told = busy
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= IDLE_S:
+            say(f"drained in {waited:.1f} s; shutting down")
+            return
+        time.sleep(0.25)
+    say(f"{in_flight(boards)} request(s) still in flight after graceful_shutdown_s ({grace:g} s); shutting down")
+
+
+def say(message: str) -> None:
+    print(f"dynpart serve: {message}", file=sys.stderr, flush=True)
+
+
+def serve_and_drain(args: argparse.Namespace) -> int:
+    from ray.serve.scripts import run
+
+    from placement.workers import local_ray_options
+
+    config = Path(args.config)
+    if not config.is_file():
+        raise FileNotFoundError(f"no Serve config at {config}")
+    apps = apps_to_drain(config)
+    local_ray_options()  # the environment a local Ray needs here (token auth off)
+
+    def on_ctrl_c(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        try:
+            if apps:
+                drain(apps)
+        except KeyboardInterrupt:
+            say("stopping without waiting")
+        except Exception as e:  # noqa: BLE001 - the app never came up, or is half gone: shut down anyway
+            say(f"could not drain ({type(e).__name__}: {e}); shutting down")
+        raise KeyboardInterrupt  # serve run's own shutdown: deletes the apps, stops the proxies and Ray
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    return run.main([str(config)], prog_name="dynpart serve", standalone_mode=False) or 0
