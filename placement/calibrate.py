@@ -141,9 +141,11 @@ def measure_gemm(timer: Timer, matrices: Sequence[torch.Tensor], rows: Sequence[
 def measure_attention(timer: Timer, heads: int, kv_heads: int, head_dim: int, lengths: Sequence[int],
                       dtype: torch.dtype = torch.float32) -> dict[str, list[dict]]:
     """The engine's attention (``strategies.layers.causal_attention``) on this rank's heads, as FLOP/s the cost model
-    counts: ``causal``, one sequence of n tokens (4·pairs·heads·dh, keyed by n); and, on p > 1, ``sharded``, rank 0's
-    zigzag token shard (chunks 0 and 2p−1 of n/(2p) queries each, every head), counted as 1/p of the pairs and keyed
-    by n/p."""
+    counts: ``causal``, one sequence of n tokens (4·pairs·heads·dh, keyed by n); and, on p > 1, ``sharded``, the
+    busiest rank's zigzag token shard, counted as 1/p of the pairs and keyed by n/p. Every rank scores 1/p of the
+    pairs, but rank 0's first chunk (0) is the square causal block SDPA skips the upper half of, while every other
+    rank r attends both its chunks (r and 2p−1−r, n/(2p) queries each, every head) through a mask over all earlier
+    keys: (2p+1)/(2p) of its pairs computed. Rank 1's pair of chunks is timed: the step waits for it."""
     from strategies.layers import causal_attention
 
     p = timer.comm.world_size
@@ -158,9 +160,9 @@ def measure_attention(timer: Timer, heads: int, kv_heads: int, head_dim: int, le
             qs = torch.randn(c, heads * p, head_dim, dtype=dtype)  # every head, one chunk's queries
             ks, vs = (torch.randn(2 * p * c, kv_heads * p, head_dim, dtype=dtype) for _ in range(2))
 
-            def zigzag() -> None:  # the first chunk sees its own keys, the last one every key
-                causal_attention(qs, ks[:c], vs[:c], 0, head_dim ** -0.5)
-                causal_attention(qs, ks, vs, (2 * p - 1) * c, head_dim ** -0.5)
+            def zigzag() -> None:  # rank 1: chunk 1 sees keys up to its end, chunk 2p−2 those up to its end
+                for chunk in (1, 2 * p - 2):
+                    causal_attention(qs, ks[:(chunk + 1) * c], vs[:(chunk + 1) * c], chunk * c, head_dim ** -0.5)
 
             t = timer(zigzag)
             counted = 4 * pairs / p * heads * p * head_dim

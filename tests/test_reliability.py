@@ -269,6 +269,7 @@ def test_client_disconnect_cancels_generation_and_frees_its_blocks(rel):
         # leaving the block closes the connection mid-stream
     t0 = time.monotonic()
     assert wait_until(idle, 10, every=0.05), replica_info()
+    print(f"disconnect: idle after {time.monotonic() - t0:.2f} s; step {replica_info()['load']['step_s']*1e3:.1f} ms")
     assert time.monotonic() - t0 < 5
 
 
