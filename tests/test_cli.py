@@ -54,3 +54,16 @@ def test_unknown_strategy_is_refused_by_the_parser():
     out = dynpart("generate", "--prompt", "hi", "--prefill-strategy",
                   "residual=TOK qkv=col attn=heads o=row gate_up=col down=sideways")
     assert out.returncode == 2 and "layout field 'down': 'sideways'" in out.stderr
+
+
+def test_serve_names_a_missing_config_and_drains_the_shipped_apps():
+    """``dynpart serve`` (make serve) refuses a missing config in one line; on Ctrl-C it drains every dynpart app of
+    the config for its graceful_shutdown_s (the drain itself: tests/test_serve_run.py)."""
+    from pathlib import Path
+
+    from app.cli.serve import apps_to_drain
+
+    out = dynpart("serve", "/no/such/serve_config.yaml")
+    assert out.returncode == 2 and "no Serve config at /no/such/serve_config.yaml" in out.stderr
+    shipped = Path(__file__).resolve().parents[1] / "serve_config.yaml"
+    assert apps_to_drain(shipped) == {"dynpart": 30.0}
