@@ -17,7 +17,6 @@ from pathlib import Path
 
 IDLE_S = 1.0  # engines idle this long: nothing is in flight (reports come every 0.25 s; a request admitted just
 # before the ingresses read the drain reaches its engine within that)
-DEFAULT_GRACE_S = 30.0  # AppConfig.graceful_shutdown_s's default (not imported: keeps `dynpart --help` instant)
 
 
 def register(sub) -> None:
@@ -30,8 +29,11 @@ def apps_to_drain(config: Path) -> dict[str, float]:
     """The config's dynpart applications by name, with their ``graceful_shutdown_s``."""
     import yaml
 
+    from app.serve.config import AppConfig
+
+    default = AppConfig.model_fields["graceful_shutdown_s"].default
     apps = yaml.safe_load(config.read_text()).get("applications") or []
-    return {a.get("name", "default"): float((a.get("args") or {}).get("graceful_shutdown_s", DEFAULT_GRACE_S))
+    return {a.get("name", "default"): float((a.get("args") or {}).get("graceful_shutdown_s", default))
             for a in apps if str(a.get("import_path", "")).startswith("app.serve.app:")}
 
 

@@ -67,6 +67,12 @@ class EngineOptions(EngineFields):
     shared_weights: bool = False  # map the node's one copy of the shards (object store) instead of loading them
 
 
+def guessed_step_s(shape: ModelShape, hardware, devices: int, max_model_len: int, max_num_seqs: int) -> float:
+    """A decode step's seconds before any is measured: the planner's, for up to 8 sequences at half the context (the
+    engine's starting figure, and an ingress's until the first load report)."""
+    return decode_step_time(shape, hardware, devices, [max_model_len // 2] * min(max_num_seqs, 8))
+
+
 def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
     """Refuse a device count before any worker starts: beyond this machine, or one that cannot split the model."""
     limit = max_devices()
@@ -107,7 +113,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     def predict_prefill_s(tokens: int) -> float:
         return plan_prefill(ckpt.shape, hardware, opts.devices, tokens, available=picks).time_s
 
-    step_s = decode_step_time(ckpt.shape, hardware, opts.devices, [max_model_len // 2] * min(opts.max_num_seqs, 8))
+    step_s = guessed_step_s(ckpt.shape, hardware, opts.devices, max_model_len, opts.max_num_seqs)
     return engine_class(group, tokenizer, ckpt.eos_token_ids(), num_blocks=num_blocks, block_size=opts.block_size,
                         max_model_len=max_model_len, max_num_seqs=opts.max_num_seqs,
                         max_num_batched_tokens=opts.max_num_batched_tokens,

@@ -8,7 +8,7 @@ arrives within one beat is not all admitted against a stale figure.
 
 The board also watches the app's replicas: a replica that Serve cannot place (a scale-up beyond the cluster's free
 cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{serve_deployment,state}``, instead of
-pending silently; and ``down()`` tells ingresses which deployments have lost every replica they had running (a node
+pending silently; and ``view()`` tells ingresses which deployments have lost every replica they had running (a node
 lost), so they route around that pool instead of queueing for a replica that is not coming soon. (A deployment that
 has not started yet is not down: requests wait for it, as Serve makes them.)
 
@@ -77,17 +77,15 @@ class LoadBoard:
     def report(self, replica: str, pool: str, load: EngineLoad) -> None:
         self.reports[replica] = (pool, load, time.monotonic())
 
-    def down(self) -> list[str]:
-        """The app's deployments that had running replicas and, as Serve last said, have none now."""
-        return self.lost
-
     def drain(self) -> None:
         """From now on every ingress refuses new requests (it reads this within ``REPORT_S``); those already
         admitted run to their end."""
         self.draining = True
 
-    def is_draining(self) -> bool:
-        return self.draining
+    def view(self) -> tuple[dict[str, list[EngineLoad]], list[str], bool]:
+        """What an ingress reads each beat, in one call: ``snapshot()``; the app's deployments that had running
+        replicas and, as Serve last said, have none now; whether the app is draining."""
+        return self.snapshot(), self.lost, self.draining
 
     def snapshot(self) -> dict[str, list[EngineLoad]]:
         """Every live replica's latest load, by pool."""

@@ -33,6 +33,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from app.engine.blocks import prefix_hashes
+from app.engine.build import guessed_step_s
 from app.engine.messages import EngineFailed, EngineLoad, Handoff, RequestError, Update, merge_updates
 from app.engine.sampling import SamplingParams
 from app.serve.config import AppConfig, PoolConfig
@@ -198,8 +199,7 @@ class Router:
         """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
         while True:
             try:
-                reported, down, draining = await asyncio.gather(
-                    self.board.snapshot.remote(), self.board.down.remote(), self.board.is_draining.remote())
+                reported, down, draining = await self.board.view.remote()
             except Exception:  # noqa: BLE001 - the board restarting: keep the last figures, try again
                 pass
             else:
@@ -238,8 +238,8 @@ class Router:
         reported_slot_wait = mean(front, lambda x: x.slot_wait_s) + mean(decode, lambda x: x.slot_wait_s)
         replicas = max(1, len(self.decoding(pool)))
         # measured, else (no report read yet: a burst as this ingress's first requests) as the engine first guesses it
-        step = mean(self.decoding(pool), lambda x: x.step_s) or decode_step_time(
-            self.shape, self.hardware[pool.name], pool.devices, [pool.max_model_len // 2] * min(pool.max_num_seqs, 8))
+        step = mean(self.decoding(pool), lambda x: x.step_s) or guessed_step_s(
+            self.shape, self.hardware[pool.name], pool.devices, pool.max_model_len, pool.max_num_seqs)
         mine = self.inflight[pool.name].values()
         full = len(mine) >= pool.max_num_seqs * replicas
         own_slot_wait = step * sum(m - seen for m, seen in mine) / (pool.max_num_seqs * replicas) if full else 0.0
