@@ -139,7 +139,14 @@ class PrefixAffinityRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """Ranks of replicas to try in turn: the affine replica alone first (Serve skips it if its queue is full),
-        then two at random; never a replica known to have failed (none left: Serve waits for a replacement)."""
+        then two at random; never a replica known to have failed (none left: Serve waits for a replacement).
+
+        Every answer asks Serve to back off before it calls again: without ``should_backoff`` Serve's routing loop
+        calls this again at once, and an empty answer (every replica failed) or full replicas made it spin without
+        ever yielding the one router event loop that every handle of this process shares, so no request to any pool
+        was routed again (and the replacement replica Serve announced was never read)."""
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
         candidate_replicas = failed_replicas.FAILED.healthy(candidate_replicas)
         if not candidate_replicas:
             return []
