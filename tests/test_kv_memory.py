@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from conftest import local_engine, prompts_for, reference_greedy
 
-from app.engine.blocks import BlockManager, prefix_hashes
+from app.engine.blocks import ROOT_HASH, BlockManager, prefix_hashes
 from app.engine.llm_engine import LLMEngine
 from app.engine.sampling import SamplingParams
 from placement.workers import start_group
@@ -114,11 +114,11 @@ def test_requests_larger_than_the_cache_are_refused(tiny_models):
         engine.add([1] * 60, SamplingParams(max_tokens=8))
 
 
-def test_block_manager_evicts_least_recently_freed_and_verifies_tokens():
+def test_block_manager_evicts_least_recently_freed_and_chains_keys():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = bm.allocate(2)
     h = prefix_hashes([1, 2, 3, 4], 2)
-    bm.register(a[0], 0, [1, 2])
+    bm.register(a[0], ROOT_HASH, [1, 2])
     bm.register(a[1], h[0], [3, 4])
     bm.release(a)  # both cached, free; the tail block is evicted first
     assert bm.match_prefix([1, 2, 3, 4, 5]) == a and bm.num_free == 2

@@ -43,7 +43,7 @@ class Sequence:
     all_ids: list[int] = field(default_factory=list)  # prompt then output: what the cache must hold
     num_computed: int = 0  # tokens of ``all_ids`` whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)  # block table
-    hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of the full blocks computed so far
+    hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks computed so far
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     preemptions: int = 0
     strategy_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens prefilled per strategy
