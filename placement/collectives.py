@@ -6,6 +6,7 @@ gloo on CPU; ``init_process_group`` joins a replica's ranks, or returns ``Single
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from datetime import timedelta
 
@@ -69,14 +70,43 @@ def device_and_backend() -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+def is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def interface_of(addr: str) -> str | None:
+    """The name of this machine's network interface holding ``addr`` (None if none does, or psutil is missing)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == addr for a in addrs):
+            return name
+    return None
+
+
+def gloo_interface(master_addr: str, node_addr: str | None) -> str | None:
+    """The interface gloo must use: loopback when the ranks meet at a loopback address (every rank on one node: never
+    an external interface), else the one holding this rank's own node address (gloo's default, the hostname's
+    address, is often 127.0.1.1 and unreachable from other nodes)."""
+    if is_loopback(master_addr):
+        return "lo"
+    return interface_of(node_addr) if node_addr else None
+
+
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
-                       timeout_s: float = 120.0) -> Comm:
-    """Join the replica's process group; blocks until all ranks have joined (start them all at once)."""
+                       timeout_s: float = 120.0, node_addr: str | None = None) -> Comm:
+    """Join the replica's process group; blocks until all ranks have joined (start them all at once). ``master_addr``
+    is where rank 0 listens; ``node_addr`` this rank's own node address (needed when the ranks span nodes)."""
     if world_size == 1:
         return SingleDevice()
     _, backend = device_and_backend()
-    if master_addr.startswith("127."):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback, never an external interface
+    if (interface := gloo_interface(master_addr, node_addr)) is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
     dist.init_process_group(
         backend,
         init_method=f"tcp://{master_addr}:{master_port}",

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from placement.collectives import destroy_process_group, device_and_backend, init_process_group
+from placement.collectives import destroy_process_group, device_and_backend, init_process_group, is_loopback
 from placement.hardware import replica_budget_bytes
 from strategies.comm import Comm, SingleDevice
 from strategies.runner import ShardRunner
@@ -60,10 +60,31 @@ def max_devices() -> int:
     return int(os.environ.get("DYNPART_MAX_CPU_DEVICES", max(4, 2 * (os.cpu_count() or 1))))
 
 
-def free_port() -> int:
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` ("": on every interface)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def rendezvous(bundle_nodes: list[str], rank0_endpoint) -> tuple[str, int]:
+    """Where a group's ranks meet (rank 0 listens there), given the node of each rank's bundle: when they are all on
+    one node, loopback and a port free here (the caller, an engine replica in bundle 0 or a local process, runs on that
+    node), as gloo then never touches an external interface; else ``rank0_endpoint()``: rank 0's node address and a
+    port free there (``placement_strategy: PACK`` may span nodes)."""
+    if len(set(bundle_nodes)) <= 1:
+        return LOOPBACK, free_port()
+    return rank0_endpoint()
+
+
+def node_endpoint() -> tuple[str, int]:
+    """This node's address as Ray knows it and a port free on all its interfaces (run on rank 0's node)."""
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 def threads_per_device(devices: int, bundle: dict | None = None) -> int:
@@ -106,7 +127,9 @@ class ShardWorker:
                  collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, threads: int = 1):
         use_threads(threads)
         self.rank = rank
-        self.comm = init_process_group(rank, devices, master_addr, master_port, timeout_s=collective_timeout_s)
+        self.node_addr = None if is_loopback(master_addr) else node_endpoint()[0]  # ranks on several nodes
+        self.comm = init_process_group(rank, devices, master_addr, master_port, timeout_s=collective_timeout_s,
+                                       node_addr=self.node_addr)
         self.load(runner_kwargs)
 
     def load(self, runner_kwargs: dict) -> None:
@@ -186,7 +209,8 @@ class LocalGroup:
 
 
 class ShardGroup:
-    """p shard workers as Ray actors in a placement group of p device bundles (PACK: one node if possible).
+    """p shard workers as Ray actors in a placement group of p device bundles (PACK: one node if possible). On one
+    node the ranks meet on loopback; across nodes at rank 0's node address (``rendezvous``).
 
     Pass ``placement_group`` to use one that already exists (a Serve replica's own, from ``placement_group_bundles``),
     otherwise one is created and removed with the group. Each bundle needs one device: a GPU where the cluster has
@@ -197,7 +221,7 @@ class ShardGroup:
                  start_timeout_s: float = 300.0, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         import ray
         from ray.util.placement_group import placement_group as make_pg
-        from ray.util.placement_group import remove_placement_group
+        from ray.util.placement_group import placement_group_table, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.devices = devices
@@ -212,14 +236,17 @@ class ShardGroup:
                 raise RuntimeError(f"the cluster cannot place {devices} devices of {bundle} "
                                    f"within {start_timeout_s:.0f} s") from e
         self.pg = placement_group
-        port = free_port()
+        bundle_nodes = list(placement_group_table(placement_group)["bundles_to_node_id"].values())
+        on_rank0 = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
+        self.master_addr, port = rendezvous(bundle_nodes, lambda: ray.get(
+            ray.remote(num_cpus=0)(node_endpoint).options(scheduling_strategy=on_rank0).remote()))
         actor = ray.remote(ShardWorker)
         threads = threads_per_device(devices, bundle if not self._own_pg else None)
         self.workers = [  # each rank takes its whole bundle: Ray then never places more devices than there are
             actor.options(
                 **actor_resources(bundle),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=r),
-            ).remote(r, devices, "127.0.0.1", port, runner_kwargs, collective_timeout_s, threads)
+            ).remote(r, devices, self.master_addr, port, runner_kwargs, collective_timeout_s, threads)
             for r in range(devices)
         ]
         try:
