@@ -155,6 +155,24 @@ def test_plot_file_is_written(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_every_front_member_the_planner_offers(tmp_path):
+    """``dynpart plan --plot`` (front, the default): a line per layout the engine offers, not only the named three."""
+    from strategies.cost.planner import executable_layouts
+    from strategies.layout import parse_layout
+
+    offered = executable_layouts(LLAMA7, L4, 4)
+    assert len(offered) > len(STRATEGIES)
+    fig = plot_plan(plan(LLAMA7, L4, 4, lengths=[64, 512, 4096], available=offered), str(tmp_path / "plan.png"))
+    drawn = {line.get_label() for line in fig.axes[0].get_lines()}
+    assert {parse_layout(name).name for name in offered} <= drawn
+
+
+def test_cli_search_says_every_row_runs(capsys):
+    assert main(["search", "--model", "llama2-7b", "--gpu", "L4", "--devices", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "not implemented" not in out and "Every row runs" in out
+
+
 def test_cli_plan_json_and_plot(tmp_path, capsys):
     out = tmp_path / "p.png"
     assert main(["plan", "--model", "llama2-7b", "--gpu", "A100-40GB-SXM", "--devices", "4", "--json",

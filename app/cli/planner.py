@@ -84,9 +84,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         eq = f" (+{len(m.equivalents)} equal-cost)" if m.equivalents else ""
         print(f"{m.strategy or '-':<22} {cells}  {c0.weight_bytes / 1e6:8.1f} {c0.latency_steps:5d} "
               f"{c0.memory_bytes / 1e9:6.2f}  {m.label}{eq}")
-    on = [m.strategy for m in res.front if m.strategy]
-    print(f"\nThe engine can execute {', '.join(on) or 'none'} of these front members"
-          " (the other rows are not implemented).")
+    named = [m.strategy for m in res.front if m.strategy]
+    print(f"\nEvery row runs: the executor runs any layout, and an engine (prefill_layouts: front, the default) "
+          f"offers each front member whose replicas fit its replica_budget_gb; `engine` names the rows that are "
+          f"named strategies ({', '.join(named) or 'none here'}). A row's candidate label is a valid "
+          f"--prefill-strategy.")
     for name, by in res.dominated_strategies.items():
         print(f"{name} is not on the front here: dominated by [{by}].")
     return 0

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
@@ -24,6 +25,9 @@ from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
 from strategies.cost.search import STRATEGIES, search
 from strategies.layout import STRATEGY_NAMES, ShardLayout, check_devices, parse_layout
 from strategies.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_UTILIZATION = 0.9  # fraction of device memory the engine may use (weights, buffers, activations, KV)
 
@@ -279,9 +283,11 @@ def _crossovers(choose, lo: int, hi: int) -> list[Crossover]:
     return out
 
 
-def plot_plan(report: PlanReport, path: str) -> None:
-    """Prefill time against input length per layout (log-log): the named strategies and every chosen layout in
-    colour, the other front members as thin grey lines; crossovers marked; writes a PNG."""
+def plot_plan(report: PlanReport, path: str) -> Figure:
+    """Prefill time against input length per layout (log-log), one line for every layout the report priced (the
+    named strategies and every front member offered): the named strategies and every chosen layout in colour and in
+    the legend, the other front members as thin grey lines; crossovers marked; writes a PNG and returns the figure
+    (closed; each line's label is its layout)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,22 +295,35 @@ def plot_plan(report: PlanReport, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [r.tokens for r in report.lengths]
-    for name in STRATEGIES:
-        ys = [r.predicted_s[name] * 1e3 if r.predicted_s[name] is not None else float("nan") for r in report.lengths]
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    priced = list(dict.fromkeys(name for r in report.lengths for name in r.predicted_s))
+    shown = {*STRATEGIES, *(r.choice for r in report.lengths)}
+    legend = []
+    for name in priced:
+        ys = [r.predicted_s[name] * 1e3 if r.predicted_s.get(name) is not None else float("nan")
+              for r in report.lengths]
+        if name in shown:
+            legend += ax.plot(xs, ys, marker="o", ms=3, label=name)
+        else:
+            ax.plot(xs, ys, color="grey", lw=0.5, alpha=0.5, label=name)
     for c in report.crossovers:
         ax.axvline(c.tokens, color="grey", ls="--", lw=0.8)
-        after = c.after if len(c.after) < 40 else _short(c.after)
-        ax.annotate(f"{c.tokens}: →{after}", (c.tokens, ax.get_ylim()[1]), rotation=90, va="top", ha="right",
+        ax.annotate(f"{c.tokens}: →{_brief(c.after)}", (c.tokens, ax.get_ylim()[1]), rotation=90, va="top", ha="right",
                     fontsize=7)
     ax.set(xscale="log", yscale="log", xlabel="input tokens", ylabel="predicted prefill time (ms)",
            title=f"{report.model} on {report.devices}×{report.hardware}"
-                 f"{' (calibrated)' if report.calibrated_from else ''}")
-    ax.legend(fontsize=6)
+                 f"{' (calibrated)' if report.calibrated_from else ''}; grey: {len(priced) - len(legend)} other "
+                 "front members")
+    ax.legend(handles=legend, labels=[_brief(h.get_label()) for h in legend], fontsize=6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
+
+
+def _brief(name: str) -> str:
+    """A strategy name or a short label as it is, a long label ``_short``."""
+    return name if len(name) < 40 else _short(name)
 
 
 def _short(label: str) -> str:

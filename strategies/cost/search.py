@@ -20,7 +20,7 @@ from strategies.cost.layouts import REP, TOK, Attn, Candidate, Mode, layer_ops, 
 from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.shapes import ModelShape
 
-# The candidates the engine can execute (strategies/), by the names it uses.
+# The three named strategies, by the names the engine uses (every other candidate runs too, named by its label).
 STRATEGIES: dict[str, Candidate] = {
     "megatron": Candidate(REP, Mode.COL, Attn.HEADS, Mode.ROW, Mode.COL, Mode.ROW),
     "weight_gathered": Candidate(TOK, Mode.GATHERED, Attn.TOKENS, Mode.GATHERED, Mode.GATHERED, Mode.GATHERED),
