@@ -144,3 +144,30 @@ def test_a_missing_field_is_named(http, path, content, headers, param, says):
     err = r.json()["error"]
     assert (err["param"], err["type"]) == (param, "invalid_request_error"), err
     assert says in err["message"], err
+
+
+def test_only_the_clients_mistakes_are_4xx():
+    """A bare ``ValueError`` (any exception) from the server's own code, here or inside a replica, is a 500
+    ``server_error``, not a 400 blaming the client; the client's mistakes (``RequestError``, request validation)
+    are 400 naming their field, also after crossing from a replica (Ray pickles the exception)."""
+    import pickle
+
+    import grpc
+    from pydantic import ValidationError
+    from ray.exceptions import RayTaskError
+
+    from app.engine.messages import RequestError
+    from app.engine.sampling import SamplingParams
+    from app.serve.errors import api_error
+
+    for bug in (ValueError("math domain error"), RayTaskError("generate", "traceback", ValueError("bad shape"))):
+        err = api_error(bug)
+        assert (err.status, err.kind, err.grpc_code) == (500, "server_error", grpc.StatusCode.INTERNAL), err
+        assert err.message.startswith("internal error: ValueError")
+    mistake = pickle.loads(pickle.dumps(RequestError("max_tokens (9000) exceeds this server's limit", "max_tokens")))
+    for e in (mistake, RayTaskError("generate", "traceback", mistake)):
+        err = api_error(e)
+        assert (err.status, err.kind, err.param) == (400, "invalid_request_error", "max_tokens"), err
+    with pytest.raises(ValidationError) as invalid:
+        SamplingParams(temperature=5)
+    assert (api_error(invalid.value).status, api_error(invalid.value).param) == (400, "temperature")

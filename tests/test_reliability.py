@@ -204,7 +204,7 @@ def test_unknown_routes_and_methods_answer_openai_errors(http):
     (dict(prompt="x", stop=["a"] * 5), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     (dict(prompt="x", strategy="fastest"), grpc.StatusCode.INVALID_ARGUMENT, "strategy"),
     (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt or messages"),
-    (dict(prompt="x" * (MAX_BODY + 1)), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+    (dict(prompt="x" * (MAX_BODY + 1)), grpc.StatusCode.RESOURCE_EXHAUSTED, "bytes"),  # as HTTP's 413
     (dict(prompt="x", model="gpt-4"), grpc.StatusCode.NOT_FOUND, "gpt-4"),
 ])
 def test_bad_grpc_requests(stub, fields, code, says):

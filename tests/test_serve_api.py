@@ -273,3 +273,29 @@ def test_prometheus_metrics_count_requests(http, ray_session):
     for hist in ("ray_dynpart_ttft_seconds_count", "ray_dynpart_prefill_seconds_count"):
         assert after.get(hist, 0) - before.get(hist, 0) >= 3, hist
     assert "ray_dynpart_queued_tokens" in after
+
+
+def test_a_grpc_request_over_max_body_bytes_is_resource_exhausted_as_http_is_413(http, grpc_stub):
+    """Too large is too large on both protocols: HTTP's 413 and gRPC's RESOURCE_EXHAUSTED (its code for a message
+    over the limit, not INVALID_ARGUMENT), with the same message."""
+    from app.serve.protos import dynpart_pb2 as pb
+
+    prompt = "x" * (1 << 20)  # the app's max_body_bytes is the default, 1 MiB
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=2))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.details() == r.json()["error"]["message"] == "the request body is larger than this server's " \
+        "limit of 1048576 bytes"
+
+
+@pytest.mark.parametrize("path, body, param, says", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages", "text only"),
+])
+def test_a_client_mistake_is_a_400_naming_its_field(http, path, body, param, says):
+    r = http.post(path, json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and says in error["message"], error

@@ -12,7 +12,16 @@ from pydantic import BaseModel, ConfigDict
 
 
 class RequestError(ValueError):
-    """The request cannot be served as asked (too long, bad strategy); the message names the limit."""
+    """The client's mistake: the request cannot be served as asked (too long, bad strategy); the message names the
+    limit, ``param`` the request field it is about (OpenAI's error ``param``) when there is one. Only this (and
+    request validation) is a 4xx: any other exception is the server's fault, a 5xx."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # crosses processes with its field (Ray pickles it into a RayTaskError)
+        return type(self), (str(self), self.param)
 
 
 class SequenceFailed(RuntimeError):

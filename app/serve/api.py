@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.engine.messages import RequestError
 from app.engine.sampling import MaxTokens, SamplingParams, Seed, Stop, Temperature, TopK, TopP
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (and gRPC's when max_tokens is 0)
@@ -109,7 +110,8 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text":
-                raise ValueError(f"message content of type {part.get('type')!r} is not supported (text only)")
+                raise RequestError(f"message content of type {part.get('type')!r} is not supported (text only)",
+                                   param="messages")
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 

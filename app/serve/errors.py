@@ -28,7 +28,8 @@ MEANING = {
     404: "The request names a model this server does not serve",
     413: "The request body is larger than the server's max_body_bytes",
     415: "A content type other than JSON",
-    500: "This request's own sampling or detokenization failed (the rest of its batch goes on)",
+    500: "A fault of the server, not of the request: this request's own sampling or detokenization failed (the rest "
+         "of its batch goes on), or a bug",
     503: "The chosen pool is full, or its replica failed and is being replaced: retry after retry-after seconds",
     504: "The request ran past the server's request_timeout_s; its generation was cancelled",
 }
@@ -42,6 +43,15 @@ def documented(*statuses: int) -> dict[int, dict]:
     """FastAPI's ``responses=`` for the error statuses a route answers: OpenAI's error body, what the status means
     here, and the headers that come with it."""
     return {s: {"model": ErrorResponse, "description": MEANING[s], "headers": _HEADERS.get(s, {})} for s in statuses}
+
+
+class TooLarge(RequestError):
+    """A request larger than the app's ``max_body_bytes``: 413 (gRPC: RESOURCE_EXHAUSTED, its code for a message too
+    large); ``too_large`` words it as the HTTP guard does."""
+
+
+def too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the request body is larger than this server's limit of {limit} bytes")
 
 
 class ModelNotFound(LookupError):
@@ -123,8 +133,12 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(cause, ValidationError):
         loc, message = validation_message(cause.errors())
         return ApiError(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, message, param=loc)
-    if isinstance(cause, (RequestError, ValueError)):
-        return ApiError(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, _first_line(cause))
+    if isinstance(cause, TooLarge):
+        return ApiError(413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause),
+                        code="request_too_large")
+    if isinstance(cause, RequestError):  # only the client's mistakes: a bare ValueError is a bug here (500)
+        return ApiError(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, _first_line(cause),
+                        param=cause.param)
     if isinstance(cause, Overloaded):
         return ApiError(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause),
                         retry_after_s=cause.retry_after_s)

@@ -25,7 +25,7 @@ from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ChatMessage, 
                            DynpartUsage, GenerationRequest, Usage, chunk_body, completion_body, error_body, new_id,
                            sampling_params)
 from app.serve.config import AppConfig
-from app.serve.errors import ModelNotFound, api_error, documented, error_response, validation_message
+from app.serve.errors import ModelNotFound, api_error, documented, error_response, too_large, validation_message
 from app.serve.guard import Guard, Limits, check_key, check_peer
 from app.serve.metrics import record_request
 from app.serve.protos import dynpart_pb2 as pb
@@ -120,7 +120,7 @@ class Ingress:
         whole answer. The request timeout runs from here."""
         if params.max_tokens > self.cfg.max_tokens_limit:
             raise RequestError(f"max_tokens ({params.max_tokens}) exceeds this server's limit of "
-                               f"{self.cfg.max_tokens_limit} generated tokens per request")
+                               f"{self.cfg.max_tokens_limit} generated tokens per request", param="max_tokens")
         strategy = strategy or self.cfg.default_strategy
         started = time.perf_counter()
         try:
@@ -225,8 +225,8 @@ class Ingress:
         if ctx is not None:  # None: called through a handle, not from the network
             check_peer(ctx.peer(), self.cfg.grpc_remote_clients)
             check_key(self.api_key, dict(ctx.invocation_metadata()).get("authorization"))
-        if req.ByteSize() > self.cfg.max_body_bytes:
-            raise RequestError(f"the request is larger than this server's limit of {self.cfg.max_body_bytes} bytes")
+        if req.ByteSize() > self.cfg.max_body_bytes:  # as HTTP's 413: RESOURCE_EXHAUSTED, gRPC's "too large"
+            raise too_large(self.cfg.max_body_bytes)
         self._check_model(req.model)
         if req.messages:
             messages = [ChatMessage(role=m.role, content=m.content) for m in req.messages]
