@@ -86,7 +86,7 @@ def assert_openai_error(r: httpx.Response) -> dict:
 
 def test_a_static_policy_prefills_every_request_its_way(http, chat_tiny):
     """Under ``static:weight_gathered`` a prompt the planner would prefill another way still runs weight_gathered,
-    and a request that names a strategy gets the one it names."""
+    and a request that names a strategy the replica built at start gets the one it names (any other is a 400)."""
     from strategies.cost import get_hardware, plan_prefill
     from strategies.loader import Checkpoint
 
@@ -100,12 +100,17 @@ def test_a_static_policy_prefills_every_request_its_way(http, chat_tiny):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **GREEDY},
                   headers={"x-dynpart-strategy": "megatron"})
     assert r.status_code == 200 and r.headers["x-dynpart-strategy"] == "megatron"
-    label = "residual=TOK qkv=col attn=heads o=replicated gate_up=gathered down=replicated"  # any layout, by label
+    label = next(s for s in replica_info()["available"] if "=" in s)  # a layout the replica built, by label
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi there", "max_tokens": 2, **GREEDY},
                   headers={"x-dynpart-strategy": label})
     assert r.status_code == 200 and r.headers["x-dynpart-strategy"] == label, r.text
+    # a valid label the replica did not build at start: refused (a serving step never builds one)
+    unbuilt = "residual=TOK qkv=col attn=heads o=replicated gate_up=gathered down=replicated"
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **GREEDY},
-                  headers={"x-dynpart-strategy": label.replace("o=replicated", "o=sideways")})
+                  headers={"x-dynpart-strategy": unbuilt})
+    assert r.status_code == 400 and "did not build it at start" in assert_openai_error(r)["message"], r.text
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **GREEDY},
+                  headers={"x-dynpart-strategy": unbuilt.replace("o=replicated", "o=sideways")})
     assert r.status_code == 400 and "layout field 'o'" in assert_openai_error(r)["message"]
 
 

@@ -19,6 +19,7 @@ from conftest import deployed, http_client, reference_greedy
 from conftest import grpc_stub as stub_for
 
 from strategies.cost import get_hardware, plan_prefill
+from strategies.layout import STRATEGY_NAMES
 from strategies.loader import Checkpoint
 
 APP = "serve-api"
@@ -30,6 +31,8 @@ POOLS = [
     dict(name="split", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4, disaggregated=True),
 ]
 GREEDY = {"temperature": 0, "ignore_eos": True}
+# A layout no pool of this app builds at start (not a named strategy, not on the tiny model's front for 2 CPU devices)
+UNBUILT = "residual=TOK qkv=col attn=heads o=replicated gate_up=gathered down=replicated"
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +302,28 @@ def test_a_client_mistake_is_a_400_naming_its_field(http, path, body, param, say
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and says in error["message"], error
+
+
+def test_a_layout_no_pool_built_is_a_400_and_one_built_at_start_is_served(http, grpc_stub):
+    """A header cannot make a replica build a layout in a serving step: a label no pool built at start is a 400
+    naming it and what each pool runs (HTTP and gRPC); a layout a pool built (a front member it offers, a named
+    strategy as static policies use) runs where it was asked for."""
+    from ray import serve
+
+    from app.serve.protos import dynpart_pb2 as pb
+
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **GREEDY},
+                  headers={"x-dynpart-strategy": UNBUILT})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert f"prefill strategy {UNBUILT!r} cannot run" in message and "did not build it at start" in message
+    assert all(f"pool {p['name']} did not build it at start (it runs 'megatron'" in message for p in POOLS), message
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_stub.Generate(pb.GenerateRequest(prompt="Hi", max_tokens=2, strategy=UNBUILT, pool="long"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pool long did not build it" in e.value.details()
+    offered = serve.get_deployment_handle("long", APP).info.remote().result(timeout_s=60)["available"]
+    label = next(s for s in offered if s not in STRATEGY_NAMES)
+    for strategy in (label, "weight_gathered"):
+        reply = grpc_stub.Generate(pb.GenerateRequest(prompt="Hello there", max_tokens=2, ignore_eos=True,
+                                                      pool="long", strategy=strategy))
+        assert reply.dynpart.strategy == strategy and reply.completion_tokens == 2

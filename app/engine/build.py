@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 from typing import Literal
+
+import torch
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +60,10 @@ class EngineFields(BaseModel):
     # collective; one device has no collective to time out): its requests fail and the replica is replaced.
     step_watchdog_floor_s: float = Field(30.0, gt=0)
 
+    def context(self, max_position_embeddings: int) -> int:
+        """Tokens one sequence may hold (prompt + generated): ``max_model_len``, at most the model's positions."""
+        return min(self.max_model_len, max_position_embeddings)
+
 
 class EngineOptions(EngineFields):
     """Everything ``build_engine`` needs: the shared fields, the model, and how the planner prices the devices."""
@@ -82,13 +88,17 @@ def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
 
 
 def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None = None,
-                 engine_class: type[LLMEngine] = LLMEngine) -> LLMEngine:
+                 engine_class: type[LLMEngine] = LLMEngine, pinned: Sequence[str] = ()) -> LLMEngine:
     """``bundle``: what one device of ``placement_group`` offers (default: detected); ``engine_class``: an
-    ``LLMEngine`` subclass, e.g. the prefill-only or decode-only engine of a disaggregated pool."""
+    ``LLMEngine`` subclass, e.g. the prefill-only or decode-only engine of a disaggregated pool.
+
+    Every layout a request may name is built here, before any step (a step never builds one): the engine offers
+    (``contenders``) the planner's picks plus the named strategies (static policies) and ``pinned`` layouts (the
+    CLI's ``--prefill-strategy``) whose replicas fit the budget on every rank; a request naming another is refused."""
     ckpt = Checkpoint(opts.model)
     validate_devices(opts, ckpt)
     tokenizer = ckpt.tokenizer()  # fail on a missing tokenizer before any worker starts
-    max_model_len = min(opts.max_model_len, ckpt.shape.max_position_embeddings)
+    max_model_len = opts.context(ckpt.shape.max_position_embeddings)
     budget = None if opts.replica_budget_gb is None else int(opts.replica_budget_gb * 1e9)
     kv_gb = kv_budget_gb(opts)
     runner_kwargs = dict(model=str(ckpt.path), dtype=DTYPES[opts.dtype], replica_budget_bytes=budget,
@@ -102,10 +112,13 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
         opts.cpus_per_device)
     layouts = (executable_layouts(ckpt.shape, hardware, opts.devices) if opts.prefill_layouts == "front"
                else list(STRATEGY_NAMES))
-    fit = group.call_all("fitting", layouts)  # every rank must build the same replicas: what fits on all of them
-    available = [s for s in layouts if all(s in f for f in fit)]
+    extra = [s for s in dict.fromkeys(pinned) if s != "auto" and s not in layouts]
+    fit = group.call_all("fitting", [*layouts, *extra])  # every rank builds the same replicas: what fits on all
+    available = [s for s in [*layouts, *extra] if all(s in f for f in fit)]
     num_blocks = allocate_kv(group, opts, ckpt.shape, hardware, available, kv_gb, max_model_len)
-    picks = contenders(ckpt.shape, hardware, opts.devices, available, opts.max_num_batched_tokens)
+    picks = contenders(ckpt.shape, hardware, opts.devices, [s for s in available if s not in extra],
+                       opts.max_num_batched_tokens)
+    offered = list(dict.fromkeys([*picks, *(s for s in available if s in STRATEGY_NAMES or s in pinned)]))
 
     def choose(new: list[int], cached: list[int], decoding: list[int]) -> str:
         return plan_step(ckpt.shape, hardware, opts.devices, new, cached, decoding, available=picks).strategy
@@ -119,7 +132,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                         max_num_batched_tokens=opts.max_num_batched_tokens,
                         enable_chunked_prefill=opts.enable_chunked_prefill,
                         enable_prefix_caching=opts.enable_prefix_caching, choose_strategy=choose,
-                        predict_prefill_s=predict_prefill_s, step_s=step_s, layouts=available, contenders=picks,
+                        predict_prefill_s=predict_prefill_s, step_s=step_s, layouts=available, contenders=offered,
                         watchdog_floor_s=opts.step_watchdog_floor_s)
 
 

@@ -107,7 +107,9 @@ class LLMEngine:
                  layouts: list[str] | None = None, contenders: list[str] | None = None,
                  watchdog_floor_s: float = 30.0):
         self.group, self.tokenizer = group, tokenizer
-        # Layouts built and offered (named strategies + the executable front), and those the planner prices per step
+        # Layouts built at start (named strategies + the executable front that fit), and those offered: the ones a
+        # request may name and the ingress prices (``build_engine``: the planner's picks, the named strategies, a
+        # pinned layout). Nothing is built in a step: a request naming another layout is refused in ``add``.
         self.layouts = layouts or list(STRATEGY_NAMES)
         self.contenders = contenders or self.layouts
         self.eos = set(eos_token_ids)
@@ -133,10 +135,10 @@ class LLMEngine:
         if not prompt_ids:
             raise RequestError("prompt is empty")
         strategy = check_strategy(strategy, allow_auto=True, error=RequestError)
-        if strategy != "auto" and strategy not in self.layouts and not self.group.call("available_strategies",
-                                                                                      [strategy]):
-            raise RequestError(f"layout {strategy!r} needs more replica memory per device than this pool's budget "
-                               "(replica_budget_gb) leaves")
+        if strategy != "auto" and strategy not in self.contenders:
+            raise RequestError(f"prefill strategy {strategy!r} was not built when this engine started (only the "
+                               f"layouts built then run; a step never builds one): it runs "
+                               f"{', '.join(map(repr, self.contenders))}", param="strategy")
         need = len(prompt_ids) + params.max_tokens
         if need > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "

@@ -269,17 +269,19 @@ class Router:
                        cached: int = 0) -> tuple[float, float] | None:
         """(seconds to this request's first token, of which waiting): its ``n - cached`` uncached tokens, attending
         to the ``cached`` prefix, prefill in one batch with the prompts ahead (the engine batches waiting prompts),
-        after a slot frees. None: ``strategy`` cannot run in ``pool``."""
+        after a slot frees. ``strategy``: ``auto`` or one of ``available`` (what the pool built at start). None: it
+        cannot run this prompt in the pool's memory."""
         queued, slot_wait = self.backlog(pool)
         shape, hardware, new = self.shape, self.hardware[pool.name], n - cached
-        if strategy != "auto" and strategy not in available:  # a layout asked for by label: priced too
-            available = [*available, strategy]
-        alone = plan_prefill(shape, hardware, pool.devices, new, available=available, cached=cached)
-        own = alone.predicted_s.get(alone.strategy if strategy == "auto" else strategy)
-        if own is None:
+        try:
+            alone = plan_prefill(shape, hardware, pool.devices, new, available=available, cached=cached)
+            own = alone.predicted_s.get(alone.strategy if strategy == "auto" else strategy)
+            if own is None:
+                return None
+            batched = (plan_prefill(shape, hardware, pool.devices, [new, queued], available=available,
+                                    cached=[cached, 0]) if queued else alone)
+        except ValueError:  # nothing the pool offers fits its memory for this prompt (or this batch)
             return None
-        batched = (plan_prefill(shape, hardware, pool.devices, [new, queued], available=available,
-                                cached=[cached, 0]) if queued else alone)
         wait = max(0.0, batched.time_s - alone.time_s) + slot_wait
         return own + wait, wait
 
@@ -301,15 +303,22 @@ class Router:
             raise ShuttingDown("this server is shutting down: it finishes the requests it holds and takes no new ones; "
                              "retry against another server")
         pools = [p for p in self.cfg.pools if pool in (None, p.name)]
-        limit = {p.name: min(p.max_model_len, self.shape.max_position_embeddings) for p in pools}
+        limit = {p.name: p.context(self.shape.max_position_embeddings) for p in pools}
         fits = [p for p in pools if n + max_tokens <= limit[p.name]]
         if not fits:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
                                f"context limit of every pool ({max(limit.values())} tokens at most)")
         routes, waits, down = [], [], []
+        unbuilt: dict[str, list[str]] = {}  # pools that did not build the requested layout: what they run
+        no_memory: list[str] = []  # pools whose memory cannot prefill this prompt (by it)
+        pinned = strategy != "auto"
         for p in fits:
             if p.name in avoid or not self.serving(p):
                 down.append(p.name)
+                continue
+            available = await self.available(p.name)
+            if pinned and strategy not in available:  # built at start or never: a step builds nothing
+                unbuilt[p.name] = available
                 continue
             if self.queued[p.name] + n > p.max_queued_tokens:
                 continue
@@ -319,8 +328,9 @@ class Router:
                     chains[p.block_size] = prefix_hashes(prompt, p.block_size)
                 hashes = chains[p.block_size]
             cached = self.cached_tokens(p, n, hashes) if hashes else 0
-            predicted = self.predicted_ttft(p, n, strategy, await self.available(p.name), cached)
+            predicted = self.predicted_ttft(p, n, strategy, available, cached)
             if predicted is None:
+                no_memory.append(p.name)
                 continue
             ttft, wait = predicted
             set_expected_wait(p.name, wait)
@@ -331,6 +341,15 @@ class Router:
             decode = (max_tokens - 1) * self.decode_step_s(p, n + max_tokens // 2)
             routes.append(Route(pool=p, predicted_s=ttft + decode, ttft_s=ttft, cached_tokens=cached, hashes=hashes))
         if not routes:
+            if not [p for p in fits if p.name not in unbuilt and p.name not in no_memory
+                    and (not pinned or strategy in self._available.get(p.name, [strategy]))]:
+                why = [*(f"pool {name} did not build it at start (it runs {', '.join(map(repr, runs))})"
+                         for name, runs in unbuilt.items()),
+                       *(f"pool {name} lacks the memory to prefill {n} tokens" + (" this way" if pinned else "")
+                         for name in no_memory)]
+                raise RequestError((f"prefill strategy {strategy!r} cannot" if pinned else "no prefill strategy can")
+                                   + f" run this request in any pool whose context holds it: {'; '.join(why)}"
+                                   + ("; name one of those, or none to let the planner choose" if unbuilt else ""))
             if waits:
                 least = min(waits)
                 raise Overloaded(f"every pool that can serve this request would queue it for longer than this "
