@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import grpc
 import httpx
@@ -243,22 +244,31 @@ def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
     assert both_busy.predicted_s > idle.predicted_s
 
 
-def test_prometheus_metrics_count_requests(http, ray_session):
-    """Scraped from Ray's metrics endpoint as Prometheus would: the request counter and the latency histograms
-    move with the requests served, and every engine replica reports its queued tokens."""
+def metric_samples(ray_session) -> list:
+    """Every ``ray_dynpart_*`` sample on Ray's metrics endpoint, scraped as Prometheus would."""
     from prometheus_client.parser import text_string_to_metric_families
 
     port = ray_session.nodes()[0]["MetricsExportPort"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("ray_dynpart_")]
 
+
+def pool_totals(samples: list, pool: str) -> dict[str, float]:
+    """The samples labelled with ``pool``, summed per name (and status: ``ray_dynpart_requests_total[200]``)."""
+    out: dict[str, float] = {}
+    for s in samples:
+        if s.labels.get("pool") == pool:
+            key = s.name + ("" if "status" not in s.labels else f"[{s.labels['status']}]")
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_prometheus_metrics_count_requests(http, ray_session):
+    """Scraped from Ray's metrics endpoint as Prometheus would: the request counter and the latency histograms
+    move with the requests served, and every engine replica reports its queued tokens."""
     def samples() -> dict[str, float]:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name.startswith("ray_dynpart_") and s.labels.get("pool") == "fast":
-                    key = s.name + ("" if "status" not in s.labels else f"[{s.labels['status']}]")
-                    out[key] = out.get(key, 0.0) + s.value
-        return out
+        return pool_totals(metric_samples(ray_session), "fast")
 
     before = samples()
     for _ in range(3):
@@ -276,6 +286,25 @@ def test_prometheus_metrics_count_requests(http, ray_session):
     for hist in ("ray_dynpart_ttft_seconds_count", "ray_dynpart_prefill_seconds_count"):
         assert after.get(hist, 0) - before.get(hist, 0) >= 3, hist
     assert "ray_dynpart_queued_tokens" in after
+
+
+def test_a_pool_header_cannot_create_metric_series(http, ray_session):
+    """A refused request is counted under a configured pool name or ``unknown``, never under the pool name it
+    sent: a client naming a new pool in every request would otherwise add a Prometheus series each time."""
+    bogus = f"flood-{uuid.uuid4().hex[:12]}"
+    count = "ray_dynpart_requests_total[400]"
+    before = pool_totals(metric_samples(ray_session), "unknown").get(count, 0)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                  headers={"x-dynpart-pool": bogus})
+    assert r.status_code == 400 and "unknown pool" in r.json()["error"]["message"], r.text
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports metrics every few seconds
+        samples = metric_samples(ray_session)
+        if pool_totals(samples, "unknown").get(count, 0) > before or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert pool_totals(samples, "unknown").get(count, 0) >= before + 1  # counted, as pool "unknown"
+    assert not [s for s in samples if bogus in s.labels.values()]
 
 
 def test_a_grpc_request_over_max_body_bytes_is_resource_exhausted_as_http_is_413(http, grpc_stub):

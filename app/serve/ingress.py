@@ -126,8 +126,9 @@ class Ingress:
         try:
             route, retries, first, updates = await self.router.start(prompt_ids, params, pool or None, strategy,
                                                                      whole, self.cfg.request_timeout_s)
-        except Exception as e:
-            record_request(pool or "none", None, str(api_error(e).status))
+        except Exception as e:  # labelled by configured pool names only: a header cannot create metric series
+            label = "none" if not pool else pool if any(p.name == pool for p in self.cfg.pools) else "unknown"
+            record_request(label, None, str(api_error(e).status))
             raise
         result = Result(pool=route.pool.name, devices=route.pool.devices, whole=whole, retries=retries,
                         started=started)

@@ -5,6 +5,8 @@ Exported on each node's Ray metrics endpoint (``ray start --metrics-export-port`
 ``dynpart_prefill_seconds`` histograms {pool, strategy}, ``dynpart_queued_tokens`` {pool} per engine replica, and
 ``dynpart_expected_wait_seconds`` {pool} per ingress (what admission control compares with ``max_queue_wait_s``),
 ``dynpart_retries_total`` {pool}: requests started again elsewhere after their replica in ``pool`` failed.
+``pool`` is always a configured pool's name, or for a request refused before one was chosen ``none`` (it named none)
+or ``unknown`` (it named one this app does not have): a client cannot add series by naming pools.
 """
 
 from __future__ import annotations
