@@ -32,13 +32,15 @@ POOLS = [
     dict(name="split", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4, disaggregated=True),
 ]
 GREEDY = {"temperature": 0, "ignore_eos": True}
+MAX_TOKENS_LIMIT = 8192  # above the 4096 the request model once capped max_tokens at
 # A layout no pool of this app builds at start (not a named strategy, not on the tiny model's front for 2 CPU devices)
 UNBUILT = "residual=TOK qkv=col attn=heads o=replicated gate_up=gathered down=replicated"
 
 
 @pytest.fixture(scope="module")
 def app_ports(serve_session, chat_tiny):
-    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": POOLS, "graceful_shutdown_s": 1}
+    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": POOLS, "graceful_shutdown_s": 1,
+            "max_tokens_limit": MAX_TOKENS_LIMIT}
     with deployed(serve_session, args, APP) as ports:
         yield ports
 
@@ -325,6 +327,8 @@ def test_a_grpc_request_over_max_body_bytes_is_resource_exhausted_as_http_is_413
 @pytest.mark.parametrize("path, body, param, says", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages", "text only"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens",
+     f"exceeds this server's limit of {MAX_TOKENS_LIMIT}"),
 ])
 def test_a_client_mistake_is_a_400_naming_its_field(http, path, body, param, says):
     r = http.post(path, json={"model": MODEL, **body})
@@ -356,3 +360,33 @@ def test_a_layout_no_pool_built_is_a_400_and_one_built_at_start_is_served(http, 
         reply = grpc_stub.Generate(pb.GenerateRequest(prompt="Hello there", max_tokens=2, ignore_eos=True,
                                                       pool="long", strategy=strategy))
         assert reply.dynpart.strategy == strategy and reply.completion_tokens == 2
+
+
+def test_max_tokens_is_capped_by_the_configured_limit_not_4096(http, grpc_stub):
+    """``max_tokens_limit`` is 8192 here: 5000 tokens are within it (this tiny model's context is what refuses
+    them), HTTP and gRPC alike; past 8192 the limit itself is named."""
+    from app.serve.protos import dynpart_pb2 as pb
+
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5000})
+    assert r.status_code == 400 and "exceeds the context limit of every pool" in r.json()["error"]["message"], r.text
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=5000))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context limit" in e.value.details()
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 10**40})
+    assert r.status_code == 400 and f"limit of {MAX_TOKENS_LIMIT}" in r.json()["error"]["message"], r.text
+
+
+def test_a_max_tokens_never_sent_is_what_fits(http, tok):
+    """A chat request without ``max_tokens`` gets the chat default (256) lowered to what the context leaves after
+    its prompt, in the pools it may go to (here ``long``'s 1024 tokens, or ``fast``'s 512 when pinned), instead of a
+    400 about a value it never sent."""
+    for pool, context, parts in ((None, 1024, 5), ("fast", 512, 2)):
+        messages = [{"role": "user", "content": "hello " * 160}] * parts
+        n = len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        assert context - 256 < n < context, n  # the default would not fit
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, **GREEDY},
+                      headers={"x-dynpart-pool": pool} if pool else {})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (n, context - n)
+        assert r.json()["choices"][0]["finish_reason"] == "length"

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 # The range of every sampling field, in one place: the API bodies (app/api.py) use the same types, so an HTTP, gRPC
 # or CLI request is held to the same limits and the error names the field and the bound it broke.
-MaxTokens = Annotated[int, Field(ge=1, le=4096)]
+# No fixed ceiling on max_tokens: a server's own max_tokens_limit (the ingress) and context (router and engine) cap it.
+MaxTokens = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0, le=1000)]  # 0: no limit
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -30,6 +31,13 @@ class SamplingParams(BaseModel):
     seed: Seed | None = None
     stop: Stop = Field(default_factory=list)
     ignore_eos: bool = False
+    _max_tokens_default: bool = PrivateAttr(False)  # max_tokens was not asked for: the ingress may lower it to fit
+
+    @property
+    def max_tokens_default(self) -> bool:
+        """Whether ``max_tokens`` is the endpoint's default rather than the client's (the ingress lowers a default to
+        what the server's limit and context leave; never a value the client sent)."""
+        return self._max_tokens_default
 
     @property
     def greedy(self) -> bool:

@@ -4,7 +4,8 @@ Requests forbid unknown fields, so a typo is a clear 400 rather than a silently 
 commonly send are accepted when they ask for nothing dynpart cannot do (``n`` = 1, no logprobs, zero penalties).
 Extensions: ``top_k``, ``ignore_eos``. Every response's ``usage`` carries a ``dynpart`` object. Sampling fields
 share their ranges with ``SamplingParams``; a server's own caps (``max_tokens_limit``, context, vocabulary) are
-checked by the ingress and router, which know them.
+checked by the ingress and router, which know them. A ``max_tokens`` the client did not send is the endpoint's
+default, lowered by the ingress to what the limit and the context leave for the prompt.
 """
 
 from __future__ import annotations
@@ -50,9 +51,20 @@ class StreamOptions(BaseModel):
 def sampling_params(default_max_tokens: int, max_tokens: int | None, stop: str | list[str] | None,
                     **fields: Any) -> SamplingParams:
     """The one mapping from a request's fields (an HTTP body or a gRPC message) to the engine's ``SamplingParams``:
-    no ``max_tokens`` means the endpoint's default, one ``stop`` string means a list of one."""
+    no ``max_tokens`` (None, or gRPC's 0) means the endpoint's default (marked so: ``max_tokens_default``), one ``stop``
+    string means a list of one."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
-    return SamplingParams(max_tokens=max_tokens or default_max_tokens, stop=stop, **fields)
+    params = SamplingParams(max_tokens=max_tokens or default_max_tokens, stop=stop, **fields)
+    params._max_tokens_default = not max_tokens
+    return params
+
+
+def check_max_tokens(value: int | None, limit: int, field: str = "max_tokens") -> None:
+    """A ``max_tokens`` (or the chat's ``max_completion_tokens``: ``field``) past the server's ``max_tokens_limit``
+    is the client's mistake, named; the request model itself sets no ceiling, so the configured limit is the one."""
+    if value is not None and value > limit:
+        raise RequestError(f"{field} ({value}) exceeds this server's limit of {limit} generated tokens per request",
+                           param=field)
 
 
 class GenerationRequest(BaseModel):

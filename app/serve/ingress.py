@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.engine.messages import RequestError, Update
 from app.engine.sampling import SamplingParams
 from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ChatMessage, ChatRequest, CompletionRequest,
-                           DynpartUsage, GenerationRequest, Usage, chunk_body, completion_body, error_body, new_id,
-                           sampling_params)
+                           DynpartUsage, GenerationRequest, Usage, check_max_tokens, chunk_body, completion_body,
+                           error_body, new_id, sampling_params)
 from app.serve.config import AppConfig
 from app.serve.errors import ModelNotFound, api_error, documented, error_response, too_large, validation_message
 from app.serve.guard import Guard, Limits, check_key, check_peer
@@ -117,10 +117,15 @@ class Ingress:
     async def _start(self, prompt_ids: list[int], params: SamplingParams, pool: str | None, strategy: str | None,
                      whole: bool = False) -> tuple[Result, Update, AsyncIterator[Update]]:
         """Route and run up to the first update: prefill done, or with ``whole`` (a non-streaming request) the
-        whole answer. The request timeout runs from here."""
-        if params.max_tokens > self.cfg.max_tokens_limit:
-            raise RequestError(f"max_tokens ({params.max_tokens}) exceeds this server's limit of "
-                               f"{self.cfg.max_tokens_limit} generated tokens per request", param="max_tokens")
+        whole answer. The request timeout runs from here. A ``max_tokens`` the client did not send is lowered to what
+        the limit and the context of the pools it may go to leave for the prompt (an unset max_tokens is never the
+        reason for a 400)."""
+        contexts = [p.context(self.router.shape.max_position_embeddings) for p in self.cfg.pools
+                    if not pool or p.name == pool]
+        if params.max_tokens_default and contexts:
+            params.max_tokens = max(1, min(params.max_tokens, self.cfg.max_tokens_limit,
+                                           max(contexts) - len(prompt_ids)))
+        check_max_tokens(params.max_tokens, self.cfg.max_tokens_limit)
         strategy = strategy or self.cfg.default_strategy
         started = time.perf_counter()
         try:
@@ -141,6 +146,8 @@ class Ingress:
 
     def _prepare(self, body: GenerationRequest, chat: bool) -> tuple[list[int], SamplingParams]:
         self._check_model(body.model)
+        for field in ("max_tokens", "max_completion_tokens"):  # named as sent: the request model sets no ceiling
+            check_max_tokens(getattr(body, field, None), self.cfg.max_tokens_limit, field)
         if chat:
             ids = self.router.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         else:
