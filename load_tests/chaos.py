@@ -240,6 +240,12 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=6, help="CPUs Ray may hand out (at least this machine's)")
     ap.add_argument("--graceful-shutdown", type=float, default=60.0,
                     help="graceful_shutdown_s: how long a replaced replica may finish its requests (the redeploy)")
+    ap.add_argument("--faults", default="replica-faults,hung-pool",
+                    help="replica-faults (a worker killed or stopped, a replica or an ingress killed, clients leaving, "
+                         "a redeploy; each on one replica of --pool) and/or hung-pool (every replica of --pool hung "
+                         "while the other pool serves)")
+    ap.add_argument("--burst", type=int, default=56,
+                    help="requests sent to the hung pool as it hangs: more than its replicas take (2 x 24 as shipped)")
     args = ap.parse_args()
     import yaml
     from ray import serve
@@ -266,11 +272,93 @@ def main() -> None:
             "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     changed = {**cfg.model_dump(), "max_tokens_limit": cfg.max_tokens_limit - 1}  # every replica is replaced
     redeploy = lambda: serve.run(build_app(changed), name=app, route_prefix=route)  # noqa: E731
-    reports = asyncio.run(run_faults(base, app, args.pool, 2, body, {"x-dynpart-pool": args.pool}, redeploy))
+    faults = args.faults.split(",")
+    reports = []
+    if "replica-faults" in faults:
+        reports = asyncio.run(run_faults(base, app, args.pool, 2, body, {"x-dynpart-pool": args.pool}, redeploy))
+    if "hung-pool" in faults:  # every replica of the hit pool hung while the others take the streams
+        others = [p.name for p in cfg.pools if p.name != args.pool]
+        infos = whole_again(app, args.pool, 2)
+        workers = [pid for info in infos for pid in info["pids"][1:]]
+        hung: list[HungPool] = []
+        report = asyncio.run(under_load(
+            base, lambda: hung.append(hang_pool(base, workers, body, args.pool, burst=args.burst)),
+            f"SIGSTOP every shard worker of pool {args.pool} (streams and probes on {others[0]})", body,
+            {"x-dynpart-pool": others[0]}, fault_when_started=8, probe=True))
+        report.blocks_after = sum(i["seqs_in_use"] for i in whole_again(app, args.pool, 2))
+        reports.append(report)
+        print(hung[0].row())
     print(TABLE_HEAD)
     for r in reports:
         print(r.row())
     serve.delete(app)
+
+
+@dataclass
+class HungPool:
+    """One pool hung (every shard worker of every replica SIGSTOPped) while the others serve: what a client saw."""
+
+    burst: Counter = field(default_factory=Counter)  # statuses of the requests sent to the pool as it hung
+    failed_s: float | None = None  # from the hang to the first of them answered with an error (the step watchdog)
+    served_again_s: float | None = None  # from the hang to the first new 200 from the pool (replaced by Serve)
+    health: Counter = field(default_factory=Counter)  # /health's status field while the pool was down
+    slowest_health_s: float = 0.0
+
+    def row(self) -> str:
+        s = lambda x: "—" if x is None else f"{x:.1f}"  # noqa: E731
+        return (f"hung pool: its requests {dict(self.burst)}, first error after {s(self.failed_s)} s, serving again "
+                f"after {s(self.served_again_s)} s; /health {dict(self.health)}, slowest "
+                f"{self.slowest_health_s * 1e3:.0f} ms")
+
+
+def hang_pool(base: str, pids: list[int], body: dict, pool: str, burst: int, limit_s: float = 180) -> HungPool:
+    """SIGSTOP ``pids`` (every shard worker of ``pool``) and send ``pool`` ``burst`` small requests at once (pinned
+    by ``x-dynpart-pool``; more than its replicas take, so some wait in the ingress's request router when the step
+    watchdog fails the replica); then, reading ``/health`` in between, ask ``pool`` until it answers 200 again
+    (Serve replaced the replica). The stopped processes are continued at the end (the replacement normally killed
+    them already)."""
+    out, t0 = HungPool(), time.monotonic()
+    small = {**body, "stream": False, "max_tokens": 2}
+    pinned = {"x-dynpart-pool": pool}
+
+    async def one(client: httpx.AsyncClient) -> None:
+        try:
+            r = await client.post("/v1/completions", json=small, headers=pinned)
+            status = r.status_code
+        except httpx.HTTPError as e:
+            status = type(e).__name__
+        out.burst[status] += 1
+        if status != 200 and out.failed_s is None:
+            out.failed_s = time.monotonic() - t0
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(limit_s, connect=10)) as client:
+            sent = asyncio.gather(*(one(client) for _ in range(burst)))
+            while time.monotonic() - t0 < limit_s:
+                await asyncio.sleep(0.5)
+                h0 = time.monotonic()
+                health = await client.get("/health", timeout=10)
+                out.slowest_health_s = max(out.slowest_health_s, time.monotonic() - h0)
+                out.health[health.json()["status"]] += 1
+                if out.failed_s is None:
+                    continue
+                r = await client.post("/v1/completions", json=small, headers=pinned)
+                if r.status_code == 200:
+                    out.served_again_s = time.monotonic() - t0
+                    break
+            await sent
+
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        asyncio.run(run())
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    return out
 
 
 def engine_pids(infos: list[dict]) -> list[int]:

@@ -109,3 +109,24 @@ def test_a_hung_worker_is_detected_by_the_step_watchdog(ray_session, chat_tiny):
         os.kill(pid, signal.SIGCONT)
         loop.stop()
         engine.group.shutdown()
+
+
+def test_a_request_that_fails_to_start_fails_alone(nan_head):
+    """A request whose start fails (a bug here, not the client's mistake) gets that error, not a 400 and not a dead
+    engine thread: the next request is served."""
+    loop = EngineLoop(local_engine(nan_head))
+    prompt = prompts_for(512, lengths=(9,), seed=6)[0]
+
+    def broken(engine):
+        raise KeyError("a bug while starting")
+
+    async def both():
+        with pytest.raises(KeyError):
+            await loop.run_whole(broken)
+        return await loop.run_whole(lambda e: e.add(prompt, GREEDY))
+
+    try:
+        after = asyncio.run(both())
+        assert after.finish_reason == "length" and loop.alive
+    finally:
+        loop.stop()

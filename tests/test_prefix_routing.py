@@ -15,10 +15,12 @@ from types import SimpleNamespace
 import pytest
 from conftest import deployed, http_client
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+from ray.serve._private.request_router.common import RequestRoutingContext
 from ray.serve.request_router import ReplicaID
 
 from app.engine.blocks import prefix_hashes
 from app.engine.messages import Handoff
+from app.serve import failed_replicas
 from app.serve.prefix_router import PrefixAffinityRouter, PrefixIndex, affine_replica
 
 BS = 16
@@ -85,7 +87,8 @@ def test_serve_router_prefers_the_replica_that_got_the_prefix():
     replicas = [SimpleNamespace(replica_id=ReplicaID(f"r{i}", deployment), max_ongoing_requests=8) for i in range(3)]
     ids = [r.replica_id for r in replicas]
     prefix = tokens(200, 0)
-    call = lambda prompt: SimpleNamespace(args=[prompt, {"max_tokens": 4}, "auto"], kwargs={})  # noqa: E731
+    call = lambda prompt: SimpleNamespace(args=[prompt, {"max_tokens": 4}, "auto"], kwargs={},  # noqa: E731
+                                          routing_context=RequestRoutingContext())
 
     async def ranks(request) -> list[list]:
         return [[r.replica_id for r in rank] for rank in await router.choose_replicas(replicas, request)]
@@ -100,7 +103,14 @@ def test_serve_router_prefers_the_replica_that_got_the_prefix():
     router.on_new_queue_len_info(ids[1], 3)  # 3 more than the least loaded: past the threshold of 2
     assert len(asyncio.run(ranks(call(prefix + [7, 8, 9, 10])))) == 1
     handoff = Handoff(prompt_ids=prefix, first_token=5, kv_refs=[])
-    assert len(asyncio.run(ranks(SimpleNamespace(args=[handoff, {}], kwargs={})))) == 1  # decode: default routing
+    decode = SimpleNamespace(args=[handoff, {}], kwargs={}, routing_context=RequestRoutingContext())
+    assert len(asyncio.run(ranks(decode))) == 1  # decode: default routing
+    assert decode.routing_context.should_backoff  # Serve backs off before it asks again: never a spin (#23)
+    failed_replicas.FAILED.add(ids[0].unique_id), failed_replicas.FAILED.add(ids[2].unique_id)
+    try:  # a failed replica is never chosen
+        assert {r for rank in asyncio.run(ranks(call(prefix))) for r in rank} <= {ids[1]}
+    finally:
+        failed_replicas.FAILED._ids.clear()
     router.on_replica_actor_died(ids[1])
     assert router.index.holders() == set()
 

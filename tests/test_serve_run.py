@@ -68,7 +68,7 @@ def stream_in_background(url: str, lines: list[str], max_tokens: int) -> tuple[t
 
 @pytest.mark.slow
 def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
-    """The README's main job answers, routes, and on Ctrl-C lets a stream in flight finish."""
+    """The README's main job says when it is ready, answers, routes, and on Ctrl-C lets a stream in flight finish."""
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     http = free_port()
     cfg["http_options"]["port"], cfg["grpc_options"]["port"] = http, free_port()
@@ -81,6 +81,8 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["text"]
         assert r.headers["x-dynpart-pool"] == "short" and r.headers["x-dynpart-strategy"] == "megatron"
+        # ready means ready: /health was 200 only once every pool had a warmed replica, and the command says so
+        assert "dynpart serve: ready: app 'dynpart'" in (tmp_path / "serve.log").read_text()
         demo = [sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"]
         out = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=ROOT)
         streamed: list[str] = []

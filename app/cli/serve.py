@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +75,40 @@ def say(message: str) -> None:
     print(f"dynpart serve: {message}", file=sys.stderr, flush=True)
 
 
+def health_urls(config: Path) -> dict[str, str]:
+    """Each dynpart application's ``/health`` URL on this machine, from the config's ``http_options`` and the app's
+    ``route_prefix``."""
+    import yaml
+
+    spec = yaml.safe_load(config.read_text())
+    http = spec.get("http_options") or {}
+    host = http.get("host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{host}:{http.get('port', 8000)}"
+    return {a.get("name", "default"): base + (a.get("route_prefix") or "/").rstrip("/") + "/health"
+            for a in spec.get("applications") or [] if str(a.get("import_path", "")).startswith("app.serve.app:")}
+
+
+def announce_ready(urls: dict[str, str], poll_s: float = 0.5) -> None:
+    """Print one line per app once its ``/health`` says ``ok``: every pool has a replica whose engine has run its
+    warm-up steps (Serve's own "Deployed app" comes when the replicas run, and the ingress answers before that)."""
+    import httpx
+
+    started, waiting = time.monotonic(), dict(urls)
+    while waiting:
+        for name, url in list(waiting.items()):
+            try:
+                health = httpx.get(url, timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if health.get("status") == "ok":
+                say(f"ready: app {name!r} serves {health.get('model')} on {url.removesuffix('/health')} (every pool "
+                    f"has a warmed replica: {', '.join(health.get('pools', {}))}) after "
+                    f"{time.monotonic() - started:.0f} s")
+                del waiting[name]
+        time.sleep(poll_s)
+
+
 def serve_and_drain(args: argparse.Namespace) -> int:
     from ray.serve.scripts import run
 
@@ -97,4 +132,5 @@ def serve_and_drain(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # serve run's own shutdown: deletes the apps, stops the proxies and Ray
 
     signal.signal(signal.SIGINT, on_ctrl_c)
+    threading.Thread(target=announce_ready, args=(health_urls(config),), name="ready", daemon=True).start()
     return run.main([str(config)], prog_name="dynpart serve", standalone_mode=False) or 0

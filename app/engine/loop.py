@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine.llm_engine import LLMEngine, Sequence
-from app.engine.messages import EngineFailed, EngineLoad, RequestError, SequenceFailed, Update, merge_updates
+from app.engine.messages import EngineFailed, EngineLoad, SequenceFailed, Update, merge_updates
 
 POLL_S = 1.0  # how often a waiting caller checks that the engine thread still runs
 WATCHDOG_POLL_S = 0.25  # how often the watchdog looks at the running step
@@ -183,8 +183,8 @@ class EngineLoop:
                 try:
                     job.seq = job.start(self.engine)
                     self._jobs[job.seq.id] = job
-                except (RequestError, ValueError) as e:
-                    self._send(job, RequestError(str(e)))
+                except Exception as e:  # noqa: BLE001 - the client's mistake (RequestError: 400) or a bug here (500):
+                    self._send(job, e)  # this request fails alone; the engine thread goes on
             elif cmd == "abort" and job.seq is not None and not job.seq.finished:
                 self.engine.abort(job.seq)
                 self._jobs.pop(job.seq.id, None)

@@ -8,14 +8,17 @@ sequence 500, past the request timeout 504; OpenAI's error body. ``/openapi.json
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Literal
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,11 +28,12 @@ from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ChatMessage, 
                            DynpartUsage, GenerationRequest, Usage, check_max_tokens, chunk_body, completion_body,
                            error_body, new_id, sampling_params)
 from app.serve.config import AppConfig
-from app.serve.errors import ModelNotFound, api_error, documented, error_response, too_large, validation_message
+from app.serve.errors import (ApiError, ModelNotFound, api_error, documented, error_response, too_large,
+                              validation_message)
 from app.serve.guard import Guard, Limits, check_key, check_peer
 from app.serve.metrics import record_request
 from app.serve.protos import dynpart_pb2 as pb
-from app.serve.router import PoolHandles, Result, Router
+from app.serve.router import PoolHandles, PoolState, Result, Router
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
 api.add_middleware(Guard)
@@ -69,10 +73,21 @@ GENERATION_RESPONSES = {200: {"description": "The completion (JSON), or with str
                                              "ending in 'data: [DONE]'",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                         **documented(400, 401, 404, 413, 415, 500, 503, 504)}
-HEALTH_RESPONSES = {503: {"description": "A pool has no replica that answers yet",
-                          "content": {"application/json": {"schema": {
-                              "type": "object", "required": ["status", "reason"],
-                              "properties": {"status": {"const": "unavailable"}, "reason": {"type": "string"}}}}}}}
+
+
+class Health(BaseModel):
+    """``/health``: the app as the load board shows it, answered without asking any engine."""
+
+    status: Literal["ok", "degraded", "starting", "unavailable", "draining"] = Field(description=(
+        "ok: every pool has a warmed replica; degraded: some pool has none (being replaced) while others serve; "
+        "starting: not every pool has had one yet; unavailable: no pool serves; draining: shutting down"))
+    model: str
+    pools: dict[str, PoolState]
+    reason: str | None = None
+
+
+HEALTH_RESPONSES = {200: {"model": Health, "description": "Live: ok, or degraded while a pool is being replaced"},
+                    503: {"model": Health, "description": "Not ready (starting), no pool serving, or draining"}}
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -83,6 +98,18 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         message = "the request body could not be parsed: send a JSON object in UTF-8"
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A ``StreamingResponse`` that closes its body iterator however the response ends. A client that leaves
+    cancels the response's task, mostly while the iterator waits at a ``yield``; Starlette then leaves the iterator to
+    the garbage collector, and the generation behind it would run on until then (a stream's whole length)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def usage_of(r: Result) -> Usage:
@@ -105,6 +132,10 @@ class Ingress:
     def __init__(self, cfg: dict, handles: dict[str, dict], board=None):
         self.cfg = AppConfig.model_validate(cfg)
         self.router = Router(self.cfg, {name: PoolHandles(**h) for name, h in handles.items()}, board)
+        try:
+            self.router.watch_board()  # so the first /health already knows the pools
+        except RuntimeError:  # no running event loop here: the first request starts it
+            pass
         self.api_key = self.cfg.api_key.get_secret_value() if self.cfg.api_key else None
         api.state.guard = Limits(max_body_bytes=self.cfg.max_body_bytes, api_key=self.api_key)
 
@@ -156,18 +187,40 @@ class Ingress:
 
     # -- HTTP ---------------------------------------------------------------------------------------------------------
 
-    @api.get("/health", responses=HEALTH_RESPONSES)
-    async def health(self):
-        """200 once every pool has a replica that answers (so a started app is a ready one), else 503."""
-        pools = [p.name for p in self.cfg.pools]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(self.router.pool_info(p) for p in pools)), timeout=5)
-        except Exception as e:  # noqa: BLE001 - a pool still starting, or a replica failing
-            return JSONResponse({"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
-        return {"status": "ok", "model": self.cfg.model_name, "pools": pools}
+    def health_now(self) -> Health:
+        """Liveness and readiness from the load board (every engine replica reports a few times a second), so it
+        answers in milliseconds under any load and while a pool hangs. Ready means every pool has had a warmed
+        replica; from then on a pool being replaced makes the app degraded, not down."""
+        self.router.watch_board()
+        states = self.router.pool_states()
+        serving = [name for name, s in states.items() if s.serving]
+        waiting = ", ".join(name for name in states if name not in serving)
+        if self.router.draining:
+            status, reason = "draining", "this server is shutting down"
+        elif len(serving) == len(states):
+            status, reason = "ok", None
+        elif not self.router.ready:
+            status, reason = "starting", f"no warmed replica yet in pool {waiting}"
+        elif serving:
+            status, reason = "degraded", f"no replica serving in pool {waiting} (being replaced)"
+        else:
+            status, reason = "unavailable", f"no replica serving in pool {waiting}"
+        return Health(status=status, model=self.cfg.model_name, pools=states, reason=reason)
 
-    @api.get("/v1/models", responses=documented(401))
-    def models(self) -> dict:
+    @api.get("/health", responses=HEALTH_RESPONSES)
+    async def health(self) -> JSONResponse:
+        """200 while the app serves (ok, or degraded while a pool is being replaced), else 503."""
+        health = self.health_now()
+        code = 200 if health.status in ("ok", "degraded") else 503
+        return JSONResponse(health.model_dump(), status_code=code)
+
+    @api.get("/v1/models", responses=documented(401, 503))
+    async def models(self):
+        """The served model, once every pool has a warmed replica (before that, 503: the first request would wait
+        for engines still starting)."""
+        if not self.router.ready and self.health_now().status != "ok":
+            return ApiError(503, "unavailable_error", grpc.StatusCode.UNAVAILABLE,
+                            "this server is starting: not every pool has a warmed replica yet").response()
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
                                             "owned_by": "dynpart", "root": self.cfg.model}]}
 
@@ -188,11 +241,12 @@ class Ingress:
             return error_response(e)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return StreamingResponse(self._sse(rid, body, result, first, rest, chat), media_type="text/event-stream",
-                                     headers=headers_of(result))
+            return ClosingStreamingResponse(self._sse(rid, body, result, first, rest, chat), media_type="text/event-stream",
+                                            headers=headers_of(result))
         try:
-            async for update in rest:
-                result.add(update)
+            async with aclosing(rest):  # the caller cancelled (client gone): the generation is cancelled now
+                async for update in rest:
+                    result.add(update)
         except Exception as e:
             self._done(result, str(api_error(e).status))
             return error_response(e)
@@ -221,6 +275,8 @@ class Ingress:
             yield event(error_body(err.message, err.kind, err.code))
             yield "data: [DONE]\n\n"
             return
+        finally:  # closed early (the client left: ClosingStreamingResponse closes this): cancel the generation now
+            await rest.aclose()
         self._done(result)
         if body.include_usage:
             yield event(chunk_body(rid, body.model, None, None, chat, usage=usage_of(result)))
@@ -262,8 +318,9 @@ class Ingress:
         try:
             ids, params = self._grpc_prepare(request, grpc_context)
             result, _, rest = await self._start(ids, params, request.pool, request.strategy, whole=True)
-            async for update in rest:
-                result.add(update)
+            async with aclosing(rest):
+                async for update in rest:
+                    result.add(update)
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return pb.GenerateReply()
@@ -279,9 +336,9 @@ class Ingress:
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return
-        yield pb.GenerateChunk(text=update.text, token_ids=update.token_ids, finish_reason=update.finish_reason or "",
-                               dynpart=self._info(result))
         try:
+            yield pb.GenerateChunk(text=update.text, token_ids=update.token_ids,
+                                   finish_reason=update.finish_reason or "", dynpart=self._info(result))
             async for update in rest:
                 result.add(update)
                 last = update.finish_reason is not None
@@ -291,5 +348,7 @@ class Ingress:
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return
+        finally:  # the client cancelled (this generator closed at a yield): cancel the generation now, not at GC
+            await rest.aclose()
         self._done(result)
 

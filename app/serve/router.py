@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, Field
+
 from app.engine.blocks import prefix_hashes
 from app.engine.build import guessed_step_s
 from app.engine.messages import EngineFailed, EngineLoad, Handoff, RequestError, Update, merge_updates
@@ -115,6 +117,21 @@ class Route:
     hashes: list[int] | None = None  # the prompt's block-hash chain at the pool's block size (None: not known)
 
 
+def report_keys(pool: PoolConfig) -> tuple[str, ...]:
+    """The board keys ``pool``'s replicas report under: the pool, and its decode half when disaggregated."""
+    return (pool.name, pool.name + DECODE_ROLE) if pool.disaggregated else (pool.name,)
+
+
+class PoolState(BaseModel):
+    """A pool as the load board shows it (``/health``)."""
+
+    replicas: int = Field(description="replicas that report and have not failed (a replica reports once its engine "
+                                      "has run its warm-up steps)")
+    failed: int = Field(description="replicas known to have failed (Serve replaces them)")
+    lost: bool = Field(description="Serve says the pool lost every replica it had running (a node lost)")
+    serving: bool = Field(description="new requests can go there")
+
+
 @dataclass
 class Result:
     """What a finished (or finishing) request reports, accumulated over its updates."""
@@ -159,6 +176,7 @@ class Router:
         self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
         self.down: set[str] = set()  # deployments that lost every running replica (the board says)
         self.draining = False  # the app is shutting down (the board says): no new requests
+        self.ready = board is None  # every pool has had a warmed replica (the board said so once)
         self.prefixes = {p.name: PrefixIndex(POOL_PREFIX_BLOCKS) for p in cfg.pools}  # chains sent to each pool
         self._ids = itertools.count()
         self._available: dict[str, list[str]] = {}
@@ -195,6 +213,29 @@ class Router:
             await self.pool_info(pool)
         return self._available[pool]
 
+    def watch_board(self) -> None:
+        """Start reading the board (once; needs the running event loop)."""
+        if self.board is not None and self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self.read_board())
+
+    def warmed(self, pool: PoolConfig) -> bool:
+        """Whether a replica of ``pool`` (of each half, if disaggregated) reports, not failed: replicas report once
+        their engine has run its warm-up steps. (No board: taken as warmed.)"""
+        return self.board is None or all(self.loads(k) for k in report_keys(pool))
+
+    def pool_states(self) -> dict[str, PoolState]:
+        """Each pool's replicas as the board last said, without asking any replica (a hung or busy one cannot slow
+        this down): answers ``/health`` in milliseconds."""
+        states = {}
+        for p in self.cfg.pools:
+            reported = [x for k in report_keys(p) for x in self.reported.get(k, [])]
+            failed = sum(1 for x in reported if x.failed or x.replica in FAILED)
+            ready = self.warmed(p)
+            states[p.name] = PoolState(replicas=len(reported) - failed, failed=failed,
+                                       lost=bool(self.down & set(p.deployments.values())),
+                                       serving=ready and self.serving(p))
+        return states
+
     async def read_board(self) -> None:
         """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
         while True:
@@ -209,6 +250,7 @@ class Router:
                 if reported or not self.reported:  # an empty board after a full one: the board restarted
                     self.reported = reported
                 self.down, self.draining = set(down), draining
+                self.ready = self.ready or all(self.warmed(p) for p in self.cfg.pools)
             await asyncio.sleep(REPORT_S)
 
     def loads(self, key: str) -> list[EngineLoad]:
@@ -223,8 +265,7 @@ class Router:
         reports merely stopped is not taken for gone: under a flood on few cores, reports lag.)"""
         if self.down & set(pool.deployments.values()):  # no replica left at all (a node lost)
             return False
-        keys = (pool.name, pool.name + DECODE_ROLE) if pool.disaggregated else (pool.name,)
-        return all(self.loads(k) or not self.reported.get(k) for k in keys)
+        return all(self.loads(k) or not self.reported.get(k) for k in report_keys(pool))
 
     def backlog(self, pool: PoolConfig) -> tuple[int, float]:
         """What a new request finds ahead of it in ``pool``: (prompt tokens waiting for prefill, seconds until a slot
@@ -297,8 +338,7 @@ class Router:
         if pool is not None and pool not in self.queued:
             raise RequestError(f"unknown pool {pool!r}: choose one of {', '.join(self.queued)}")
         strategy = check_strategy(strategy, allow_auto=True, error=RequestError)
-        if self.board is not None and self._reader is None:
-            self._reader = asyncio.create_task(self.read_board())
+        self.watch_board()
         if self.draining:
             raise ShuttingDown("this server is shutting down: it finishes the requests it holds and takes no new ones; "
                              "retry against another server")
@@ -312,7 +352,8 @@ class Router:
         unbuilt: dict[str, list[str]] = {}  # pools that did not build the requested layout: what they run
         no_memory: list[str] = []  # pools whose memory cannot prefill this prompt (by it)
         pinned = strategy != "auto"
-        for p in fits:
+        candidates = [p for p in fits if self.warmed(p)] or fits  # a pool still starting: only if no other fits
+        for p in candidates:
             if p.name in avoid or not self.serving(p):
                 down.append(p.name)
                 continue
@@ -355,7 +396,7 @@ class Router:
                 raise Overloaded(f"every pool that can serve this request would queue it for longer than this "
                                  f"server's max_queue_wait_s of {self.cfg.max_queue_wait_s:g} s (at least "
                                  f"{least:.1f} s now); retry later", retry_after_s=least - self.cfg.max_queue_wait_s)
-            if len(down) == len(fits):
+            if len(down) == len(candidates):
                 raise EngineFailed(f"the replicas of pool {', '.join(down)} failed; Serve is replacing them")
             raise Overloaded("every pool that can serve this request is at its queued-token limit; retry later")
         return min(routes, key=lambda r: r.predicted_s)  # min keeps the first of equals: config order
