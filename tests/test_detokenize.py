@@ -33,20 +33,20 @@ TEXTS = [
 ]
 
 
-def engine_texts(tokenizer, ids: list[int]) -> list[str]:
+def engine_texts(tokenizer, ids: list[int], skip: bool = True) -> list[str]:
     """What LLMEngine._update_text makes of ids, token by token (the O(n^2) reference)."""
     out, text = [], ""
     for n in range(1, len(ids) + 1):
-        full = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        full = tokenizer.decode(ids[:n], skip_special_tokens=skip)
         if not full.endswith("\ufffd"):
             text = full
         out.append(text)
     return out
 
 
-def check(tokenizer, ids: list[int]) -> IncrementalDetokenizer:
-    detok = IncrementalDetokenizer(tokenizer)
-    for n, (token, want) in enumerate(zip(ids, engine_texts(tokenizer, ids), strict=True)):
+def check(tokenizer, ids: list[int], skip: bool = True) -> IncrementalDetokenizer:
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
+    for n, (token, want) in enumerate(zip(ids, engine_texts(tokenizer, ids, skip), strict=True)):
         got = detok.append(token)
         assert got == want == detok.text, f"step {n}: ids {ids[: n + 1]}"
     assert detok.strategy == strategy_for(tokenizer), "the rules failed and it fell back to the full decode"
@@ -144,14 +144,15 @@ def test_bytelevel_one_byte_per_token(bytelevel_tok):
     check(bytelevel_tok, [byte_ids[b] for b in raw])
 
 
-def test_bytelevel_random_ids_with_specials(bytelevel_tok):
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
+def test_bytelevel_random_ids_with_specials(bytelevel_tok, skip):
     table = bytes_to_unicode()
     byte_ids = [bytelevel_tok.convert_tokens_to_ids(table[b]) for b in range(256)]
     specials = sorted(bytelevel_tok.backend_tokenizer.get_added_tokens_decoder())
     rng = random.Random(0)
     for _ in range(6):
         pools = [range(len(bytelevel_tok)), byte_ids, specials, byte_ids[128:]]
-        check(bytelevel_tok, [rng.choice(rng.choice(pools)) for _ in range(250)])
+        check(bytelevel_tok, [rng.choice(rng.choice(pools)) for _ in range(250)], skip)
 
 
 def test_bytelevel_window_stays_small(smol_tok):
@@ -214,13 +215,14 @@ def test_sentencepiece_text_may_change_retroactively_like_the_full_decode(llama_
     check(llama_tok, ids)
 
 
-def test_sentencepiece_random_ids(llama_tok):
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
+def test_sentencepiece_random_ids(llama_tok, skip):
     vocab = len(llama_tok)
     rng = random.Random(1)
     bytes_ = range(3, 259)
     for _ in range(8):
         check(llama_tok, [rng.choice(rng.choice([range(vocab), bytes_, range(259, vocab), [0, 1, 2, vocab - 1]]))
-                          for _ in range(200)])
+                          for _ in range(200)], skip)
 
 
 # ----------------------------------------------------------------------------------------------------- the fallback

@@ -67,7 +67,7 @@ def test_stop_sequence_ends_generation_and_is_not_returned(engine):
     assert seq.text == full.text[: full.text.find(stop)]
 
 
-def test_eos_stops_unless_ignored(chat_tiny):
+def test_eos_stops_unless_ignored_or_before_min_tokens(chat_tiny):
     ckpt = Checkpoint(chat_tiny)
     greedy = local_engine(chat_tiny, ckpt.tokenizer(), [], max_num_seqs=1, max_model_len=128).generate(
         [PROMPT], SamplingParams(max_tokens=8))[0].output_ids
@@ -76,6 +76,10 @@ def test_eos_stops_unless_ignored(chat_tiny):
     stopped = engine.generate([PROMPT], SamplingParams(max_tokens=8))[0]
     assert stopped.output_ids == greedy[: greedy.index(eos) + 1] and stopped.finish_reason == "stop"
     assert engine.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))[0].output_ids == greedy
+    held = engine.generate([PROMPT], SamplingParams(max_tokens=8, min_tokens=5))[0]  # EOS masked for 5 tokens
+    assert len(held.output_ids) >= 5 and eos not in held.output_ids[:5]
+    held = engine.generate([PROMPT], SamplingParams(max_tokens=8, stop_token_ids=[greedy[0]], min_tokens=2))[0]
+    assert greedy[0] not in held.output_ids[:2]
 
 
 def test_requests_that_cannot_fit_are_refused_with_the_limit(engine):
@@ -88,7 +92,9 @@ def test_requests_that_cannot_fit_are_refused_with_the_limit(engine):
 
 
 def test_bad_parameters_are_rejected():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2), dict(stop=["a"] * 9)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2), dict(stop=["a"] * 9),
+                dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0), dict(min_p=1.5),
+                dict(min_tokens=-1), dict(logit_bias={1: 101}), dict(logit_bias={-1: 1}), dict(stop_token_ids=[-2])):
         with pytest.raises(ValidationError):
             SamplingParams(**bad)
 
@@ -120,7 +126,11 @@ def _batch_case():
     params = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1e-7, seed=1),
               SamplingParams(temperature=1.3, top_k=5, seed=4), SamplingParams(),
               SamplingParams(temperature=0.7, top_p=0.5, seed=5), SamplingParams(temperature=1.0, seed=3),
-              SamplingParams(temperature=1.0, top_k=3, top_p=0.9)]  # unseeded: its seed from torch's global RNG
+              SamplingParams(temperature=1.0, top_k=3, top_p=0.9),  # unseeded: its seed from torch's global RNG
+              SamplingParams(frequency_penalty=1.5, presence_penalty=-0.5), SamplingParams(repetition_penalty=1.4),
+              SamplingParams(temperature=0.9, seed=6, min_p=0.2, logit_bias={7: 4.0, 9: -50}),
+              SamplingParams(temperature=1.1, seed=7, top_k=-1, repetition_penalty=0.8, frequency_penalty=0.7),
+              SamplingParams(temperature=0.6, seed=8, min_tokens=3, stop_token_ids=[1, 2], top_p=0.8)]
     return params, lambda: [make_generator(p) for p in params]
 
 
@@ -135,8 +145,11 @@ def test_sample_batch_equals_sample_row_by_row():
     g = torch.Generator().manual_seed(11)
     for _ in range(20):  # several steps: the generators must stay in step too
         logits = torch.randn(len(params), 300, generator=g) * 3
-        want = [sample(logits[i], p, gens_a[i]) for i, p in enumerate(params)]
-        assert sample_batch(logits, params, gens_b) == want
+        outputs = [torch.randint(0, 300, (int(torch.randint(0, 6, (), generator=g)),), generator=g).tolist()
+                   for _ in params]
+        prompts = [torch.randint(0, 300, (4,), generator=g).tolist() for _ in params]
+        want = [sample(logits[i], p, gens_a[i], outputs[i], prompts[i], {1}) for i, p in enumerate(params)]
+        assert sample_batch(logits, params, gens_b, outputs, prompts, {1}) == want
 
 
 def test_sample_batch_picks_all_greedy_rows_with_one_argmax(monkeypatch):
@@ -166,3 +179,135 @@ def test_sample_batch_edges():
         sample_batch(torch.zeros(2, 5), greedy, [None] * 3)
     with pytest.raises(ValueError):
         sample_batch(torch.zeros(5), greedy[:1], [None])
+
+
+# -- the sampling controls (issue 22, item 2) --------------------------------------------------------------------------
+
+def test_frequency_and_presence_penalties_are_openais_rule_on_the_logits():
+    from app.engine.sampling import process_logits
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 50, generator=g) * 4
+    outputs, prompts = [[3, 3, 3, 7, 9, 9], [1, 2]], [[3, 4, 5], [6]]
+    params = [SamplingParams(frequency_penalty=0.6, presence_penalty=1.5), SamplingParams(presence_penalty=-2.0)]
+    got = process_logits(logits, params, outputs, prompts)
+    for row, (p, out) in enumerate(zip(params, outputs)):
+        want = logits[row].clone()
+        for t in set(out):  # counts over the generated tokens only: the prompt's 4, 5 and 6 are not penalized
+            want[t] -= p.frequency_penalty * out.count(t) + p.presence_penalty
+        torch.testing.assert_close(got[row], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers(penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from app.engine.sampling import process_logits
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 80, generator=g) * 5
+    prompts, outputs = [[5, 6, 7, 5], [10, 11]], [[7, 8, 8], [12, 10, 13]]
+    got = process_logits(logits, [SamplingParams(repetition_penalty=penalty)] * 2, outputs, prompts)
+    hf = RepetitionPenaltyLogitsProcessor(penalty)
+    for row in range(2):
+        want = hf(torch.tensor([prompts[row] + outputs[row]]), logits[row:row + 1].clone())[0]
+        torch.testing.assert_close(got[row], want, rtol=0, atol=0)
+
+
+def test_min_p_keeps_only_tokens_near_the_best():
+    probs = torch.tensor([0.40, 0.25, 0.19, 0.16])  # min_p 0.5: the floor is 0.2, so only 0 and 1 remain
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(torch.log(probs), SamplingParams(temperature=1.0, min_p=0.5), g) for _ in range(300)}
+    assert picks == {0, 1}
+    assert {sample(torch.log(probs), SamplingParams(temperature=1.0), g) for _ in range(300)} == {0, 1, 2, 3}
+
+
+def test_top_k_minus_one_is_off_as_in_vllm():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(1))
+    a = [sample(logits, SamplingParams(temperature=1.0, top_k=-1), g1) for _ in range(50)]
+    assert a == [sample(logits, SamplingParams(temperature=1.0, top_k=0), g2) for _ in range(50)]
+
+
+def test_sampling_is_unbiased():
+    """The inverse-CDF draw picks each token with its softmax probability."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    g = torch.Generator().manual_seed(0)
+    picks = torch.tensor([sample(logits, SamplingParams(temperature=1.0), g) for _ in range(4000)])
+    freq = torch.bincount(picks, minlength=3).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), rtol=0, atol=0.03)
+
+
+def test_logit_bias_forces_and_bans_tokens(engine):
+    greedy = run(engine, max_tokens=6, ignore_eos=True).output_ids
+    forced = run(engine, max_tokens=6, ignore_eos=True, logit_bias={4321: 100}).output_ids
+    assert forced == [4321] * 6
+    banned = run(engine, max_tokens=6, ignore_eos=True, logit_bias={greedy[0]: -100}).output_ids
+    assert banned[0] != greedy[0] and greedy[0] not in banned
+    sampled = run(engine, max_tokens=6, ignore_eos=True, temperature=1.0, seed=1, logit_bias={4321: 100}).output_ids
+    assert sampled == [4321] * 6
+
+
+def test_penalties_make_greedy_output_repeat_less(engine):
+    def most_repeated(ids: list[int]) -> int:
+        return max(ids.count(t) for t in ids)
+
+    plain = run(engine, max_tokens=24, ignore_eos=True).output_ids
+    assert most_repeated(plain) > 2, "the tiny random model repeats itself under greedy decoding"
+    for penalty in (dict(frequency_penalty=2.0), dict(presence_penalty=2.0), dict(repetition_penalty=5.0)):
+        penalized = run(engine, max_tokens=24, ignore_eos=True, **penalty).output_ids
+        assert penalized != plain and most_repeated(penalized) < most_repeated(plain), penalty
+    # negative penalties encourage repetition
+    assert most_repeated(run(engine, max_tokens=24, ignore_eos=True, frequency_penalty=-2.0).output_ids) >= \
+        most_repeated(plain)
+
+
+def test_stop_token_ids_end_the_sequence_and_their_text_is_optional(engine):
+    greedy = run(engine, max_tokens=12, ignore_eos=True)
+    tok = greedy.output_ids[3]
+    n = greedy.output_ids.index(tok) + 1
+    stopped = run(engine, max_tokens=12, ignore_eos=True, stop_token_ids=[tok])
+    assert stopped.output_ids == greedy.output_ids[:n] and stopped.finish_reason == "stop"
+    text3 = engine.tokenizer.decode(greedy.output_ids[:n - 1], skip_special_tokens=True)
+    text4 = engine.tokenizer.decode(greedy.output_ids[:n], skip_special_tokens=True)
+    assert stopped.text == text3
+    assert run(engine, max_tokens=12, ignore_eos=True, stop_token_ids=[tok], include_stop_str_in_output=True).text \
+        == text4
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(engine):
+    full = run(engine, max_tokens=24, ignore_eos=True)
+    stop = full.text[4:7]
+    seq = run(engine, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    assert seq.finish_reason == "stop" and seq.text == full.text[: full.text.find(stop) + len(stop)]
+
+
+def test_skip_special_tokens_false_shows_them(engine):
+    eos = engine.tokenizer.eos_token_id
+    shown = run(engine, max_tokens=2, ignore_eos=True, logit_bias={eos: 100}, skip_special_tokens=False)
+    hidden = run(engine, max_tokens=2, ignore_eos=True, logit_bias={eos: 100})
+    assert shown.output_ids == hidden.output_ids == [eos, eos]
+    assert hidden.text == "" and shown.text == engine.tokenizer.eos_token * 2
+
+
+def test_token_ids_outside_the_vocabulary_are_a_request_error_naming_the_field(engine):
+    for field, value in (("logit_bias", {10**6: 1.0}), ("stop_token_ids", [49152])):
+        with pytest.raises(RequestError, match=f"{field}: token id") as e:
+            engine.add(PROMPT, SamplingParams(**{field: value}))
+        assert e.value.param == field
+
+
+def test_seeded_requests_are_reproducible_whatever_they_are_batched_with(chat_tiny):
+    """The same seeded request alone, and beside other requests (different params, started at other steps)."""
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=21, top_k=40, frequency_penalty=0.5,
+                            ignore_eos=True)
+    engine = local_engine(chat_tiny, Checkpoint(chat_tiny).tokenizer(), max_num_seqs=4, max_model_len=128)
+    alone = engine.generate([PROMPT], params)[0].output_ids
+    others = [engine.add([5, 6, 7], SamplingParams(max_tokens=12, temperature=0.7, seed=s, ignore_eos=True,
+                                                   repetition_penalty=1.2)) for s in (1, 2)]
+    engine.step()
+    seq = engine.add(PROMPT, params)
+    engine.add([9, 9, 9, 9], SamplingParams(max_tokens=6, presence_penalty=1.0, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    assert seq.output_ids == alone and all(o.finished for o in others)

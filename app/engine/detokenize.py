@@ -1,7 +1,7 @@
 """Incremental detokenization: each appended token costs a decode of a few tokens, not of the whole output.
 
 The engine's text contract (``LLMEngine._update_text``) is: after every token, ``text`` is
-``tokenizer.decode(output_ids, skip_special_tokens=True)`` unless that ends in "\\ufffd" (an incomplete UTF-8
+``tokenizer.decode(output_ids, skip_special_tokens=...)`` (the request's, default True) unless that ends in "\\ufffd" (an incomplete UTF-8
 character), in which case the previous text stands. Decoding the whole output every step makes a sequence of n
 tokens cost O(n^2); ``IncrementalDetokenizer`` keeps that contract exactly and decodes only a short window.
 
@@ -88,11 +88,14 @@ def strategy_for(tokenizer: Any) -> Strategy:
 
 
 class IncrementalDetokenizer:
-    """The text of a growing list of output ids, as ``decode(ids, skip_special_tokens=True)`` with an incomplete
-    trailing character held back; ``append`` costs O(window), the window usually one or two tokens."""
+    """The text of a growing list of output ids, as ``decode(ids, skip_special_tokens=skip_special_tokens)`` with an
+    incomplete trailing character held back; ``append`` costs O(window), the window usually one or two tokens. (The
+    window rules hold either way: with special tokens kept, a special token is still never a sentencepiece commit
+    point, and a byte-level one decodes to its own text.)"""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.strategy: Strategy = strategy_for(tokenizer)
         self._ids: list[int] = []
         self._prefix = 0  # the window decoded each step starts here
@@ -139,7 +142,7 @@ class IncrementalDetokenizer:
         return self.text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _set(self, text: str) -> str:
         if not text.endswith(_INCOMPLETE):  # an incomplete UTF-8 character waits for its next token

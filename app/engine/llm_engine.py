@@ -113,6 +113,8 @@ class LLMEngine:
         self.layouts = layouts or list(STRATEGY_NAMES)
         self.contenders = contenders or self.layouts
         self.eos = set(eos_token_ids)
+        # logit_bias and stop_token_ids are checked against this: the tokenizer's size until a step shows the logits'
+        self.vocab_size: int | None = len(tokenizer) if tokenizer is not None else None
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.max_num_batched_tokens, self.chunked = max_num_batched_tokens, enable_chunked_prefill
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -139,6 +141,8 @@ class LLMEngine:
             raise RequestError(f"prefill strategy {strategy!r} was not built when this engine started (only the "
                                f"layouts built then run; a step never builds one): it runs "
                                f"{', '.join(map(repr, self.contenders))}", param="strategy")
+        if self.vocab_size is not None:
+            params.check_vocab(self.vocab_size)
         need = len(prompt_ids) + params.max_tokens
         if need > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
@@ -148,7 +152,8 @@ class LLMEngine:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
                                f"exceeds this replica's whole KV cache of {kv_tokens} tokens")
         seq = Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params, strategy=strategy,
-                       generator=make_generator(params), detokenizer=IncrementalDetokenizer(self.tokenizer))
+                       generator=make_generator(params),
+                       detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         self.waiting.append(seq)
         return seq
 
@@ -343,11 +348,14 @@ class LLMEngine:
     # -- tokens ----------------------------------------------------------------------------------------------------
 
     def _advance(self, ready: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
-        """Sample the next token of every ``ready`` sequence (rows of ``logits``, greedy ones in one argmax)."""
+        """Sample the next token of every ``ready`` sequence: the rows of ``logits`` together (``sample_batch``)."""
         if not ready:
             return []
+        self.vocab_size = logits.shape[-1]
         try:
-            tokens: list[int | None] = sample_batch(logits, [s.params for s in ready], [s.generator for s in ready])
+            tokens: list[int | None] = sample_batch(logits, [s.params for s in ready], [s.generator for s in ready],
+                                                    [s.output_ids for s in ready], [s.prompt_ids for s in ready],
+                                                    self.eos)
         except Exception:  # one row's failure must not end the others: sample them one by one
             tokens = [self._sample_alone(seq, row) for seq, row in zip(ready, logits)]
         now = time.perf_counter()
@@ -366,7 +374,8 @@ class LLMEngine:
 
     def _sample_alone(self, seq: Sequence, row: torch.Tensor) -> int | None:
         try:
-            return sample_batch(row[None], [seq.params], [seq.generator])[0]
+            return sample_batch(row[None], [seq.params], [seq.generator], [seq.output_ids], [seq.prompt_ids],
+                                self.eos)[0]
         except Exception as e:
             self._fail(seq, f"sampling failed: {type(e).__name__}: {e}")
             return None
@@ -376,15 +385,21 @@ class LLMEngine:
         self._finish(seq, "error")
 
     def _update_text(self, seq: Sequence, token: int) -> None:
+        """Text and stopping after ``token``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the sequence
+        (their text kept only with ``include_stop_str_in_output``), as does a stop string (cut before it, or after
+        it with ``include_stop_str_in_output``); none of them before ``min_tokens`` output tokens."""
         p = seq.params
-        if token in self.eos and not p.ignore_eos:
+        stopping = len(seq.output_ids) >= p.min_tokens
+        if stopping and ((token in self.eos and not p.ignore_eos) or token in p.stop_token_ids):
+            if p.include_stop_str_in_output:
+                seq.text = seq.detokenizer.append(token)
             self._finish(seq, "stop")
             return
         seq.text = seq.detokenizer.append(token)  # an incomplete UTF-8 character waits for its next token
-        for stop in p.stop:
+        for stop in p.stop if stopping else ():
             at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
             if at >= 0:
-                seq.text = seq.text[:at]
+                seq.text = seq.text[:at + len(stop)] if p.include_stop_str_in_output else seq.text[:at]
                 self._finish(seq, "stop")
                 return
         if len(seq.output_ids) >= p.max_tokens:

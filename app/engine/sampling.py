@@ -1,22 +1,43 @@
-"""Sampling parameters (validated at the edge) and next-token selection from full logits."""
+"""Sampling parameters (validated at the edge) and next-token selection from full logits, a step's rows together.
+
+``sample_batch`` turns a step's logits [B, V] into B tokens with tensor operations over all rows at once, in vLLM's
+order: ``min_tokens`` (EOS and stop token ids masked), ``logit_bias`` (added), ``repetition_penalty`` (vLLM's and
+transformers' rule, over prompt and output tokens: a positive logit divided, a negative one multiplied),
+``frequency_penalty`` / ``presence_penalty`` (OpenAI's rule, over output tokens: ``count * frequency + (count > 0) *
+presence`` subtracted), then temperature, ``min_p``, ``top_k`` and ``top_p``. A greedy row takes the argmax of the
+float32 logits after the penalties and bias (with none, exactly the argmax of the logits). A sampled row draws one
+uniform number from its own generator (seeded per request, so a request's tokens do not depend on its batch) and
+picks the token where its cumulative probability passes it: one draw per row, no loop over the vocabulary.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from app.engine.messages import RequestError
 
 # The range of every sampling field, in one place: the API bodies (app/api.py) use the same types, so an HTTP, gRPC
 # or CLI request is held to the same limits and the error names the field and the bound it broke.
 # No fixed ceiling on max_tokens: a server's own max_tokens_limit (the ingress) and context (router and engine) cap it.
 MaxTokens = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=0, le=1000)]  # 0: no limit
+TopK = Annotated[int, Field(ge=-1, le=1000)]  # 0 or -1 (vLLM's "off"): no limit
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
 Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's presence / frequency penalty
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]  # 1: none
+MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+MinTokens = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0)]  # and below the vocabulary size: checked where it is known (``check_vocab``)
+LogitBias = Annotated[dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]],
+                      Field(max_length=1024)]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=256)]
 
 
 class SamplingParams(BaseModel):
@@ -31,6 +52,15 @@ class SamplingParams(BaseModel):
     seed: Seed | None = None
     stop: Stop = Field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    logit_bias: LogitBias = Field(default_factory=dict)
+    min_p: MinP = 0.0
+    min_tokens: MinTokens = 0  # EOS and ``stop_token_ids`` cannot be sampled before this many output tokens
+    stop_token_ids: StopTokenIds = Field(default_factory=list)  # also end the sequence ("stop"), as EOS does
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the text
     _max_tokens_default: bool = PrivateAttr(False)  # max_tokens was not asked for: the ingress may lower it to fit
 
     @property
@@ -45,6 +75,20 @@ class SamplingParams(BaseModel):
         made every probability NaN); such a temperature is greedy in effect anyway."""
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any logit processor applies (else a greedy row is the plain argmax)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids of ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary: a 400 naming the field."""
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
+                                   param=name)
+
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.greedy:
@@ -54,37 +98,119 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from logits [V]: argmax, or temperature / top-k / top-p sampling."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, -1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           output_ids: Sequence[int] = (), prompt_ids: Sequence[int] = (), eos: Collection[int] = ()) -> int:
+    """The next token of one row, logits [V]: ``sample_batch`` of that row alone."""
+    return sample_batch(logits[None], [params], [generator], [output_ids], [prompt_ids], eos)[0]
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[int]:
-    """Next tokens for a batch, logits [B, V]: what ``sample`` gives row by row, with every greedy row picked by one
-    argmax over those rows (one kernel and one host transfer instead of one each per sequence). The others go
-    through ``sample`` in row order, so seeded generators draw their random numbers exactly as before."""
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 outputs: Sequence[Sequence[int]] | None = None, prompts: Sequence[Sequence[int]] | None = None,
+                 eos: Collection[int] = ()) -> list[int]:
+    """Next tokens for a batch, logits [B, V], each row with its own params, generator, output and prompt token ids
+    (the penalties' history; none: empty) and the model's ``eos`` ids (what ``min_tokens`` masks): see the module
+    docstring. Every greedy row is picked by one argmax over those rows; a row's token does not depend on the rows
+    beside it."""
     if logits.dim() != 2 or not logits.shape[0] == len(params) == len(generators):
         raise ValueError(f"logits {tuple(logits.shape)} for {len(params)} params and {len(generators)} generators")
-    out = [0] * len(params)
+    n = len(params)
+    outputs = outputs if outputs is not None else [()] * n
+    prompts = prompts if prompts is not None else [()] * n
+    if not len(outputs) == len(prompts) == n:
+        raise ValueError(f"{len(outputs)} outputs and {len(prompts)} prompts for {n} rows")
+    x = logits.float()
+    processed = [i for i, p in enumerate(params) if p.penalized]
+    if processed:
+        rows = torch.tensor(processed, device=x.device)
+        x = x.clone() if x is logits else x
+        x[rows] = process_logits(x[rows], [params[i] for i in processed], [outputs[i] for i in processed],
+                                 [prompts[i] for i in processed], eos)
+    out = [0] * n
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
-        rows = logits if len(greedy) == len(params) else logits[torch.tensor(greedy, device=logits.device)]
+        rows = x if len(greedy) == n else x[torch.tensor(greedy, device=x.device)]
         for i, token in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
             out[i] = token
-    for i, p in enumerate(params):
-        if not p.greedy:
-            out[i] = sample(logits[i], p, generators[i])
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = x if len(sampled) == n else x[torch.tensor(sampled, device=x.device)]
+        picks = _sample_rows(rows, [params[i] for i in sampled], [generators[i] for i in sampled])
+        for i, token in zip(sampled, picks):
+            out[i] = token
     return out
+
+
+def _pairs(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) of every id in ``rows``, as two index tensors."""
+    r = [i for i, ids in enumerate(rows) for _ in ids]
+    t = [tok for ids in rows for tok in ids]
+    return (torch.tensor(r, dtype=torch.long, device=device), torch.tensor(t, dtype=torch.long, device=device))
+
+
+def process_logits(x: torch.Tensor, params: list[SamplingParams], outputs: Sequence[Sequence[int]],
+                   prompts: Sequence[Sequence[int]], eos: Collection[int] = ()) -> torch.Tensor:
+    """float32 logits [R, V] after ``min_tokens``, ``logit_bias``, ``repetition_penalty``, ``frequency_penalty`` and
+    ``presence_penalty`` (vLLM's order), all rows at once; a row none of them applies to comes back unchanged."""
+    x = x.clone()
+    vocab = x.shape[-1]
+    for p in params:
+        p.check_vocab(vocab)
+    masked = [[*p.stop_token_ids, *(() if p.ignore_eos else eos)] if len(out) < p.min_tokens else []
+              for p, out in zip(params, outputs)]
+    if any(masked):
+        r, t = _pairs(masked, x.device)
+        keep = t < vocab  # an EOS id past the logits (a padded config) can never be sampled anyway
+        x[r[keep], t[keep]] = float("-inf")
+    if any(p.logit_bias for p in params):
+        r, t = _pairs([list(p.logit_bias) for p in params], x.device)
+        bias = torch.tensor([b for p in params for b in p.logit_bias.values()], dtype=x.dtype, device=x.device)
+        x.index_put_((r, t), bias, accumulate=True)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        r, t = _pairs([[*prompt, *out] for prompt, out in zip(prompts, outputs)], x.device)
+        seen = torch.zeros_like(x, dtype=torch.bool)
+        seen[r, t] = True
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=x.dtype, device=x.device)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        r, t = _pairs(outputs, x.device)
+        counts = torch.zeros_like(x)
+        counts.index_put_((r, t), torch.ones_like(t, dtype=x.dtype), accumulate=True)
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=x.dtype, device=x.device)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=x.dtype, device=x.device)[:, None]
+        x = x - (freq * counts + pres * (counts > 0).to(x.dtype))
+    return x
+
+
+def _column(values: list[float], x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=x.dtype, device=x.device)[:, None]
+
+
+def _sample_rows(x: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """Sampled rows [S, V] (float32, processed): temperature, min_p, top-k, top-p, then one uniform draw per row from
+    its generator (unseeded rows: torch's global generator) picks the token whose cumulative probability passes it."""
+    vocab = x.shape[-1]
+    x = x / _column([p.temperature for p in params], x)
+    if any(p.min_p > 0 for p in params):
+        probs = torch.softmax(x, -1)
+        floor = probs.amax(-1, keepdim=True) * _column([p.min_p for p in params], x)
+        x = x.masked_fill(probs < floor, float("-inf"))
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        x, order = torch.sort(x, dim=-1, descending=True)
+        if any(p.top_k > 0 for p in params):
+            k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=x.device)
+            kth = x.gather(1, (k - 1)[:, None])
+            x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th stay in, as vLLM's top-k
+        if any(p.top_p < 1.0 for p in params):
+            probs = torch.softmax(x, -1)
+            top_p = _column([p.top_p if p.top_p < 1.0 else float("inf") for p in params], x)
+            x = x.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))  # the smallest prefix reaching top_p
+        x = torch.empty_like(x).scatter_(1, order, x)  # back in vocabulary order: a row's draw ignores the others
+    probs = torch.softmax(x, -1)
+    if not torch.isfinite(probs).all():
+        raise ValueError("no token can be sampled: every logit is -inf or NaN")
+    cdf = probs.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(device=x.device, dtype=x.dtype)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    positions = torch.arange(vocab, device=x.device).expand_as(probs)
+    last = torch.where(probs > 0, positions, -1).amax(-1)  # rounding may land past the last token that can be drawn
+    return torch.minimum(idx, last).tolist()
