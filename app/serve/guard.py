@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import grpc
 
-from app.serve.errors import ApiError, Forbidden, Unauthorized, api_error
+from app.serve.errors import ApiError, Forbidden, Unauthorized, api_error, too_large
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,9 @@ class Guard:
             return await ApiError(415, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, "content-type must be application/json, "
                                   f"not {headers['content-type'][:64]!r}", param="content-type"
                                   ).response()(scope, receive, send)
-        too_large = ApiError(413, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, f"the request body is larger than this server's "
-                             f"limit of {limits.max_body_bytes} bytes", code="request_too_large")
+        over = api_error(too_large(limits.max_body_bytes))  # 413, worded as gRPC's RESOURCE_EXHAUSTED
         if int(headers.get("content-length") or 0) > limits.max_body_bytes:
-            return await too_large.response()(scope, receive, send)
+            return await over.response()(scope, receive, send)
         body, more = b"", True
         while more:  # a body without content-length (chunked) is counted as it arrives
             message = await receive()
@@ -86,7 +85,7 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limits.max_body_bytes:
-                return await too_large.response()(scope, receive, send)
+                return await over.response()(scope, receive, send)
         replayed = False
 
         async def replay():
