@@ -130,7 +130,7 @@ def test_a_static_policy_prefills_every_request_its_way(http, chat_tiny):
     ({"prompt": "x", "stop": ["a"] * 5}, 400, "stop: List should have at most 4 items"),
     ({"prompt": "x", "stop": "y" * 65}, 400, "stop: String should have at most 64 characters"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"prompt": "x", "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty: Input should be less than or equal to 2"),
     ({"prompt": "x", "stream_options": {"include_usage": "maybe"}}, 400, "stream_options.include_usage"),
     ({"prompt": ""}, 400, "prompt is empty"),
     ({"prompt": []}, 400, "prompt is empty"),

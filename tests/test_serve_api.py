@@ -390,3 +390,104 @@ def test_a_max_tokens_never_sent_is_what_fits(http, tok):
         usage = r.json()["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (n, context - n)
         assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+# -- the OpenAI and vLLM fields real clients send (issue 22, items 2, 4 and 5) ----------------------------------------
+
+# What ``vllm bench serve`` sends for every request of its random dataset (backend openai-completions, streaming)
+VLLM_BENCH_BODY = {"model": MODEL, "prompt": "the random dataset decodes random token ids into text",
+                   "max_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0, "logprobs": None,
+                   "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def test_a_vllm_bench_serve_request_is_served(http):
+    import json
+
+    with http.stream("POST", "/v1/completions", json=VLLM_BENCH_BODY) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 8
+
+
+FORCED = 4321  # a token id of the tiny chat model's vocabulary
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_logit_bias_forces_a_token_over_http(http, tok, path):
+    body = {"model": MODEL, "max_tokens": 4, "logit_bias": {str(FORCED): 100}, "temperature": 0.8, "seed": 3,
+            "ignore_eos": True, **({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path
+                                   else {"prompt": "Hi"})}
+    r = http.post(path, json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    text = choice["message"]["content"] if "chat" in path else choice["text"]
+    assert text == tok.decode([FORCED] * 4, skip_special_tokens=True)
+
+
+def test_sampling_controls_over_grpc_alike_on_aggregated_and_disaggregated_pools(grpc_stub):
+    """Penalties, bias and min_p reach the engine through gRPC; a disaggregated pool (the first token sampled by the
+    prefill replica, the rest by the decode replica) gives the same tokens as an aggregated one."""
+    from app.serve.protos import dynpart_pb2 as pb
+
+    def tokens(pool: str, **fields) -> list[int]:
+        req = pb.GenerateRequest(prompt="The quick brown fox", max_tokens=16, ignore_eos=True, pool=pool, **fields)
+        return list(grpc_stub.Generate(req).token_ids)
+
+    plain = tokens("long")
+    penalized = dict(frequency_penalty=2.0, presence_penalty=0.5, repetition_penalty=1.5, min_p=0.1,
+                     logit_bias={plain[0]: -100.0})
+    got = tokens("long", **penalized)
+    assert got != plain and plain[0] not in got
+    assert max(got.count(t) for t in got) <= max(plain.count(t) for t in plain)
+    assert tokens("split", **penalized) == got
+    assert tokens("split", logit_bias={FORCED: 100.0}, temperature=1.0, seed=5) == [FORCED] * 16
+    stopped = grpc_stub.Generate(pb.GenerateRequest(prompt="The quick brown fox", max_tokens=16, ignore_eos=True,
+                                                    pool="long", stop_token_ids=[plain[2]]))
+    assert list(stopped.token_ids) == plain[:plain.index(plain[2]) + 1] and stopped.finish_reason == "stop"
+
+
+# Accepted: honoured (the sampling controls), or "off" values of what dynpart does not do, or no effect on the answer
+ACCEPTED = [{"presence_penalty": 0.5, "frequency_penalty": -0.5}, {"repetition_penalty": 1.2}, {"min_p": 0.05},
+            {"logit_bias": {"11": -100, "12": 2.5}}, {"min_tokens": 1, "stop_token_ids": [0]}, {"top_k": -1},
+            {"skip_special_tokens": False, "include_stop_str_in_output": True, "stop": ["zz"]},
+            {"n": 1, "best_of": 1}, {"logprobs": 0}, {"logprobs": None}, {"echo": False}, {"suffix": None},
+            {"user": "u-1", "service_tier": "auto", "metadata": {"k": "v"}, "store": False},
+            {"response_format": {"type": "text"}}, {"tools": [], "tool_choice": "none", "parallel_tool_calls": False},
+            {"stream_options": {"include_usage": True, "continuous_usage_stats": False}, "stream": True}]
+# Refused, each a 400 naming the field: what would change the answer in a way dynpart cannot honour
+REFUSED = [("logprobs", {"logprobs": 1}), ("echo", {"echo": True}), ("n", {"n": 2}), ("best_of", {"best_of": 2}),
+           ("suffix", {"suffix": "}"}), ("response_format", {"response_format": {"type": "json_object"}}),
+           ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+           ("tool_choice", {"tool_choice": "required"}), ("guided_json", {"guided_json": {"type": "object"}}),
+           ("stream_options.continuous_usage_stats", {"stream_options": {"continuous_usage_stats": True}}),
+           ("presence_penalty", {"presence_penalty": 2.5}), ("repetition_penalty", {"repetition_penalty": 0}),
+           ("min_p", {"min_p": 1.5}), ("min_tokens", {"min_tokens": 5, "max_tokens": 2}),
+           ("logit_bias", {"logit_bias": {"49152": 1}}), ("stop_token_ids", {"stop_token_ids": [10**6]}),
+           ("top_k", {"top_k": -2}), ("frobnicate", {"frobnicate": 1})]
+
+
+@pytest.mark.parametrize("fields", ACCEPTED, ids=lambda f: ",".join(f))
+def test_fields_other_servers_accept_are_accepted(http, fields):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **fields})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("param, fields", REFUSED, ids=[p for p, _ in REFUSED])
+def test_fields_dynpart_cannot_honour_are_a_400_naming_them(http, param, fields):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **fields})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param.split(".")[-1] in error["message"], error
+
+
+@pytest.mark.parametrize("fields, param", [({"logprobs": False, "top_logprobs": 0}, None),
+                                           ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")])
+def test_chat_logprobs_off_is_accepted_and_on_is_refused(http, fields, param):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                "max_tokens": 2, **fields})
+    assert r.status_code == (400 if param else 200), r.text
+    if param:
+        assert r.json()["error"]["param"] == param

@@ -1,9 +1,10 @@
 """Incremental detokenization: each appended token costs a decode of a few tokens, not of the whole output.
 
 The engine's text contract (``LLMEngine._update_text``) is: after every token, ``text`` is
-``tokenizer.decode(output_ids, skip_special_tokens=...)`` (the request's, default True) unless that ends in "\\ufffd" (an incomplete UTF-8
-character), in which case the previous text stands. Decoding the whole output every step makes a sequence of n
-tokens cost O(n^2); ``IncrementalDetokenizer`` keeps that contract exactly and decodes only a short window.
+``tokenizer.decode(output_ids, skip_special_tokens=...)`` (the request's; True unless it says otherwise) unless that
+ends in "\\ufffd" (an incomplete UTF-8 character), in which case the previous text stands. Decoding the whole output
+every step makes a sequence of n tokens cost O(n^2); ``IncrementalDetokenizer`` keeps that contract exactly and
+decodes only a short window.
 
 As in vLLM's ``detokenize_incrementally`` it keeps two offsets into the output ids: ``read`` (everything before it is
 committed text, ``decode(ids[:read])`` exactly) and ``prefix <= read`` (where the decoded window starts, so the

@@ -1,8 +1,12 @@
 """OpenAI-compatible request and response bodies (the subset dynpart serves), validated at the edge.
 
-Requests forbid unknown fields, so a typo is a clear 400 rather than a silently ignored option. Fields OpenAI clients
-commonly send are accepted when they ask for nothing dynpart cannot do (``n`` = 1, no logprobs, zero penalties).
-Extensions: ``top_k``, ``ignore_eos``. Every response's ``usage`` carries a ``dynpart`` object. Sampling fields
+Requests forbid unknown fields, so a typo is a clear 400 rather than a silently ignored option. Fields OpenAI and
+vLLM clients commonly send are accepted: the sampling controls are honoured (``SamplingParams``); fields that do not
+change the answer (``user``, ``service_tier``, ``metadata``, ``store``, ``parallel_tool_calls``...) are accepted and
+unused; a field that would change the answer in a way dynpart cannot honour (``logprobs``, ``echo``, ``n`` > 1,
+``best_of`` > 1, ``suffix``, ``tools``, ``response_format`` other than text, guided decoding) is a 400 naming it,
+unless sent with its "off" value (``logprobs: null``, ``n: 1``...). Every response's ``usage`` carries a ``dynpart``
+object. Sampling fields
 share their ranges with ``SamplingParams``; a server's own caps (``max_tokens_limit``, context, vocabulary) are
 checked by the ingress and router, which know them. A ``max_tokens`` the client did not send is the endpoint's
 default, lowered by the ingress to what the limit and the context leave for the prompt.
@@ -12,12 +16,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.engine.messages import RequestError
-from app.engine.sampling import MaxTokens, SamplingParams, Seed, Stop, Temperature, TopK, TopP
+from app.engine.sampling import (LogitBias, MaxTokens, MinP, MinTokens, Penalty, RepetitionPenalty, SamplingParams,
+                                 Seed, Stop, StopTokenIds, Temperature, TopK, TopP)
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (and gRPC's when max_tokens is 0)
 CHAT_MAX_TOKENS = 256
@@ -42,10 +48,30 @@ class Usage(BaseModel):
     dynpart: DynpartUsage
 
 
+def only(allowed: Callable[[Any], bool], why: str) -> AfterValidator:
+    """A field dynpart accepts only with values that leave the answer as it serves it: any other value is a 400
+    naming the field and saying ``why`` (never silently ignored)."""
+    def check(value):
+        if not allowed(value):
+            raise ValueError(why)
+        return value
+    return AfterValidator(check)
+
+
+def _off(value) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == ""
+
+
+NOT_YET = "not supported by dynpart yet"
+Off = Annotated[Any, only(_off, f"{NOT_YET}: omit it or send null")]  # a feature dynpart does not have, unused
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+    continuous_usage_stats: Annotated[bool | None, only(_off, f"usage in every chunk is {NOT_YET}: usage comes "
+                                                              "in the last chunk with include_usage")] = None
 
 
 def sampling_params(default_max_tokens: int, max_tokens: int | None, stop: str | list[str] | None,
@@ -54,6 +80,7 @@ def sampling_params(default_max_tokens: int, max_tokens: int | None, stop: str |
     no ``max_tokens`` (None, or gRPC's 0) means the endpoint's default (marked so: ``max_tokens_default``), one ``stop``
     string means a list of one."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
+    fields = {k: v for k, v in fields.items() if v is not None}  # unset: SamplingParams' default
     params = SamplingParams(max_tokens=max_tokens or default_max_tokens, stop=stop, **fields)
     params._max_tokens_default = not max_tokens
     return params
@@ -67,8 +94,21 @@ def check_max_tokens(value: int | None, limit: int, field: str = "max_tokens") -
                            param=field)
 
 
+OneChoice = Annotated[int | None, Field(ge=1), only(lambda n: n in (None, 1),
+                                                   f"more than one choice per request is {NOT_YET}: send 1")]
+TextFormat = Annotated[dict[str, Any] | None, only(lambda f: f is None or f == {"type": "text"},
+                                                   f"structured output is {NOT_YET}: only {{'type': 'text'}}")]
+TOOLS = f"tool calling is {NOT_YET}"
+LOGPROBS = f"log-probabilities are {NOT_YET}"
+# The request fields that map one to one onto ``SamplingParams`` (max_tokens and stop have their own rules)
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "logit_bias", "min_p", "min_tokens", "stop_token_ids", "skip_special_tokens",
+                   "include_stop_str_in_output")
+
+
 class GenerationRequest(BaseModel):
-    """What completions and chat requests share: the model and the sampling fields."""
+    """What completions and chat requests share: the model, the sampling fields, and the fields other servers accept
+    (unused here, or refused unless "off": see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -82,14 +122,46 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    n: Literal[1] = 1
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    logit_bias: LogitBias | None = None  # token id (a JSON key: a string of digits) -> -100..100
+    min_p: MinP | None = None
+    min_tokens: MinTokens | None = None
+    stop_token_ids: StopTokenIds | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    # accepted, no effect on the answer
     user: str | None = Field(None, max_length=256)
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
+    service_tier: str | None = Field(None, max_length=64)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None
+    # refused unless "off"
+    n: OneChoice = 1
+    best_of: Annotated[int | None, Field(ge=1), only(lambda n: n in (None, 1), f"best_of > 1 is {NOT_YET}")] = None
+    use_beam_search: Off = None
+    response_format: TextFormat = None
+    tools: Annotated[list[Any] | None, only(_off, TOOLS)] = None
+    tool_choice: Annotated[Any, only(lambda c: c in (None, "none", "auto"), TOOLS)] = None
+    guided_json: Off = None
+    guided_regex: Off = None
+    guided_choice: Off = None
+    guided_grammar: Off = None
+    structured_outputs: Off = None
+    prompt_logprobs: Off = None
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, v: int | None, info: ValidationInfo) -> int | None:
+        most = info.data.get("max_tokens")
+        if v is not None and most is not None and v > most:
+            raise ValueError(f"min_tokens ({v}) is more than max_tokens ({most})")
+        return v
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        return sampling_params(default_max_tokens, self.max_tokens, self.stop, temperature=self.temperature,
-                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, ignore_eos=self.ignore_eos)
+        return sampling_params(default_max_tokens, self.max_tokens, self.stop,
+                               **{name: getattr(self, name) for name in SAMPLING_FIELDS})
 
     @property
     def include_usage(self) -> bool:
@@ -98,8 +170,9 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     prompt: Annotated[str, Field(min_length=1)] | TokenIds  # token ids are checked against the vocabulary later
-    logprobs: None = None
-    echo: Literal[False] = False
+    logprobs: Annotated[int | None, Field(ge=0, le=20), only(_off, f"{LOGPROBS}: send null or 0")] = None
+    echo: Annotated[bool | None, only(_off, f"echoing the prompt is {NOT_YET}")] = None
+    suffix: Annotated[str | None, only(_off, "the model has no fill-in-the-middle: suffix is not supported")] = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -131,7 +204,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: Annotated[bool | None, only(_off, f"{LOGPROBS}: send false or null")] = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=20), only(_off, LOGPROBS)] = None
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:

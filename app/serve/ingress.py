@@ -299,9 +299,14 @@ class Ingress:
             ids = self.router.encode(req.prompt)
         else:
             raise RequestError("set prompt or messages")
-        params = sampling_params(COMPLETION_MAX_TOKENS, req.max_tokens, list(req.stop), temperature=req.temperature,
-                                 top_p=req.top_p or 1.0, top_k=req.top_k,
-                                 seed=req.seed if req.HasField("seed") else None, ignore_eos=req.ignore_eos)
+        params = sampling_params(
+            COMPLETION_MAX_TOKENS, req.max_tokens, list(req.stop), temperature=req.temperature, top_p=req.top_p or 1.0,
+            top_k=req.top_k, seed=req.seed if req.HasField("seed") else None, ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0, logit_bias=dict(req.logit_bias), min_p=req.min_p,
+            min_tokens=req.min_tokens, stop_token_ids=list(req.stop_token_ids),
+            skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else None,
+            include_stop_str_in_output=req.include_stop_str_in_output)
         return ids, params
 
     @staticmethod

@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61pp/serve/protos/dynpart.proto\x12\x07\x64ynpart\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfd\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.dynpart.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0c\n\x04pool\x18\n \x01(\t\x12\x10\n\x08strategy\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\tB\x07\n\x05_seed\"\x8b\x01\n\x0b\x44ynpartInfo\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x64\x65vices\x18\x06 \x01(\r\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"\xa0\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12%\n\x07\x64ynpart\x18\x06 \x01(\x0b\x32\x14.dynpart.DynpartInfo\"n\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x07\x64ynpart\x18\x04 \x01(\x0b\x32\x14.dynpart.DynpartInfo2\x8d\x01\n\x07\x44ynpart\x12<\n\x08Generate\x12\x18.dynpart.GenerateRequest\x1a\x16.dynpart.GenerateReply\x12\x44\n\x0eGenerateStream\x12\x18.dynpart.GenerateRequest\x1a\x16.dynpart.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61pp/serve/protos/dynpart.proto\x12\x07\x64ynpart\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd6\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.dynpart.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0c\n\x04pool\x18\n \x01(\t\x12\x10\n\x08strategy\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x02\x12;\n\nlogit_bias\x18\x10 \x03(\x0b\x32\'.dynpart.GenerateRequest.LogitBiasEntry\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12\x12\n\nmin_tokens\x18\x12 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x13 \x03(\r\x12 \n\x13skip_special_tokens\x18\x14 \x01(\x08H\x01\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x15 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"\x8b\x01\n\x0b\x44ynpartInfo\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x64\x65vices\x18\x06 \x01(\r\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"\xa0\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12%\n\x07\x64ynpart\x18\x06 \x01(\x0b\x32\x14.dynpart.DynpartInfo\"n\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x07\x64ynpart\x18\x04 \x01(\x0b\x32\x14.dynpart.DynpartInfo2\x8d\x01\n\x07\x44ynpart\x12<\n\x08Generate\x12\x18.dynpart.GenerateRequest\x1a\x16.dynpart.GenerateReply\x12\x44\n\x0eGenerateStream\x12\x18.dynpart.GenerateRequest\x1a\x16.dynpart.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'app.serve.protos.dynpart_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_GENERATEREQUEST']._serialized_start=90
-  _globals['_GENERATEREQUEST']._serialized_end=343
-  _globals['_DYNPARTINFO']._serialized_start=346
-  _globals['_DYNPARTINFO']._serialized_end=485
-  _globals['_GENERATEREPLY']._serialized_start=488
-  _globals['_GENERATEREPLY']._serialized_end=648
-  _globals['_GENERATECHUNK']._serialized_start=650
-  _globals['_GENERATECHUNK']._serialized_end=760
-  _globals['_DYNPART']._serialized_start=763
-  _globals['_DYNPART']._serialized_end=904
+  _globals['_GENERATEREQUEST']._serialized_end=688
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=607
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=655
+  _globals['_DYNPARTINFO']._serialized_start=691
+  _globals['_DYNPARTINFO']._serialized_end=830
+  _globals['_GENERATEREPLY']._serialized_start=833
+  _globals['_GENERATEREPLY']._serialized_end=993
+  _globals['_GENERATECHUNK']._serialized_start=995
+  _globals['_GENERATECHUNK']._serialized_end=1105
+  _globals['_DYNPART']._serialized_start=1108
+  _globals['_DYNPART']._serialized_end=1249
 # @@protoc_insertion_point(module_scope)
