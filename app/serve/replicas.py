@@ -42,13 +42,8 @@ class _EngineShell:
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
         self.available = engine.contenders  # the layouts a request may run here (the ingress prices them too)
-        guessed_step_s = engine.step_s
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
-        # Warm-up steps pay first-use allocations while the app's other replicas start on the same cores: not what a
-        # decode step costs here. The router prices pools by the reported step time, so report the planner's guess
-        # until real steps are measured (a short prompt once went to the 2-rank pool for a warm-up's slow step).
-        engine.step_s = guessed_step_s
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
