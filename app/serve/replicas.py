@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -44,9 +45,24 @@ class _EngineShell:
         self.available = engine.contenders  # the layouts a request may run here (the ingress prices them too)
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
+        self._measure_step(engine)
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
+
+    @staticmethod
+    def _measure_step(engine: LLMEngine, steps: int = 6) -> None:
+        """The decode step time this replica first reports (the router prices pools by it): the fastest of a few
+        warm steps. Warm-up runs while the app's other replicas start on the same cores, and one slow first-use step
+        in the average once made a 6-token prompt look cheaper on the 2-rank pool than on the 1-core one."""
+        engine.add([0] * 8, SamplingParams(max_tokens=steps, ignore_eos=True))
+        took = []
+        while engine.has_work():
+            t0 = time.perf_counter()
+            engine.step()
+            took.append(time.perf_counter() - t0)
+        if len(took) > 1:  # the first step is the prefill (a prefill-only engine has no decode step)
+            engine.step_s = min(took[1:])
 
     async def _report_load(self) -> None:
         """The load gauge, and this replica's load on the app's ``LoadBoard`` (admission control reads it)."""
