@@ -52,9 +52,11 @@ def table_slots(blocks: list[int], positions: torch.Tensor, block_size: int) -> 
 class PackedChunks:
     """One forward pass's chunks packed into one token array, with everything attention needs, built once per pass.
 
-    One-token chunks (decode) are attended as one batch: their contexts gathered through the block tables, padded to
-    the longest (padding repeats the sequence's own first slot and is masked). Longer chunks (prefill) are attended
-    one by one: over their own new K/V when nothing is cached, else over their context gathered from the cache.
+    One-token chunks (decode) are attended as one batch over their block tables: whole blocks are gathered (one
+    contiguous copy of ``block_size`` tokens each, not one per token), each row padded to the longest table by
+    repeating its own first block, and every position at or past a row's context is masked. Longer chunks (prefill)
+    are attended one by one: over their own new K/V when nothing is cached, else over their context read from the
+    cache by block.
     """
 
     spans: list[SequenceSpan]
@@ -62,14 +64,15 @@ class PackedChunks:
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T]: where each new token's K/V goes
     decode_rows: torch.Tensor  # [B]: token rows of the one-token chunks
-    decode_slots: torch.Tensor  # [B, Lmax]
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax], None when no row is padded
+    decode_blocks: torch.Tensor  # [B, Nmax]: their block tables, padded
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Nmax * block_size], None when no position is padding
     contexts: list[torch.Tensor | None]  # per chunk: its context's slots (prefix + new), None when nothing is cached
+    context_blocks: list[torch.Tensor | None]  # per chunk: the blocks holding that context, None likewise
 
     @property
     def prefill(self) -> list[tuple[SequenceSpan, torch.Tensor | None]]:
-        """The chunks of more than one token, with their context slots."""
-        return [(sp, ctx) for sp, ctx in zip(self.spans, self.contexts) if sp.length > 1]
+        """The chunks of more than one token, with the blocks of their cached context (None: nothing cached)."""
+        return [(sp, blk) for sp, blk in zip(self.spans, self.context_blocks) if sp.length > 1]
 
     @classmethod
     def build(cls, chunks: list[Chunk], block_size: int, device: torch.device | str = "cpu") -> "PackedChunks":
@@ -79,24 +82,29 @@ class PackedChunks:
                 raise ValueError("a chunk needs at least one token")
             spans.append(SequenceSpan(start=start, length=len(c.ids), cached=c.cached))
             start += len(c.ids)
-        full = [table_slots(c.blocks, torch.arange(c.context), block_size) for c in chunks]  # each context's slots
+        tables = [torch.tensor(c.blocks[:-(-c.context // block_size)], dtype=torch.long) for c in chunks]
+        new = [torch.arange(c.cached, c.context) for c in chunks]
+        slots = [table_slots(c.blocks, pos, block_size) for c, pos in zip(chunks, new)]
         decode = [b for b, c in enumerate(chunks) if len(c.ids) == 1]
-        lmax = max((chunks[b].context for b in decode), default=0)
-        dslots = torch.empty((len(decode), lmax), dtype=torch.long)
+        nmax = max((tables[b].numel() for b in decode), default=0)
+        dblocks = torch.empty((len(decode), nmax), dtype=torch.long)
         for row, b in enumerate(decode):
-            dslots[row, :full[b].numel()] = full[b]
-            dslots[row, full[b].numel():] = full[b][0]
+            n = tables[b].numel()
+            dblocks[row, :n] = tables[b]
+            dblocks[row, n:] = tables[b][0]
         lens = torch.tensor([chunks[b].context for b in decode], dtype=torch.long)
         mask = None
-        if decode and int(lens.min()) < lmax:
-            mask = (torch.arange(lmax)[None, :] < lens[:, None])[:, None, None, :].to(device)
-        contexts = [ctx.to(device) if c.cached else None for c, ctx in zip(chunks, full)]
+        if decode and int(lens.min()) < nmax * block_size:
+            mask = (torch.arange(nmax * block_size)[None, :] < lens[:, None])[:, None, None, :].to(device)
+        cached = [bool(c.cached) for c in chunks]
+        contexts = [table_slots(c.blocks, torch.arange(c.context), block_size).to(device) if has else None
+                    for c, has in zip(chunks, cached)]
         return cls(spans=spans,
                    ids=torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=device),
-                   positions=torch.cat([torch.arange(c.cached, c.context) for c in chunks]).to(device),
-                   slots=torch.cat([ctx[c.cached:] for c, ctx in zip(chunks, full)]).to(device),
+                   positions=torch.cat(new).to(device), slots=torch.cat(slots).to(device),
                    decode_rows=torch.tensor([spans[b].start for b in decode], dtype=torch.long, device=device),
-                   decode_slots=dslots.to(device), decode_mask=mask, contexts=contexts)
+                   decode_blocks=dblocks.to(device), decode_mask=mask, contexts=contexts,
+                   context_blocks=[t.to(device) if has else None for t, has in zip(tables, cached)])
 
     @property
     def last_rows(self) -> list[int]:
@@ -109,16 +117,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "P
     must already be in ``cache`` (written by the caller)."""
     out = torch.empty_like(q)
     if batch.decode_rows.numel():
-        keys, values = cache.read(layer, batch.decode_slots)  # [B, L, Hkv, dh]
+        keys, values = cache.read_blocks(layer, batch.decode_blocks)  # [B, Nmax * block_size, Hkv, dh]
         o = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), keys.transpose(1, 2),
                                            values.transpose(1, 2), attn_mask=batch.decode_mask, scale=scale,
                                            enable_gqa=True)  # [B, Hq, 1, dh]
         out[batch.decode_rows] = o[:, :, 0]
-    for sp, ctx in batch.prefill:
-        if ctx is None:
+    for sp, blocks in batch.prefill:
+        if blocks is None:
             keys, values = k[sp.start:sp.stop], v[sp.start:sp.stop]
         else:
-            keys, values = cache.read(layer, ctx)
+            keys, values = (t[0, :sp.cached + sp.length] for t in cache.read_blocks(layer, blocks[None]))
         out[sp.start:sp.stop] = causal_attention(q[sp.start:sp.stop], keys, values, sp.cached, scale)
     return out
 
@@ -128,10 +136,11 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks * block_size, kv_heads, head_dim)
-        # ``empty``: on a CPU, pages are touched only as blocks fill. Never-written slots are never read (padded reads
-        # repeat a sequence's own first slot), so their garbage cannot leak into attention as NaN.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeroed, not ``empty``: a decode row reads whole blocks, so the unwritten tail of a sequence's last block is
+        # read (and masked); masked garbage could be NaN, and 0 x NaN would leak into the output. Stale K/V of a
+        # freed block's former sequence is finite, so reuse needs no clearing.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V [T, Hkv_local, dh] of new tokens at cache ``slots`` [T]."""
@@ -144,6 +153,16 @@ class PagedKVCache:
         k = self.k[layer].index_select(0, flat).view(*slots.shape, *self.k[layer].shape[1:])
         v = self.v[layer].index_select(0, flat).view(*slots.shape, *self.v[layer].shape[1:])
         return k, v
+
+    def read_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of whole ``blocks`` [B, N] as [B, N * block_size, Hkv_local, dh] copies: one contiguous copy per block,
+        where ``read`` copies per token."""
+        b, n = blocks.shape
+        out = []
+        for t in (self.k[layer], self.v[layer]):
+            by_block = t.view(self.num_blocks, self.block_size, *t.shape[1:])
+            out.append(by_block.index_select(0, blocks.reshape(-1)).view(b, n * self.block_size, *t.shape[1:]))
+        return out[0], out[1]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
