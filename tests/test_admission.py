@@ -16,9 +16,77 @@ import httpx
 import pytest
 from conftest import deployed, grpc_stub, http_client
 
+from app.engine.messages import RequestError
+
 APP, ROUTE, MODEL, POOL = "admission", "/adm", "tiny-chat", "one"
 MAX_QUEUE_WAIT_S = 1.0
 META = (("application", APP),)
+
+
+# -- the admission rule alone (no Ray): priced offers in, a route or the reason for none out ----------------------------
+
+
+def offers_for(**routes):
+    """An ``AppConfig`` with pools ``a``, ``b``, ... and their offers: a pool's value is its ``(predicted_s, wait_s)``,
+    or an ``Offer`` field (``unpriced``, ``runs``, ``queued_tokens``) dict, or None (its memory cannot prefill)."""
+    from app.serve.admission import Offer
+    from app.serve.config import AppConfig
+    from app.serve.pricing import Route
+
+    cfg = AppConfig.model_validate({"pools": [dict(name=name, max_queued_tokens=1000) for name in routes],
+                                    "max_queue_wait_s": 2.0})
+    offers = []
+    for pool, value in zip(cfg.pools, routes.values()):
+        if isinstance(value, dict):
+            offers.append(Offer(pool=pool, **value))
+        else:
+            route = None if value is None else Route(pool=pool, predicted_s=value[0], wait_s=value[1])
+            offers.append(Offer(pool=pool, route=route, runs=["megatron"]))
+    return cfg, offers
+
+
+def test_admission_picks_the_earliest_finish_among_pools_within_the_limits():
+    from app.serve.admission import Admission
+
+    cfg, offers = offers_for(a=(3.0, 0.5), b=(2.0, 0.1), c=(1.0, 2.5), d=(0.5, 0.0))
+    offers[3].queued_tokens = 990  # 990 + 20 tokens would pass d's max_queued_tokens
+    assert Admission(cfg).choose(20, "auto", offers).pool.name == "b"  # c waits too long, d holds too many tokens
+    cfg, offers = offers_for(a=(1.0, 0.0), b=(1.0, 0.0))
+    assert Admission(cfg).choose(20, "auto", offers).pool.name == "a"  # equals: the one listed first
+
+
+def test_admission_says_why_nothing_admits_the_request():
+    from app.engine.messages import EngineFailed
+    from app.serve.admission import Admission
+    from app.serve.errors import Overloaded, ShuttingDown
+
+    cfg, offers = offers_for(a=(9.0, 6.0), b={"unpriced": "down"})
+    with pytest.raises(Overloaded, match="max_queue_wait_s of 2 s \\(at least 6.0 s now\\)") as e:
+        Admission(cfg).choose(20, "auto", offers)
+    assert e.value.retry_after_s == 4
+    cfg, offers = offers_for(a={"unpriced": "down"}, b={"unpriced": "starting"})
+    with pytest.raises(EngineFailed, match="the replicas of pool a failed"):
+        Admission(cfg).choose(20, "auto", offers)
+    cfg, offers = offers_for(a={"queued_tokens": 999})
+    with pytest.raises(Overloaded, match="queued-token limit"):
+        Admission(cfg).choose(20, "auto", offers)
+    with pytest.raises(ShuttingDown):
+        Admission.open(draining=True)
+    Admission.open(draining=False)
+
+
+def test_admission_blames_the_client_only_when_no_pool_could_ever_run_the_request():
+    from app.serve.admission import Admission
+
+    cfg, offers = offers_for(a=None, b={"unpriced": "unbuilt", "runs": ["megatron"]})
+    with pytest.raises(RequestError, match="'weight_gathered' cannot run this request in any pool whose context holds "
+                       "it: pool b did not build it at start \\(it runs 'megatron'\\); pool a lacks the memory to "
+                       "prefill 20 tokens this way; name one of those"):
+        Admission(cfg).choose(20, "weight_gathered", offers)
+    cfg, offers = offers_for(a=None, b={"unpriced": "starting"})  # b may run it once it is up: not the client's fault
+    with pytest.raises(Exception) as e:
+        Admission(cfg).choose(20, "auto", offers)
+    assert not isinstance(e.value, RequestError)
 
 
 @pytest.fixture(scope="module")

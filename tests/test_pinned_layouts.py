@@ -59,7 +59,8 @@ def test_a_pinned_layout_no_pool_can_hold_is_a_400_not_an_overload(chat_tiny):
     label is refused naming what each pool runs."""
     from app.serve.config import AppConfig
     from app.serve.errors import api_error
-    from app.serve.router import PoolHandles, Router
+    from app.serve.dispatch import PoolHandles
+    from app.serve.router import Router
     from strategies.cost.formulas import Work
     from strategies.cost.planner import DEFAULT_UTILIZATION, memory_row
 

@@ -119,7 +119,8 @@ def test_pool_pricing_credits_the_cached_prefix(chat_tiny):
     """Two equal pools: the one this ingress sent the prefix to is priced for the uncached tail only, attending to
     the cached blocks, and wins; a prompt given only as a count gets no credit (config order decides)."""
     from app.serve.config import AppConfig
-    from app.serve.router import PoolHandles, Router
+    from app.serve.dispatch import PoolHandles
+    from app.serve.router import Router
     from strategies.cost import plan_prefill
 
     async def info():
@@ -129,7 +130,7 @@ def test_pool_pricing_credits_the_cached_prefix(chat_tiny):
     cfg = AppConfig.model_validate({"model": chat_tiny, "pools": [dict(name="a", **POOL), dict(name="b", **POOL)]})
     router = Router(cfg, {"a": PoolHandles(engine=fake), "b": PoolHandles(engine=fake)})
     prefix = tokens(200, 0)
-    router.prefixes["b"].record("b", chain(prefix))  # what ``run`` records when it sends a request to ``b``
+    router.dispatch.prefixes["b"].record("b", chain(prefix))  # what ``run`` records when it sends a request to ``b``
     prompt = prefix + tokens(10, 1)
 
     async def picks():

@@ -218,7 +218,8 @@ def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
     from ray import serve
 
     from app.serve.config import AppConfig
-    from app.serve.router import PoolHandles, Router
+    from app.serve.dispatch import PoolHandles
+    from app.serve.router import Router
 
     cfg = AppConfig.model_validate({"model": chat_tiny, "pools": POOLS})
     handles = {"fast": PoolHandles(engine=serve.get_deployment_handle("fast", APP)),
@@ -230,9 +231,9 @@ def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
 
     async def picks() -> list:
         idle = await router.pick_pool(n, 8)
-        router.queued["long"] = 2000
+        router.dispatch.queued["long"] = 2000
         long_busy = await router.pick_pool(n, 8)
-        router.queued["split"] = 3000
+        router.dispatch.queued["split"] = 3000
         both_busy = await router.pick_pool(n, 8)
         return [idle, long_busy, both_busy]
 

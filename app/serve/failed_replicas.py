@@ -1,9 +1,9 @@
 """Engine replicas known to have failed, as this process learned them: every request router here skips them.
 
 An engine replica whose engine stopped (a dead or hung shard worker) stays in Serve's replica set until its next
-health check, and looks idle (it refuses at once), so the power of two choices would even prefer it. The ingress's
-``Router`` adds a replica the moment one of its requests fails there (``EngineFailed`` names it) or the ``LoadBoard``
-reports it failed; ``PrefixAffinityRouter`` then leaves it out of every candidate list. A module of its own: Serve
+health check, and looks idle (it refuses at once), so the power of two choices would even prefer it. The ingress adds
+a replica the moment one of its requests fails there (``dispatch``: ``EngineFailed`` names it) or the ``LoadBoard``
+reports it failed (``board_view``); ``PrefixAffinityRouter`` then leaves it out of every candidate list. A module of its own: Serve
 pickles a request router's module by value, so a set defined there would be a private copy, not this process's.
 """
 

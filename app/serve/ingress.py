@@ -2,38 +2,38 @@
 
 It tokenizes once, lets the ``Router`` pick a pool for the request, waits for the first update (prefill done,
 so the strategy is known) and only then answers, so that even a streamed response carries ``x-dynpart-pool`` and
-``x-dynpart-strategy`` headers. Errors (``app.serve.errors``): bad input 400 (404 for an unknown model), no or a wrong
+``x-dynpart-strategy`` headers (the body, its usage and a stream's events: ``responses``; ``/health``: the load
+board's view, ``board_view``). Errors (``app.serve.errors``): bad input 400 (404 for an unknown model), no or a wrong
 API key 401, a body too large 413 or not JSON 415, overload 503 with ``retry-after``, a failed replica 503, a failed
 sequence 500, past the request timeout 504; OpenAI's error body. ``/openapi.json`` documents them route by route.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Literal
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.messages import RequestError, Update
 from app.engine.sampling import SamplingParams
 from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ChatMessage, ChatRequest, CompletionRequest,
-                           DynpartUsage, GenerationRequest, Usage, check_max_tokens, chunk_body, completion_body,
-                           error_body, new_id, sampling_params)
+                           GenerationRequest, check_max_tokens, completion_body, error_body, new_id, sampling_params)
+from app.serve.board_view import Health
 from app.serve.config import AppConfig
+from app.serve.dispatch import PoolHandles
 from app.serve.errors import (ApiError, ModelNotFound, api_error, documented, error_response, too_large,
                               validation_message)
 from app.serve.guard import Guard, Limits, check_key, check_peer
 from app.serve.metrics import record_request
 from app.serve.protos import dynpart_pb2 as pb
-from app.serve.router import PoolHandles, PoolState, Result, Router
+from app.serve.responses import ClosingStreamingResponse, Result, done, headers_of, sse, usage_of
+from app.serve.router import Router
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
 api.add_middleware(Guard)
@@ -75,17 +75,6 @@ GENERATION_RESPONSES = {200: {"description": "The completion (JSON), or with str
                         **documented(400, 401, 404, 413, 415, 500, 503, 504)}
 
 
-class Health(BaseModel):
-    """``/health``: the app as the load board shows it, answered without asking any engine."""
-
-    status: Literal["ok", "degraded", "starting", "unavailable", "draining"] = Field(description=(
-        "ok: every pool has a warmed replica; degraded: some pool has none (being replaced) while others serve; "
-        "starting: not every pool has had one yet; unavailable: no pool serves; draining: shutting down"))
-    model: str
-    pools: dict[str, PoolState]
-    reason: str | None = None
-
-
 HEALTH_RESPONSES = {200: {"model": Health, "description": "Live: ok, or degraded while a pool is being replaced"},
                     503: {"model": Health, "description": "Not ready (starting), no pool serving, or draining"}}
 
@@ -100,32 +89,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """A ``StreamingResponse`` that closes its body iterator however the response ends. A client that leaves
-    cancels the response's task, mostly while the iterator waits at a ``yield``; Starlette then leaves the iterator to
-    the garbage collector, and the generation behind it would run on until then (a stream's whole length)."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
-def usage_of(r: Result) -> Usage:
-    ms = lambda s: None if s is None else round(s * 1e3, 3)  # noqa: E731
-    return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids),
-                 total_tokens=r.prompt_tokens + len(r.token_ids),
-                 dynpart=DynpartUsage(pool=r.pool, strategy=r.strategy, prefill_ms=ms(r.prefill_s) or 0.0,
-                                      ttft_ms=ms(r.ttft_s), tpot_ms=ms(r.tpot_s), devices=r.devices,
-                                      cached_tokens=r.cached_tokens, retries=r.retries))
-
-
-def headers_of(r: Result) -> dict[str, str]:
-    return {"x-dynpart-pool": r.pool, "x-dynpart-strategy": r.strategy or "none",
-            "x-dynpart-prefill-ms": f"{r.prefill_s * 1e3:.3f}", "x-dynpart-retries": str(r.retries)}
-
-
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -133,7 +96,7 @@ class Ingress:
         self.cfg = AppConfig.model_validate(cfg)
         self.router = Router(self.cfg, {name: PoolHandles(**h) for name, h in handles.items()}, board)
         try:
-            self.router.watch_board()  # so the first /health already knows the pools
+            self.router.board.watch()  # so the first /health already knows the pools
         except RuntimeError:  # no running event loop here: the first request starts it
             pass
         self.api_key = self.cfg.api_key.get_secret_value() if self.cfg.api_key else None
@@ -171,10 +134,6 @@ class Ingress:
         result.add(first)
         return result, first, updates
 
-    @staticmethod
-    def _done(r: Result, status: str = "200") -> None:
-        record_request(r.pool, r.strategy, status, r.ttft_s, r.tpot_s, r.prefill_s)
-
     def _prepare(self, body: GenerationRequest, chat: bool) -> tuple[list[int], SamplingParams]:
         self._check_model(body.model)
         for field in ("max_tokens", "max_completion_tokens"):  # named as sent: the request model sets no ceiling
@@ -187,30 +146,10 @@ class Ingress:
 
     # -- HTTP ---------------------------------------------------------------------------------------------------------
 
-    def health_now(self) -> Health:
-        """Liveness and readiness from the load board (every engine replica reports a few times a second), so it
-        answers in milliseconds under any load and while a pool hangs. Ready means every pool has had a warmed
-        replica; from then on a pool being replaced makes the app degraded, not down."""
-        self.router.watch_board()
-        states = self.router.pool_states()
-        serving = [name for name, s in states.items() if s.serving]
-        waiting = ", ".join(name for name in states if name not in serving)
-        if self.router.draining:
-            status, reason = "draining", "this server is shutting down"
-        elif len(serving) == len(states):
-            status, reason = "ok", None
-        elif not self.router.ready:
-            status, reason = "starting", f"no warmed replica yet in pool {waiting}"
-        elif serving:
-            status, reason = "degraded", f"no replica serving in pool {waiting} (being replaced)"
-        else:
-            status, reason = "unavailable", f"no replica serving in pool {waiting}"
-        return Health(status=status, model=self.cfg.model_name, pools=states, reason=reason)
-
     @api.get("/health", responses=HEALTH_RESPONSES)
     async def health(self) -> JSONResponse:
         """200 while the app serves (ok, or degraded while a pool is being replaced), else 503."""
-        health = self.health_now()
+        health = self.router.board.health()
         code = 200 if health.status in ("ok", "degraded") else 503
         return JSONResponse(health.model_dump(), status_code=code)
 
@@ -218,7 +157,7 @@ class Ingress:
     async def models(self):
         """The served model, once every pool has a warmed replica (before that, 503: the first request would wait
         for engines still starting)."""
-        if not self.router.ready and self.health_now().status != "ok":
+        if not self.router.board.ready and self.router.board.health().status != "ok":
             return ApiError(503, "unavailable_error", grpc.StatusCode.UNAVAILABLE,
                             "this server is starting: not every pool has a warmed replica yet").response()
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
@@ -241,46 +180,18 @@ class Ingress:
             return error_response(e)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return ClosingStreamingResponse(self._sse(rid, body, result, first, rest, chat), media_type="text/event-stream",
+            return ClosingStreamingResponse(sse(rid, body, result, first, rest, chat), media_type="text/event-stream",
                                             headers=headers_of(result))
         try:
             async with aclosing(rest):  # the caller cancelled (client gone): the generation is cancelled now
                 async for update in rest:
                     result.add(update)
         except Exception as e:
-            self._done(result, str(api_error(e).status))
+            done(result, str(api_error(e).status))
             return error_response(e)
-        self._done(result)
+        done(result)
         return JSONResponse(completion_body(rid, body.model, result.text, result.finish_reason, usage_of(result), chat),
                             headers=headers_of(result))
-
-    async def _sse(self, rid: str, body: GenerationRequest, result: Result, first: Update, rest: AsyncIterator[Update],
-                   chat: bool) -> AsyncIterator[str]:
-        def event(obj: dict) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        role = chat
-        update: Update | None = first
-        try:
-            while update is not None:
-                if update.text or update.finish_reason or role:
-                    yield event(chunk_body(rid, body.model, update.text, update.finish_reason, chat, role=role))
-                    role = False
-                update = await anext(rest, None)
-                if update is not None:
-                    result.add(update)
-        except Exception as e:  # headers are gone: report in-band, as OpenAI does, then end the stream as usual
-            err = api_error(e)
-            self._done(result, str(err.status))
-            yield event(error_body(err.message, err.kind, err.code))
-            yield "data: [DONE]\n\n"
-            return
-        finally:  # closed early (the client left: ClosingStreamingResponse closes this): cancel the generation now
-            await rest.aclose()
-        self._done(result)
-        if body.include_usage:
-            yield event(chunk_body(rid, body.model, None, None, chat, usage=usage_of(result)))
-        yield "data: [DONE]\n\n"
 
     # -- gRPC ---------------------------------------------------------------------------------------------------------
 
@@ -329,7 +240,7 @@ class Ingress:
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return pb.GenerateReply()
-        self._done(result)
+        done(result)
         return pb.GenerateReply(text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason or "",
                                 prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids),
                                 dynpart=self._info(result))
@@ -355,5 +266,5 @@ class Ingress:
             return
         finally:  # the client cancelled (this generator closed at a yield): cancel the generation now, not at GC
             await rest.aclose()
-        self._done(result)
+        done(result)
 

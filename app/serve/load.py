@@ -3,7 +3,7 @@
 Admission control needs each pool's expected wait, and with several ingress replicas no single one has seen every
 request. So each engine replica reports its ``EngineLoad`` (what is running and waiting, its measured decode step
 time, the wait a new request would have there) to one ``LoadBoard`` a few times a second, and every ingress reads the
-board on the same beat. Between two reads an ingress also counts what it sent itself (``Router``), so a burst that
+board on the same beat. Between two reads an ingress also counts what it sent itself (``Dispatcher``), so a burst that
 arrives within one beat is not all admitted against a stale figure.
 
 The board also watches the app's replicas: a replica that Serve cannot place (a scale-up beyond the cluster's free

@@ -1,0 +1,88 @@
+"""Admission: of the pools priced for a request, which one takes it, or why none does, decided at once.
+
+A request is refused at once rather than accepted and left to time out: a pool whose expected wait passes
+``max_queue_wait_s``, or whose prompt tokens waiting (sent from this ingress) would pass its ``max_queued_tokens``,
+takes nothing; of the rest, the one predicted to finish the request first wins (ties go to the pool listed first).
+With none left the answer says why, as the client needs it: the client's mistake (no pool built the layout it named,
+or none has the memory to prefill the prompt: 400), overload (503 with ``retry-after``), every pool's replicas
+failed (503), and while the app drains, shutting down (503).
+
+This is the one place such a rule lives: the router prices every pool that can hold the request (``pricing``) and
+hands over the ``Offer``s; a new admission policy (another limit, a priority, a fairness rule) changes this module
+only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from app.engine.messages import EngineFailed, RequestError
+from app.serve.config import AppConfig, PoolConfig
+from app.serve.errors import Overloaded, ShuttingDown
+from app.serve.metrics import set_expected_wait
+from app.serve.pricing import Route
+
+
+@dataclass
+class Offer:
+    """One pool that can hold the request (prompt + max_tokens within its context), as the router found it."""
+
+    pool: PoolConfig
+    route: Route | None = None  # priced; None: not priced (``unpriced`` says why) or its memory cannot prefill it
+    unpriced: Literal["starting", "down", "unbuilt"] | None = None  # starting: other pools are warm, this one is not;
+    # down: avoided, or its replicas failed; unbuilt: it did not build the layout the request names
+    runs: list[str] | None = None  # the layouts the pool built at start, when known
+    queued_tokens: int = 0  # prompt tokens this ingress sent there, still waiting for their first token
+
+
+class Admission:
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def open(draining: bool) -> None:
+        """Before anything is asked of a pool: while the app drains before it stops, ``ShuttingDown`` (503)."""
+        if draining:
+            raise ShuttingDown("this server is shutting down: it finishes the requests it holds and takes no new ones; "
+                               "retry against another server")
+
+    def choose(self, n: int, strategy: str, offers: list[Offer]) -> Route:
+        """The route predicted to finish the ``n``-token request first among the pools that admit it; none: the
+        error that says why (``RequestError``, ``Overloaded``, ``EngineFailed``), at once."""
+        routes: list[Route] = []
+        waits: list[float] = []
+        no_memory: list[str] = []  # pools whose memory cannot prefill this prompt (by ``strategy``)
+        for o in offers:
+            if o.unpriced or o.queued_tokens + n > o.pool.max_queued_tokens:
+                continue
+            if o.route is None:
+                no_memory.append(o.pool.name)
+                continue
+            set_expected_wait(o.pool.name, o.route.wait_s)
+            if o.route.wait_s > self.cfg.max_queue_wait_s:
+                waits.append(o.route.wait_s)
+                continue
+            routes.append(o.route)
+        if routes:
+            return min(routes, key=lambda r: r.predicted_s)  # min keeps the first of equals: config order
+        pinned = strategy != "auto"
+        if not [o for o in offers if o.pool.name not in no_memory
+                and (not pinned or o.runs is None or strategy in o.runs)]:
+            why = [*(f"pool {o.pool.name} did not build it at start (it runs {', '.join(map(repr, o.runs))})"
+                     for o in offers if o.unpriced == "unbuilt"),
+                   *(f"pool {name} lacks the memory to prefill {n} tokens" + (" this way" if pinned else "")
+                     for name in no_memory)]
+            unbuilt = any(o.unpriced == "unbuilt" for o in offers)
+            raise RequestError((f"prefill strategy {strategy!r} cannot" if pinned else "no prefill strategy can")
+                               + f" run this request in any pool whose context holds it: {'; '.join(why)}"
+                               + ("; name one of those, or none to let the planner choose" if unbuilt else ""))
+        if waits:
+            least = min(waits)
+            raise Overloaded(f"every pool that can serve this request would queue it for longer than this "
+                             f"server's max_queue_wait_s of {self.cfg.max_queue_wait_s:g} s (at least "
+                             f"{least:.1f} s now); retry later", retry_after_s=least - self.cfg.max_queue_wait_s)
+        down = [o.pool.name for o in offers if o.unpriced == "down"]
+        if len(down) == len([o for o in offers if o.unpriced != "starting"]):
+            raise EngineFailed(f"the replicas of pool {', '.join(down)} failed; Serve is replacing them")
+        raise Overloaded("every pool that can serve this request is at its queued-token limit; retry later")

@@ -1,0 +1,135 @@
+"""One ingress's view of the ``LoadBoard``: which pools serve, how loaded they are, whether the app is ready or draining.
+
+Everything here is read from the board's last snapshot, never by asking a replica, so a hung or busy replica cannot
+slow it down: ``/health`` answers from it in milliseconds, and the router prices and admits by it. The view is
+refreshed on the board's beat (``REPORT_S``) by one task per ingress replica (``watch``); replicas the board reports
+failed are added to ``FAILED`` at once, so this process's request routers skip them before their health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from app.engine.messages import EngineLoad
+from app.serve.config import AppConfig, PoolConfig
+from app.serve.failed_replicas import FAILED
+from app.serve.load import DECODE_ROLE, REPORT_S
+from app.serve.pricing import PoolLoad
+
+
+def report_keys(pool: PoolConfig) -> tuple[str, ...]:
+    """The board keys ``pool``'s replicas report under: the pool, and its decode half when disaggregated."""
+    return (pool.name, pool.name + DECODE_ROLE) if pool.disaggregated else (pool.name,)
+
+
+class PoolState(BaseModel):
+    """A pool as the load board shows it (``/health``)."""
+
+    replicas: int = Field(description="replicas that report and have not failed (a replica reports once its engine "
+                                      "has run its warm-up steps)")
+    failed: int = Field(description="replicas known to have failed (Serve replaces them)")
+    lost: bool = Field(description="Serve says the pool lost every replica it had running (a node lost)")
+    serving: bool = Field(description="new requests can go there")
+
+
+class Health(BaseModel):
+    """``/health``: the app as the load board shows it, answered without asking any engine."""
+
+    status: Literal["ok", "degraded", "starting", "unavailable", "draining"] = Field(description=(
+        "ok: every pool has a warmed replica; degraded: some pool has none (being replaced) while others serve; "
+        "starting: not every pool has had one yet; unavailable: no pool serves; draining: shutting down"))
+    model: str
+    pools: dict[str, PoolState]
+    reason: str | None = None
+
+
+class BoardView:
+    """The board's last snapshot as this ingress read it (``board`` None: no board, every pool taken as warmed)."""
+
+    def __init__(self, cfg: AppConfig, board=None):
+        self.cfg, self.board = cfg, board
+        self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
+        self.down: set[str] = set()  # deployments that lost every running replica (the board says)
+        self.draining = False  # the app is shutting down (the board says): no new requests
+        self.ready = board is None  # every pool has had a warmed replica (the board said so once)
+        self._reader: asyncio.Task | None = None
+
+    def watch(self) -> None:
+        """Start reading the board (once; needs the running event loop)."""
+        if self.board is not None and self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self.read())
+
+    async def read(self) -> None:
+        """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
+        while True:
+            try:
+                reported, down, draining = await self.board.view.remote()
+            except Exception:  # noqa: BLE001 - the board restarting: keep the last figures, try again
+                pass
+            else:
+                for x in itertools.chain.from_iterable(reported.values()):
+                    if x.failed:
+                        FAILED.add(x.replica)
+                if reported or not self.reported:  # an empty board after a full one: the board restarted
+                    self.reported = reported
+                self.down, self.draining = set(down), draining
+                self.ready = self.ready or all(self.warmed(p) for p in self.cfg.pools)
+            await asyncio.sleep(REPORT_S)
+
+    def loads(self, key: str) -> list[EngineLoad]:
+        """The reports of the replicas under ``key`` (a pool, or its decode half) that have not failed."""
+        return [x for x in self.reported.get(key, []) if x.replica not in FAILED]
+
+    def load(self, pool: PoolConfig) -> PoolLoad:
+        """``pool``'s load as the board reports it (what this ingress sent itself is the dispatcher's to add)."""
+        return PoolLoad(front=self.loads(pool.name), decode=self.loads(pool.name + DECODE_ROLE))
+
+    def warmed(self, pool: PoolConfig) -> bool:
+        """Whether a replica of ``pool`` (of each half, if disaggregated) reports, not failed: replicas report once
+        their engine has run its warm-up steps. (No board: taken as warmed.)"""
+        return self.board is None or all(self.loads(k) for k in report_keys(pool))
+
+    def serving(self, pool: PoolConfig) -> bool:
+        """False while a deployment of the pool has lost all its running replicas (as Serve told the board: a node
+        lost), or once every replica reporting for the pool (or either half of a disaggregated pool) is known to have
+        failed: until Serve replaces one, the pool takes nothing (503 at once rather than a wait for a replica that is
+        not coming soon). A pool whose replicas have not reported yet (still starting) may serve. (A pool whose
+        reports merely stopped is not taken for gone: under a flood on few cores, reports lag.)"""
+        if self.down & set(pool.deployments.values()):  # no replica left at all (a node lost)
+            return False
+        return all(self.loads(k) or not self.reported.get(k) for k in report_keys(pool))
+
+    def pool_states(self) -> dict[str, PoolState]:
+        """Each pool's replicas as the board last said, without asking any replica."""
+        states = {}
+        for p in self.cfg.pools:
+            reported = [x for k in report_keys(p) for x in self.reported.get(k, [])]
+            failed = sum(1 for x in reported if x.replica in FAILED)  # the reader added every x.failed to FAILED
+            states[p.name] = PoolState(replicas=len(reported) - failed, failed=failed,
+                                       lost=bool(self.down & set(p.deployments.values())),
+                                       serving=self.warmed(p) and self.serving(p))
+        return states
+
+    def health(self) -> Health:
+        """Liveness and readiness from the load board (every engine replica reports a few times a second), so it
+        answers in milliseconds under any load and while a pool hangs. Ready means every pool has had a warmed
+        replica; from then on a pool being replaced makes the app degraded, not down."""
+        self.watch()
+        states = self.pool_states()
+        serving = [name for name, s in states.items() if s.serving]
+        waiting = ", ".join(name for name in states if name not in serving)
+        if self.draining:
+            status, reason = "draining", "this server is shutting down"
+        elif len(serving) == len(states):
+            status, reason = "ok", None
+        elif not self.ready:
+            status, reason = "starting", f"no warmed replica yet in pool {waiting}"
+        elif serving:
+            status, reason = "degraded", f"no replica serving in pool {waiting} (being replaced)"
+        else:
+            status, reason = "unavailable", f"no replica serving in pool {waiting}"
+        return Health(status=status, model=self.cfg.model_name, pools=states, reason=reason)

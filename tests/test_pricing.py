@@ -1,0 +1,88 @@
+"""Pricing a pool for a request (``app.serve.pricing``): pure arithmetic over the pool's loads and config, checked
+here without Ray, a cluster or a checkpoint (the catalog's shapes, the hardware catalog, hand-made load reports)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from app.engine.build import guessed_step_s
+from app.engine.messages import EngineLoad
+from app.serve import pricing
+from app.serve.config import PoolConfig
+from app.serve.pricing import PoolLoad, backlog, cached_tokens, decode_step_s, predicted_ttft, prefix_capacity, price
+from strategies.cost import decode_step_time, get_hardware, plan_prefill
+from strategies.shapes import model_shape
+
+SHAPE = model_shape("smollm2-135m")
+POOL = PoolConfig(name="p", devices=1, max_num_seqs=2, max_model_len=1024)
+HW = POOL.priced_hardware()
+NAMED = ["megatron", "weight_gathered", "projection_replicated"]
+
+
+def report(**kw) -> EngineLoad:
+    return EngineLoad(max_seqs=POOL.max_num_seqs, **kw)
+
+
+def test_pricing_imports_no_ray():
+    """Pure means importable and testable without Ray: no Ray module, and of the Serve app only its config."""
+    tree = ast.parse(Path(pricing.__file__).read_text())
+    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + \
+              [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in modules if m.split(".")[0] == "ray"], modules
+    assert {m for m in modules if m.startswith("app.serve")} <= {"app.serve.config"}, modules
+
+
+def test_backlog_takes_whichever_source_says_more():
+    """The board's reports lag a beat, this ingress's own counts miss the other ingresses: the larger of the two."""
+    reported = PoolLoad(front=[report(waiting_prompt_tokens=300, slot_wait_s=0.05, step_s=0.02),
+                               report(waiting_prompt_tokens=100, slot_wait_s=0.15, step_s=0.04)])
+    assert backlog(POOL, SHAPE, HW, reported) == (200, pytest.approx(0.1))  # means over replicas
+    reported.queued = 500
+    assert backlog(POOL, SHAPE, HW, reported)[0] == 500
+    # this ingress fills every slot of both replicas (2 x 2): the tokens left, spread over the slots, at the mean step
+    reported.inflight = [[10, 0], [10, 2], [20, 10], [4, 4]]
+    assert backlog(POOL, SHAPE, HW, reported)[1] == pytest.approx(0.03 * (10 + 8 + 10 + 0) / 4)
+
+
+def test_backlog_before_any_report_uses_the_engines_first_guess():
+    own = PoolLoad(inflight=[[9, 1], [5, 0]])  # one replica taken, both its slots in use
+    step = guessed_step_s(SHAPE, HW, POOL.devices, POOL.max_model_len, POOL.max_num_seqs)
+    assert backlog(POOL, SHAPE, HW, own) == (0, pytest.approx(step * 13 / 2))
+    assert backlog(POOL, SHAPE, HW, PoolLoad(inflight=[[9, 1]])) == (0, 0.0)  # a slot free: no wait
+
+
+def test_a_disaggregated_pool_waits_for_both_halves_and_decodes_at_its_decode_step():
+    load = PoolLoad(front=[report(slot_wait_s=0.25, step_s=0.5)], decode=[report(slot_wait_s=1.0, step_s=0.01)])
+    assert backlog(POOL, SHAPE, HW, load)[1] == pytest.approx(1.25)
+    assert decode_step_s(POOL, SHAPE, HW, load, 100) == pytest.approx(0.01)
+    assert decode_step_s(POOL, SHAPE, HW, PoolLoad(), 100) == decode_step_time(SHAPE, HW, 1, [100])
+
+
+def test_cached_prefix_leaves_the_last_token_to_compute():
+    assert cached_tokens(3, 100, 16) == 48
+    assert cached_tokens(3, 48, 16) == 32  # all three blocks held, the last token is computed anyway
+    assert prefix_capacity(PoolLoad()) == pricing.POOL_PREFIX_BLOCKS
+    assert prefix_capacity(PoolLoad(front=[report(total_blocks=64), report(total_blocks=32)])) == 96
+
+
+def test_a_route_is_its_first_token_then_its_decode_steps():
+    load = PoolLoad(front=[report(step_s=0.02)], queued=400)
+    route = price(POOL, SHAPE, HW, load, 100, 9, "auto", NAMED, cached=32, hashes=[1, 2])
+    alone = plan_prefill(SHAPE, HW, 1, 68, available=NAMED, cached=32)
+    batched = plan_prefill(SHAPE, HW, 1, [68, 400], available=NAMED, cached=[32, 0])
+    wait = batched.time_s - alone.time_s
+    assert route.wait_s == pytest.approx(wait)
+    assert route.ttft_s == pytest.approx(alone.predicted_s[alone.strategy] + wait)
+    assert route.predicted_s == pytest.approx(route.ttft_s + 8 * 0.02)
+    assert (route.pool, route.cached_tokens, route.hashes) == (POOL, 32, [1, 2])
+    pinned = predicted_ttft(POOL, SHAPE, HW, PoolLoad(), 100, "weight_gathered", NAMED)
+    assert pinned[0] == pytest.approx(plan_prefill(SHAPE, HW, 1, 100, available=NAMED)
+                                      .predicted_s["weight_gathered"])
+
+
+def test_a_pool_whose_memory_cannot_prefill_the_prompt_is_not_priced():
+    tiny = get_hardware("L4").model_copy(update={"memory_gb": 0.05})
+    assert price(POOL, SHAPE, tiny, PoolLoad(), 1000, 4, "auto", NAMED) is None
