@@ -1,8 +1,9 @@
 """Shard workers: one Ray actor per device, all in one placement group, joined in one torch.distributed group.
 
-``ShardGroup`` is the small API the engine and the Serve deployments use: start p workers (all at once, since
-``init_process_group`` blocks until every rank has joined), run a step on all ranks and take rank 0's answer, tear
-down. ``LocalGroup`` is the same API for one device in the calling process (no Ray, no process group).
+``ShardGroup`` is the small API the engine and the Serve deployments use (``placement.group.Group``): start p
+workers (all at once, since ``init_process_group`` blocks until every rank has joined), run a step on all ranks and
+take rank 0's answer, tear down. ``LocalGroup`` is the same API for one device in the calling process (no Ray, no
+process group).
 
 A rank that dies leaves the others blocked in a collective until the process group's timeout; so the group's calls
 raise as soon as any rank fails (``gather``) and the collective timeout is short and configurable, which bounds how
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from placement.collectives import destroy_process_group, device_and_backend, init_process_group, is_loopback
+from placement.group import Group, RunnerSettings
 from placement.hardware import replica_budget_bytes
 from strategies.comm import Comm, SingleDevice
 from strategies.runner import ShardRunner
@@ -25,26 +27,6 @@ from strategies.runner import ShardRunner
 DEVICE_RESOURCE = "dynpart_device"  # custom resource a CPU-only node offers per emulated device
 COLLECTIVE_TIMEOUT_S = 60.0  # a collective waiting longer for a peer rank fails (the peer is hung or gone)
 POLL_S = 0.5  # how often a step that has not finished checks its ranks for a failure
-
-
-class Group(Protocol):
-    """What the engine drives: p ranks that run the same ``ShardRunner`` method together (SPMD)."""
-
-    devices: int
-
-    def call(self, method: str, *args: Any) -> Any:
-        """Run a runner method on every rank at once; rank 0's answer."""
-    def call_all(self, method: str, *args: Any) -> list[Any]:
-        """Run a runner method on every rank at once; every rank's answer, in rank order."""
-    def put_kv(self, tables: list[tuple[list[int], int]]) -> list[list]:
-        """Each rank's K/V of sequences (block table, length) as an object reference ([rank][0]), for ``take_kv``
-        in another group."""
-    def take_kv(self, tables: list[list[int]], refs_by_rank: list[list]) -> None:
-        """Adopt K/V that a group of as many ranks ``put_kv`` into these block tables: rank r fetches rank r's."""
-    def pids(self) -> list[int]:
-        """The processes that hold the ranks besides the caller's (empty when the runner is in the caller)."""
-    def shutdown(self) -> None:
-        """Stop the ranks and free their devices."""
 
 
 def check_ranks(prefill_ranks: int, decode_ranks: int) -> None:
@@ -95,23 +77,21 @@ def threads_per_device(devices: int, bundle: dict | None = None) -> int:
     return max(1, int(bundle.get("CPU", 0)))
 
 
-def make_runner(comm: Comm, runner_kwargs: dict) -> ShardRunner:
+def make_runner(comm: Comm, settings: RunnerSettings) -> ShardRunner:
     """This rank's ``ShardRunner`` on this process's device; ``shared_weights`` maps the node's one copy of the
     rank's shards (object store) instead of loading them. ``replica_budget_bytes`` None: measured here, once the
     shards are loaded, less ``kv_reserve_bytes`` (``placement.hardware.replica_budget_bytes``)."""
     device, _ = device_and_backend()
-    runner_kwargs = dict(runner_kwargs)
-    kv_reserve = runner_kwargs.pop("kv_reserve_bytes", 0)
-    measure = runner_kwargs.get("replica_budget_bytes", 0) is None
-    runner_kwargs["replica_budget_bytes"] = runner_kwargs.get("replica_budget_bytes") or 0
-    if runner_kwargs.pop("shared_weights", False):
+    weights = None
+    if settings.shared_weights:
         from placement.weight_store import shared_rank_weights
 
-        runner_kwargs["weights"] = shared_rank_weights(runner_kwargs["model"], comm.world_size, comm.rank,
-                                                       runner_kwargs.get("dtype", torch.float32), device)
-    runner = ShardRunner(comm=comm, device=device, **runner_kwargs)
-    if measure:
-        runner.sources.budget_bytes = replica_budget_bytes(comm.world_size, device, kv_reserve)
+        weights = shared_rank_weights(settings.model, comm.world_size, comm.rank, settings.dtype, device)
+    runner = ShardRunner(settings.model, comm, dtype=settings.dtype, device=device,
+                         replica_budget_bytes=settings.replica_budget_bytes or 0, weights=weights,
+                         block_size=settings.block_size, num_blocks=settings.num_blocks, balanced=settings.balanced)
+    if settings.replica_budget_bytes is None:
+        runner.sources.budget_bytes = replica_budget_bytes(comm.world_size, device, settings.kv_reserve_bytes)
     return runner
 
 
@@ -123,19 +103,19 @@ def use_threads(threads: int) -> None:
 class ShardWorker:
     """One rank: joins the process group and holds a ``ShardRunner``. Runs as a Ray actor (see ``ShardGroup``)."""
 
-    def __init__(self, rank: int, devices: int, master_addr: str, master_port: int, runner_kwargs: dict,
+    def __init__(self, rank: int, devices: int, master_addr: str, master_port: int, settings: RunnerSettings,
                  collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, threads: int = 1):
         use_threads(threads)
         self.rank = rank
         self.node_addr = None if is_loopback(master_addr) else node_endpoint()[0]  # ranks on several nodes
         self.comm = init_process_group(rank, devices, master_addr, master_port, timeout_s=collective_timeout_s,
                                        node_addr=self.node_addr)
-        self.load(runner_kwargs)
+        self.load(settings)
 
-    def load(self, runner_kwargs: dict) -> None:
+    def load(self, settings: RunnerSettings) -> None:
         """(Re)build the runner, e.g. for another model, keeping the process group."""
         self.runner = None  # free the old shards first
-        self.runner = make_runner(self.comm, runner_kwargs)
+        self.runner = make_runner(self.comm, settings)
 
     def put_kv(self, tables: list[tuple[list[int], int]]) -> list:
         """This rank's head-sharded K/V of sequences into the object store, for the same rank of a decode replica.
@@ -173,16 +153,17 @@ class ShardWorker:
         destroy_process_group()
 
 
-class LocalGroup:
+class LocalGroup(Group):
     """p = 1 in the calling process: no actor hop per step and no logits through the object store. A Serve replica
-    of a one-device pool is its own device (it holds the bundle's resources, ``PoolConfig.replica_actor_options``)."""
+    of a one-device pool is its own device (it holds the bundle's resources, ``PoolConfig.replica_actor_options``).
+    ``fields``: the ``RunnerSettings`` fields, when no ``settings`` are given."""
 
     devices = 1
 
-    def __init__(self, threads: int | None = None, **runner_kwargs):
+    def __init__(self, threads: int | None = None, settings: RunnerSettings | dict | None = None, **fields: Any):
         if threads is not None:
             use_threads(threads)
-        self.runner = make_runner(SingleDevice(), runner_kwargs)
+        self.runner = make_runner(SingleDevice(), RunnerSettings.of(settings if settings is not None else fields))
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.runner, method)(*args)
@@ -201,6 +182,11 @@ class LocalGroup:
         check_ranks(len(refs_by_rank), self.devices)
         self.runner.import_kv(tables, ray.get(refs_by_rank[0][0]))
 
+    def calibrate(self, spec: dict) -> list[dict]:
+        from placement.calibrate import calibrate_runner
+
+        return [calibrate_runner(self.runner, spec)]
+
     def pids(self) -> list[int]:
         return []
 
@@ -208,7 +194,7 @@ class LocalGroup:
         pass
 
 
-class ShardGroup:
+class ShardGroup(Group):
     """p shard workers as Ray actors in a placement group of p device bundles (PACK: one node if possible). On one
     node the ranks meet on loopback; across nodes at rank 0's node address (``rendezvous``).
 
@@ -217,7 +203,7 @@ class ShardGroup:
     them, else the ``dynpart_device`` custom resource or just a slice of a CPU.
     """
 
-    def __init__(self, devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None,
+    def __init__(self, devices: int, settings: RunnerSettings | dict, placement_group=None, bundle: dict | None = None,
                  start_timeout_s: float = 300.0, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         import ray
         from ray.util.placement_group import placement_group as make_pg
@@ -225,6 +211,7 @@ class ShardGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.devices = devices
+        settings = RunnerSettings.of(settings)
         self._own_pg = placement_group is None
         bundle = bundle or default_bundle()
         if self._own_pg:
@@ -246,7 +233,7 @@ class ShardGroup:
             actor.options(
                 **actor_resources(bundle),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=r),
-            ).remote(r, devices, self.master_addr, port, runner_kwargs, collective_timeout_s, threads)
+            ).remote(r, devices, self.master_addr, port, settings, collective_timeout_s, threads)
             for r in range(devices)
         ]
         try:
@@ -255,15 +242,16 @@ class ShardGroup:
             self.shutdown()
             raise
 
-    def load(self, runner_kwargs: dict) -> None:
+    def load(self, settings: RunnerSettings | dict) -> None:
         """Swap the model the workers hold, without restarting them or their process group."""
-        self.call_workers("load", runner_kwargs)
+        self.call_workers("load", RunnerSettings.of(settings))
 
     def call(self, method: str, *args: Any) -> Any:
         """Run ``method`` on every rank (SPMD) and return rank 0's result."""
         return self.call_all(method, *args)[0]
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
+        """Run ``method`` on every rank (SPMD); every rank's result (a tensor from rank 0 only: they are equal)."""
         return self.call_workers("run", method, *args)
 
     def call_workers(self, method: str, *args: Any) -> list[Any]:
@@ -277,6 +265,9 @@ class ShardGroup:
     def take_kv(self, tables: list[list[int]], refs_by_rank: list[list]) -> None:
         check_ranks(len(refs_by_rank), self.devices)
         self.call_workers("take_kv", tables, refs_by_rank)
+
+    def calibrate(self, spec: dict) -> list[dict]:
+        return self.call_workers("calibrate", spec)
 
     def pids(self) -> list[int]:
         return self.call_workers("pid")
@@ -322,17 +313,17 @@ def actor_resources(bundle: dict) -> dict:
             "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}}
 
 
-def start_group(devices: int, runner_kwargs: dict, placement_group=None, bundle: dict | None = None,
+def start_group(devices: int, settings: RunnerSettings | dict, placement_group=None, bundle: dict | None = None,
                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Group:
     """One device runs in the calling process (``LocalGroup``: in a placement group, the caller holds its bundle);
     p devices are a ``ShardGroup`` of Ray actors (Ray is started locally if needed)."""
     if devices == 1:
-        return LocalGroup(threads=threads_per_device(1, bundle), **runner_kwargs)
+        return LocalGroup(threads=threads_per_device(1, bundle), settings=settings)
     import ray
 
     if not ray.is_initialized():
         ray.init(**local_ray_options())
-    return ShardGroup(devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
+    return ShardGroup(devices, settings, placement_group=placement_group, bundle=bundle,
                       collective_timeout_s=collective_timeout_s)
 
 

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine.llm_engine import LLMEngine
+from placement.group import Group, RunnerSettings
 from placement.hardware import detect_hardware
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
 from strategies.cost import decode_step_time, get_hardware, plan_prefill, plan_step
@@ -101,11 +102,10 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     max_model_len = opts.context(ckpt.shape.max_position_embeddings)
     budget = None if opts.replica_budget_gb is None else int(opts.replica_budget_gb * 1e9)
     kv_gb = kv_budget_gb(opts)
-    runner_kwargs = dict(model=str(ckpt.path), dtype=DTYPES[opts.dtype], replica_budget_bytes=budget,
-                         kv_reserve_bytes=int((kv_gb or 0) * 1e9), block_size=opts.block_size)
-    if opts.shared_weights:
-        runner_kwargs["shared_weights"] = True
-    group = start_group(opts.devices, runner_kwargs, placement_group=placement_group, bundle=bundle,
+    settings = RunnerSettings(model=str(ckpt.path), dtype=DTYPES[opts.dtype], replica_budget_bytes=budget,
+                              kv_reserve_bytes=int((kv_gb or 0) * 1e9), block_size=opts.block_size,
+                              shared_weights=opts.shared_weights)
+    group = start_group(opts.devices, settings, placement_group=placement_group, bundle=bundle,
                         collective_timeout_s=opts.collective_timeout_s)
     name = opts.hardware or detect_hardware()
     hardware = get_hardware(name) if torch.cuda.is_available() else get_hardware(name).time_shared(
@@ -113,7 +113,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     layouts = (executable_layouts(ckpt.shape, hardware, opts.devices) if opts.prefill_layouts == "front"
                else list(STRATEGY_NAMES))
     extra = [s for s in dict.fromkeys(pinned) if s != "auto" and s not in layouts]
-    fit = group.call_all("fitting", [*layouts, *extra])  # every rank builds the same replicas: what fits on all
+    fit = group.fitting([*layouts, *extra])  # every rank builds the same replicas: what fits on all
     available = [s for s in [*layouts, *extra] if all(s in f for f in fit)]
     num_blocks = allocate_kv(group, opts, ckpt.shape, hardware, available, kv_gb, max_model_len)
     picks = contenders(ckpt.shape, hardware, opts.devices, [s for s in available if s not in extra],
@@ -143,20 +143,20 @@ def kv_budget_gb(opts: EngineFields) -> float | None:
     return opts.kv_cache_memory_gb
 
 
-def allocate_kv(group, opts: EngineOptions, shape: ModelShape, hardware, available: list[str], gb: float | None,
+def allocate_kv(group: Group, opts: EngineOptions, shape: ModelShape, hardware, available: list[str], gb: float | None,
                 max_model_len: int) -> int:
     """Size the KV cache on every rank and allocate it: the strategies' resident buffers first, then what each rank
     can hold (``gb`` per device, or a GPU's measured free memory less the activations of a full step as the cost
     model sizes them), the smallest over ranks."""
-    group.call_all("prepare", available)
+    group.prepare(available)
     work = Work.prefill(opts.max_num_batched_tokens)
     reserve = max(memory_row(s, shape, hardware, opts.devices, work).workspace_gb for s in available)
-    fits = group.call_all("kv_blocks_fit", None if gb is None else int(gb * 1e9), opts.gpu_memory_utilization,
-                          int(reserve * 1e9))
+    fits = group.kv_blocks_fit(None if gb is None else int(gb * 1e9), opts.gpu_memory_utilization,
+                               int(reserve * 1e9))
     blocks = min(fits)
     if blocks * opts.block_size < max_model_len:
         raise ValueError(f"the KV cache holds {blocks} blocks of {opts.block_size} tokens per device, less than one "
                          f"sequence of max_model_len={opts.max_model_len}: raise kv_cache_memory_gb or lower "
                          "max_model_len")
-    group.call_all("allocate_kv", blocks)
+    group.allocate_kv(blocks)
     return blocks

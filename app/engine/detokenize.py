@@ -1,6 +1,6 @@
 """Incremental detokenization: each appended token costs a decode of a few tokens, not of the whole output.
 
-The engine's text contract (``LLMEngine._update_text``) is: after every token, ``text`` is
+The engine's text contract (``OutputProcessor._update_text``) is: after every token, ``text`` is
 ``tokenizer.decode(output_ids, skip_special_tokens=...)`` (the request's; True unless it says otherwise) unless that
 ends in "\\ufffd" (an incomplete UTF-8 character), in which case the previous text stands. Decoding the whole output
 every step makes a sequence of n tokens cost O(n^2); ``IncrementalDetokenizer`` keeps that contract exactly and

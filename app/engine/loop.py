@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine.llm_engine import LLMEngine, Sequence
+from app.engine.llm_engine import LLMEngine
 from app.engine.messages import EngineFailed, EngineLoad, SequenceFailed, Update, merge_updates
+from app.engine.sequence import Sequence
 
 POLL_S = 1.0  # how often a waiting caller checks that the engine thread still runs
 WATCHDOG_POLL_S = 0.25  # how often the watchdog looks at the running step

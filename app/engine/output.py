@@ -1,0 +1,94 @@
+"""From a step's logits to what a client sees: the next tokens, the text, and whether each sequence has ended.
+
+Sampling, stop sequences and EOS are handled here on full logits (the workers only run the model): a step's rows are
+sampled together (``sample_batch``), each from its own generator. A failure is one request's, never the batch's: a
+row whose sampling raises is retried alone and only that sequence fails, as does one whose detokenizer raises
+(``finish_reason`` "error", ``error`` saying why); the engine frees the blocks of every sequence that ended.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from app.engine.detokenize import IncrementalDetokenizer
+from app.engine.sampling import SamplingParams, sample_batch
+from app.engine.sequence import Sequence
+
+
+class OutputProcessor:
+    """Turns logits into tokens, text and finish reasons for the sequences of one engine (its tokenizer and EOS)."""
+
+    def __init__(self, tokenizer, eos_token_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        # logit_bias and stop_token_ids are checked against this: the tokenizer's size until a step shows the logits'
+        self.vocab_size: int | None = len(tokenizer) if tokenizer is not None else None
+
+    def check(self, params: SamplingParams) -> None:
+        """A request's token ids fit the vocabulary (``RequestError`` naming the field)."""
+        if self.vocab_size is not None:
+            params.check_vocab(self.vocab_size)
+
+    def detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+
+    def process(self, ready: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        """Sample the next token of every ``ready`` sequence (row i of ``logits`` is ``ready[i]``'s) and take it."""
+        if not ready:
+            return []
+        self.vocab_size = logits.shape[-1]
+        try:
+            tokens: list[int | None] = sample_batch(logits, [s.params for s in ready], [s.generator for s in ready],
+                                                    [s.output_ids for s in ready], [s.prompt_ids for s in ready],
+                                                    self.eos)
+        except Exception:  # one row's failure must not end the others: sample them one by one
+            tokens = [self._sample_alone(seq, row) for seq, row in zip(ready, logits)]
+        now = time.perf_counter()
+        for seq, token in zip(ready, tokens):
+            if token is not None:
+                self.accept(seq, token, now)
+        return ready
+
+    def accept(self, seq: Sequence, token: int, now: float | None = None) -> None:
+        """``token`` is ``seq``'s next: its text, and whether it ends there (a decode-only engine takes the prefill
+        replica's first token this way)."""
+        now = time.perf_counter() if now is None else now
+        seq.output_ids.append(token)
+        seq.all_ids.append(token)
+        seq.t_first_token = seq.t_first_token or now
+        seq.t_last_token = now
+        try:
+            self._update_text(seq, token)
+        except Exception as e:  # a detokenizer failure ends this sequence only
+            seq.finish("error", f"detokenizing failed: {type(e).__name__}: {e}")
+
+    def _sample_alone(self, seq: Sequence, row: torch.Tensor) -> int | None:
+        try:
+            return sample_batch(row[None], [seq.params], [seq.generator], [seq.output_ids], [seq.prompt_ids],
+                                self.eos)[0]
+        except Exception as e:
+            seq.finish("error", f"sampling failed: {type(e).__name__}: {e}")
+            return None
+
+    def _update_text(self, seq: Sequence, token: int) -> None:
+        """Text and stopping after ``token``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the sequence
+        (their text kept only with ``include_stop_str_in_output``), as does a stop string (cut before it, or after
+        it with ``include_stop_str_in_output``); none of them before ``min_tokens`` output tokens."""
+        p = seq.params
+        stopping = len(seq.output_ids) >= p.min_tokens
+        if stopping and ((token in self.eos and not p.ignore_eos) or token in p.stop_token_ids):
+            if p.include_stop_str_in_output:
+                seq.text = seq.detokenizer.append(token)
+            seq.finish("stop")
+            return
+        seq.text = seq.detokenizer.append(token)  # an incomplete UTF-8 character waits for its next token
+        for stop in p.stop if stopping else ():
+            at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
+            if at >= 0:
+                seq.text = seq.text[:at + len(stop)] if p.include_stop_str_in_output else seq.text[:at]
+                seq.finish("stop")
+                return
+        if len(seq.output_ids) >= p.max_tokens:
+            seq.finish("length")
