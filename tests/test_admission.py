@@ -154,15 +154,18 @@ def test_a_flood_is_served_or_refused_at_once_never_left_hanging(adm, http):
 
 
 def test_concurrency_raises_throughput(adm):
-    """The same 16 requests one at a time and 8 at a time: batching in the engine must survive the service."""
+    """The same 16 requests one at a time and 4 at a time (the pool's max_num_seqs, so none waits before prefill and
+    admission has no reason to refuse one, however slow the machine): batching in the engine must survive the
+    service."""
     asyncio.run(fire(adm["http"], 4, 32, concurrency=4))  # warm
     t0 = time.perf_counter()
     one = asyncio.run(fire(adm["http"], 16, 32, concurrency=1))
     sequential = time.perf_counter() - t0
     t0 = time.perf_counter()
-    eight = asyncio.run(fire(adm["http"], 16, 32, concurrency=8))
+    four = asyncio.run(fire(adm["http"], 16, 32, concurrency=4))
     concurrent = time.perf_counter() - t0
-    assert all(s == 200 for s, _, _ in one + eight)
+    failed = [(s, r.text if r is not None else None) for s, _, r in one + four if s != 200]
+    assert not failed, failed
     assert concurrent < 0.75 * sequential, (concurrent, sequential)  # ~0.25 in the engine; unbatched would be ~1
 
 
