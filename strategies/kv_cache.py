@@ -24,11 +24,13 @@ DEFAULT_BLOCK_SIZE = 16
 @dataclass
 class Chunk:
     """The new tokens of one sequence in one forward pass: ``ids`` at positions ``cached`` .. ``cached+len-1``, the
-    first ``cached`` tokens' K/V already in the cache; ``blocks`` is the sequence's block table (covering them all)."""
+    first ``cached`` tokens' K/V already in the cache; ``blocks`` is the sequence's block table (covering them all).
+    ``all_logits``: the pass returns the logits of every token of the chunk, not only its last (a prompt scored)."""
 
     ids: list[int]
     cached: int
     blocks: list[int] = field(default_factory=list)
+    all_logits: bool = False
 
     @property
     def context(self) -> int:

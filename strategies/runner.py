@@ -84,20 +84,22 @@ class ShardRunner:
 
     def forward(self, chunks: list[Chunk], strategy: str = "megatron", all_logits: bool = False) -> torch.Tensor:
         """One forward pass over ``chunks`` by ``strategy`` (a name or any layout label); logits of each chunk's last
-        token [B, V] (or of every token [T, V] with ``all_logits``). Each chunk's new K/V lands in the cache through
-        its block table."""
+        token, or of every token of a chunk marked ``all_logits`` (a prompt scored), in order [R, V] (of every token
+        [T, V] with ``all_logits``). Only those rows go through the LM head. Each chunk's new K/V lands in the cache
+        through its block table."""
         layout = parse_layout(strategy)
         if self.cache is None:
             raise RuntimeError("no KV cache: call allocate_kv first")
         batch = PackedChunks.build(chunks, self.block_size, self.device)
         cos, sin = self.rotary(batch.positions, self.dtype)
+        wanted = None if all_logits else logit_rows(chunks, batch)
         with torch.inference_mode():
             run = LayoutPass(layout, self.weights, self.comm, self.cache, batch, cos, sin, self.balanced)
             hidden = run.run(self.sources.layers(layout))
             if layout.residual == REP:
-                rows = hidden if all_logits else hidden[batch.last_rows]
+                rows = hidden if wanted is None else hidden[wanted]
             else:
-                rows = self._collect_rows(hidden, run.tok, batch, all_logits)
+                rows = self._collect_rows(hidden, run.tok, wanted)
             return lm_head_logits(self.comm, self.weights.lm_head, rows, self.shape.vocab_size)
 
     def collectives(self, chunks: list[Chunk], strategy: str) -> tuple[torch.Tensor, list[tuple[str, int]]]:
@@ -114,7 +116,8 @@ class ShardRunner:
 
     def step(self, parts: list[tuple[str, list[Chunk]]]) -> torch.Tensor:
         """An engine step: each part's chunks in one pass by its strategy (prefill chunks by the planner's pick, decode
-        tokens by megatron); logits of every chunk's last token, in order [B, V]."""
+        tokens by megatron); logits of every chunk's last token (of each of its tokens if it is marked
+        ``all_logits``), in order [R, V]."""
         return torch.cat([self.forward(chunks, strategy) for strategy, chunks in parts if chunks])
 
     def export_kv(self, tables: list[tuple[list[int], int]]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -146,17 +149,23 @@ class ShardRunner:
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
-    def _collect_rows(self, local: torch.Tensor, tok, batch: PackedChunks, all_logits: bool) -> torch.Tensor:
-        """Bring the hidden states the LM head needs onto every rank (each lives on the rank owning the token; ``tok``:
-        the pass's ``TokenShards``)."""
-        if all_logits:  # <- all-gather of hidden states (tests), back into packed order
+    def _collect_rows(self, local: torch.Tensor, tok, wanted: list[int] | None) -> torch.Tensor:
+        """Bring the hidden states the LM head needs (packed rows ``wanted``; None: every row) onto every rank (each
+        lives on the rank owning the token; ``tok``: the pass's ``TokenShards``)."""
+        if wanted is None:  # <- all-gather of hidden states (tests), back into packed order
             return tok.packed(self.comm.all_gather(local).flatten(0, 1))
-        rows = torch.zeros((len(batch.spans), local.shape[1]), dtype=local.dtype, device=local.device)
+        rows = torch.zeros((len(wanted), local.shape[1]), dtype=local.dtype, device=local.device)
         where = {g: i for i, g in enumerate(tok.mine.tolist())}
-        for b, last in enumerate(batch.last_rows):
-            if last in where:
-                rows[b] = local[where[last]]
-        return self.comm.all_reduce(rows)  # <- all-reduce of the B last-token rows (each owned by one rank)
+        for b, row in enumerate(wanted):
+            if row in where:
+                rows[b] = local[where[row]]
+        return self.comm.all_reduce(rows)  # <- all-reduce of the wanted rows (each owned by one rank)
+
+
+def logit_rows(chunks: list[Chunk], batch: PackedChunks) -> list[int]:
+    """The packed rows whose logits a pass returns: each chunk's last, or all of a chunk marked ``all_logits``."""
+    return [r for c, sp in zip(chunks, batch.spans)
+            for r in (range(sp.start, sp.stop) if c.all_logits else (sp.stop - 1,))]
 
 
 __all__ = ["ShardRunner", "StrategyUnavailable"]

@@ -92,7 +92,7 @@ def test_requests_that_cannot_fit_are_refused_with_the_limit(engine):
 
 
 def test_bad_parameters_are_rejected():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2), dict(stop=["a"] * 9),
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=-1), dict(top_k=-2), dict(stop=["a"] * 9),
                 dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0), dict(min_p=1.5),
                 dict(min_tokens=-1), dict(logit_bias={1: 101}), dict(logit_bias={-1: 1}), dict(stop_token_ids=[-2])):
         with pytest.raises(ValidationError):

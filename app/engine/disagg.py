@@ -34,9 +34,10 @@ class PrefillScheduler(Scheduler):
         self.put_kv = put_kv
 
     def finish(self, seq: Sequence) -> None:
-        if seq.finish_reason == "length" and seq.blocks:
+        if seq.finish_reason == "length" and seq.blocks and seq.output_ids:  # (max_tokens 0: the prompt only)
             seq.handoff = Handoff(prompt_ids=seq.prompt_ids, first_token=seq.output_ids[-1],
-                                  kv_refs=self.put_kv([(seq.blocks, seq.num_computed)]))
+                                  kv_refs=self.put_kv([(seq.blocks, seq.num_computed)]),
+                                  first_logprob=seq.logprobs[-1] if seq.logprobs else None)
         super().finish(seq)
 
 

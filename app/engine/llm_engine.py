@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from app.engine.blocks import BlockManager
 from app.engine.messages import EngineLoad, RequestError
 from app.engine.output import OutputProcessor
-from app.engine.sampling import SamplingParams, make_generator
+from app.engine.sampling import SamplingParams, logprobs_of, make_generator
 from app.engine.scheduler import DECODE_STRATEGY, Adoption, Scheduler, SchedulerConfig, StepPlan
 from app.engine.sequence import Sequence
 from placement.workers import Group
@@ -176,38 +178,66 @@ class LLMEngine:
                                     [s.num_computed for s, _ in plan.decode])
 
     def _run(self, plan: StepPlan) -> list[Sequence]:
-        """One forward pass over the plan's chunks; sample the sequences whose every token is now computed."""
+        """One forward pass over the plan's chunks; sample the sequences whose every token is now computed. A chunk
+        of a prompt being scored (``prompt_logprobs``) brings back every position's logits, the others their last."""
         strategy = self._strategy(plan)
         prefill_tokens = plan.prefill_tokens
         predicted = ((self.predict_prefill_s(prefill_tokens) if prefill_tokens else 0.0)
                      + (self.step_s if plan.decode else 0))
         self.step_deadline_s = max(self.watchdog_floor_s, WATCHDOG_FACTOR * predicted)
+        order = plan.order
+        parts = plan.parts(strategy)
+        whole = [seq.needs_prompt_logits for seq, _ in order]
+        for chunk, all_logits in zip((c for _, chunks in parts for c in chunks), whole):
+            chunk.all_logits = all_logits
         t0 = self.step_started = time.perf_counter()
         try:
-            logits = self.group.step(plan.parts(strategy))
+            logits = self.group.step(parts)
         finally:
             self.step_started = None
         took = time.perf_counter() - t0
         for seq, n in plan.prefill:
             seq.prefilled(strategy, n, took)
-        order = plan.order
-        ready, rows = [], []
-        for row, (seq, n) in enumerate(order):
+        ends = list(itertools.accumulate(n if w else 1 for (_, n), w in zip(order, whole)))  # past each chunk's rows
+        if any(whole):
+            self._score_prompts([(s, n, end - n) for (s, n), w, end in zip(order, whole, ends) if w], logits)
+        ready, rows, prompt_only = [], [], []
+        for (seq, n), end in zip(order, ends):
             self.scheduler.computed(seq, n)
-            if seq.remaining == 0:  # its last token computed: this row predicts the next one
+            if seq.remaining == 0 and seq.params.max_tokens == 0:  # the prompt only: nothing to sample
+                seq.finish("length")
+                prompt_only.append(seq)
+            elif seq.remaining == 0:  # its last token computed: its last row predicts the next one
                 ready.append(seq)
-                rows.append(row)
-        out = self.output.process(ready, logits[rows] if len(rows) < len(order) else logits)
+                rows.append(end - 1)
+        out = self.output.process(ready, logits[rows] if len(rows) < logits.shape[0] else logits)
         if plan.decode:  # the whole step as a decoding sequence sees it: forward, sampling, detokenizing
             took = time.perf_counter() - t0
             self.step_s = took if not self.step_s else (1 - self.STEP_EMA) * self.step_s + self.STEP_EMA * took
-        return out
+        return out + prompt_only
+
+    @staticmethod
+    def _score_prompts(chunks: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+        """Log-probs of the prompt tokens that the scored chunks' positions predict, every row at once: a chunk
+        (sequence, its tokens, its first row in ``logits``) from ``seq.num_computed`` on (not yet counted); position
+        j's row predicts prompt token j + 1; positions already scored (before a preemption) are skipped."""
+        rows, targets, top, owners = [], [], [], []
+        for seq, n, row in chunks:
+            start = seq.num_computed
+            for j in range(max(start, len(seq.prompt_logprobs) - 1), min(start + n, len(seq.prompt_ids) - 1)):
+                rows.append(row + j - start)
+                targets.append(seq.prompt_ids[j + 1])
+                top.append(seq.params.prompt_logprobs)
+                owners.append(seq)
+        for seq, entry in zip(owners, logprobs_of(logits[rows], targets, top) if rows else ()):
+            seq.prompt_logprobs.append(entry)
 
     def _adopt(self, adoption: Adoption) -> Sequence:
         """A prefilled sequence joins (decode-only engines): its K/V into the blocks the scheduler reserved, and the
         prefill replica's first token as its own."""
         seq, handoff = adoption
+        seq.prompt_logprobs = None  # scored by the prefill replica, whose first update carried them
         self.group.take_kv([seq.blocks], handoff.kv_refs)  # <- each rank fetches its own slice
         self.scheduler.computed(seq, len(handoff.prompt_ids))
-        self.output.accept(seq, handoff.first_token)  # may finish it (a stop string)
+        self.output.accept(seq, handoff.first_token, logprob=handoff.first_logprob)  # may finish it (a stop string)
         return seq

@@ -39,7 +39,9 @@ def update_of(seq: Sequence, sent: int) -> Update:
     return Update(text=seq.take_delta(), token_ids=seq.output_ids[sent:], finish_reason=seq.finish_reason,
                   prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                   prefill_strategy=seq.prefill_strategy, prefill_s=seq.prefill_s, ttft_s=seq.ttft_s,
-                  tpot_s=seq.tpot_s, handoff=seq.handoff, cached_tokens=seq.cached_tokens)
+                  tpot_s=seq.tpot_s, handoff=seq.handoff, cached_tokens=seq.cached_tokens,
+                  logprobs=seq.logprobs[sent:] if seq.params.logprobs is not None else None,
+                  prompt_logprobs=seq.prompt_logprobs if not sent else None)
 
 
 @dataclass

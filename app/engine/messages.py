@@ -6,7 +6,7 @@ internals, and the engine can raise them without knowing who listens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
 
@@ -41,6 +41,16 @@ class EngineFailed(RuntimeError):
         return type(self), (str(self), self.replica)
 
 
+@dataclass
+class TokenLogprob:
+    """One position's log-probabilities: the ``token`` there, its ``logprob`` (None: the prompt's first token, which
+    nothing predicts) and the ``top`` alternatives as (token id, log-prob), most likely first."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
 class Handoff(BaseModel):
     """What a decode replica needs to continue a prefilled sequence (disaggregated serving)."""
 
@@ -49,6 +59,7 @@ class Handoff(BaseModel):
     prompt_ids: list[int]
     first_token: int
     kv_refs: list[list]  # [rank][0]: that rank's K/V slice in the object store
+    first_logprob: TokenLogprob | None = None  # the first token's log-probs, when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,8 @@ class Update:
     tpot_s: float | None
     handoff: Handoff | None = None  # prefill-only engines: per-rank K/V references for the decode replica
     cached_tokens: int = 0  # prompt tokens found in the replica's prefix cache (not computed)
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids``, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token (the first update), when asked
 
 
 def merge_updates(updates: list[Update]) -> Update:
@@ -106,4 +119,6 @@ def merge_updates(updates: list[Update]) -> Update:
                   prefill_strategy=next((u.prefill_strategy for u in updates if u.prefill_strategy), None),
                   prefill_s=next((u.prefill_s for u in updates if u.prefill_s), 0.0),
                   ttft_s=next((u.ttft_s for u in updates if u.ttft_s is not None), None), tpot_s=last.tpot_s,
-                  handoff=last.handoff, cached_tokens=max(u.cached_tokens for u in updates))
+                  handoff=last.handoff, cached_tokens=max(u.cached_tokens for u in updates),
+                  logprobs=None if last.logprobs is None else [e for u in updates for e in u.logprobs or ()],
+                  prompt_logprobs=next((u.prompt_logprobs for u in updates if u.prompt_logprobs), None))

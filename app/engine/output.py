@@ -1,9 +1,11 @@
 """From a step's logits to what a client sees: the next tokens, the text, and whether each sequence has ended.
 
 Sampling, stop sequences and EOS are handled here on full logits (the workers only run the model): a step's rows are
-sampled together (``sample_batch``), each from its own generator. A failure is one request's, never the batch's: a
-row whose sampling raises is retried alone and only that sequence fails, as does one whose detokenizer raises
-(``finish_reason`` "error", ``error`` saying why); the engine frees the blocks of every sequence that ended.
+sampled together (``process_batch``, ``pick_batch``), each from its own generator; the rows whose request asked for
+log-probs get them from the same processed logits (``logprobs_of``, see ``app.engine.sampling``). A failure is one
+request's, never the batch's: a row whose sampling raises is retried alone and only that sequence fails, as does one
+whose detokenizer raises (``finish_reason`` "error", ``error`` saying why); the engine frees the blocks of every
+sequence that ended.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import time
 import torch
 
 from app.engine.detokenize import IncrementalDetokenizer
-from app.engine.sampling import SamplingParams, sample_batch
+from app.engine.messages import TokenLogprob
+from app.engine.sampling import SamplingParams, logprobs_of, pick_batch, process_batch
 from app.engine.sequence import Sequence
 
 
@@ -40,23 +43,40 @@ class OutputProcessor:
             return []
         self.vocab_size = logits.shape[-1]
         try:
-            tokens: list[int | None] = sample_batch(logits, [s.params for s in ready], [s.generator for s in ready],
-                                                    [s.output_ids for s in ready], [s.prompt_ids for s in ready],
-                                                    self.eos)
+            tokens, entries = self._sample(ready, logits)
         except Exception:  # one row's failure must not end the others: sample them one by one
-            tokens = [self._sample_alone(seq, row) for seq, row in zip(ready, logits)]
+            tokens, entries = [], []
+            for seq, row in zip(ready, logits):
+                token, entry = self._sample_alone(seq, row)
+                tokens.append(token)
+                entries.append(entry)
         now = time.perf_counter()
-        for seq, token in zip(ready, tokens):
+        for seq, token, entry in zip(ready, tokens, entries):
             if token is not None:
-                self.accept(seq, token, now)
+                self.accept(seq, token, now, entry)
         return ready
 
-    def accept(self, seq: Sequence, token: int, now: float | None = None) -> None:
-        """``token`` is ``seq``'s next: its text, and whether it ends there (a decode-only engine takes the prefill
-        replica's first token this way)."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The rows' next tokens, and the log-probs of those whose request asked (only those rows pay for them)."""
+        params = [s.params for s in seqs]
+        x = process_batch(logits, params, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.eos)
+        tokens = pick_batch(x, params, [s.generator for s in seqs])
+        entries: list[TokenLogprob | None] = [None] * len(seqs)
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if asked:
+            rows = x if len(asked) == len(seqs) else x[asked]
+            for i, e in zip(asked, logprobs_of(rows, [tokens[i] for i in asked], [params[i].logprobs for i in asked])):
+                entries[i] = e
+        return tokens, entries
+
+    def accept(self, seq: Sequence, token: int, now: float | None = None, logprob: TokenLogprob | None = None) -> None:
+        """``token`` is ``seq``'s next (with its log-probs, when asked): its text, and whether it ends there (a
+        decode-only engine takes the prefill replica's first token this way)."""
         now = time.perf_counter() if now is None else now
         seq.output_ids.append(token)
         seq.all_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         seq.t_first_token = seq.t_first_token or now
         seq.t_last_token = now
         try:
@@ -64,13 +84,13 @@ class OutputProcessor:
         except Exception as e:  # a detokenizer failure ends this sequence only
             seq.finish("error", f"detokenizing failed: {type(e).__name__}: {e}")
 
-    def _sample_alone(self, seq: Sequence, row: torch.Tensor) -> int | None:
+    def _sample_alone(self, seq: Sequence, row: torch.Tensor) -> tuple[int | None, TokenLogprob | None]:
         try:
-            return sample_batch(row[None], [seq.params], [seq.generator], [seq.output_ids], [seq.prompt_ids],
-                                self.eos)[0]
+            tokens, entries = self._sample([seq], row[None])
+            return tokens[0], entries[0]
         except Exception as e:
             seq.finish("error", f"sampling failed: {type(e).__name__}: {e}")
-            return None
+            return None, None
 
     def _update_text(self, seq: Sequence, token: int) -> None:
         """Text and stopping after ``token``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the sequence

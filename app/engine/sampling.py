@@ -8,6 +8,13 @@ presence`` subtracted), then temperature, ``min_p``, ``top_k`` and ``top_p``. A 
 float32 logits after the penalties and bias (with none, exactly the argmax of the logits). A sampled row draws one
 uniform number from its own generator (seeded per request, so a request's tokens do not depend on its batch) and
 picks the token where its cumulative probability passes it: one draw per row, no loop over the vocabulary.
+
+Log-probabilities (``logprobs``: of each generated token and its top alternatives; ``prompt_logprobs``: of each prompt
+token) are ``log_softmax`` of float32 logits, the rows that asked together (``logprobs_of``). A generated token's are
+those of the logits the sampler sees after the logit processors (``min_tokens``, ``logit_bias``, the penalties) but
+before temperature, ``min_p``, ``top_k`` and ``top_p``: vLLM's default, and the model's own distribution whatever
+the temperature. A prompt token's are the model's raw logits' (no processor applies to tokens not sampled), as vLLM's
+``prompt_logprobs``.
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from app.engine.messages import RequestError
+from app.engine.messages import RequestError, TokenLogprob
 
 # The range of every sampling field, in one place: the API bodies (app/api.py) use the same types, so an HTTP, gRPC
 # or CLI request is held to the same limits and the error names the field and the bound it broke.
 # No fixed ceiling on max_tokens: a server's own max_tokens_limit (the ingress) and context (router and engine) cap it.
 MaxTokens = Annotated[int, Field(ge=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # alternatives reported per position (OpenAI's 0..20)
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=-1, le=1000)]  # 0 or -1 (vLLM's "off"): no limit
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -45,7 +53,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: MaxTokens = 16
+    max_tokens: Annotated[int, Field(ge=0)] = 16  # 0: the prompt only (scored with ``prompt_logprobs``)
     temperature: Temperature = 0.0
     top_k: TopK = 0
     top_p: TopP = 1.0
@@ -61,6 +69,8 @@ class SamplingParams(BaseModel):
     stop_token_ids: StopTokenIds = Field(default_factory=list)  # also end the sequence ("stop"), as EOS does
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the text
+    logprobs: TopLogprobs | None = None  # each generated token's log-prob and this many alternatives (None: none)
+    prompt_logprobs: TopLogprobs | None = None  # each prompt token's likewise (every prompt position's logits)
     _max_tokens_default: bool = PrivateAttr(False)  # max_tokens was not asked for: the ingress may lower it to fit
 
     @property
@@ -98,6 +108,23 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return g
 
 
+def logprobs_of(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """Rows ``logits`` [R, V] as log-probabilities (``log_softmax`` in float32, all rows at once): per row the
+    log-prob of ``tokens[r]`` and the ``top[r]`` most likely tokens with theirs (one ``topk`` of the largest ``top``
+    for every row). The chosen token's value and the alternatives' come from the same tensor, so a greedy token's
+    log-prob equals the first alternative's exactly."""
+    if not len(tokens):
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(list(tokens), dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    k = min(max(top), lp.shape[-1])
+    vals, alts = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    vals, alts = vals.tolist(), alts.tolist()
+    return [TokenLogprob(t, c, list(zip(a[:n], v[:n])))
+            for t, c, a, v, n in zip(tokens, chosen, alts, vals, top)]
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
            output_ids: Sequence[int] = (), prompt_ids: Sequence[int] = (), eos: Collection[int] = ()) -> int:
     """The next token of one row, logits [V]: ``sample_batch`` of that row alone."""
@@ -113,6 +140,13 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     beside it."""
     if logits.dim() != 2 or not logits.shape[0] == len(params) == len(generators):
         raise ValueError(f"logits {tuple(logits.shape)} for {len(params)} params and {len(generators)} generators")
+    return pick_batch(process_batch(logits, params, outputs, prompts, eos), params, generators)
+
+
+def process_batch(logits: torch.Tensor, params: list[SamplingParams], outputs: Sequence[Sequence[int]] | None = None,
+                  prompts: Sequence[Sequence[int]] | None = None, eos: Collection[int] = ()) -> torch.Tensor:
+    """float32 logits [B, V] after each row's logit processors (``process_logits`` of the rows that have any): what
+    a greedy row's argmax and the log-probs are taken of, and what a sampled row is drawn from after temperature."""
     n = len(params)
     outputs = outputs if outputs is not None else [()] * n
     prompts = prompts if prompts is not None else [()] * n
@@ -125,6 +159,13 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
         x = x.clone() if x is logits else x
         x[rows] = process_logits(x[rows], [params[i] for i in processed], [outputs[i] for i in processed],
                                  [prompts[i] for i in processed], eos)
+    return x
+
+
+def pick_batch(x: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """Next tokens from processed float32 logits [B, V] (``process_batch``): greedy rows by one argmax, sampled rows
+    by ``_sample_rows``."""
+    n = len(params)
     out = [0] * n
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:

@@ -218,7 +218,8 @@ class Scheduler:
             seq = self.waiting.peek()
             if prefill and seq.strategy != prefill[0].seq.strategy:
                 break
-            hit = self.blocks.match_prefix(seq.all_ids, count=not seq.preemptions)
+            # a prompt still to be scored (prompt_logprobs) computes every position itself: no prefix-cache hit
+            hit = [] if seq.needs_prompt_logits else self.blocks.match_prefix(seq.all_ids, count=not seq.preemptions)
             seq.blocks, seq.num_computed = hit, len(hit) * self.blocks.block_size
             seq.hashes = [self.blocks.hash_of[b] for b in hit]
             if not seq.output_ids:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.detokenize import IncrementalDetokenizer
-from app.engine.messages import Handoff
+from app.engine.messages import Handoff, TokenLogprob
 from app.engine.sampling import SamplingParams
 
 
@@ -42,6 +42,9 @@ class Sequence:
     emitted: int = 0  # characters of ``text`` already handed out as deltas
     finish_reason: str | None = None
     error: str | None = None  # why it failed, when ``finish_reason`` is "error"
+    # -- log-probs, when asked (the engine's): one per output token; one per prompt token so far (the first: None)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
     # -- figures
     strategy_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens prefilled per strategy
     prefill_strategy: str | None = None
@@ -53,6 +56,14 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.all_ids = list(self.prompt_ids)
+        if self.params.prompt_logprobs is not None and self.prompt_ids:
+            self.prompt_logprobs = [TokenLogprob(self.prompt_ids[0], None)]  # nothing predicts the first token
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt positions whose log-probs were asked for are still unscored: its chunks then bring back
+        every position's logits, and it computes its prompt itself rather than take blocks from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:

@@ -207,13 +207,13 @@ async def run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params:
     first: Update = await cancelled_with_caller(handles.prefill.prefill.remote(prompt_ids, params, strategy))
     handoff: Handoff | None = first.handoff
     first.handoff = None
-    if handoff is None or params["max_tokens"] == 1 or first.finish_reason != "length":
+    if handoff is None or params["max_tokens"] <= 1 or first.finish_reason != "length":
         yield first
         return
     # The decode replica re-emits the first token with its text; report only the prefill's figures here.
     figures = Update(text="", token_ids=[], finish_reason=None, prompt_tokens=len(prompt_ids),
                      completion_tokens=0, prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s,
-                     ttft_s=first.ttft_s, tpot_s=None)
+                     ttft_s=first.ttft_s, tpot_s=None, prompt_logprobs=first.prompt_logprobs)
     if whole:
         rest = await cancelled_with_caller(handles.decode.decode_whole.remote(handoff, params))
         yield merge_updates([figures, rest])

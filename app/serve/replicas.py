@@ -117,7 +117,7 @@ class PrefillReplica(_EngineShell):
 
     async def prefill(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> Update:
         """The first token; its ``handoff`` carries the K/V references when the request wants more tokens."""
-        sp = SamplingParams.model_validate({**params, "max_tokens": 1})
+        sp = SamplingParams.model_validate({**params, "max_tokens": min(1, params["max_tokens"])})  # 0: prompt only
         return await self.loop.run_whole(lambda e: e.add(prompt_ids, sp, strategy))
 
 
