@@ -154,7 +154,7 @@ def test_every_field_is_checked_and_the_error_names_it(http, body, status, says)
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "image_url"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000}, "max_completion_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs needs logprobs"),
 ])
 def test_chat_fields_are_checked(http, body, says):
     r = http.post("/v1/chat/completions", json={"model": MODEL, **body})

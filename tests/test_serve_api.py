@@ -455,11 +455,13 @@ ACCEPTED = [{"presence_penalty": 0.5, "frequency_penalty": -0.5}, {"repetition_p
             {"logit_bias": {"11": -100, "12": 2.5}}, {"min_tokens": 1, "stop_token_ids": [0]}, {"top_k": -1},
             {"skip_special_tokens": False, "include_stop_str_in_output": True, "stop": ["zz"]},
             {"n": 1, "best_of": 1}, {"logprobs": 0}, {"logprobs": None}, {"echo": False}, {"suffix": None},
+            {"logprobs": 3, "echo": True}, {"echo": True, "max_tokens": 0, "logprobs": 1},
             {"user": "u-1", "service_tier": "auto", "metadata": {"k": "v"}, "store": False},
             {"response_format": {"type": "text"}}, {"tools": [], "tool_choice": "none", "parallel_tool_calls": False},
             {"stream_options": {"include_usage": True, "continuous_usage_stats": False}, "stream": True}]
 # Refused, each a 400 naming the field: what would change the answer in a way dynpart cannot honour
-REFUSED = [("logprobs", {"logprobs": 1}), ("echo", {"echo": True}), ("n", {"n": 2}), ("best_of", {"best_of": 2}),
+REFUSED = [("logprobs", {"logprobs": 21}), ("max_tokens", {"max_tokens": 0}), ("n", {"n": 2}),
+           ("best_of", {"best_of": 2}),
            ("suffix", {"suffix": "}"}), ("response_format", {"response_format": {"type": "json_object"}}),
            ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
            ("tool_choice", {"tool_choice": "required"}), ("guided_json", {"guided_json": {"type": "object"}}),
@@ -484,9 +486,11 @@ def test_fields_dynpart_cannot_honour_are_a_400_naming_them(http, param, fields)
     assert error["param"] == param and param.split(".")[-1] in error["message"], error
 
 
-@pytest.mark.parametrize("fields, param", [({"logprobs": False, "top_logprobs": 0}, None),
-                                           ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")])
-def test_chat_logprobs_off_is_accepted_and_on_is_refused(http, fields, param):
+@pytest.mark.parametrize("fields, param", [({"logprobs": False, "top_logprobs": None}, None),
+                                           ({"logprobs": True, "top_logprobs": 2}, None),
+                                           ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                                           ({"top_logprobs": 2}, "top_logprobs")])
+def test_chat_logprobs_are_served_and_bad_values_refused(http, fields, param):
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
                                                 "max_tokens": 2, **fields})
     assert r.status_code == (400 if param else 200), r.text

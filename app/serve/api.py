@@ -3,9 +3,10 @@
 Requests forbid unknown fields, so a typo is a clear 400 rather than a silently ignored option. Fields OpenAI and
 vLLM clients commonly send are accepted: the sampling controls are honoured (``SamplingParams``); fields that do not
 change the answer (``user``, ``service_tier``, ``metadata``, ``store``, ``parallel_tool_calls``...) are accepted and
-unused; a field that would change the answer in a way dynpart cannot honour (``logprobs``, ``echo``, ``n`` > 1,
-``best_of`` > 1, ``suffix``, ``tools``, ``response_format`` other than text, guided decoding) is a 400 naming it,
-unless sent with its "off" value (``logprobs: null``, ``n: 1``...). Every response's ``usage`` carries a ``dynpart``
+unused; a field that would change the answer in a way dynpart cannot honour (``n`` > 1, ``best_of`` > 1, ``suffix``,
+``tools``, ``response_format`` other than text, guided decoding) is a 400 naming it, unless sent with its "off" value
+(``n: 1``...). Log-probs are served (completions: ``logprobs`` 0..20 and ``echo``, with ``max_tokens: 0`` scoring the
+prompt only; chat: ``logprobs`` and ``top_logprobs`` 0..20). Every response's ``usage`` carries a ``dynpart``
 object. Sampling fields
 share their ranges with ``SamplingParams``; a server's own caps (``max_tokens_limit``, context, vocabulary) are
 checked by the ingress and router, which know them. A ``max_tokens`` the client did not send is the endpoint's
@@ -23,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from app.engine.messages import RequestError
 from app.engine.sampling import (LogitBias, MaxTokens, MinP, MinTokens, Penalty, RepetitionPenalty, SamplingParams,
-                                 Seed, Stop, StopTokenIds, Temperature, TopK, TopP)
+                                 Seed, Stop, StopTokenIds, Temperature, TopK, TopLogprobs, TopP)
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (and gRPC's when max_tokens is 0)
 CHAT_MAX_TOKENS = 256
@@ -77,12 +78,12 @@ class StreamOptions(BaseModel):
 def sampling_params(default_max_tokens: int, max_tokens: int | None, stop: str | list[str] | None,
                     **fields: Any) -> SamplingParams:
     """The one mapping from a request's fields (an HTTP body or a gRPC message) to the engine's ``SamplingParams``:
-    no ``max_tokens`` (None, or gRPC's 0) means the endpoint's default (marked so: ``max_tokens_default``), one ``stop``
-    string means a list of one."""
+    no ``max_tokens`` (None; gRPC passes its 0 as None) means the endpoint's default (marked so:
+    ``max_tokens_default``), one ``stop`` string means a list of one."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     fields = {k: v for k, v in fields.items() if v is not None}  # unset: SamplingParams' default
-    params = SamplingParams(max_tokens=max_tokens or default_max_tokens, stop=stop, **fields)
-    params._max_tokens_default = not max_tokens
+    params = SamplingParams(max_tokens=default_max_tokens if max_tokens is None else max_tokens, stop=stop, **fields)
+    params._max_tokens_default = max_tokens is None
     return params
 
 
@@ -99,7 +100,6 @@ OneChoice = Annotated[int | None, Field(ge=1), only(lambda n: n in (None, 1),
 TextFormat = Annotated[dict[str, Any] | None, only(lambda f: f is None or f == {"type": "text"},
                                                    f"structured output is {NOT_YET}: only {{'type': 'text'}}")]
 TOOLS = f"tool calling is {NOT_YET}"
-LOGPROBS = f"log-probabilities are {NOT_YET}"
 # The request fields that map one to one onto ``SamplingParams`` (max_tokens and stop have their own rules)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "logit_bias", "min_p", "min_tokens", "stop_token_ids", "skip_special_tokens",
@@ -159,9 +159,9 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"min_tokens ({v}) is more than max_tokens ({most})")
         return v
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    def sampling(self, default_max_tokens: int, **fields: Any) -> SamplingParams:
         return sampling_params(default_max_tokens, self.max_tokens, self.stop,
-                               **{name: getattr(self, name) for name in SAMPLING_FIELDS})
+                               **{name: getattr(self, name) for name in SAMPLING_FIELDS}, **fields)
 
     @property
     def include_usage(self) -> bool:
@@ -170,9 +170,17 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     prompt: Annotated[str, Field(min_length=1)] | TokenIds  # token ids are checked against the vocabulary later
-    logprobs: Annotated[int | None, Field(ge=0, le=20), only(_off, f"{LOGPROBS}: send null or 0")] = None
-    echo: Annotated[bool | None, only(_off, f"echoing the prompt is {NOT_YET}")] = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: with echo only (the prompt scored, nothing generated)
+    logprobs: TopLogprobs | None = None  # each token's log-prob and this many alternatives (OpenAI's legacy shape)
+    echo: bool | None = None  # the prompt before the completion (with ``logprobs``: its tokens' log-probs too)
     suffix: Annotated[str | None, only(_off, "the model has no fill-in-the-middle: suffix is not supported")] = None
+
+    def sampling(self, default_max_tokens: int, **fields: Any) -> SamplingParams:
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens: 0 is allowed only with echo: true (the prompt scored, nothing generated)",
+                               param="max_tokens")
+        return super().sampling(default_max_tokens, logprobs=self.logprobs,
+                                prompt_logprobs=self.logprobs if self.echo else None, **fields)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -204,21 +212,30 @@ class ChatMessage(BaseModel):
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
-    logprobs: Annotated[bool | None, only(_off, f"{LOGPROBS}: send false or null")] = None
-    top_logprobs: Annotated[int | None, Field(ge=0, le=20), only(_off, LOGPROBS)] = None
+    logprobs: bool | None = None  # each generated token's log-prob (OpenAI's chat shape)
+    top_logprobs: TopLogprobs | None = None  # and this many alternatives; needs logprobs: true
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def sampling(self, default_max_tokens: int, **fields: Any) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        return super().sampling(default_max_tokens)
+        return super().sampling(default_max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                                **fields)
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None, chat: bool) -> dict:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+def completion_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None, chat: bool,
+                    logprobs: dict | None = None) -> dict:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -228,17 +245,18 @@ def completion_body(rid: str, model: str, text: str, finish: str | None, usage: 
 
 
 def chunk_body(rid: str, model: str, text: str | None, finish: str | None, chat: bool, role: bool = False,
-               usage: Usage | None = None) -> dict:
-    """One SSE chunk; ``text=None`` with ``usage`` is the final usage-only chunk (``choices`` empty)."""
+               usage: Usage | None = None, logprobs: dict | None = None) -> dict:
+    """One SSE chunk (with its tokens' ``logprobs`` when asked); ``text=None`` with ``usage`` is the final usage-only
+    chunk (``choices`` empty)."""
     choices: list[dict[str, Any]] = []
     if text is not None:
         if chat:
             delta: dict[str, Any] = {"content": text}
             if role:
                 delta["role"] = "assistant"
-            choices.append({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
         else:
-            choices.append({"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs})
     body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": choices}
     if usage is not None:

@@ -9,6 +9,7 @@ sequence 500, past the request timeout 504; OpenAI's error body. ``/openapi.json
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
+import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -32,7 +33,7 @@ from app.serve.errors import (ApiError, ModelNotFound, api_error, documented, er
 from app.serve.guard import Guard, Limits, check_key, check_peer
 from app.serve.metrics import record_request
 from app.serve.protos import dynpart_pb2 as pb
-from app.serve.responses import ClosingStreamingResponse, Result, done, headers_of, sse, usage_of
+from app.serve.responses import ClosingStreamingResponse, Logprobs, Result, done, headers_of, sse, usage_of
 from app.serve.router import Router
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
@@ -100,6 +101,7 @@ class Ingress:
         except RuntimeError:  # no running event loop here: the first request starts it
             pass
         self.api_key = self.cfg.api_key.get_secret_value() if self.cfg.api_key else None
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: self.router.tokenizer.decode([t]))
         api.state.guard = Limits(max_body_bytes=self.cfg.max_body_bytes, api_key=self.api_key)
 
     # -- shared by HTTP and gRPC --------------------------------------------------------------------------------------
@@ -179,9 +181,12 @@ class Ingress:
         except Exception as e:
             return error_response(e)
         rid = new_id("chatcmpl" if chat else "cmpl")
+        logprobs = Logprobs(self.token_text, chat) if params.logprobs is not None else None
+        echo = "" if chat or not body.echo else (body.prompt if isinstance(body.prompt, str)
+                                                 else self.router.tokenizer.decode(ids))
         if body.stream:
-            return ClosingStreamingResponse(sse(rid, body, result, first, rest, chat), media_type="text/event-stream",
-                                            headers=headers_of(result))
+            return ClosingStreamingResponse(sse(rid, body, result, first, rest, chat, logprobs, echo),
+                                            media_type="text/event-stream", headers=headers_of(result))
         try:
             async with aclosing(rest):  # the caller cancelled (client gone): the generation is cancelled now
                 async for update in rest:
@@ -190,7 +195,9 @@ class Ingress:
             done(result, str(api_error(e).status))
             return error_response(e)
         done(result)
-        return JSONResponse(completion_body(rid, body.model, result.text, result.finish_reason, usage_of(result), chat),
+        entries = [*(result.prompt_logprobs or []), *result.logprobs]
+        return JSONResponse(completion_body(rid, body.model, echo + result.text, result.finish_reason, usage_of(result),
+                                            chat, logprobs.body(entries) if logprobs else None),
                             headers=headers_of(result))
 
     # -- gRPC ---------------------------------------------------------------------------------------------------------
@@ -211,13 +218,16 @@ class Ingress:
         else:
             raise RequestError("set prompt or messages")
         params = sampling_params(
-            COMPLETION_MAX_TOKENS, req.max_tokens, list(req.stop), temperature=req.temperature, top_p=req.top_p or 1.0,
+            COMPLETION_MAX_TOKENS, req.max_tokens or None, list(req.stop), temperature=req.temperature,
+            top_p=req.top_p or 1.0,
             top_k=req.top_k, seed=req.seed if req.HasField("seed") else None, ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty or 1.0, logit_bias=dict(req.logit_bias), min_p=req.min_p,
             min_tokens=req.min_tokens, stop_token_ids=list(req.stop_token_ids),
             skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else None,
-            include_stop_str_in_output=req.include_stop_str_in_output)
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            logprobs=req.logprobs if req.HasField("logprobs") else None,
+            prompt_logprobs=req.prompt_logprobs if req.HasField("prompt_logprobs") else None)
         return ids, params
 
     @staticmethod
@@ -229,6 +239,11 @@ class Ingress:
         u = usage_of(r).dynpart
         return pb.DynpartInfo(pool=u.pool, strategy=u.strategy or "", prefill_ms=u.prefill_ms, ttft_ms=u.ttft_ms or 0,
                               tpot_ms=u.tpot_ms or 0, devices=u.devices, cached_tokens=u.cached_tokens)
+
+    def _pb_logprobs(self, entries) -> list[pb.TokenLogprob]:
+        top = lambda t, lp: pb.TopLogprob(token_id=t, token=self.token_text(t), logprob=lp)  # noqa: E731
+        return [pb.TokenLogprob(token_id=e.token, token=self.token_text(e.token), logprob=e.logprob,
+                                top_logprobs=[top(t, lp) for t, lp in e.top]) for e in entries or ()]
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateReply:  # noqa: N802
         try:
@@ -243,7 +258,8 @@ class Ingress:
         done(result)
         return pb.GenerateReply(text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason or "",
                                 prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids),
-                                dynpart=self._info(result))
+                                dynpart=self._info(result), logprobs=self._pb_logprobs(result.logprobs),
+                                prompt_logprobs=self._pb_logprobs(result.prompt_logprobs))
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):  # noqa: N802
         try:
@@ -254,13 +270,16 @@ class Ingress:
             return
         try:
             yield pb.GenerateChunk(text=update.text, token_ids=update.token_ids,
-                                   finish_reason=update.finish_reason or "", dynpart=self._info(result))
+                                   finish_reason=update.finish_reason or "", dynpart=self._info(result),
+                                   logprobs=self._pb_logprobs(update.logprobs),
+                                   prompt_logprobs=self._pb_logprobs(update.prompt_logprobs))
             async for update in rest:
                 result.add(update)
                 last = update.finish_reason is not None
                 yield pb.GenerateChunk(text=update.text, token_ids=update.token_ids,
                                        finish_reason=update.finish_reason or "",
-                                       dynpart=self._info(result) if last else None)
+                                       dynpart=self._info(result) if last else None,
+                                       logprobs=self._pb_logprobs(update.logprobs))
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return

@@ -5,18 +5,23 @@ A stream's events follow OpenAI's: one ``data: {json}`` chunk per update that ca
 chat also the role), the chunk with ``finish_reason``, the usage-only chunk if asked for, ``data: [DONE]``. Its
 headers are sent before its second update, so a failure after them cannot change the status: it ends the stream with
 one in-band ``data: {"error": ...}`` event and then ``data: [DONE]``, as OpenAI does.
+
+Log-probs (``Logprobs``) read as OpenAI's: completions' legacy ``tokens`` / ``token_logprobs`` / ``top_logprobs`` (a
+dict of the top alternatives and the chosen token) / ``text_offset``, with ``echo`` the prompt's tokens first (the
+first one null); chat's ``content`` list of ``{token, logprob, bytes, top_logprobs}``. A streamed chunk carries its
+own tokens'. Token strings are each token decoded alone, and ``bytes`` their UTF-8, as vLLM reports them.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
-from app.engine.messages import Update
+from app.engine.messages import TokenLogprob, Update
 from app.serve.api import DynpartUsage, GenerationRequest, Usage, chunk_body, error_body
 from app.serve.errors import api_error
 from app.serve.metrics import record_request
@@ -40,6 +45,8 @@ class Result:
     retries: int = 0  # times the request was started again elsewhere after its replica failed (nothing sent yet)
     whole: bool = False  # the answer comes as one update (non-streaming): its TTFT is the engine's own
     started: float = field(default_factory=time.perf_counter)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt's (echo with logprobs)
 
     def add(self, u: Update) -> None:
         if self.whole and self.ttft_s is None:
@@ -53,6 +60,51 @@ class Result:
         self.cached_tokens = max(self.cached_tokens, u.cached_tokens)
         self.ttft_s = self.ttft_s if self.ttft_s is not None else time.perf_counter() - self.started
         self.tpot_s = u.tpot_s if u.tpot_s is not None else self.tpot_s
+        self.logprobs += u.logprobs or []
+        self.prompt_logprobs = self.prompt_logprobs or u.prompt_logprobs
+
+
+FLOOR = -9999.0  # JSON has no -inf (a token masked by min_tokens): the lowest log-prob reported, as vLLM's
+
+
+def _finite(lp: float) -> float:
+    return lp if lp > FLOOR else FLOOR  # NaN too
+
+
+@dataclass
+class Logprobs:
+    """One answer's log-probs in OpenAI's shape: ``body`` of a run of positions (a whole answer's, or a chunk's:
+    completions' ``text_offset`` goes on from the chunks before). ``text_of``: a token's text, decoded alone."""
+
+    text_of: Callable[[int], str]
+    chat: bool
+    offset: int = 0  # characters of the tokens reported so far (completions' ``text_offset``)
+
+    def body(self, entries: list[TokenLogprob]) -> dict:
+        return self._chat(entries) if self.chat else self._completions(entries)
+
+    def _completions(self, entries: list[TokenLogprob]) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self.text_of(e.token)
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+            top = None
+            if e.logprob is not None:  # the alternatives, most likely first, and the chosen token (OpenAI's k + 1)
+                top = {}
+                for t, lp in [*e.top, (e.token, e.logprob)]:
+                    top.setdefault(self.text_of(t), _finite(lp))
+            out["token_logprobs"].append(None if e.logprob is None else _finite(e.logprob))
+            out["top_logprobs"].append(top)
+        return out
+
+    def _chat(self, entries: list[TokenLogprob]) -> dict:
+        def one(token: int, lp: float) -> dict:
+            text = self.text_of(token)
+            return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8", errors="replace"))}
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                            for e in entries]}
 
 
 def done(r: Result, status: str = "200") -> None:
@@ -87,8 +139,9 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 async def sse(rid: str, body: GenerationRequest, result: Result, first: Update, rest: AsyncIterator[Update],
-              chat: bool) -> AsyncIterator[str]:
-    """The stream's events from its first update on; closing it early (the client left) cancels the generation."""
+              chat: bool, logprobs: Logprobs | None = None, echo: str = "") -> AsyncIterator[str]:
+    """The stream's events from its first update on (the first also carries the ``echo``ed prompt and, with
+    ``logprobs``, its tokens'); closing it early (the client left) cancels the generation."""
     def event(obj: dict) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
@@ -96,8 +149,11 @@ async def sse(rid: str, body: GenerationRequest, result: Result, first: Update, 
     update: Update | None = first
     try:
         while update is not None:
-            if update.text or update.finish_reason or role:
-                yield event(chunk_body(rid, body.model, update.text, update.finish_reason, chat, role=role))
+            entries = [*(update.prompt_logprobs or []), *(update.logprobs or [])] if logprobs else []
+            text, echo = echo + update.text, ""
+            if text or update.finish_reason or role or entries:
+                yield event(chunk_body(rid, body.model, text, update.finish_reason, chat, role=role,
+                                       logprobs=logprobs.body(entries) if logprobs else None))
                 role = False
             update = await anext(rest, None)
             if update is not None:
