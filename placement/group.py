@@ -10,7 +10,7 @@ calling process, ``ShardGroup`` over Ray actors).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,7 +27,7 @@ class RunnerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     model: str  # a checkpoint folder (``Checkpoint``'s path)
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | Literal["auto"] = torch.float32  # "auto": each worker picks for its device (fast_dtype)
     block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1)  # tokens per KV block
     num_blocks: int | None = Field(None, ge=0)  # KV blocks allocated at start; None (or 0): later, by ``allocate_kv``
     balanced: bool = True  # zigzag token shards (False: contiguous, the benchmark's baseline)
@@ -40,7 +40,7 @@ class RunnerSettings(BaseModel):
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_by_name(cls, v: Any) -> torch.dtype:
-        return DTYPES[v] if isinstance(v, str) else v
+        return DTYPES[v] if isinstance(v, str) and v != "auto" else v
 
     @classmethod
     def of(cls, settings: RunnerSettings | dict) -> RunnerSettings:
@@ -119,6 +119,11 @@ class Group(ABC):
     def kv_block_bytes(self) -> list[int]:
         """Per rank, the bytes of one KV block (its own KV heads)."""
         return self.call_all("kv_block_bytes")
+
+    def dtype_name(self) -> str:
+        """The dtype the ranks compute in (``dtype: auto`` resolved where the weights live; one device kind per
+        replica, so rank 0's)."""
+        return self.call("dtype_name")
 
     def memory_report(self) -> list[dict[str, int]]:
         """Per rank, the bytes it holds: weights, gather buffers, replicas, KV cache."""

@@ -23,6 +23,18 @@ def detect_hardware() -> str:
     raise ValueError(f"GPU {name!r} is not in the hardware catalog: add it to a file named by DYNPART_HARDWARE")
 
 
+def fast_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype ``dtype: auto`` runs on ``device``: bfloat16 where the device multiplies it natively (a GPU that
+    supports it; a CPU with AMX tiles or AVX512-BF16, through oneDNN), float32 elsewhere. A CPU without those units
+    emulates bfloat16 GEMMs and runs them slower than float32 (about 3x on an AVX2-only EPYC, BENCHMARKS.md), so
+    bfloat16 there would cost speed and exactness for nothing. Call it where the weights live (the worker)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 def replica_budget_bytes(devices: int, device: torch.device | str = "cpu", kv_reserve_bytes: int = 0,
                          fraction: float = 0.25) -> int:
     """Memory this device may fill with ``projection_replicated``'s replicas, measured where the weights live (call

@@ -20,7 +20,7 @@ import torch
 
 from placement.collectives import destroy_process_group, device_and_backend, init_process_group, is_loopback
 from placement.group import Group, RunnerSettings
-from placement.hardware import replica_budget_bytes
+from placement.hardware import fast_dtype, replica_budget_bytes
 from strategies.comm import Comm, SingleDevice
 from strategies.runner import ShardRunner
 
@@ -82,12 +82,13 @@ def make_runner(comm: Comm, settings: RunnerSettings) -> ShardRunner:
     rank's shards (object store) instead of loading them. ``replica_budget_bytes`` None: measured here, once the
     shards are loaded, less ``kv_reserve_bytes`` (``placement.hardware.replica_budget_bytes``)."""
     device, _ = device_and_backend()
+    dtype = fast_dtype(device) if settings.dtype == "auto" else settings.dtype
     weights = None
     if settings.shared_weights:
         from placement.weight_store import shared_rank_weights
 
-        weights = shared_rank_weights(settings.model, comm.world_size, comm.rank, settings.dtype, device)
-    runner = ShardRunner(settings.model, comm, dtype=settings.dtype, device=device,
+        weights = shared_rank_weights(settings.model, comm.world_size, comm.rank, dtype, device)
+    runner = ShardRunner(settings.model, comm, dtype=dtype, device=device,
                          replica_budget_bytes=settings.replica_budget_bytes or 0, weights=weights,
                          block_size=settings.block_size, num_blocks=settings.num_blocks, balanced=settings.balanced)
     if settings.replica_budget_bytes is None:

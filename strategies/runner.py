@@ -141,6 +141,10 @@ class ShardRunner:
         names = list(STRATEGY_NAMES) if layouts is None else layouts
         return [s for s in names if self.sources.fits([parse_layout(s)])]
 
+    def dtype_name(self) -> str:
+        """The dtype this rank computes in (what ``dtype: auto`` resolved to on its device)."""
+        return str(self.dtype).removeprefix("torch.")
+
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds: resident shards, gather buffers, replicas and transposed shards (if built), the KV
         cache's blocks."""

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MODEL = "smollm2-135m"  # the model served when none is named: embedded in a PyPI package (loader.py)
 DtypeName = Literal["float32", "bfloat16", "float16"]  # weight and activation dtypes the engine runs
+# What a config may ask for: a dtype, or "auto": the fastest the device computes well (placement.hardware.fast_dtype)
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 
 

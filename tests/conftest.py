@@ -95,15 +95,16 @@ def reference_greedy(path: str, prompt: list[int], n: int) -> list[int]:
 
 
 def local_engine(path: str, tokenizer=None, eos: list[int] | None = None, max_num_seqs: int = 4,
-                 max_model_len: int = 256, num_blocks: int | None = None, block_size: int = 16, **engine_kwargs):
-    """An engine on one in-process device; KV blocks for ``max_num_seqs`` sequences of ``max_model_len`` unless
-    ``num_blocks`` says otherwise."""
+                 max_model_len: int = 256, num_blocks: int | None = None, block_size: int = 16,
+                 dtype: str = "float32", **engine_kwargs):
+    """An engine on one in-process device in ``dtype``; KV blocks for ``max_num_seqs`` sequences of
+    ``max_model_len`` unless ``num_blocks`` says otherwise."""
     from app.engine.llm_engine import LLMEngine
     from placement.workers import LocalGroup
     from strategies.loader import Checkpoint
 
     num_blocks = num_blocks or max_num_seqs * -(-max_model_len // block_size)
-    group = LocalGroup(model=path, block_size=block_size, num_blocks=num_blocks)
+    group = LocalGroup(model=path, block_size=block_size, num_blocks=num_blocks, dtype=dtype)
     eos = Checkpoint(path).eos_token_ids() if eos is None else eos
     return LLMEngine(group, tokenizer, eos, num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
                      max_num_seqs=max_num_seqs, **engine_kwargs)
@@ -146,13 +147,20 @@ def serve_session(ray_session) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def float32_pools(args: dict) -> dict:
+    """``args`` with every pool that names no dtype in float32: the tests compare with transformers in float32, and
+    ``dtype: auto`` (the default) would run bfloat16 on a CPU with AMX or AVX512-BF16."""
+    return {**args, "pools": [{"dtype": "float32", **pool} for pool in args["pools"]]}
+
+
 def deployed(ports: dict[str, int], args: dict, name: str, route: str = "/"):
-    """The Serve application built from ``args`` (serve_config.yaml's keys), on the session's Serve, then deleted."""
+    """The Serve application built from ``args`` (serve_config.yaml's keys; pools in float32 unless they say), on the
+    session's Serve, then deleted."""
     from ray import serve
 
     from app.serve.app import build_app
 
-    serve.run(build_app(args), name=name, route_prefix=route)
+    serve.run(build_app(float32_pools(args)), name=name, route_prefix=route)
     try:
         yield ports
     finally:

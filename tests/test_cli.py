@@ -31,7 +31,8 @@ def test_generate_on_two_devices_gives_transformers_tokens(chat_tiny):
 
     from strategies.loader import Checkpoint
 
-    args = ["generate", "--model", chat_tiny, "--prompt", "Once upon a time", "--max-tokens", "12", "--json"]
+    args = ["generate", "--model", chat_tiny, "--prompt", "Once upon a time", "--max-tokens", "12", "--json",
+            "--dtype", "float32"]
     two = dynpart(*args, "--devices", "2", "--prefill-strategy", "weight_gathered")
     assert two.returncode == 0, two.stderr
     two = json.loads(two.stdout.strip().splitlines()[-1])

@@ -38,7 +38,7 @@ def test_a_pinned_layout_is_built_before_any_step_and_others_are_refused(ray_ses
     (within the budget, on every rank) and gives transformers' greedy tokens; a label it did not pin is refused."""
     from app.engine.build import EngineOptions, build_engine
 
-    engine = build_engine(EngineOptions(model=chat_tiny, devices=2, max_model_len=64, max_num_seqs=1),
+    engine = build_engine(EngineOptions(model=chat_tiny, devices=2, max_model_len=64, max_num_seqs=1, dtype="float32"),
                           pinned=[LABEL])
     try:
         assert LABEL in engine.contenders and set(STRATEGY_NAMES) <= set(engine.contenders)  # static policies too

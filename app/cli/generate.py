@@ -21,7 +21,8 @@ def strategy_arg(text: str) -> str:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (embedded) or a local Llama folder")
     p.add_argument("--devices", type=int, default=1, help="shard workers (devices) of the replica")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                   help="auto: bfloat16 where the device multiplies it natively (AMX/AVX512-BF16, GPUs), else float32")
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + generated tokens per sequence")
     p.add_argument("--hardware", default=None, help="hardware catalog entry for the planner (default: detected)")
 
@@ -84,6 +85,7 @@ def generate(args: argparse.Namespace) -> int:
         else:
             ids = tok(args.prompt)["input_ids"]
         seq = engine.generate([list(ids)], params, strategy=args.prefill_strategy)[0]
+        dtype = engine.group.dtype_name()
     finally:
         engine.group.shutdown()
     result = {
@@ -95,6 +97,7 @@ def generate(args: argparse.Namespace) -> int:
         "tpot_ms": None if seq.tpot_s is None else round(seq.tpot_s * 1e3, 3),
         "prefill_strategy": seq.prefill_strategy,
         "devices": opts.devices,
+        "dtype": dtype,
     }
     if args.json:
         print(json.dumps(result))

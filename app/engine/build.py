@@ -18,8 +18,8 @@ from strategies.cost.formulas import Work
 from strategies.cost.planner import contenders, executable_layouts, memory_row
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE
 from strategies.layout import STRATEGY_NAMES, check_devices
-from strategies.loader import DEFAULT_MODEL, DTYPES, Checkpoint
-from strategies.shapes import DtypeName, ModelShape
+from strategies.loader import DEFAULT_MODEL, Checkpoint
+from strategies.shapes import DtypeChoice, ModelShape
 
 
 DEFAULT_CPU_KV_CACHE_GB = 0.5  # a CPU device's KV budget when none is set (host memory is not measured)
@@ -49,7 +49,10 @@ class EngineFields(BaseModel):
     # device count (those whose replicas fit the budget together, in order of the search's ranking); "named", only the
     # three named strategies.
     prefill_layouts: Literal["front", "named"] = "front"
-    dtype: DtypeName = "float32"
+    # Weights, activations and KV cache. "auto": bfloat16 where the device multiplies it natively (GPUs; CPUs with AMX
+    # or AVX512-BF16), else float32 (``placement.hardware.fast_dtype``, decided in each worker). float32 is the one
+    # exact against transformers (logits within 1e-4); bfloat16 agrees with transformers run in bfloat16.
+    dtype: DtypeChoice = "auto"
     # Cores one device's rank uses (CPU devices run that many torch threads, whole cores, at least one; ranks with
     # less than a core share one, and the planner prices them so). Ray counts them, so it never places more engines
     # on a node than its cores can run; a GPU device needs a core to drive it.
@@ -102,7 +105,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     max_model_len = opts.context(ckpt.shape.max_position_embeddings)
     budget = None if opts.replica_budget_gb is None else int(opts.replica_budget_gb * 1e9)
     kv_gb = kv_budget_gb(opts)
-    settings = RunnerSettings(model=str(ckpt.path), dtype=DTYPES[opts.dtype], replica_budget_bytes=budget,
+    settings = RunnerSettings(model=str(ckpt.path), dtype=opts.dtype, replica_budget_bytes=budget,
                               kv_reserve_bytes=int((kv_gb or 0) * 1e9), block_size=opts.block_size,
                               shared_weights=opts.shared_weights)
     group = start_group(opts.devices, settings, placement_group=placement_group, bundle=bundle,

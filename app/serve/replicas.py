@@ -43,6 +43,7 @@ class _EngineShell:
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
         self.available = engine.contenders  # the layouts a request may run here (the ingress prices them too)
+        self.dtype = engine.group.dtype_name()  # what the pool's dtype (``auto`` by default) resolved to
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
         self._measure_step(engine)
@@ -81,7 +82,7 @@ class _EngineShell:
         import ray
 
         engine = self.loop.engine
-        return {"pool": self.pool, "replica": self.replica_id, "available": self.available,
+        return {"pool": self.pool, "replica": self.replica_id, "available": self.available, "dtype": self.dtype,
                 "queued_tokens": self.loop.queued_tokens(),
                 "node": ray.get_runtime_context().get_node_id(), "seqs_in_use": engine.seqs_in_use(),
                 "running": len(engine.running), "pids": self.pids, "healthy": self.loop.alive,
