@@ -254,3 +254,17 @@ def test_bad_logprobs_values_are_a_400_naming_the_field_and_the_service_stays_he
     assert http.get("/health").status_code == 200
     assert http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1,
                                               "logprobs": 0}).status_code == 200
+
+
+def test_a_prompt_preempted_while_being_scored_is_scored_once_and_exactly(tiny_models):
+    """Few KV blocks: the older sequence's decode preempts the one whose prompt is being scored chunk by chunk; it
+    recomputes and its prompt log-probs come out once per token, as transformers'."""
+    path = tiny_models["gqa"]
+    a, b = prompts_for(512, lengths=(20, 40), seed=11)
+    engine = local_engine(path, num_blocks=4, block_size=16, max_num_batched_tokens=8, max_model_len=64)
+    first = engine.add(a, SamplingParams(max_tokens=40, ignore_eos=True))
+    scored = engine.add(b, SamplingParams(max_tokens=2, ignore_eos=True, logprobs=1, prompt_logprobs=2))
+    while engine.has_work():
+        engine.step()
+    assert scored.preemptions > 0 and first.finish_reason == scored.finish_reason == "length"
+    check_sequence(path, scored)
