@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import os
+import re
+from typing import Mapping
 
 import torch
 
-# Substrings of torch.cuda.get_device_name() -> hardware catalog names (strategies/cost/hardware.json).
-_GPU_NAMES = [("H200", "H200"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100-SXM"), ("A100-SXM4-80GB", "A100-80GB-SXM"),
-              ("A100 80GB PCIe", "A100-80GB-PCIe"), ("A100-PCIE-40GB", "A100-40GB-PCIe"), ("A100", "A100-40GB-SXM"),
-              ("L4", "L4"), ("A10G", "A10G")]
+from strategies.cost import Hardware, HardwareError, load_catalog
+
+def catalog_entry(device_name: str, catalog: Mapping[str, Hardware]) -> str:
+    """The catalog entry a GPU reporting ``device_name`` (``torch.cuda.get_device_name()``) is: the entry with the
+    longest of its ``detection_names`` found in the name as a whole word (not inside a longer one, so "L4" is not an
+    "NVIDIA L40S"), case-insensitively; e.g. "NVIDIA H100 PCIe" -> H100-PCIe, "NVIDIA H100 80GB HBM3" -> H100-SXM.
+    HardwareError when no entry names the device, or two name it equally specifically."""
+    matches: dict[str, list[str]] = {}
+    for entry in catalog.values():
+        for needle in entry.detection_names:
+            if re.search(rf"(?<![A-Za-z0-9]){re.escape(needle)}(?![A-Za-z0-9])", device_name, re.IGNORECASE):
+                matches.setdefault(needle.lower(), []).append(entry.name)
+    if not matches:
+        raise HardwareError(
+            f"GPU {device_name!r} is not in the hardware catalog: add an entry naming it (\"detection_names\": "
+            f"[a substring of {device_name!r}], \"accelerator_type\": Ray's name of it, and its figures, as in "
+            f"strategies/cost/hardware.json) to a JSON file named by DYNPART_HARDWARE, or set the pool's `hardware`")
+    longest = max(matches, key=len)
+    entries = list(dict.fromkeys(matches[longest]))
+    if len(entries) > 1:
+        raise HardwareError(f"GPU {device_name!r} matches catalog entries {entries} equally ({longest!r}): give one "
+                            f"a more specific detection name, or replace the other (same entry name) in its file")
+    return entries[0]
 
 
 def detect_hardware() -> str:
-    """The catalog name of local device 0: a known GPU, else ``cpu``."""
+    """The catalog name of local device 0: the entry whose detection names match the GPU's (``catalog_entry``, over
+    the catalog with ``DYNPART_HARDWARE``'s entries), else ``cpu`` without a GPU."""
     if not torch.cuda.is_available():
         return "cpu"
-    name = torch.cuda.get_device_name(0)
-    for needle, entry in _GPU_NAMES:
-        if needle in name:
-            return entry
-    raise ValueError(f"GPU {name!r} is not in the hardware catalog: add it to a file named by DYNPART_HARDWARE")
+    return catalog_entry(torch.cuda.get_device_name(0), load_catalog())
 
 
 def fast_dtype(device: torch.device | str = "cpu") -> torch.dtype:

@@ -2,8 +2,9 @@
 
 A pool is a set of identical engine replicas: a device type from the hardware catalog (what the planner prices),
 devices per replica, replica bounds / autoscaling, and request limits. ``bundle`` turns it into the Ray resources of
-one device so a replica's placement group lands only on nodes that offer them: a GPU (plus ``accelerator_type``)
-on GPU nodes, the ``dynpart_device`` custom resource on CPU nodes, plus any custom resources naming the pool's nodes.
+one device so a replica's placement group lands only on nodes that offer them: a GPU (plus ``accelerator_type``, by
+default the hardware entry's) on GPU nodes, the ``dynpart_device`` custom resource on CPU nodes, plus any custom
+resources naming the pool's nodes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class PoolConfig(EngineFields):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     hardware: str = "cpu"  # hardware catalog entry the planner prices this pool's devices as
     gpu: bool = False  # devices are GPUs (else CPU processes with gloo)
-    accelerator_type: str | None = None  # Ray's accelerator type of the GPUs, e.g. "L4", "A100"
+    # Ray's accelerator type of the GPUs, e.g. "L4", "A100"; a GPU pool's defaults to its hardware entry's
+    accelerator_type: str | None = None
     resources: dict[str, float] = Field(default_factory=dict)  # extra custom resources per device
     placement_strategy: Literal["PACK", "STRICT_PACK"] = "STRICT_PACK"
     num_replicas: int = Field(1, ge=1)  # fixed replica count when ``autoscaling`` is absent
@@ -53,6 +55,21 @@ class PoolConfig(EngineFields):
     disaggregated: bool = False  # separate prefill and decode deployments, K/V handed over via the object store
     decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
     health_check_period_s: float = Field(10.0, gt=0)  # how soon Serve notices a failed replica and replaces it
+
+    @model_validator(mode="after")
+    def _accelerator_type(self) -> PoolConfig:
+        """A GPU pool asks Ray for its catalog entry's accelerator type unless it names one; naming another is an
+        error (the planner would price one device while Ray places the replicas on another)."""
+        if not self.gpu:
+            return self
+        catalog_type = get_hardware(self.hardware, use_profile=False).accelerator_type
+        if self.accelerator_type is None:
+            self.accelerator_type = catalog_type
+        elif catalog_type is not None and self.accelerator_type != catalog_type:
+            raise ValueError(f"pool {self.name!r}: accelerator_type {self.accelerator_type!r} disagrees with "
+                             f"hardware {self.hardware!r}, whose catalog accelerator_type is {catalog_type!r}: drop "
+                             f"accelerator_type, or set hardware to the catalog entry of that GPU")
+        return self
 
     def bundle(self, counted_cpu_devices: bool = False) -> dict[str, float]:
         """One device of this pool as Ray resources: ``cpus_per_device`` cores, and a GPU, or one

@@ -1,7 +1,10 @@
 """Hardware catalog and calibration profiles: the only numbers about devices the cost model uses.
 
-Datasheet figures live in ``hardware.json`` so a user can add a card without touching code (``DYNPART_HARDWARE`` or
-``--hardware-file`` names extra files whose entries add to or replace the built-in ones). A *calibration profile*
+Datasheet figures live in ``hardware.json`` so a user can add a card without touching code (``DYNPART_HARDWARE``,
+os.pathsep-separated, or the plan commands' ``--hardware-file`` names extra files whose entries add to or replace the
+built-in ones). A GPU entry also carries the device's identity: the names ``torch.cuda.get_device_name()`` reports
+for it (what ``placement.hardware.detect_hardware`` matches) and Ray's accelerator type (what a GPU pool's bundles
+ask for), so a new device type is one catalog entry. A *calibration profile*
 (written by ``dynpart calibrate``, one JSON file per catalog entry in the profile directory) replaces the guessed
 efficiencies with what was measured on the machine; when none exists the datasheet entry (for ``cpu``: conservative
 placeholders) is used and the plan says so.
@@ -79,10 +82,13 @@ class CalibrationProfile(BaseModel):
 
 
 class Hardware(BaseModel):
-    """One device type: roofline figures plus the link the devices of a pool talk over."""
+    """One device type: roofline figures plus the link the devices of a pool talk over, and for a GPU its identity."""
 
     model_config = ConfigDict(frozen=True)
     name: str
+    # Substrings of torch.cuda.get_device_name() that mean this entry, most specific first (the longest match wins).
+    detection_names: tuple[str, ...] = ()
+    accelerator_type: str | None = None  # Ray's accelerator type (ray.util.accelerators), e.g. "H100", "A100", "L4"
     peak_tflops: float = Field(gt=0)
     memory_bandwidth_gbs: float = Field(gt=0)
     memory_gb: float = Field(gt=0)
@@ -223,6 +229,7 @@ def get_hardware(name: str, extra_files: Sequence[str | Path] = (), use_profile:
     by_lower = {k.lower(): v for k, v in catalog.items()}
     hw = by_lower.get(name.lower())
     if hw is None:
-        raise HardwareError(f"unknown hardware {name!r}: use one of {sorted(catalog)} or add it with --hardware-file")
+        raise HardwareError(f"unknown hardware {name!r}: use one of {sorted(catalog)} or add it in a catalog file "
+                            f"named by DYNPART_HARDWARE (or --hardware-file for the plan commands)")
     profile = load_profile(hw.name) if use_profile else None
     return hw.calibrated(profile, source=str(profile_path(hw.name))) if profile else hw
