@@ -146,13 +146,13 @@ def serve_session(ray_session) -> dict[str, int]:
     serve.shutdown()
 
 
-@contextlib.contextmanager
 def float32_pools(args: dict) -> dict:
     """``args`` with every pool that names no dtype in float32: the tests compare with transformers in float32, and
     ``dtype: auto`` (the default) would run bfloat16 on a CPU with AMX or AVX512-BF16."""
     return {**args, "pools": [{"dtype": "float32", **pool} for pool in args["pools"]]}
 
 
+@contextlib.contextmanager
 def deployed(ports: dict[str, int], args: dict, name: str, route: str = "/"):
     """The Serve application built from ``args`` (serve_config.yaml's keys; pools in float32 unless they say), on the
     session's Serve, then deleted."""
