@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
 
-from app.cli.format import markdown_table, positive_ints
+from app.cli.format import markdown_table, positive_ints, spread
 from app.cli.bench_runs import machine, random_prompt
+from load_tests.compare import rotated
 
 
 def cpu_bf16() -> dict:
@@ -26,8 +28,9 @@ def cpu_bf16() -> dict:
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
 
 
-def decode_engine(model: str, dtype: str, batch: int, prompt: int = 64, max_tokens: int = 512):
-    """An engine on one in-process device holding ``batch`` sequences past their prefill, decoding."""
+def decode_engine(model: str, dtype: str, batch: int, prompt: int = 64, max_tokens: int = 512, pack: bool = True):
+    """An engine on one in-process device holding ``batch`` sequences past their prefill, decoding; ``pack``: its
+    weights prepacked for the GEMM (strategies/packed.py), as engines run by default."""
     from app.engine.llm_engine import LLMEngine
     from app.engine.sampling import SamplingParams
     from placement.workers import LocalGroup
@@ -37,7 +40,7 @@ def decode_engine(model: str, dtype: str, batch: int, prompt: int = 64, max_toke
     block_size = 16
     blocks = batch * -(-(prompt + max_tokens) // block_size)
     group = LocalGroup(threads=1, model=str(ckpt.path), block_size=block_size, num_blocks=blocks,
-                       dtype=getattr(torch, dtype))
+                       dtype=getattr(torch, dtype), pack_weights=pack)
     engine = LLMEngine(group, None, [], num_blocks=blocks, block_size=block_size, max_model_len=prompt + max_tokens,
                        max_num_seqs=batch, max_num_batched_tokens=batch * prompt)
     for i in range(batch):
@@ -61,28 +64,41 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batches", default="1,16", help="sequences decoding together (comma-separated)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--weights", default="packed", help="packed, plain or both (comma-separated): the weights "
+                                                        "prepacked for the GEMM (the default) or as loaded")
+    ap.add_argument("--rounds", type=int, default=1, help="repeats, the order of --weights rotated each round")
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
     ap.add_argument("--top", type=int, default=12, help="profiler rows for the largest batch of each dtype")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     batches = positive_ints(args.batches, "batches")
+    kinds = args.weights.split(",")
     print(f"machine: {machine()}; bfloat16 on this CPU: {cpu_bf16()}")
-    rows = []
-    for dtype in args.dtypes.split(","):
-        base = None
-        for batch in batches:
-            engine = decode_engine(args.model, dtype, batch)
-            s = step_s(engine, args.steps)
-            base = base or s
-            rows.append([dtype, batch, f"{s * 1e3:.1f}", f"{s / base:.2f}x", f"{batch / s:.1f}"])
-            print(rows[-1], flush=True)
-            if batch == max(batches):
-                from torch.profiler import ProfilerActivity, profile
+    steps: dict[tuple[str, str, int], list[float]] = {}
+    for r in range(args.rounds):
+        for kind in rotated(kinds, r):
+            for dtype in args.dtypes.split(","):
+                for batch in batches:
+                    engine = decode_engine(args.model, dtype, batch, pack=kind == "packed")
+                    s = step_s(engine, args.steps)
+                    steps.setdefault((kind, dtype, batch), []).append(s)
+                    print(f"round {r + 1} {kind} {dtype} {batch}: {s * 1e3:.1f} ms", flush=True)
+                    if batch == max(batches) and r == 0 and args.top:
+                        from torch.profiler import ProfilerActivity, profile
 
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    step_s(engine, 5)
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-    print(markdown_table(["dtype", "sequences", "decode step (ms)", "vs 1 sequence", "tokens/s"], rows))
+                        with profile(activities=[ProfilerActivity.CPU]) as prof:
+                            step_s(engine, 5)
+                        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    rows = []
+    for (kind, dtype, batch), xs in steps.items():
+        one = statistics.median(steps[(kind, dtype, min(batches))])
+        row = [kind, dtype, batch, spread([x * 1e3 for x in xs], 1), f"{statistics.median(xs) / one:.2f}x",
+               f"{batch / statistics.median(xs):.1f}"]
+        if kind != kinds[0]:  # against the first kind, round by round
+            row.append(spread([a / b for a, b in zip(xs, steps[(kinds[0], dtype, batch)])], 2))
+        rows.append(row)
+    print(markdown_table(["weights", "dtype", "sequences", "decode step ms", "vs fewest sequences", "tokens/s",
+                          f"vs {kinds[0]}"], [row + [""] * (7 - len(row)) for row in rows]))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def make_runner(comm: Comm, settings: RunnerSettings) -> ShardRunner:
         weights = shared_rank_weights(settings.model, comm.world_size, comm.rank, dtype, device)
     runner = ShardRunner(settings.model, comm, dtype=dtype, device=device,
                          replica_budget_bytes=settings.replica_budget_bytes or 0, weights=weights,
-                         block_size=settings.block_size, num_blocks=settings.num_blocks, balanced=settings.balanced)
+                         block_size=settings.block_size, num_blocks=settings.num_blocks, balanced=settings.balanced,
+                         pack_weights=settings.pack_weights)
     if settings.replica_budget_bytes is None:
         runner.sources.budget_bytes = replica_budget_bytes(comm.world_size, device, settings.kv_reserve_bytes)
     return runner

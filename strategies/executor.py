@@ -26,6 +26,7 @@ from strategies.layers import apply_rope, causal_attention, embed_partial, rms_n
 from strategies.layout import (ATTN_STATE, FEAT, FULL_WEIGHT, GIVES, NEEDS, PSUM, REP, SPLIT_BY_OUTPUT, TOK, Attn,
                                Candidate, Mode, feature_width)
 from strategies.layout_weights import Blocks
+from strategies.packed import linear
 from strategies.sharding import RankWeights
 from strategies.token_sharded import TokenShards
 
@@ -91,11 +92,11 @@ class LayoutPass:
         """Y = X·Wᵀ in ``mode``; ``x`` (logical width ``width``) arrives in ``state`` and is moved first."""
         x = self.move(x, state, NEEDS[mode], width)
         if mode not in FULL_WEIGHT:  # a shard (or a transposed shard): its split matches the input's
-            return x @ weight.T, GIVES[mode]
+            return linear(x, weight), GIVES[mode]
         if name in SPLIT_BY_OUTPUT:  # whole matrix as p blocks of output features: outputs in canonical order
-            return torch.cat([x @ blk.T for blk in weight], dim=-1), GIVES[mode]
+            return torch.cat([linear(x, blk) for blk in weight], dim=-1), GIVES[mode]
         k = x.shape[1] // len(weight)  # blocks of input features: sum the blocks' products
-        y = x[:, :k] @ weight[0].T
+        y = linear(x[:, :k], weight[0])
         for j in range(1, len(weight)):
             y = y.addmm(x[:, j * k:(j + 1) * k], weight[j].T)
         return y, GIVES[mode]

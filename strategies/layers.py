@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from strategies.comm import Comm
+from strategies.packed import Weight, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,9 +82,9 @@ def embed_partial(embed_shard: torch.Tensor, ids: torch.Tensor, rank: int) -> to
     return out * mine[:, None].to(out.dtype)
 
 
-def lm_head_logits(comm: Comm, lm_head_shard: torch.Tensor, h: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def lm_head_logits(comm: Comm, lm_head_shard: Weight, h: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Vocab-parallel LM head: each rank scores its vocab slice, then the slices are gathered. h: [B, E] replicated."""
-    local = h @ lm_head_shard.T  # [B, V/p]
+    local = linear(h, lm_head_shard)  # [B, V/p]
     gathered = comm.all_gather(local)  # <- all-gather of logits [p, B, V/p]
     return gathered.permute(1, 0, 2).reshape(h.shape[0], -1)[:, :vocab_size]
 

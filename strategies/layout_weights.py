@@ -24,9 +24,10 @@ import torch
 from strategies.comm import Comm
 from strategies.layout import (HELD_WHOLE, MATRICES, SPLIT_BY_OUTPUT, Candidate, Mode, adjacent, feature_width,
                                transposed)
+from strategies.packed import PackedLinear, Weight, pack
 from strategies.sharding import RankWeights
 
-Blocks = Sequence[torch.Tensor]  # the whole matrix as its p rank blocks (a [p, rows, cols] tensor or a list)
+Blocks = Sequence[Weight]  # the whole matrix as its p rank blocks (a [p, rows, cols] tensor or a list)
 
 
 class StrategyUnavailable(ValueError):
@@ -51,6 +52,12 @@ class LayoutWeights:
         self.built: dict[tuple[str, str], list[torch.Tensor]] = {}  # extra -> per layer tensor
         self.buffers: list[torch.Tensor] = []  # two flat gather buffers of p·n, n the most a layout gathers
         self.send: torch.Tensor | None = None  # packed gathered shards when they are not adjacent in the flat buffer
+        self.packed: dict[tuple[int, str], PackedLinear] = {}  # (layer, matrix) -> the shard prepacked for the GEMM
+
+    def pack_shards(self) -> None:
+        """Prepack every resident shard for the CPU's GEMM (``strategies/packed.py``): the passes that multiply by a
+        shard as it is (every matrix at p = 1, Megatron's and the other layouts' sharded modes) use the packed copy."""
+        self.packed = {(i, m): pack(self.shard(i, m)) for i in range(len(self.w.layers)) for m in MATRICES}
 
     # -- memory ------------------------------------------------------------------------------------------------------
 
@@ -112,12 +119,17 @@ class LayoutWeights:
         other = sum(t.numel() for (k, _), ts in self.built.items() if k == "transposed" for t in ts) * size
         buffers = sum(b.numel() * b.element_size() for b in self.buffers)
         send = self.send.numel() * self.send.element_size() if self.send is not None else 0
-        return {"replicas": replicas, "transposed": other, "gather_buffer": buffers + send}
+        return {"replicas": replicas, "transposed": other, "gather_buffer": buffers + send,
+                "packed": sum(x.nbytes for x in self.packed.values())}
 
     # -- what a forward pass reads -----------------------------------------------------------------------------------
 
     def shard(self, i: int, m: str) -> torch.Tensor:
         return self.w.block(self.w.layers[i].flat, m)
+
+    def _computed(self, i: int, m: str) -> Weight:
+        """The shard as a matmul multiplies by it: its packed copy where there is one."""
+        return self.packed.get((i, m)) or self.shard(i, m)
 
     def layers(self, c: Candidate) -> Iterator[dict[str, torch.Tensor | Blocks]]:
         """Per layer, each matrix as its mode computes with it: the shard, the transposed shard, or the whole matrix
@@ -140,14 +152,14 @@ class LayoutWeights:
                 if m in mats:
                     continue
                 if self.p == 1:
-                    mats[m] = self.shard(i, m)[None] if mode not in (Mode.COL, Mode.ROW) else self.shard(i, m)
+                    mats[m] = [self._computed(i, m)] if mode not in (Mode.COL, Mode.ROW) else self._computed(i, m)
                 elif mode in HELD_WHOLE:
                     others = list(self.built[("replica", m)][i])
                     mats[m] = others[:self.rank] + [self.shard(i, m)] + others[self.rank:]
                 elif transposed(m, mode):
                     mats[m] = self.built[("transposed", m)][i]
                 else:
-                    mats[m] = self.shard(i, m)
+                    mats[m] = self._computed(i, m)
             yield mats
 
     def _gather(self, i: int, gathered: list[str]):

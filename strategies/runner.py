@@ -15,6 +15,7 @@ from strategies.layers import Rotary, lm_head_logits
 from strategies.layout import REP, STRATEGY_NAMES, parse_layout
 from strategies.layout_weights import LayoutWeights, StrategyUnavailable
 from strategies.loader import Checkpoint
+from strategies.packed import PackedLinear, Weight, can_pack, pack
 from strategies.sharding import RankWeights, load_rank_weights
 
 
@@ -24,7 +25,8 @@ class ShardRunner:
 
     def __init__(self, model: str, comm: Comm, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  replica_budget_bytes: int = 0, weights: RankWeights | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None, balanced: bool = True):
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None, balanced: bool = True,
+                 pack_weights: bool = True):
         self.comm = comm
         ckpt = Checkpoint(model)
         # ``weights``: shards already loaded elsewhere (the node's shared copy, placement/weight_store.py)
@@ -35,6 +37,10 @@ class ShardRunner:
         self.balanced = balanced  # zigzag token shards (False: contiguous, the benchmark's baseline)
         self.cache: PagedKVCache | None = None
         self.sources = LayoutWeights(self.weights, comm, replica_budget_bytes)
+        self.lm_head: Weight = self.weights.lm_head
+        if pack_weights and can_pack(self.device, dtype):  # the GEMMs' fast layout (strategies/packed.py)
+            self.sources.pack_shards()
+            self.lm_head = pack(self.weights.lm_head)
         if num_blocks:
             self.allocate_kv(num_blocks)
 
@@ -100,7 +106,7 @@ class ShardRunner:
                 rows = hidden if wanted is None else hidden[wanted]
             else:
                 rows = self._collect_rows(hidden, run.tok, wanted)
-            return lm_head_logits(self.comm, self.weights.lm_head, rows, self.shape.vocab_size)
+            return lm_head_logits(self.comm, self.lm_head, rows, self.shape.vocab_size)
 
     def collectives(self, chunks: list[Chunk], strategy: str) -> tuple[torch.Tensor, list[tuple[str, int]]]:
         """One serving forward pass of ``strategy``: its logits, and the collectives it issued as (kind, bytes of the
@@ -146,10 +152,12 @@ class ShardRunner:
         return str(self.dtype).removeprefix("torch.")
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes this rank holds: resident shards, gather buffers, replicas and transposed shards (if built), the KV
-        cache's blocks."""
-        return {"weights": self.weights.nbytes(), **self.sources.nbytes(),
-                "kv_cache": self.cache.nbytes() if self.cache is not None else 0}
+        """Bytes this rank holds: resident shards, gather buffers, replicas and transposed shards (if built), the
+        shards' and LM head's packed copies (if packed), the KV cache's blocks."""
+        report = {"weights": self.weights.nbytes(), **self.sources.nbytes(),
+                  "kv_cache": self.cache.nbytes() if self.cache is not None else 0}
+        report["packed"] += self.lm_head.nbytes if isinstance(self.lm_head, PackedLinear) else 0
+        return report
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
