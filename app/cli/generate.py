@@ -70,6 +70,8 @@ def generate(args: argparse.Namespace) -> int:
     from app.engine.sampling import SamplingParams
     from app.serve.errors import validation_message
 
+    if args.max_tokens < 1:  # the engine takes 0 (a prompt scored only, over HTTP); generate prints what it generates
+        raise ValueError("max_tokens must be at least 1")
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop)
