@@ -18,7 +18,7 @@ import httpx
 from tqdm import tqdm
 
 from load_tests.metrics import RequestRecord
-from strategies.cost.workloads import Request
+from cost.workloads import Request
 
 
 class PromptMaker:

@@ -18,7 +18,7 @@ import time
 import torch
 
 from app.cli.format import markdown_table, positive_ints, spread
-from app.cli.bench_runs import machine, random_prompt
+from load_tests.engine_runs import machine, random_prompt
 from load_tests.compare import rotated
 
 

@@ -41,7 +41,7 @@ def served(model: str, prompts: list[str], max_tokens: int, port: int) -> tuple[
     from ray import serve
 
     from load_tests.client import run_load
-    from strategies.cost.workloads import Request
+    from cost.workloads import Request
 
     app = build_app("app.serve.app:build_app", {
         "model": model, "shared_weights": False, "policy": "static:megatron", "graceful_shutdown_s": 2,

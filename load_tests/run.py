@@ -37,7 +37,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 def build_requests(args: argparse.Namespace):
     """The workload's (prompt, output) lengths, scaled to this server, and prompts of exactly those lengths."""
     from load_tests.client import PromptMaker
-    from strategies.cost.workloads import workload
+    from cost.workloads import workload
     from strategies.loader import Checkpoint
 
     reqs = workload(args.workload, requests=args.num_requests, rate=args.rate if args.rate not in (None, float("inf"))

@@ -61,7 +61,7 @@ def engine_point(engine, prompts: list[str], max_tokens: int, concurrency: int) 
 def service_point(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, stream: bool,
                   timeout_s: float) -> dict:
     from load_tests.client import run_load
-    from strategies.cost.workloads import Request
+    from cost.workloads import Request
 
     reqs = [Request(arrival_s=0, prompt_tokens=1, output_tokens=max_tokens) for _ in prompts]
     records, wall = asyncio.run(run_load(url, model, reqs, prompts, concurrency=concurrency, progress=False,

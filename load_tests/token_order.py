@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.cli.bench_runs import random_prompt, runner_kwargs, whole
+from load_tests.engine_runs import random_prompt, runner_kwargs, whole
 from app.cli.format import markdown_table, spread
 from placement.calibrate import timed
 

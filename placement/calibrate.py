@@ -7,8 +7,8 @@ prefill sees: p workers, each with its share of the cores, busy at the same time
 - scaled-dot-product causal attention, the quadratic part of a prefill, as FLOP/s by sequence length;
 - a large elementwise kernel (memory bandwidth) and a tiny one (per-kernel overhead κ);
 - all-reduce, all-gather, reduce-scatter and all-to-all over a range of sizes, fitted to t = steps·α + bytes/β with
-  the same ring formulas the cost model uses (``strategies.cost.formulas``).
-``build_profile`` turns the ranks' answers into the ``CalibrationProfile`` that ``get_hardware`` applies.
+  the same ring formulas the cost model uses (``cost.formulas``).
+``cost.fit.build_profile`` turns the ranks' answers into the ``CalibrationProfile`` that ``get_hardware`` applies.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from strategies.loader import DTYPES
 
 GEMM_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
 ATTENTION_LENGTHS = (16, 64, 256, 1024, 4096)
@@ -223,35 +222,6 @@ def measure_collectives(timer: Timer, sizes: Sequence[int]) -> dict[str, list[di
     return out
 
 
-def _relative_fit(xs: Sequence[float], ts: Sequence[float]) -> tuple[float, float]:
-    """(a, b) minimising Σ((a + b·x − t)/t)²: relative errors, so sizes spanning decades weigh alike."""
-    w = [1 / t**2 for t in ts]
-    sw, sx, st = sum(w), sum(wi * x for wi, x in zip(w, xs)), sum(wi * t for wi, t in zip(w, ts))
-    sxx = sum(wi * x * x for wi, x in zip(w, xs))
-    sxt = sum(wi * x * t for wi, x, t in zip(w, xs, ts))
-    slope = (sw * sxt - sx * st) / (sw * sxx - sx * sx)
-    return (st - slope * sx) / sw, slope
-
-
-def fit_alpha_beta(kind: str, p: int, samples: Sequence[dict]) -> dict:
-    """Least-squares t = steps·α + bytes_per_device/β (ring formulas of the cost model), α ≥ 0."""
-    from strategies.cost.formulas import Collective
-
-    probe = Collective("fit", kind, 1.0)
-    xs = [probe.bytes_per_device(p) * s["bytes"] for s in samples]
-    ts = [s["seconds"] for s in samples]
-    steps = probe.steps(p)
-    if len(xs) == 1:
-        return {"latency_us": 0.0, "bandwidth_gbs": xs[0] / ts[0] / 1e9}
-    intercept, slope = _relative_fit(xs, ts)
-    if slope <= 0:  # noise swamped the size effect: all latency, bandwidth from the largest size
-        slope = ts[-1] / xs[-1]
-    if intercept < 0:  # through the origin, same weighting
-        intercept = 0.0
-        slope = sum(x / t for x, t in zip(xs, ts)) / sum((x / t) ** 2 for x, t in zip(xs, ts))
-    return {"latency_us": intercept / steps * 1e6, "bandwidth_gbs": 1 / slope / 1e9}
-
-
 def measure_overlap(timer: Timer, matrices: Sequence[torch.Tensor], flat: torch.Tensor, rows: int = 256) -> dict:
     """How much of a prefetched weight all-gather hides behind compute, as ``weight_gathered`` overlaps them:
     (t_gemm + t_gather − t_both) / min(t_gemm, t_gather), clipped to [0, 1]. 1 on GPUs (copy engines); on a CPU whose
@@ -323,58 +293,6 @@ def local_forward_time(runner, timer: Timer, tokens: int = 1) -> float:
             lm_head_logits(local, runner.weights.lm_head, h[-1:], runner.shape.vocab_size)
 
     return timer(step)
-
-
-def fit_overheads(shape, hw, devices: int, context: int, local_s: float, decode_s: float) -> tuple[float, float]:
-    """(κ µs per compute op, sync µs per blocking collective) that make the cost model's megatron decode step take
-    ``local_s`` without its collectives and ``decode_s`` with them.
-
-    A one-token forward is almost all overhead: Python dispatch per op (κ; the tiny-kernel microbenchmark does not
-    see it) and, between p ranks, waiting at each collective for the slowest rank plus the driver's call into the
-    workers (sync), beyond the collectives' own α/β."""
-    from strategies.cost import check_devices
-    from strategies.cost.formulas import Collective, Compute, Work, collective_time, compute_time
-    from strategies.cost.layouts import end_ops, layer_ops
-    from strategies.cost.search import STRATEGIES
-
-    bare = hw.model_copy(update={"launch_overhead_us": 0.0, "sync_overhead_us": 0.0})
-    padded = check_devices(shape, devices).padded_shape(shape)
-    work, c, b, n = Work.decode([context]), STRATEGIES["megatron"], hw.bytes_per_element, shape.num_layers
-    layer, end = layer_ops(c, padded, devices, work, b), end_ops(c, padded, devices, work, b)
-    ops = [*layer * n, *end]
-    computes = [o for o in ops if isinstance(o, Compute)]
-    blocking = [o for o in ops if isinstance(o, Collective) and not o.prefetched]
-    kappa = max(0.0, local_s - sum(compute_time(o, bare) for o in computes)) / len(computes)
-    comm = sum(collective_time(o, bare, devices) for o in blocking)
-    sync = max(0.0, decode_s - local_s - comm) / len(blocking) if blocking and devices > 1 else 0.0
-    return max(hw.launch_overhead_us, kappa * 1e6), sync * 1e6
-
-
-def build_profile(hardware: str, devices: int, measured: dict, dtype: str = "float32", shape=None):
-    """A ``CalibrationProfile`` from ``measure_rank``'s answer (collectives fitted to α/β per kind); with the model
-    ``shape``, a measured ``decode_step`` (seconds at ``decode_context``, from the driver) and ``local_step`` (the
-    same step without collectives, inside the workers), κ and the sync overhead are fitted to them."""
-    import datetime
-    import socket
-
-    from strategies.cost.hardware import CalibrationProfile, get_hardware
-
-    profile = CalibrationProfile(
-        hardware=hardware, devices=devices, dtype=dtype, bytes_per_element=torch.empty(0, dtype=DTYPES[dtype])
-        .element_size(), host=socket.gethostname(), created=datetime.datetime.now().isoformat(timespec="seconds"),
-        gemm=tuple({"rows": g["rows"], "tflops": g["tflops"]} for g in measured["gemm"]),
-        attention=tuple({"rows": a["rows"], "tflops": a["tflops"]} for a in measured["attention"]["causal"]),
-        attention_sharded=tuple({"rows": a["rows"], "tflops": a["tflops"]} for a in measured["attention"]["sharded"]),
-        memory_bandwidth_gbs=measured["memory_bandwidth_gbs"], launch_overhead_us=measured["launch_overhead_us"],
-        prefetch_overlap=measured.get("prefetch_overlap"),
-        collectives={k: fit_alpha_beta(k, devices, v) for k, v in measured["collectives"].items()},
-    )
-    if shape is not None and measured.get("decode_step"):
-        hw = get_hardware(hardware, use_profile=False).calibrated(profile)
-        kappa, sync = fit_overheads(shape, hw, devices, measured["decode_context"], measured["local_step"],
-                                    measured["decode_step"])
-        profile = profile.model_copy(update={"launch_overhead_us": kappa, "sync_overhead_us": sync})
-    return profile
 
 
 def calibrate_runner(runner, spec: dict) -> dict:

@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from strategies.cost import Hardware, HardwareError, load_catalog
+from cost import Hardware, HardwareError, load_catalog
 
 def catalog_entry(device_name: str, catalog: Mapping[str, Hardware]) -> str:
     """The catalog entry a GPU reporting ``device_name`` (``torch.cuda.get_device_name()``) is: the entry with the
@@ -24,7 +24,7 @@ def catalog_entry(device_name: str, catalog: Mapping[str, Hardware]) -> str:
         raise HardwareError(
             f"GPU {device_name!r} is not in the hardware catalog: add an entry naming it (\"detection_names\": "
             f"[a substring of {device_name!r}], \"accelerator_type\": Ray's name of it, and its figures, as in "
-            f"strategies/cost/hardware.json) to a JSON file named by DYNPART_HARDWARE, or set the pool's `hardware`")
+            f"cost/hardware.json) to a JSON file named by DYNPART_HARDWARE, or set the pool's `hardware`")
     longest = max(matches, key=len)
     entries = list(dict.fromkeys(matches[longest]))
     if len(entries) > 1:

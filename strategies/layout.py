@@ -3,7 +3,7 @@
 A layout (``Candidate``) says, for one transformer layer, in which state the residual stream lives (REP: every device
 holds every token; TOK: each device holds its token shard) and how each matrix and attention run (``Mode``, ``Attn``).
 Wherever a producer leaves its activations in a state the consumer cannot use, the one collective in
-``TRANSITIONS`` converts them: the cost model (``strategies/cost/layouts.py``) prices exactly those collectives and
+``TRANSITIONS`` converts them: the cost model (``cost/layouts.py``) prices exactly those collectives and
 the executor (``strategies/executor.py``) issues exactly those, so a layout is the unit both price and run. The three
 named strategies are three named layouts; any other valid label runs too.
 

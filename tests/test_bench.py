@@ -8,7 +8,7 @@ import json
 import pytest
 
 from app.cli.main import main
-from placement.calibrate import fit_alpha_beta
+from cost.fit import fit_alpha_beta
 
 
 def _run(capsys, argv: list[str]) -> dict:
@@ -25,7 +25,7 @@ def test_alpha_beta_fit_recovers_a_ring_collective():
 
 
 def test_calibrate_writes_a_profile_the_planner_uses(ray_session, tiny_models, tmp_path, monkeypatch, capsys):
-    from strategies.cost import get_hardware, plan_prefill
+    from cost import get_hardware, plan_prefill
     from strategies.loader import Checkpoint
 
     monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))
@@ -45,7 +45,7 @@ def test_calibrate_writes_a_profile_the_planner_uses(ray_session, tiny_models, t
 
 def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models, tmp_path, monkeypatch, capsys):
     from app.cli.bench import format_accuracy, format_strategies
-    from strategies.cost import get_hardware, plan_prefill
+    from cost import get_hardware, plan_prefill
     from strategies.layout import STRATEGY_NAMES
     from strategies.shapes import ModelShape
 

@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from strategies.cost.formulas import Collective, Work, collective_time, compute_time, gemm, ops_time, split_time
-from strategies.cost.hardware import (CalibrationProfile, GemmSample, Hardware, HardwareError, Link, get_hardware,
-                                      load_catalog, save_profile)
-from strategies.cost.layouts import layer_ops, resident_bytes
-from strategies.cost.search import STRATEGIES, layer_costs
+from cost.formulas import Collective, Work, collective_time, compute_time, gemm, ops_time, split_time
+from cost.hardware import (CalibrationProfile, GemmSample, Hardware, HardwareError, Link, get_hardware,
+                           load_catalog, save_profile)
+from cost.layouts import layer_ops, resident_bytes
+from cost.search import STRATEGIES, layer_costs
 from strategies.layout import check_devices
 from strategies.shapes import CATALOG
 
@@ -226,8 +226,8 @@ def test_check_devices_pads_replicates_and_refuses():
 def test_weight_gathered_is_priced_one_weight_gather_per_layer_as_the_engine_issues():
     """The engine all-gathers a layer's flat shard buffer once (all four matrices); the model charged four gathers
     (four latency terms) before."""
-    from strategies.cost.layouts import layer_ops, matrix_dims
-    from strategies.cost.search import STRATEGIES
+    from cost.layouts import layer_ops, matrix_dims
+    from cost.search import STRATEGIES
 
     b = 2
     ops = layer_ops(STRATEGIES["weight_gathered"], LLAMA7, 4, Work.prefill(1024), b)

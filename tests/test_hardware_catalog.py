@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from app.serve.config import AppConfig, PoolConfig
 from placement.hardware import catalog_entry, detect_hardware
-from strategies.cost import HardwareError, get_hardware, load_catalog
-from strategies.cost.hardware import CATALOG_FILE, CalibrationProfile, GemmSample
+from cost import HardwareError, get_hardware, load_catalog
+from cost.hardware import CATALOG_FILE, CalibrationProfile, GemmSample
 
 RAY_TYPES = {v for k, v in vars(ray_accelerators).items() if k.isupper() and isinstance(v, str)}
 BUILT_IN = json.loads(CATALOG_FILE.read_text())["devices"]

@@ -21,10 +21,10 @@ from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logit
 from test_partitioned import block_tables, runner_kwargs
 
 from placement.workers import start_group
-from strategies.cost import get_hardware
-from strategies.cost.formulas import Collective, Work
-from strategies.cost.layouts import end_ops, layer_ops, resident_bytes
-from strategies.cost.planner import executable_layouts
+from cost import get_hardware
+from cost.formulas import Collective, Work
+from cost.layouts import end_ops, layer_ops, resident_bytes
+from cost.planner import executable_layouts
 from strategies.kv_cache import Chunk
 from strategies.layout import MEGATRON, check_devices, check_strategy, parse_layout
 from strategies.loader import Checkpoint

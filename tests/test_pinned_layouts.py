@@ -61,8 +61,8 @@ def test_a_pinned_layout_no_pool_can_hold_is_a_400_not_an_overload(chat_tiny):
     from app.serve.errors import api_error
     from app.serve.dispatch import PoolHandles
     from app.serve.router import Router
-    from strategies.cost.formulas import Work
-    from strategies.cost.planner import DEFAULT_UTILIZATION, memory_row
+    from cost.formulas import Work
+    from cost.planner import DEFAULT_UTILIZATION, memory_row
 
     async def info():
         return {"available": list(STRATEGY_NAMES)}

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from app.cli.main import main
-from strategies.cost import get_hardware, plan, plan_decode, plan_prefill, search
-from strategies.cost.formulas import Collective, Work, collective_time
-from strategies.cost.layouts import model_time
-from strategies.cost.planner import DEFAULT_UTILIZATION, memory_row, plot_plan
-from strategies.cost.search import STRATEGIES, pareto_indices
+from cost import get_hardware, plan, plan_decode, plan_prefill, search
+from cost.formulas import Collective, Work, collective_time
+from cost.layouts import model_time
+from cost.planner import DEFAULT_UTILIZATION, memory_row
+from cost.report import plot_plan
+from cost.search import STRATEGIES, pareto_indices
 from strategies.shapes import CATALOG
 
 L4, A100 = get_hardware("L4"), get_hardware("A100-80GB-SXM")
@@ -157,7 +158,7 @@ def test_plot_file_is_written(tmp_path):
 
 def test_plot_draws_every_front_member_the_planner_offers(tmp_path):
     """``dynpart plan --plot`` (front, the default): a line per layout the engine offers, not only the named three."""
-    from strategies.cost.planner import executable_layouts
+    from cost.planner import executable_layouts
     from strategies.layout import parse_layout
 
     offered = executable_layouts(LLAMA7, L4, 4)
@@ -198,7 +199,7 @@ def test_a_step_prices_the_decode_pass_that_a_non_megatron_chunk_adds():
     """Decode tokens in a step run megatron: merged into a megatron chunk's pass, or in a second pass after a
     token-sharded chunk. The step's choice weighs that second pass, so enough decoding sequences turn a chunk the
     planner gives to a token-sharded strategy alone over to megatron."""
-    from strategies.cost import decode_step_time, plan_step
+    from cost import decode_step_time, plan_step
 
     alone = plan_prefill(LLAMA7, L4, 4, [1024])
     assert alone.strategy != "megatron"
@@ -219,7 +220,7 @@ def test_a_step_prices_the_decode_pass_that_a_non_megatron_chunk_adds():
 def test_the_planner_picks_from_the_whole_executable_front(capsys, tmp_path, monkeypatch):
     """13B on 4×L4: the front's partially replicated layouts fit where projection_replicated does not, and the planner
     takes one of them for long prompts; ``dynpart plan`` names it; the engine's contenders contain every choice."""
-    from strategies.cost.planner import contenders, executable_layouts
+    from cost.planner import contenders, executable_layouts
 
     monkeypatch.setenv("DYNPART_CACHE", str(tmp_path))
     front = executable_layouts(LLAMA13, L4, 4)

@@ -121,7 +121,7 @@ def test_pool_pricing_credits_the_cached_prefix(chat_tiny):
     from app.serve.config import AppConfig
     from app.serve.dispatch import PoolHandles
     from app.serve.router import Router
-    from strategies.cost import plan_prefill
+    from cost import plan_prefill
 
     async def info():
         return {"available": ["megatron"]}

@@ -13,7 +13,7 @@ from app.engine.messages import EngineLoad
 from app.serve import pricing
 from app.serve.config import PoolConfig
 from app.serve.pricing import PoolLoad, backlog, cached_tokens, decode_step_s, predicted_ttft, prefix_capacity, price
-from strategies.cost import decode_step_time, get_hardware, plan_prefill
+from cost import decode_step_time, get_hardware, plan_prefill
 from strategies.shapes import model_shape
 
 SHAPE = model_shape("smollm2-135m")

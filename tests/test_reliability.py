@@ -87,7 +87,7 @@ def assert_openai_error(r: httpx.Response) -> dict:
 def test_a_static_policy_prefills_every_request_its_way(http, chat_tiny):
     """Under ``static:weight_gathered`` a prompt the planner would prefill another way still runs weight_gathered,
     and a request that names a strategy the replica built at start gets the one it names (any other is a 400)."""
-    from strategies.cost import get_hardware, plan_prefill
+    from cost import get_hardware, plan_prefill
     from strategies.loader import Checkpoint
 
     ckpt = Checkpoint(chat_tiny)

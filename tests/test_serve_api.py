@@ -19,7 +19,7 @@ import pytest
 from conftest import deployed, http_client, reference_greedy
 from conftest import grpc_stub as stub_for
 
-from strategies.cost import get_hardware, plan_prefill
+from cost import get_hardware, plan_prefill
 from strategies.layout import STRATEGY_NAMES
 from strategies.loader import Checkpoint
 

@@ -22,9 +22,9 @@ import yaml
 
 from app.cli.demo import serve_run
 from placement.workers import free_port
-from strategies.cost import get_hardware, plan_prefill
-from strategies.cost.layouts import resident_bytes
-from strategies.cost.planner import contenders, executable_layouts
+from cost import get_hardware, plan_prefill
+from cost.layouts import resident_bytes
+from cost.planner import contenders, executable_layouts
 from strategies.layout import check_devices, parse_layout
 from strategies.loader import Checkpoint
 

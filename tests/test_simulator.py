@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from app.cli.main import main
-from strategies.cost import get_hardware
-from strategies.cost.simulator import POLICIES, SLO, Pool, run_policy, simulate
-from strategies.cost.workloads import Request, builtin_workload, load_trace
+from cost import get_hardware
+from cost.simulator import POLICIES, SLO, Pool, run_policy, simulate
+from cost.workloads import Request, builtin_workload, load_trace
 from strategies.shapes import CATALOG
 
 LLAMA7, LLAMA13 = CATALOG["llama2-7b"], CATALOG["llama2-13b"]

@@ -1,6 +1,6 @@
 """``dynpart bench engine | strategies | accuracy`` and ``dynpart calibrate``: measure this machine.
 
-Thin: parsing, progress and tables; the measurements live in ``app.cli.bench_runs`` and ``placement.calibrate``.
+Thin: parsing, progress and tables; the measurements live in ``load_tests.engine_runs`` and ``placement.calibrate``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _machine_line(m: dict) -> str:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    from app.cli.bench_runs import bench_engine
+    from load_tests.engine_runs import bench_engine
 
     lengths = positive_ints(args.lengths, "lengths")
     bar, step = progress(len(lengths) + 1)
@@ -111,7 +111,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def _measure_strategies(args: argparse.Namespace) -> dict:
-    from app.cli.bench_runs import bench_strategies
+    from load_tests.engine_runs import bench_strategies
 
     lengths = positive_ints(args.lengths, "lengths")
     handoff = not args.no_handoff and args.devices > 1
@@ -123,8 +123,8 @@ def _measure_strategies(args: argparse.Namespace) -> dict:
 
 
 def _layouts(args: argparse.Namespace) -> list[str]:
-    from strategies.cost import get_hardware
-    from strategies.cost.planner import contenders, executable_layouts
+    from cost import get_hardware
+    from cost.planner import contenders, executable_layouts
     from strategies.layout import STRATEGY_NAMES, check_strategy
     from strategies.loader import Checkpoint
 
@@ -165,8 +165,8 @@ def format_strategies(res: dict) -> str:
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    from app.cli.bench_runs import accuracy
-    from strategies.cost import get_hardware
+    from load_tests.engine_runs import accuracy
+    from cost import get_hardware
 
     hw = get_hardware(args.hardware)
     if args.measured:
@@ -207,8 +207,8 @@ def format_accuracy(res: dict) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from app.cli.bench_runs import calibrate
-    from strategies.cost import get_hardware, save_profile
+    from load_tests.engine_runs import calibrate
+    from cost import get_hardware, save_profile
 
     get_hardware(args.hardware, use_profile=False)  # a bad name fails before any worker starts
     spec = {"repeats": args.repeats, "quiet_wait": args.quiet_wait}

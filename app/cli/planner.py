@@ -1,6 +1,6 @@
 """``dynpart search | plan | simulate``: the cost model's answers, printed for people or as JSON for tools.
 
-Thin: parsing and formatting only; every number comes from ``strategies.cost``. matplotlib is imported only by
+Thin: parsing and formatting only; every number comes from ``cost``. matplotlib is imported only by
 ``plan --plot``.
 """
 
@@ -55,7 +55,7 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace):
-    from strategies.cost import check_devices, get_hardware
+    from cost import check_devices, get_hardware
     from strategies.shapes import model_shape
 
     shape = model_shape(args.model)
@@ -65,7 +65,7 @@ def _resolve(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from strategies.cost import search
+    from cost import search
 
     shape, hw = _resolve(args)
     res = search(shape, hw, args.devices, tuple(positive_ints(args.tokens, "tokens")))
@@ -95,15 +95,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from strategies.cost import STRATEGIES, plan
-    from strategies.cost.planner import executable_layouts
+    from cost import STRATEGIES, plan
+    from cost.planner import executable_layouts
 
     shape, hw = _resolve(args)
     lengths = positive_ints(args.lengths, "lengths") if args.lengths else None
     layouts = executable_layouts(shape, hw, args.devices) if args.layouts == "front" else None
     rep = plan(shape, hw, args.devices, lengths, available=layouts)
     if args.plot:
-        from strategies.cost.planner import plot_plan
+        from cost.report import plot_plan
 
         plot_plan(rep, args.plot)
     if args.json:
@@ -137,8 +137,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _pool(spec: str, hardware_files: list[str]):
-    from strategies.cost import get_hardware
-    from strategies.cost.simulator import Pool
+    from cost import get_hardware
+    from cost.simulator import Pool
 
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not all(x.isdigit() and int(x) > 0 for x in parts[1:]):
@@ -148,9 +148,9 @@ def _pool(spec: str, hardware_files: list[str]):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from strategies.cost import check_devices
-    from strategies.cost.simulator import SLO, simulate
-    from strategies.cost.workloads import workload
+    from cost import check_devices
+    from cost.simulator import SLO, simulate
+    from cost.workloads import workload
     from strategies.shapes import model_shape
 
     shape = model_shape(args.model)

@@ -13,9 +13,9 @@ from app.engine.llm_engine import LLMEngine
 from placement.group import Group, RunnerSettings
 from placement.hardware import detect_hardware
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
-from strategies.cost import decode_step_time, get_hardware, plan_prefill, plan_step
-from strategies.cost.formulas import Work
-from strategies.cost.planner import contenders, executable_layouts, memory_row
+from cost import decode_step_time, get_hardware, plan_prefill, plan_step
+from cost.formulas import Work
+from cost.planner import contenders, executable_layouts, memory_row
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE
 from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.loader import DEFAULT_MODEL, Checkpoint

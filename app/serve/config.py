@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from app.engine.build import EngineFields, EngineOptions
 from placement.workers import DEVICE_RESOURCE, actor_resources
-from strategies.cost import Hardware, get_hardware
+from cost import Hardware, get_hardware
 from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import DEFAULT_MODEL
 

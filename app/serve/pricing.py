@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from app.engine.build import guessed_step_s
 from app.engine.messages import EngineLoad
-from strategies.cost import Hardware, decode_step_time, plan_prefill
+from cost import Hardware, decode_step_time, plan_prefill
 from strategies.shapes import ModelShape
 
 if TYPE_CHECKING:

@@ -269,7 +269,8 @@ def measure_handoff(prefill_group, decode_group, ids: list[int], repeats: int) -
 def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict, object]:
     """Run the measurements inside ``devices`` shard workers holding ``model``, plus a timed megatron decode step
     from the driver (what κ is fitted to); return (raw measurements, CalibrationProfile)."""
-    from placement.calibrate import build_profile, calibrate_runner
+    from cost.fit import build_profile
+    from placement.calibrate import calibrate_runner
     from placement.workers import start_group
     from strategies.loader import Checkpoint
 
@@ -295,13 +296,13 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
         raw |= {"decode_step": step["median_s"], "decode_context": context + step["samples"] // 2}
     finally:
         group.shutdown()
-    return raw, build_profile(hardware, devices, raw, shape=shape)
+    return raw, build_profile(hardware, devices, raw, torch.float32.itemsize, shape=shape)
 
 
 def accuracy(measured: dict, hardware) -> dict:
     """The planner against a ``bench_strategies`` result: predicted vs measured seconds per strategy and length
     (absolute percentage error), and the regret of the planner's choice against the measured best per length."""
-    from strategies.cost import plan_prefill
+    from cost import plan_prefill
     from strategies.shapes import ModelShape
 
     shape = ModelShape(**measured["shape"])

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-from strategies.cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped, split_time
-from strategies.cost.hardware import Hardware
+from cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped, split_time
+from cost.hardware import Hardware
 from strategies.layout import (ATTN_STATE, FEAT, GIVES, HELD_WHOLE, MATRICES, NEEDS, PSUM, REP, TOK, TRANSITIONS, Attn,
                                Candidate, Mode, adjacent, feature_width, token_chunk,
                                transposed)

@@ -14,9 +14,9 @@ import itertools
 import numpy as np
 from pydantic import BaseModel
 
-from strategies.cost.formulas import Collective, Compute, Work, ops_time
-from strategies.cost.hardware import Hardware
-from strategies.cost.layouts import REP, TOK, Attn, Candidate, Mode, layer_ops, resident_bytes
+from cost.formulas import Collective, Compute, Work, ops_time
+from cost.hardware import Hardware
+from cost.layouts import REP, TOK, Attn, Candidate, Mode, layer_ops, resident_bytes
 from strategies.layout import STRATEGY_NAMES, check_devices
 from strategies.shapes import ModelShape
 

@@ -1,4 +1,6 @@
-"""Cost model, Pareto search, planner and cluster simulator.
+"""The cost model: formulas, hardware catalog and calibration fitting, Pareto search, planner (run time and report)
+and cluster simulator. It prices the model math of ``strategies`` without importing it: the two share only the layout
+vocabulary (``strategies.layout``) and model shapes (``strategies.shapes``).
 
 What the engine and the Serve ingress call:
 - ``check_devices(shape, p)``: the shard layout for p devices, or ValueError saying why p cannot split the model;
@@ -11,11 +13,10 @@ What the engine and the Serve ingress call:
 - ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time.
 """
 
-from strategies.cost.hardware import (CalibrationProfile, Hardware, HardwareError, get_hardware, load_catalog,
-                                      save_profile)
-from strategies.cost.planner import (PlanChoice, PlanReport, decode_step_time, plan, plan_decode, plan_prefill,
-                                     plan_step)
-from strategies.cost.search import STRATEGIES, search
+from cost.hardware import CalibrationProfile, Hardware, HardwareError, get_hardware, load_catalog, save_profile
+from cost.planner import PlanChoice, decode_step_time, plan_decode, plan_prefill, plan_step
+from cost.report import PlanReport, plan
+from cost.search import STRATEGIES, search
 from strategies.layout import ShardLayout, check_devices
 
 __all__ = ["CalibrationProfile", "Hardware", "HardwareError", "PlanChoice", "PlanReport", "STRATEGIES", "ShardLayout",

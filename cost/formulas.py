@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from strategies.cost.hardware import CollectiveKind, Hardware
+from cost.hardware import CollectiveKind, Hardware
 
 # Ring algorithms (NCCL's cost: each pass sends (p-1)/p of the tensor): bytes sent per device as a fraction of the
 # full tensor D, and the number of latency steps α.

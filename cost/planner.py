@@ -1,8 +1,8 @@
-"""The planner: which layout to prefill a batch with, and the full report behind that choice.
+"""The planner at run time: which layout an engine step or a request's prefill runs with, and what it costs.
 
-``plan_prefill`` is the one function the engine (per prefill batch) and the Serve ingress (per request and pool)
-call; ``plan`` sweeps input lengths for ``dynpart plan``. Both cost layouts with the same model the Pareto search
-uses, after the same device check the engine applies, and filter by memory. The layouts priced are the ``available``
+``plan_prefill`` / ``plan_step`` are what the engine (per step) and the Serve ingress (per request and pool) call;
+``cost.report`` sweeps input lengths for ``dynpart plan`` with the same functions. Both cost layouts with the same
+model the Pareto search uses, after the same device check the engine applies, and filter by memory. The layouts priced are the ``available``
 ones (strategy names or layout labels): by default the three named strategies; an engine offers the whole executable
 front (``executable_layouts``), of which it prices per step the members that win somewhere (``contenders``).
 """
@@ -15,19 +15,14 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from pydantic import BaseModel
 
-from strategies.cost.formulas import Work
-from strategies.cost.hardware import Hardware
-from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
-from strategies.cost.search import STRATEGIES, search
-from strategies.layout import STRATEGY_NAMES, ShardLayout, check_devices, parse_layout
+from cost.formulas import Work
+from cost.hardware import Hardware
+from cost.layouts import model_time, resident_bytes, workspace_bytes
+from cost.search import STRATEGIES, search
+from strategies.layout import STRATEGY_NAMES, check_devices, parse_layout
 from strategies.shapes import ModelShape
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 DEFAULT_UTILIZATION = 0.9  # fraction of device memory the engine may use (weights, buffers, activations, KV)
 
@@ -54,39 +49,6 @@ class MemoryRow(BaseModel):
     feasible: bool
 
 
-class LengthRow(BaseModel):
-    tokens: int
-    predicted_s: dict[str, float | None]
-    choice: str
-    megatron_over_choice: float  # speed-up of the choice over megatron
-
-
-class Crossover(BaseModel):
-    tokens: int  # first length at which ``to`` is chosen
-    before: str
-    after: str
-
-
-class DecodeRow(BaseModel):
-    batch: int
-    context: int
-    predicted_s: dict[str, float | None]
-    choice: str
-
-
-class PlanReport(BaseModel):
-    model: str
-    hardware: str
-    calibrated_from: str | None
-    devices: int
-    layout: ShardLayout
-    lengths: list[LengthRow]
-    crossovers: list[Crossover]
-    memory: list[MemoryRow]
-    memory_at_tokens: int
-    decode: list[DecodeRow]
-
-
 def memory_row(name: str, shape: ModelShape, hw: Hardware, p: int, work: Work,
                utilization: float = DEFAULT_UTILIZATION) -> MemoryRow:
     """Per-device memory a strategy needs for ``work``: weights (+ buffers/replicas), activations, and the K/V of
@@ -102,7 +64,7 @@ def memory_row(name: str, shape: ModelShape, hw: Hardware, p: int, work: Work,
 
 def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iterable[str] | None,
             utilization: float) -> PlanChoice:
-    names = _validate(available)
+    names = available_names(available)
     padded = check_devices(shape, p).padded_shape(shape)
     times: dict[str, float | None] = {}
     reasons: dict[str, str] = {}
@@ -124,7 +86,7 @@ def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iter
     return PlanChoice(strategy=best, tokens=work.tokens, predicted_s=times, reasons=reasons)
 
 
-def _validate(available: Iterable[str] | None) -> list[str]:
+def available_names(available: Iterable[str] | None) -> list[str]:
     """Canonical names of the available layouts (a named layout's label becomes its name); ValueError on a bad one."""
     return list(STRATEGY_NAMES) if available is None else list(dict.fromkeys(parse_layout(a).name for a in available))
 
@@ -133,7 +95,7 @@ def _memo(kind: str, key: object, compute: Callable[[], list[str]]) -> list[str]
     """``compute()``, remembered on disk by ``key`` and the cost model's own source (searching the front and the grid
     takes seconds; every engine replica of a pool would repeat it at start)."""
     root = Path(__file__).parent
-    code = b"".join(f.read_bytes() for f in sorted([*root.glob("*.py"), root.parent / "layout.py"]))
+    code = b"".join(f.read_bytes() for f in sorted([*root.glob("*.py"), root.parent / "strategies" / "layout.py"]))
     digest = hashlib.sha256(code + json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     cache = Path(os.environ.get("DYNPART_CACHE") or Path.home() / ".cache" / "dynpart")  # as strategies.loader
     path = cache / "plans" / f"{kind}-{digest}.json"
@@ -176,7 +138,7 @@ def contenders(shape: ModelShape, hardware: Hardware, devices: int, layouts: Seq
                                  .strategy)
                     except ValueError:  # nothing fits this much
                         pass
-        return [name for name in _validate(layouts) if name in keep]
+        return [name for name in available_names(layouts) if name in keep]
 
     return _memo("contenders", [shape.model_dump(), hardware.model_dump(), devices, list(layouts), max_tokens,
                                 utilization], compute)
@@ -226,107 +188,3 @@ def decode_step_time(shape: ModelShape, hardware: Hardware, devices: int, contex
     """Seconds for one megatron decode step (decode always runs megatron in the engine)."""
     padded = check_devices(shape, devices).padded_shape(shape)
     return model_time(STRATEGIES["megatron"], padded, hardware, devices, Work.decode(contexts))
-
-
-def default_lengths(shape: ModelShape) -> list[int]:
-    """Powers of two from 16 up to the model's context."""
-    top = shape.max_position_embeddings
-    return [2**k for k in range(4, int(math.log2(top)) + 1)] + ([top] if top & (top - 1) else [])
-
-
-def plan(shape: ModelShape, hardware: Hardware, devices: int, lengths: Sequence[int] | None = None,
-         available: Iterable[str] | None = None, utilization: float = DEFAULT_UTILIZATION) -> PlanReport:
-    """Predicted prefill time of each strategy per length, the choices, crossovers, memory, decode step times."""
-    layout = check_devices(shape, devices)
-    lengths = sorted(set(lengths or default_lengths(shape)))
-
-    def choose(t: int) -> PlanChoice:
-        return plan_prefill(shape, hardware, devices, t, available, utilization)
-
-    rows = []
-    for t in lengths:
-        ch = choose(t)
-        mega = ch.predicted_s["megatron"]
-        rows.append(LengthRow(tokens=t, predicted_s=ch.predicted_s, choice=ch.strategy,
-                              megatron_over_choice=(mega / ch.time_s) if mega else 1.0))
-    crossovers = _crossovers(choose, lengths[0], lengths[-1])
-    top = Work.prefill(lengths[-1])
-    memory = [memory_row(n, shape, hardware, devices, top, utilization) for n in _validate(available)]
-    ctx = min(1024, shape.max_position_embeddings // 2)
-    decode = []
-    for bsz in (1, 16, 64):
-        try:
-            d = plan_decode(shape, hardware, devices, [ctx] * bsz, available, utilization)
-        except ValueError:  # this batch's KV cache does not fit: larger batches will not either
-            break
-        decode.append(DecodeRow(batch=bsz, context=ctx, choice=d.strategy, predicted_s=d.predicted_s))
-    return PlanReport(model=shape.name, hardware=hardware.name, calibrated_from=hardware.calibrated_from,
-                      devices=devices, layout=layout, lengths=rows, crossovers=crossovers, memory=memory,
-                      memory_at_tokens=lengths[-1], decode=decode)
-
-
-def _crossovers(choose, lo: int, hi: int) -> list[Crossover]:
-    """Lengths where the choice changes: scan 8 points per octave, then bisect each change to the exact token."""
-    grid = sorted({lo, hi, *(round(lo * 2 ** (k / 8)) for k in range(int(8 * math.log2(hi / lo)) + 1))})
-    grid = [t for t in grid if lo <= t <= hi]
-    out = []
-    prev_t, prev = grid[0], choose(grid[0]).strategy
-    for t in grid[1:]:
-        cur = choose(t).strategy
-        if cur != prev:
-            a, b = prev_t, t  # choice(a) == prev, choice(b) != prev
-            while b - a > 1:
-                mid = (a + b) // 2
-                a, b = (mid, b) if choose(mid).strategy == prev else (a, mid)
-            out.append(Crossover(tokens=b, before=prev, after=choose(b).strategy))
-        prev_t, prev = t, cur
-    return out
-
-
-def plot_plan(report: PlanReport, path: str) -> Figure:
-    """Prefill time against input length per layout (log-log), one line for every layout the report priced (the
-    named strategies and every front member offered): the named strategies and every chosen layout in colour and in
-    the legend, the other front members as thin grey lines; crossovers marked; writes a PNG and returns the figure
-    (closed; each line's label is its layout)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [r.tokens for r in report.lengths]
-    priced = list(dict.fromkeys(name for r in report.lengths for name in r.predicted_s))
-    shown = {*STRATEGIES, *(r.choice for r in report.lengths)}
-    legend = []
-    for name in priced:
-        ys = [r.predicted_s[name] * 1e3 if r.predicted_s.get(name) is not None else float("nan")
-              for r in report.lengths]
-        if name in shown:
-            legend += ax.plot(xs, ys, marker="o", ms=3, label=name)
-        else:
-            ax.plot(xs, ys, color="grey", lw=0.5, alpha=0.5, label=name)
-    for c in report.crossovers:
-        ax.axvline(c.tokens, color="grey", ls="--", lw=0.8)
-        ax.annotate(f"{c.tokens}: →{_brief(c.after)}", (c.tokens, ax.get_ylim()[1]), rotation=90, va="top", ha="right",
-                    fontsize=7)
-    ax.set(xscale="log", yscale="log", xlabel="input tokens", ylabel="predicted prefill time (ms)",
-           title=f"{report.model} on {report.devices}×{report.hardware}"
-                 f"{' (calibrated)' if report.calibrated_from else ''}; grey: {len(priced) - len(legend)} other "
-                 "front members")
-    ax.legend(handles=legend, labels=[_brief(h.get_label()) for h in legend], fontsize=6)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return fig
-
-
-def _brief(name: str) -> str:
-    """A strategy name or a short label as it is, a long label ``_short``."""
-    return name if len(name) < 40 else _short(name)
-
-
-def _short(label: str) -> str:
-    """A layout label in a few characters for legends: residual state, then the modes' first letters."""
-    c = parse_layout(label)
-    return f"{c.residual} " + " ".join(f"{m}:{mode.value[:3]}" for m, mode in (("attn", c.attn), *c.modes().items()))

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from strategies.cost.formulas import Work
-from strategies.cost.hardware import Hardware
-from strategies.cost.layouts import model_time, resident_bytes, workspace_bytes
-from strategies.cost.planner import (DEFAULT_UTILIZATION, decode_step_time, default_lengths, executable_layouts,
-                                     memory_row, plan, plan_prefill)
-from strategies.cost.search import STRATEGIES
-from strategies.cost.workloads import Request
+from cost.formulas import Work
+from cost.hardware import Hardware
+from cost.layouts import model_time, resident_bytes, workspace_bytes
+from cost.planner import DEFAULT_UTILIZATION, decode_step_time, executable_layouts, memory_row, plan_prefill
+from cost.report import default_lengths, plan
+from cost.search import STRATEGIES
+from cost.workloads import Request
 from strategies.layout import check_devices, parse_layout
 from strategies.shapes import ModelShape
 
