@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from app.engine.messages import EngineLoad
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.failed_replicas import FAILED
-from app.serve.load import DECODE_ROLE, REPORT_S
+from app.serve.load import DECODE_ROLE, REPORT_S, BoardState
 from app.serve.pricing import PoolLoad
 
 
@@ -33,6 +33,8 @@ class PoolState(BaseModel):
                                       "has run its warm-up steps)")
     failed: int = Field(description="replicas known to have failed (Serve replaces them)")
     lost: bool = Field(description="Serve says the pool lost every replica it had running (a node lost)")
+    idle: bool = Field(False, description="the pool's autoscaler took it to zero replicas; a request starts one")
+    cold_start_s: float | None = Field(None, description="its last measured start from zero replicas")
     serving: bool = Field(description="new requests can go there")
 
 
@@ -40,7 +42,7 @@ class Health(BaseModel):
     """``/health``: the app as the load board shows it, answered without asking any engine."""
 
     status: Literal["ok", "degraded", "starting", "unavailable", "draining"] = Field(description=(
-        "ok: every pool has a warmed replica; degraded: some pool has none (being replaced) while others serve; "
+        "ok: every pool has a warmed replica or is idle (at zero replicas by its autoscaler); degraded: some pool has none (being replaced) while others serve; "
         "starting: not every pool has had one yet; unavailable: no pool serves; draining: shutting down"))
     model: str
     pools: dict[str, PoolState]
@@ -53,7 +55,10 @@ class BoardView:
     def __init__(self, cfg: AppConfig, board=None):
         self.cfg, self.board = cfg, board
         self.reported: dict[str, list[EngineLoad]] = {}  # the board's last snapshot
+        self.board_id = ""  # the board replica that gave it
         self.down: set[str] = set()  # deployments that lost every running replica (the board says)
+        self.idle: set[str] = set()  # deployments at zero replicas by their autoscaler's choice (the board says)
+        self.cold_start_s: dict[str, float] = {}  # by deployment, the last measured start from zero
         self.draining = False  # the app is shutting down (the board says): no new requests
         self.ready = board is None  # every pool has had a warmed replica (the board said so once)
         self._reader: asyncio.Task | None = None
@@ -67,17 +72,19 @@ class BoardView:
         """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
         while True:
             try:
-                reported, down, draining = await self.board.view.remote()
+                state: BoardState = await self.board.view.remote()
             except Exception:  # noqa: BLE001 - the board restarting: keep the last figures, try again
                 pass
             else:
-                for x in itertools.chain.from_iterable(reported.values()):
+                for x in itertools.chain.from_iterable(state.loads.values()):
                     if x.failed:
                         FAILED.add(x.replica)
-                if reported or not self.reported:  # an empty board after a full one: the board restarted
-                    self.reported = reported
-                self.down, self.draining = set(down), draining
-                self.ready = self.ready or all(self.warmed(p) for p in self.cfg.pools)
+                if state.loads or state.board_id == self.board_id:  # empty from a new board: it just restarted
+                    self.reported = state.loads
+                self.board_id = state.board_id
+                self.down, self.idle, self.draining = set(state.lost), set(state.idle), state.draining
+                self.cold_start_s = state.cold_start_s
+                self.ready = self.ready or all(self.warmed(p) or self.asleep(p) for p in self.cfg.pools)
             await asyncio.sleep(REPORT_S)
 
     def loads(self, key: str) -> list[EngineLoad]:
@@ -92,6 +99,17 @@ class BoardView:
         """Whether a replica of ``pool`` (of each half, if disaggregated) reports, not failed: replicas report once
         their engine has run its warm-up steps. (No board: taken as warmed.)"""
         return self.board is None or all(self.loads(k) for k in report_keys(pool))
+
+    def asleep(self, pool: PoolConfig) -> bool:
+        """Whether ``pool`` is at zero replicas by its autoscaler's choice, none reporting: a request wakes it."""
+        return set(pool.deployments.values()) <= self.idle and not any(self.loads(k) for k in report_keys(pool))
+
+    def cold_start(self, pool: PoolConfig) -> float:
+        """Seconds a request to ``pool`` waits for a replica to start: its last measured start from zero while
+        it is asleep (the longest of its deployments'), else 0."""
+        if not self.asleep(pool):
+            return 0.0
+        return max((self.cold_start_s.get(d, 0.0) for d in pool.deployments.values()), default=0.0)
 
     def serving(self, pool: PoolConfig) -> bool:
         """False while a deployment of the pool has lost all its running replicas (as Serve told the board: a node
@@ -110,8 +128,10 @@ class BoardView:
             reported = [x for k in report_keys(p) for x in self.reported.get(k, [])]
             failed = sum(1 for x in reported if x.replica in FAILED)  # the reader added every x.failed to FAILED
             states[p.name] = PoolState(replicas=len(reported) - failed, failed=failed,
-                                       lost=bool(self.down & set(p.deployments.values())),
-                                       serving=self.warmed(p) and self.serving(p))
+                                       lost=bool(self.down & set(p.deployments.values())), idle=self.asleep(p),
+                                       cold_start_s=max((self.cold_start_s[d] for d in p.deployments.values()
+                                                         if d in self.cold_start_s), default=None),
+                                       serving=(self.warmed(p) or self.asleep(p)) and self.serving(p))
         return states
 
     def health(self) -> Health:

@@ -49,12 +49,20 @@ class PoolConfig(EngineFields):
     placement_strategy: Literal["PACK", "STRICT_PACK"] = "STRICT_PACK"
     num_replicas: int = Field(1, ge=1)  # fixed replica count when ``autoscaling`` is absent
     autoscaling: Autoscaling | None = None
-    max_ongoing_requests: int = Field(16, ge=1)  # per replica
+    # per replica; default max_num_seqs: what the engine holds, so no request waits where its load report cannot see
+    # it (beyond it they wait in the ingress's handle queue, which the ingress counts itself)
+    max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(64, ge=-1)  # per caller (the ingress) beyond which requests get 503
     max_queued_tokens: int = Field(65536, ge=1)  # prompt tokens waiting for prefill beyond which the pool is full
     disaggregated: bool = False  # separate prefill and decode deployments, K/V handed over via the object store
     decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
     health_check_period_s: float = Field(10.0, gt=0)  # how soon Serve notices a failed replica and replaces it
+
+    @model_validator(mode="after")
+    def _ongoing_default(self) -> PoolConfig:
+        if self.max_ongoing_requests is None:
+            self.max_ongoing_requests = self.max_num_seqs
+        return self
 
     @model_validator(mode="after")
     def _accelerator_type(self) -> PoolConfig:

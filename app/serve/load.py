@@ -10,7 +10,11 @@ The board also watches the app's replicas: a replica that Serve cannot place (a 
 cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{serve_deployment,state}``, instead of
 pending silently; and ``view()`` tells ingresses which deployments have lost every replica they had running (a node
 lost), so they route around that pool instead of queueing for a replica that is not coming soon. (A deployment that
-has not started yet is not down: requests wait for it, as Serve makes them.)
+has not started yet is not down: requests wait for it, as Serve makes them.) Nor is a deployment its autoscaler took
+to zero replicas: it is ``idle`` (Serve reports it HEALTHY, its target of zero met, or UPSCALING while one starts; a
+replica that died makes it UNHEALTHY until replaced), and a request sent to it makes Serve start one. Each start from
+zero is timed, from the first read that sees a replica starting to the first that sees it running (``cold_start_s``,
+to within ``WATCH_S``), for admission and ``/health``.
 
 Shutting down (``dynpart serve``'s Ctrl-C): ``drain()`` tells every ingress, on its next read, to take no new request
 (503, retry elsewhere) while the ones in flight finish; the board's reports say when the engines are idle.
@@ -21,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
+from dataclasses import dataclass, field
 
 from ray import serve
 
@@ -35,15 +41,37 @@ PENDING_WARN_S = 30.0  # a replica still starting after this long is waiting for
 logger = logging.getLogger("ray.serve")
 
 
+@dataclass
+class BoardState:
+    """What an ingress reads from the board each beat, in one call."""
+
+    loads: dict[str, list[EngineLoad]]  # every live replica's latest load, by pool (``snapshot()``)
+    lost: list[str] = field(default_factory=list)  # deployments that ran and have no running replica, not by choice
+    idle: list[str] = field(default_factory=list)  # deployments at zero replicas by their autoscaler's choice
+    cold_start_s: dict[str, float] = field(default_factory=dict)  # the last measured start from zero, by deployment
+    draining: bool = False  # the app is shutting down: ingresses take no new requests
+    board_id: str = ""  # which board answered: a restarted board answers with no loads until replicas report again
+
+
+def scaled_to_zero(status: str, running: int) -> bool:
+    """No running replica because the autoscaler chose none (HEALTHY: Serve's target, zero, is met) or is bringing
+    one back (UPSCALING), rather than because the replicas died (UNHEALTHY until replaced)."""
+    return running == 0 and status in ("HEALTHY", "UPSCALING")
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
                   logging_config={"enable_access_log": False})  # replicas report several times a second
 class LoadBoard:
     def __init__(self):
         self.reports: dict[str, tuple[str, EngineLoad, float]] = {}
-        self.app = serve.get_replica_context().app_name
+        context = serve.get_replica_context()
+        self.app, self.board_id = context.app_name, context.replica_id.unique_id
         self.starting_since: dict[str, float] = {}
         self.ran: set[str] = set()  # deployments seen with a running replica
-        self.lost: list[str] = []  # deployments that ran and, at the last read, have no running replica
+        self.lost: list[str] = []  # deployments that ran and, at the last read, have no running replica, not by choice
+        self.idle: set[str] = set()  # deployments at zero replicas by their autoscaler's choice
+        self.waking: dict[str, float] = {}  # idle deployments with a replica starting: since when
+        self.cold_start_s: dict[str, float] = {}  # the last measured start from zero, by deployment
         self.draining = False  # the app is shutting down: ingresses take no new requests
         self._watch = asyncio.get_event_loop().create_task(self.watch_replicas())
 
@@ -61,7 +89,12 @@ class LoadBoard:
             now = time.monotonic()
             running = {name for name, d in deployments.items() if d.replica_states.get("RUNNING", 0)}
             self.ran |= running
-            self.lost = sorted(self.ran - running)
+            idle = {name for name, d in deployments.items()
+                    if scaled_to_zero(d.status, d.replica_states.get("RUNNING", 0))}
+            for name, d in deployments.items():
+                self.time_cold_start(name, name in idle, d.replica_states.get("STARTING", 0) > 0, name in running, now)
+            self.idle = idle
+            self.lost = sorted(self.ran - running - idle)
             for name, d in deployments.items():
                 for state in ("RUNNING", "STARTING"):
                     set_replicas(name, state, d.replica_states.get(state, 0))
@@ -74,6 +107,15 @@ class LoadBoard:
                                    d.replica_states["STARTING"], now - since, d.message or "waiting for resources")
                     self.starting_since[name] = now  # say it again after another PENDING_WARN_S
 
+    def time_cold_start(self, name: str, idle: bool, starting: bool, running: bool, now: float) -> None:
+        """A deployment seen idle that starts a replica is waking from then; once one runs, its cold start is
+        measured and logged."""
+        if running and name in self.waking:
+            self.cold_start_s[name] = now - self.waking.pop(name)
+            logger.info("deployment %s started from zero replicas in %.1f s", name, self.cold_start_s[name])
+        elif starting and not running and (name in self.idle or idle):
+            self.waking.setdefault(name, now)
+
     def report(self, replica: str, pool: str, load: EngineLoad) -> None:
         self.reports[replica] = (pool, load, time.monotonic())
 
@@ -82,10 +124,10 @@ class LoadBoard:
         admitted run to their end."""
         self.draining = True
 
-    def view(self) -> tuple[dict[str, list[EngineLoad]], list[str], bool]:
-        """What an ingress reads each beat, in one call: ``snapshot()``; the app's deployments that had running
-        replicas and, as Serve last said, have none now; whether the app is draining."""
-        return self.snapshot(), self.lost, self.draining
+    def view(self) -> BoardState:
+        """What an ingress reads each beat, in one call."""
+        return BoardState(self.snapshot(), self.lost, sorted(self.idle), dict(self.cold_start_s), self.draining,
+                          self.board_id)
 
     def snapshot(self) -> dict[str, list[EngineLoad]]:
         """Every live replica's latest load, by pool."""

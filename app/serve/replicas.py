@@ -30,6 +30,7 @@ class _EngineShell:
     engine_class: type[LLMEngine] = LLMEngine
     role = ""  # a disaggregated pool's decode replicas report their load apart from its prefill replicas'
     loop: EngineLoop | None = None  # None until the engine has started (``__del__`` may run before)
+    _report: asyncio.Task | None = None  # the load reports, once the engine has started
 
     @property
     def load_key(self) -> str:
@@ -94,6 +95,10 @@ class _EngineShell:
             raise RuntimeError(f"engine of pool {self.pool} stopped: {self.loop.error!r}")
 
     def __del__(self):
+        """Serve stopping this replica (scaled down, redeployed): it stops reporting first, so that its engine
+        stopping is not reported as a failure (the board drops its last report after ``STALE_S``)."""
+        if self._report is not None:
+            self._report.cancel()
         if self.loop is not None:
             self.loop.stop()
             self.loop.engine.group.shutdown()

@@ -7,7 +7,10 @@ and has the ``dispatch``er run it there (retries, deadlines, aggregated or disag
 ``PrefixAffinityRouter`` then picks the replica that holds the prompt's prefix.
 
 A pool still starting (no warmed replica) is priced only when no warmed pool can hold the request, and a pool whose
-replicas all failed or that a retry avoids is not priced at all: asking it what it runs would wait for a replica.
+replicas all failed or that a retry avoids is not priced at all: asking it what it runs would wait for a replica. A
+pool its autoscaler took to zero replicas is priced with its last measured cold start added to the wait (so it is
+chosen only where starting it beats the other pools, and admission refuses it past ``max_queue_wait_s``); sending it
+the request makes Serve start a replica.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from app.serve.board_view import BoardView
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.dispatch import Dispatcher, PoolHandles
 from app.serve.pricing import Route, cached_tokens, prefix_capacity, price
-from strategies.layout import check_strategy
+from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import Checkpoint
 
 
@@ -58,7 +61,10 @@ class Router:
 
     async def available(self, pool: str) -> list[str]:
         """Strategies the pool's replicas can run (asked once, waiting while none is up: replicas of a pool are
-        identical)."""
+        identical). A pool asleep at zero replicas, not asked yet, is priced by the named strategies meanwhile:
+        asking would start a replica before admission has decided."""
+        if pool not in self._available and self.board.asleep(self.cfg.pool(pool)):
+            return list(STRATEGY_NAMES)
         if pool not in self._available:
             info = await self.handles[pool].front.info.remote()
             self._available[pool] = info["available"]
@@ -81,7 +87,8 @@ class Router:
         if not fits:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
                                f"context limit of every pool ({max(limit.values())} tokens at most)")
-        warm = {p.name for p in fits if self.board.warmed(p)} or {p.name for p in fits}  # starting: if no other fits
+        warm = ({p.name for p in fits if self.board.warmed(p) or self.board.asleep(p)}
+                or {p.name for p in fits})  # starting: if no other fits
         chains: dict[int, list[int]] = {}  # block size -> the prompt's hash chain
         offers = []
         for p in fits:
@@ -111,8 +118,12 @@ class Router:
             index = self.dispatch.prefixes[pool.name]
             index.resize(prefix_capacity(load))
             cached = cached_tokens(index.matched(pool.name, hashes), n, pool.block_size)
-        return price(pool, self.shape, self.hardware[pool.name], load, n, max_tokens, strategy, available, cached,
-                     hashes)
+        route = price(pool, self.shape, self.hardware[pool.name], load, n, max_tokens, strategy, available, cached,
+                      hashes)
+        if route is not None and (cold := self.board.cold_start(pool)):  # asleep: a replica must start first
+            route.predicted_s, route.ttft_s, route.wait_s = (x + cold for x in (route.predicted_s, route.ttft_s,
+                                                                                 route.wait_s))
+        return route
 
     # -- running -----------------------------------------------------------------------------------------------------
 
