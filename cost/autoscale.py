@@ -17,9 +17,10 @@ estimates, for c replicas:
   arrivals vary ca² times more than Poisson ones) must fit the replica's KV cache (prompt + output reserved per
   sequence) and ``max_seqs``.
 
-``decide`` scales up at once to the fewest replicas whose predicted latency is under ``up_headroom`` × the SLO, for the
+``decide`` scales up at once to the fewest replicas whose predicted latency is within ``up_headroom`` of the SLO (of the
+slack the SLO leaves above what no replica count removes: the percentile prompt's prefill, one decode step), for the
 rate forecast one cold start ahead (the window's linear trend, never downward, at most 1.5× the window's rate) plus the requests already queued; it scales
-down only when one replica fewer still predicts under the stricter ``down_headroom`` × the SLO at the current rate,
+down only when one replica fewer still predicts within the stricter ``down_headroom`` at the current rate,
 and only after that has held for ``downscale_delay_s`` (hysteresis band plus cooldown); never outside
 [min_replicas, max_replicas]. Every decision carries its reason. Pure: no clock, no Serve, no I/O; the simulator and
 (later) the Serve policy call the same ``decide``.
@@ -316,12 +317,12 @@ def decide(now_s: float, current: int, window: Window, profile: ReplicaProfile, 
     if mix is None:  # nothing arrived in the window
         if window.queued:
             return Decision(desired=max(current, lo, 1), reason=f"{window.queued} queued and no replica: start one")
-        want = max(lo, min(current, hi))
-        if want < current and (state.down_since_s is None or now_s - state.down_since_s < settings.downscale_delay_s):
-            since = state.down_since_s if state.down_since_s is not None else now_s
+        want = lo  # no traffic: down to the floor, after the delay
+        since = state.down_since_s if state.down_since_s is not None else now_s
+        if want < current and now_s - since < settings.downscale_delay_s:
             return Decision(desired=current, reason="idle; waiting out the downscale delay",
                             state=PolicyState(down_since_s=since))
-        return Decision(desired=want, reason="idle" + (f": down to min_replicas {lo}" if want < current else ""))
+        return Decision(desired=want, reason=f"idle: min_replicas {lo}" if want != current else "idle")
     ahead = window.rate
     if len(window.arrivals_s) >= 20:  # a trend read off fewer is noise
         now_rate, slope = window.trend()
@@ -341,15 +342,16 @@ def decide(now_s: float, current: int, window: Window, profile: ReplicaProfile, 
         return Decision(desired=need, predicted=pred,
                         reason=f"up: at {up_rate:.2f} req/s (forecast {settings.cold_start_s:.0f}s ahead"
                                f"{f', {window.queued} queued' if window.queued else ''}) {current} replicas predict "
-                               f"{said(now_pred)} > {settings.up_headroom:.0%} of SLO; {need} predict {said(pred)}")
+                               f"{said(now_pred)}{'' if now_pred.limit else f', past {settings.up_headroom:.0%} of the SLO'}"
+                               f"; {need} predict {said(pred)}")
     down, down_pred = _fewest(floor, current, window.rate, mix, profile, slo, settings.down_headroom)
     down = max(down, need)
     if down < current:
         since = state.down_since_s if state.down_since_s is not None else now_s
         if now_s - since >= settings.downscale_delay_s:
             return Decision(desired=down, predicted=down_pred,
-                            reason=f"down: at {window.rate:.2f} req/s {down} replicas predict {said(down_pred)} "
-                                   f"≤ {settings.down_headroom:.0%} of SLO for {now_s - since:.0f}s")
+                            reason=f"down: at {window.rate:.2f} req/s {down} replicas predict {said(down_pred)}, "
+                                   f"within {settings.down_headroom:.0%} of the SLO, for {now_s - since:.0f}s")
         return Decision(desired=current, predicted=pred, state=PolicyState(down_since_s=since),
                         reason=f"hold: {down} would do ({said(down_pred)}); cooling down "
                                f"{settings.downscale_delay_s - (now_s - since):.0f}s more")
