@@ -53,6 +53,10 @@ bench: model
 	$(BIN)/dynpart simulate --model llama2-13b --pool A100-40GB-SXM:4 --workload length-sweep | tee $(BENCH)/sim-13b-a100-sweep.txt
 	$(BIN)/dynpart simulate --model llama2-7b  --pool L4:4            --workload mixture --rate 4 | tee $(BENCH)/sim-7b-l4-mixture.txt
 	$(BIN)/dynpart simulate --model llama2-13b --pool A100-40GB-SXM:4 --workload mixture --rate 4 | tee $(BENCH)/sim-13b-a100-mixture.txt
+	$(BIN)/dynpart simulate --model llama2-7b  --pool L4:1:40 --workload bursty --rate 20 --burstiness 4 --requests 14000 --initial-replicas 12 --autoscale all | tee $(BENCH)/autoscale-7b-l4.txt
+	$(BIN)/dynpart simulate --model llama2-13b --pool L4:2:32 --workload bursty --rate 20 --burstiness 4 --requests 14000 --initial-replicas 10 --autoscale all | tee $(BENCH)/autoscale-13b-l4.txt
+	$(BIN)/dynpart simulate --model llama2-7b  --pool A100-80GB-SXM:1:8 --workload bursty --rate 60 --burstiness 4 --requests 21600 --initial-replicas 3 --autoscale all | tee $(BENCH)/autoscale-7b-a100.txt
+	$(BIN)/dynpart simulate --model llama2-13b --pool A100-80GB-SXM:1:12 --workload bursty --rate 40 --burstiness 4 --requests 14400 --initial-replicas 4 --autoscale all | tee $(BENCH)/autoscale-13b-a100.txt
 	$(BIN)/dynpart plan --model llama2-7b --gpu L4 --devices 4 --plot $(BENCH)/plan-7b-4xL4.png | tee $(BENCH)/plan-7b-l4.txt
 	$(BIN)/dynpart bench engine | tee $(BENCH)/engine.txt
 	$(BIN)/dynpart bench strategies --devices 2 --lengths 16,64,256,1024,4096 | tee $(BENCH)/strategies.txt

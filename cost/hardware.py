@@ -105,6 +105,7 @@ class Hardware(BaseModel):
     sharded_attention_curve: tuple[GemmSample, ...] = ()  # token-sharded attention; else ``attention_curve``
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
     calibrated_from: str | None = None
+    price_per_hour: float | None = Field(default=None, ge=0)  # USD per device-hour (approximate; cost reports)
 
     def flops_per_s(self, rows: float, kernel: str = "gemm") -> float:
         """Achieved FLOP/s of a matmul with ``rows`` token rows: measured curve if calibrated, else η_c·rows/(rows+r½).

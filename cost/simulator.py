@@ -12,7 +12,9 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -105,6 +107,24 @@ class _Req:
         return self.spec.prompt_tokens + self.spec.output_tokens
 
 
+def take_prefill_batch(waiting: deque, seats: int, max_batched_tokens: int, kv_free: int,
+                       kv: Callable[[Any], int]) -> list:
+    """Pop the next prefill batch off ``waiting`` as an engine admits one: in order, at most ``seats`` sequences and
+    ``max_batched_tokens`` prompt tokens (a longer prompt goes alone), each reserving ``kv(r)`` of ``kv_free``."""
+    batch, tokens = [], 0
+    while waiting and len(batch) < seats:
+        r = waiting[0]
+        if batch and tokens + r.spec.prompt_tokens > max_batched_tokens:
+            break
+        if kv(r) > kv_free:
+            break
+        waiting.popleft()
+        batch.append(r)
+        tokens += r.spec.prompt_tokens
+        kv_free -= kv(r)
+    return batch
+
+
 @dataclass
 class _Replica:
     name: str
@@ -134,17 +154,9 @@ class _Replica:
 
     def next_iteration(self) -> tuple[float, str, list[_Req]] | None:
         """(duration, strategy or 'decode', requests) of the next iteration, admitting a prefill batch if one fits."""
-        batch, tokens = [], 0
-        while self.waiting and len(self.running) + len(batch) < self.max_seqs:
-            r = self.waiting[0]
-            if batch and tokens + r.spec.prompt_tokens > self.max_batched_tokens:
-                break
-            if self.kv_used + r.kv_reserve > self.kv_capacity:
-                break
-            self.waiting.popleft()
-            batch.append(r)
-            tokens += r.spec.prompt_tokens
-            self.kv_used += r.kv_reserve
+        batch = take_prefill_batch(self.waiting, self.max_seqs - len(self.running), self.max_batched_tokens,
+                                   self.kv_capacity - self.kv_used, lambda r: r.kv_reserve)
+        self.kv_used += sum(r.kv_reserve for r in batch)
         if batch:
             name, t = self.prefill_choice([r.spec.prompt_tokens for r in batch])
             return t, name, batch

@@ -2,6 +2,10 @@
 
 Built-ins are seeded, so a BENCHMARKS.md table is reproduced exactly by its command. Prompt plus output never
 exceeds the model's context, as a real server would reject such a request before it reached an engine.
+
+``bursty`` is what an autoscaler must cope with: the mixture's lengths, arriving as a gamma renewal process whose
+squared coefficient of variation is ``burstiness`` (1: Poisson; 4: arrivals clumped into short bursts at the same
+mean rate) under a rate that rises from ``trough`` × the peak to the peak (``rate``) and falls back over the run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ BUILTIN = {  # name: (description, default rate req/s)
     "short-chat": ("chat turns: prompts lognormal median 200 tokens, outputs median 150", 4.0),
     "long-document": ("document QA/summaries: prompts 1K-4K tokens, outputs median 96", 0.5),
     "mixture": ("70% short-chat, 30% long-document", 2.0),
+    "bursty": ("the mixture's lengths; gamma arrivals (burstiness = CV², 1 is Poisson) at a rate rising from 20% of "
+               "--rate to --rate and falling back (sin²) over the run", 2.0),
     "length-sweep": (f"isolated requests (100 s apart) at prompt lengths {list(SWEEP_LENGTHS)}, 64 output tokens",
                      0.01),
 }
@@ -42,9 +48,31 @@ def _document(rng: random.Random) -> tuple[int, int]:
     return rng.randint(1024, 3968), _lognormal(rng, 96, 0.5, 16, 256)
 
 
+def bursty_arrivals(requests: int, peak_rate: float, burstiness: float = 1.0, trough: float = 0.2,
+                    rng: random.Random | None = None) -> list[float]:
+    """Arrival times of a gamma renewal process (CV² = ``burstiness``) in operational time, mapped onto a rate
+    r(t) = peak·(trough + (1 − trough)·sin²(πt/T)) whose run T is set so that ``requests`` arrive in it (the mean
+    rate is peak·(1 + trough)/2). Each draw is mapped by a midpoint step of the rate, exact enough at these rates."""
+    if peak_rate <= 0 or requests < 1 or burstiness <= 0 or not 0 < trough <= 1:
+        raise ValueError("bursty needs a positive rate, request count and burstiness, and 0 < trough <= 1")
+    rng = rng or random.Random(0)
+    span = requests / (peak_rate * (1 + trough) / 2)
+
+    def rate(t: float) -> float:
+        return peak_rate * (trough + (1 - trough) * math.sin(math.pi * min(t, span) / span) ** 2)
+
+    shape, t, out = 1 / burstiness, 0.0, []
+    for _ in range(requests):
+        g = rng.gammavariate(shape, burstiness)  # mean 1, variance = burstiness
+        t += g / rate(t + 0.5 * g / rate(t))
+        out.append(t)
+    return out
+
+
 def builtin_workload(name: str, requests: int = 400, rate: float | None = None, seed: int = 0,
-                     context: int = 4096) -> list[Request]:
-    """``requests`` Poisson arrivals at ``rate`` req/s (default: the workload's) drawn from a built-in mix."""
+                     context: int = 4096, burstiness: float = 1.0) -> list[Request]:
+    """``requests`` Poisson arrivals at ``rate`` req/s (default: the workload's) drawn from a built-in mix;
+    ``bursty``: gamma arrivals of ``burstiness`` under a rising and falling rate that peaks at ``rate``."""
     if name not in BUILTIN:
         raise ValueError(f"unknown workload {name!r}: use a CSV file or one of {sorted(BUILTIN)}")
     if name == "length-sweep":
@@ -54,9 +82,11 @@ def builtin_workload(name: str, requests: int = 400, rate: float | None = None, 
     if rate <= 0 or requests < 1:
         raise ValueError("rate and request count must be positive")
     rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(requests):
-        t += rng.expovariate(rate)
-        kind = name if name != "mixture" else ("short-chat" if rng.random() < 0.7 else "long-document")
+    arrivals = bursty_arrivals(requests, rate, burstiness, rng=random.Random(seed + 1)) if name == "bursty" else None
+    for i in range(requests):
+        t = arrivals[i] if arrivals else t + rng.expovariate(rate)
+        kind = name if name == "short-chat" or name == "long-document" else (
+            "short-chat" if rng.random() < 0.7 else "long-document")
         prompt, output = (_chat if kind == "short-chat" else _document)(rng)
         out.append(Request(arrival_s=t, prompt_tokens=min(prompt, context - output), output_tokens=output))
     return out
@@ -80,8 +110,8 @@ def load_trace(path: str | Path, rate: float | None = None) -> list[Request]:
 
 
 def workload(spec: str, requests: int = 400, rate: float | None = None, seed: int = 0,
-             context: int = 4096) -> list[Request]:
+             context: int = 4096, burstiness: float = 1.0) -> list[Request]:
     """A built-in name or a CSV path."""
     if spec in BUILTIN:
-        return builtin_workload(spec, requests, rate, seed, context)
+        return builtin_workload(spec, requests, rate, seed, context, burstiness)
     return load_trace(spec, rate)

@@ -1,7 +1,8 @@
 """``python -m load_tests.run``: one workload against a running dynpart (or any OpenAI-compatible) server.
 
-Prints a summary table and writes ``<out>/<label>.json`` (summary, per pool, per strategy, every request) and
-``<out>/<label>.csv`` (one row per request).
+Prints a summary table and writes ``<out>/<label>.json`` (summary, per pool, per strategy, every request),
+``<out>/<label>.csv`` (one row per request) and ``<out>/<label>.vllm.json`` (what ``vllm bench serve --save-result``
+writes, goodput for the ``--slo-*`` given: ``load_tests.vllm_json``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 from load_tests.metrics import SLO, RequestRecord, Summary, summarize, summarize_by
+from load_tests.vllm_json import vllm_bench_result
 from strategies.shapes import DEFAULT_MODEL
 
 
@@ -55,8 +57,12 @@ def slo_of(args: argparse.Namespace) -> SLO | None:
     return SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, e2e_ms=args.slo_e2e_ms)
 
 
-def write_results(out: Path, label: str, records: list[RequestRecord], duration: float, slo: SLO | None) -> dict:
+def write_results(out: Path, label: str, records: list[RequestRecord], duration: float, slo: SLO | None,
+                  model: str = "", request_rate: float | None = None, max_concurrency: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    vllm = vllm_bench_result(records, duration, slo, model=model, request_rate=request_rate,
+                             max_concurrency=max_concurrency)
+    (out / f"{label}.vllm.json").write_text(json.dumps(vllm))
     result = {
         "label": label,
         "summary": summarize(records, duration, slo).model_dump(),
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     records, duration = asyncio.run(run_load(args.url, args.model, reqs, prompts, rate=args.rate,
                                              concurrency=args.concurrency, duration_s=args.duration,
                                              timeout_s=args.timeout, seed=args.seed))
-    result = write_results(Path(args.out), args.label, records, duration, slo_of(args))
+    result = write_results(Path(args.out), args.label, records, duration, slo_of(args), model=args.model,
+                           request_rate=args.rate, max_concurrency=args.concurrency)
     print(format_summary(args.label, Summary(**result["summary"])))
     return 0 if result["summary"]["failed"] == 0 else 1
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from load_tests.metrics import SLO, RequestRecord, Stat, summarize, summarize_by
@@ -61,3 +63,20 @@ def test_breakdown_by_strategy_from_headers():
                rec(0, [0.2, 0.3], 0.3, strategy="megatron")]
     by = summarize_by(records, "strategy", 1.0)
     assert by["megatron"].completed == 2 and by["weight_gathered"].ttft_ms.mean == pytest.approx(400)
+
+
+def test_vllm_bench_json_shape_and_goodput(tmp_path):
+    from load_tests.run import write_results
+
+    records = [rec(0.0, [0.1, 0.2], 0.2), rec(0.0, [0.3, 0.5], 0.5), rec(1.0, [1.2, 1.3, 1.4], 1.4),
+               rec(0.5, [], None, error="http_503")]
+    write_results(tmp_path, "run", records, 2.0, SLO(ttft_ms=250), model="m", request_rate=2.0)
+    v = json.loads((tmp_path / "run.vllm.json").read_text())
+    assert v["completed"] == 3 and v["num_prompts"] == 4 and v["model_id"] == "m" and v["request_rate"] == 2.0
+    assert v["request_goodput"] == pytest.approx(2 / 2.0)  # TTFTs 100, 300, 200 ms: two meet 250 ms
+    assert v["median_ttft_ms"] == pytest.approx(200) and v["p99_ttft_ms"] == pytest.approx(298)
+    assert {"mean_tpot_ms", "std_itl_ms", "p90_e2el_ms", "total_token_throughput"} <= set(v)
+    assert v["errors"] == ["", "", "", "http_503"] and len(v["ttfts"]) == len(v["itls"]) == 4
+    assert v["ttfts"][0] == pytest.approx(0.1)  # seconds, as vLLM saves them
+    write_results(tmp_path, "noslo", records, 2.0, None)
+    assert json.loads((tmp_path / "noslo.vllm.json").read_text())["request_goodput"] is None

@@ -40,6 +40,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot", type=float, default=0.1, help="time-per-output-token objective, seconds")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hardware-file", action="append", default=[], help="extra hardware catalog JSON")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="bursty workload: squared coefficient of variation of the gaps (1: Poisson)")
+    a = p.add_argument_group("autoscaling (--autoscale: replica counts change during the run; a pool's REPLICAS is "
+                             "what fixed keeps and where the autoscalers start)")
+    a.add_argument("--autoscale", metavar="POLICIES", help="comma-separated: slo, serve-default, fixed (or all)")
+    a.add_argument("--slo-percentile", type=float, default=0.9, help="the TTFT percentile the SLO bounds")
+    a.add_argument("--cold-start", type=float, default=60.0, help="seconds from a replica's start to serving")
+    a.add_argument("--min-replicas", type=int, default=1)
+    a.add_argument("--max-replicas", type=int, default=64)
+    a.add_argument("--initial-replicas", type=int, help="where the autoscalers start (default: the pool's REPLICAS)")
+    a.add_argument("--target-ongoing", type=float, default=2.0,
+                   help="serve-default's target_ongoing_requests (Ray Serve's default: 2)")
+    a.add_argument("--max-ongoing", type=int, default=64, help="max_ongoing_requests per replica")
     p.add_argument("--replica-share", type=float, default=0.6,
                    help="of the memory the Megatron shards leave, the share a dynamic policy's replicas may take "
                         "(the rest stays KV cache; an engine pool's replica_budget_gb)")
@@ -157,7 +170,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     pools = [_pool(s, args.hardware_file) for s in args.pool]
     for pool in pools:
         check_devices(shape, pool.devices)
-    reqs = workload(args.workload, args.requests, args.rate, args.seed, shape.max_position_embeddings)
+    reqs = workload(args.workload, args.requests, args.rate, args.seed, shape.max_position_embeddings,
+                    args.burstiness)
+    if args.autoscale:
+        return _autoscale(args, shape, pools, reqs)
     rep = simulate(shape, pools, reqs, slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
                    replica_share=args.replica_share)
     if args.json:
@@ -190,6 +206,49 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         for t in tables)
         n = max(t[edge].requests for t in tables if edge in t)
         print(f"{edge if edge < 10**9 else 'more':>9} {n:>4} {cells}")
+    return 0
+
+
+def _autoscale(args: argparse.Namespace, shape, pools, reqs) -> int:
+    from cost.autoscale import AutoscaleSettings, SLOTarget
+    from cost.autoscale_sim import AUTOSCALERS, ServeDefault, compare_autoscalers
+
+    names = AUTOSCALERS if args.autoscale == "all" else tuple(x.strip() for x in args.autoscale.split(","))
+    unknown = [n for n in names if n not in AUTOSCALERS]
+    if unknown:
+        raise ValueError(f"--autoscale takes {', '.join(AUTOSCALERS)} or all, got {', '.join(unknown)}")
+    slo = SLOTarget(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot, percentile=args.slo_percentile)
+    settings = AutoscaleSettings(min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                                 cold_start_s=args.cold_start)
+    results = compare_autoscalers(shape, pools, reqs, names, slo=slo, settings=settings,
+                                  serve=ServeDefault(target_ongoing_requests=args.target_ongoing),
+                                  max_ongoing_requests=args.max_ongoing, initial_replicas=args.initial_replicas)
+    if args.json:
+        print(json.dumps([r.model_dump() for r in results], indent=2))
+        return 0
+    pct = f"p{round(slo.percentile * 100)}"
+    print(f"{shape.name} on {' + '.join(f'{p.hardware.name}:{p.devices}:{p.replicas}' for p in pools)} "
+          f"(GPU:devices:replicas); workload {args.workload}, {len(reqs)} requests over "
+          f"{reqs[-1].arrival_s - reqs[0].arrival_s:.0f} s; SLO TTFT {pct} ≤ {slo.ttft_s}s, TPOT ≤ {slo.tpot_s}s; "
+          f"replicas {settings.min_replicas}-{settings.max_replicas}, cold start {settings.cold_start_s:g}s. "
+          f"Simulated, not measured.")
+    print(f"\n{'autoscaler':<15}{'SLO met':>8}{'TTFT p50/p90/p99 (s)':>24}{'TPOT p50/p90 (ms)':>19}"
+          f"{'replica-h':>10}{'device-h':>9}{'cost $':>8}{'replicas mean/peak':>19}{'scalings':>9}")
+    for r in results:
+        tpot = "—" if r.tpot_s is None else f"{r.tpot_s.p50 * 1e3:.0f}/{r.tpot_s.p90 * 1e3:.0f}"
+        cost = "—" if r.cost_usd is None else f"{r.cost_usd:.2f}"
+        print(f"{r.autoscaler:<15}{r.slo_attainment:8.1%}{_pct(r.ttft_s, 1):>24}{tpot:>19}{r.replica_hours:10.2f}"
+              f"{r.device_hours:9.2f}{cost:>8}{f'{r.mean_replicas:.1f}/{r.peak_replicas}':>19}{len(r.events):9d}"
+              + (f"  ({r.rejected} rejected)" if r.rejected else ""))
+    base = next((r for r in results if r.autoscaler == "serve-default"), None)
+    slo_run = next((r for r in results if r.autoscaler == "slo"), None)
+    if base and slo_run and base.replica_hours:
+        print(f"\nslo against serve-default: {slo_run.replica_hours / base.replica_hours:.2f}× the replica-hours, "
+              f"SLO met {slo_run.slo_attainment:.1%} vs {base.slo_attainment:.1%}")
+    if slo_run and slo_run.events:
+        print("\nslo's scalings (first 8, with the reason each was made):")
+        for e in slo_run.events[:8]:
+            print(f"  {e.time_s:7.0f}s {e.replicas_from:>3} → {e.replicas_to:<3} {e.reason}")
     return 0
 
 
