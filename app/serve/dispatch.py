@@ -15,6 +15,7 @@ ingress sent itself, which pricing adds to the board's lagging reports.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -79,6 +80,22 @@ async def cancelled_with_caller(call) -> Update:
     except BaseException:
         call.cancel()
         raise
+
+
+def remote(method, *args):
+    """``method.remote(*args)`` (a Serve handle's method) with an internal request id of its own. A call made within
+    an ingress request inherits the request's, and Serve's request router (2.60) indexes the calls waiting for a
+    replica by it: of several made at once (a request's choices) all but one would wait for ever."""
+    from ray.serve import context
+    from ray.serve._private.utils import generate_request_id
+
+    request = context._get_serve_request_context()
+    token = context._serve_request_context.set(dataclasses.replace(request,
+                                                                   _internal_request_id=generate_request_id()))
+    try:
+        return method.remote(*args)
+    finally:
+        context._serve_request_context.reset(token)
 
 
 @dataclass
@@ -192,9 +209,9 @@ async def run_aggregated(handles: PoolHandles, prompt_ids: list[int], params: di
                          whole: bool) -> AsyncIterator[Update]:
     """One engine replica prefills and decodes."""
     if whole:
-        yield await cancelled_with_caller(handles.engine.generate_whole.remote(prompt_ids, params, strategy))
+        yield await cancelled_with_caller(remote(handles.engine.generate_whole, prompt_ids, params, strategy))
         return
-    call = handles.engine.options(stream=True).generate.remote(prompt_ids, params, strategy)
+    call = remote(handles.engine.options(stream=True).generate, prompt_ids, params, strategy)
     async with aclosing(until_finished(call)) as updates:
         async for update in updates:
             yield update
@@ -204,7 +221,7 @@ async def run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params:
                             whole: bool) -> AsyncIterator[Update]:
     """A prefill replica runs the prompt to its first token and leaves its K/V in the object store; a decode
     replica takes it over rank to rank and finishes the request."""
-    first: Update = await cancelled_with_caller(handles.prefill.prefill.remote(prompt_ids, params, strategy))
+    first: Update = await cancelled_with_caller(remote(handles.prefill.prefill, prompt_ids, params, strategy))
     handoff: Handoff | None = first.handoff
     first.handoff = None
     if handoff is None or params["max_tokens"] <= 1 or first.finish_reason != "length":
@@ -213,13 +230,14 @@ async def run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params:
     # The decode replica re-emits the first token with its text; report only the prefill's figures here.
     figures = Update(text="", token_ids=[], finish_reason=None, prompt_tokens=len(prompt_ids),
                      completion_tokens=0, prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s,
-                     ttft_s=first.ttft_s, tpot_s=None, prompt_logprobs=first.prompt_logprobs)
+                     ttft_s=first.ttft_s, tpot_s=None, cached_tokens=first.cached_tokens,
+                     prompt_logprobs=first.prompt_logprobs)
     if whole:
-        rest = await cancelled_with_caller(handles.decode.decode_whole.remote(handoff, params))
+        rest = await cancelled_with_caller(remote(handles.decode.decode_whole, handoff, params))
         yield merge_updates([figures, rest])
         return
     yield figures
-    call = handles.decode.options(stream=True).decode.remote(handoff, params)
+    call = remote(handles.decode.options(stream=True).decode, handoff, params)
     async with aclosing(until_finished(call)) as updates:
         async for update in updates:
             yield update
