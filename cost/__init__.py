@@ -17,8 +17,8 @@ from cost.hardware import CalibrationProfile, Hardware, HardwareError, get_hardw
 from cost.planner import PlanChoice, decode_step_time, plan_decode, plan_prefill, plan_step
 from cost.report import PlanReport, plan
 from cost.search import STRATEGIES, search
-from strategies.layout import ShardLayout, check_devices
+from strategies.layout import DeviceSplit, check_devices
 
-__all__ = ["CalibrationProfile", "Hardware", "HardwareError", "PlanChoice", "PlanReport", "STRATEGIES", "ShardLayout",
+__all__ = ["CalibrationProfile", "DeviceSplit", "Hardware", "HardwareError", "PlanChoice", "PlanReport", "STRATEGIES",
            "check_devices", "decode_step_time", "get_hardware", "load_catalog", "plan", "plan_decode", "plan_prefill",
            "plan_step", "save_profile", "search"]

@@ -16,7 +16,7 @@ from cost.hardware import Hardware
 from cost.planner import (DEFAULT_UTILIZATION, MemoryRow, PlanChoice, available_names, memory_row, plan_decode,
                           plan_prefill)
 from cost.search import STRATEGIES
-from strategies.layout import ShardLayout, check_devices, parse_layout
+from strategies.layout import DeviceSplit, check_devices, parse_layout
 from strategies.shapes import ModelShape
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class PlanReport(BaseModel):
     hardware: str
     calibrated_from: str | None
     devices: int
-    layout: ShardLayout
+    layout: DeviceSplit
     lengths: list[LengthRow]
     crossovers: list[Crossover]
     memory: list[MemoryRow]

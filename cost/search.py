@@ -17,17 +17,12 @@ from pydantic import BaseModel
 from cost.formulas import Collective, Compute, Work, ops_time
 from cost.hardware import Hardware
 from cost.layouts import REP, TOK, Attn, Candidate, Mode, layer_ops, resident_bytes
-from strategies.layout import STRATEGY_NAMES, check_devices
+from strategies.layout import NAMED_LAYOUTS, check_devices
 from strategies.shapes import ModelShape
 
-# The three named strategies, by the names the engine uses (every other candidate runs too, named by its label).
-STRATEGIES: dict[str, Candidate] = {
-    "megatron": Candidate(REP, Mode.COL, Attn.HEADS, Mode.ROW, Mode.COL, Mode.ROW),
-    "weight_gathered": Candidate(TOK, Mode.GATHERED, Attn.TOKENS, Mode.GATHERED, Mode.GATHERED, Mode.GATHERED),
-    "projection_replicated": Candidate(TOK, Mode.REPLICATED, Attn.TOKENS, Mode.REPLICATED, Mode.REPLICATED,
-                                       Mode.REPLICATED),
-}
-assert tuple(STRATEGIES) == STRATEGY_NAMES, "the cost model prices exactly the strategies the engine runs"
+# The three named strategies, by the names the engine uses (every other candidate runs too, named by its label):
+# spelled once, in the vocabulary the engine and the cost model share, so both run and price exactly the same ones.
+STRATEGIES: dict[str, Candidate] = NAMED_LAYOUTS
 _NAMES = {c: n for n, c in STRATEGIES.items()}
 
 

@@ -163,7 +163,7 @@ def feature_width(width: int, devices: int) -> int:
     return -(-width // devices) * devices
 
 
-class ShardLayout(BaseModel):
+class DeviceSplit(BaseModel):
     """How a model's heads and MLP split over ``devices``: totals across all devices, after padding/replication.
 
     - Query and KV heads are padded with zero heads (exact) so each device holds the same number, keeping each KV
@@ -194,7 +194,7 @@ class ShardLayout(BaseModel):
                                         "intermediate_size": self.intermediate})
 
 
-def check_devices(shape: ModelShape, p: int) -> ShardLayout:
+def check_devices(shape: ModelShape, p: int) -> DeviceSplit:
     """The shard layout for p devices, or ValueError saying why p cannot split this model."""
     if isinstance(p, bool) or not isinstance(p, int):
         raise ValueError(f"devices must be a whole number, got {p!r}")
@@ -214,4 +214,4 @@ def check_devices(shape: ModelShape, p: int) -> ShardLayout:
         kv_pad = -(-hkv // p) * p
         kv, rep, heads = kv_pad, 1, kv_pad * group
     f = -(-shape.intermediate_size // p) * p
-    return ShardLayout(devices=p, heads=heads, kv_heads=kv, kv_replication=rep, intermediate=f)
+    return DeviceSplit(devices=p, heads=heads, kv_heads=kv, kv_replication=rep, intermediate=f)
