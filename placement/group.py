@@ -36,7 +36,7 @@ class RunnerSettings(BaseModel):
     replica_budget_bytes: int | None = Field(0, ge=0)
     kv_reserve_bytes: int = Field(0, ge=0)
     shared_weights: bool = False  # map the node's one copy of the rank's shards (object store) instead of loading
-    pack_weights: bool = True  # prepack the shards for the CPU's GEMM (strategies/packed.py; a private copy each)
+    pack_weights: bool = True  # prepack the shards for the CPU's GEMM (strategies/packed.py; two private copies each)
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from strategies.comm import Comm
 from strategies.kv_cache import PackedChunks, PagedKVCache, paged_attention
-from strategies.layers import apply_rope, causal_attention, embed_partial, rms_norm
+from strategies.layers import apply_rope, causal_attention, embed_partial, rms_norm, rope_tables
 from strategies.layout import (ATTN_STATE, FEAT, FULL_WEIGHT, GIVES, NEEDS, PSUM, REP, SPLIT_BY_OUTPUT, TOK, Attn,
                                Candidate, Mode, feature_width)
 from strategies.layout_weights import Blocks
@@ -38,7 +38,8 @@ class LayoutPass:
                  cos: torch.Tensor, sin: torch.Tensor, balanced: bool = True):
         self.c, self.w, self.comm, self.cache, self.batch = c, w, comm, cache, batch
         self.p, self.r = comm.world_size, comm.rank
-        self.cos, self.sin, self.balanced = cos, sin, balanced
+        self.cos, self.sin = rope_tables(cos, sin)  # [T, 1, dh] each, built once for every layer
+        self.balanced = balanced
         prefixes = [ctx[:sp.cached] for sp, ctx in zip(batch.spans, batch.contexts) if ctx is not None]
         self.prefix_slots = torch.cat(prefixes) if prefixes else None
 
@@ -113,11 +114,11 @@ class LayoutPass:
         lay, dh = self.w.layout, self.w.shape.head_dim
         hq, hkv, scale = lay.q_per_rank, lay.kv_per_rank, dh ** -0.5
         if mode is Attn.HEADS:  # my heads, every token: the Megatron attention, over the paged cache
-            q, k, v = x.split([hq * dh, hkv * dh, hkv * dh], dim=-1)
-            q = apply_rope(q.view(-1, hq, dh), self.cos, self.sin)
-            k = apply_rope(k.view(-1, hkv, dh), self.cos, self.sin)
-            self.cache.write(i, self.batch.slots, k, v.view(-1, hkv, dh))
-            out = paged_attention(q, k, v.view(-1, hkv, dh), self.cache, i, self.batch, scale)
+            heads = x.view(x.shape[0], hq + 2 * hkv, dh)
+            qk = apply_rope(heads[:, :hq + hkv], self.cos, self.sin)  # q and k rotated at once
+            q, k, v = qk[:, :hq], qk[:, hq:], heads[:, hq + hkv:]
+            self.cache.write(i, self.batch.slots, k, v)
+            out = paged_attention(q, k, v, self.cache, i, self.batch, scale)
             return out.flatten(1), ATTN_STATE[mode]
         rows = x.shape[0]
         q, k, v = x.view(rows, self.p, -1).split([hq * dh, hkv * dh, hkv * dh], dim=-1)  # every head, rank-major
@@ -168,12 +169,12 @@ class LayoutPass:
             a, state = self.matmul("qkv", c.qkv, h, c.residual, mats["qkv"], e)
             a, state = self.attention(i, a, state, qkv_w)
             a, state = self.matmul("o", c.o, a, state, mats["o"], attn_w)
-            x = x + self.move(a, state, c.residual, e)
+            x = x.add_(self.move(a, state, c.residual, e))  # the residual stream is this pass's own tensor
             h = rms_norm(x, layer.mlp_norm, eps)
             a, state = self.matmul("gate_up", c.gate_up, h, c.residual, mats["gate_up"], e)
             if state == PSUM:  # SwiGLU is nonlinear: partial sums are reduced first, into what down needs
                 a, state = self.move(a, state, NEEDS[c.down], 2 * f), NEEDS[c.down]
             a = self.swiglu(a, state)
             a, state = self.matmul("down", c.down, a, state, mats["down"], f)
-            x = x + self.move(a, state, c.residual, e)
+            x = x.add_(self.move(a, state, c.residual, e))
         return rms_norm(x, w.final_norm, eps)

@@ -67,9 +67,11 @@ class PackedChunks:
     slots: torch.Tensor  # [T]: where each new token's K/V goes
     decode_rows: torch.Tensor  # [B]: token rows of the one-token chunks
     decode_blocks: torch.Tensor  # [B, Nmax]: their block tables, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Nmax * block_size], None when no position is padding
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Nmax * block_size] additive (0 or -inf, the pass's dtype), None
+    #                                   when no position is padding
     contexts: list[torch.Tensor | None]  # per chunk: its context's slots (prefix + new), None when nothing is cached
     context_blocks: list[torch.Tensor | None]  # per chunk: the blocks holding that context, None likewise
+    all_decode: bool = False  # every chunk is one token: the decode rows are every row, in order
 
     @property
     def prefill(self) -> list[tuple[SequenceSpan, torch.Tensor | None]]:
@@ -77,36 +79,42 @@ class PackedChunks:
         return [(sp, blk) for sp, blk in zip(self.spans, self.context_blocks) if sp.length > 1]
 
     @classmethod
-    def build(cls, chunks: list[Chunk], block_size: int, device: torch.device | str = "cpu") -> "PackedChunks":
+    def build(cls, chunks: list[Chunk], block_size: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> "PackedChunks":
+        """Built from Python lists, one tensor per field (a decode step of B sequences is B one-token chunks: per-chunk
+        tensors would cost B small ops each)."""
         spans, start = [], 0
         for c in chunks:
             if not c.ids:
                 raise ValueError("a chunk needs at least one token")
+            if c.context > len(c.blocks) * block_size:
+                raise ValueError(f"block table of {len(c.blocks)} blocks cannot hold position {c.context - 1}")
             spans.append(SequenceSpan(start=start, length=len(c.ids), cached=c.cached))
             start += len(c.ids)
-        tables = [torch.tensor(c.blocks[:-(-c.context // block_size)], dtype=torch.long) for c in chunks]
-        new = [torch.arange(c.cached, c.context) for c in chunks]
-        slots = [table_slots(c.blocks, pos, block_size) for c, pos in zip(chunks, new)]
+        positions = [p for c in chunks for p in range(c.cached, c.context)]
+        slots = [c.blocks[p // block_size] * block_size + p % block_size
+                 for c in chunks for p in range(c.cached, c.context)]
+        used = [-(-c.context // block_size) for c in chunks]  # blocks holding each chunk's context
         decode = [b for b, c in enumerate(chunks) if len(c.ids) == 1]
-        nmax = max((tables[b].numel() for b in decode), default=0)
-        dblocks = torch.empty((len(decode), nmax), dtype=torch.long)
-        for row, b in enumerate(decode):
-            n = tables[b].numel()
-            dblocks[row, :n] = tables[b]
-            dblocks[row, n:] = tables[b][0]
-        lens = torch.tensor([chunks[b].context for b in decode], dtype=torch.long)
+        nmax = max((used[b] for b in decode), default=0)
+        # a decode row's table padded to the longest by repeating its own first block (masked)
+        dblocks = [chunks[b].blocks[:used[b]] + [chunks[b].blocks[0]] * (nmax - used[b]) for b in decode]
+        lens = [chunks[b].context for b in decode]
         mask = None
-        if decode and int(lens.min()) < nmax * block_size:
-            mask = (torch.arange(nmax * block_size)[None, :] < lens[:, None])[:, None, None, :].to(device)
-        cached = [bool(c.cached) for c in chunks]
-        contexts = [table_slots(c.blocks, torch.arange(c.context), block_size).to(device) if has else None
-                    for c, has in zip(chunks, cached)]
-        return cls(spans=spans,
-                   ids=torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=device),
-                   positions=torch.cat(new).to(device), slots=torch.cat(slots).to(device),
-                   decode_rows=torch.tensor([spans[b].start for b in decode], dtype=torch.long, device=device),
-                   decode_blocks=dblocks.to(device), decode_mask=mask, contexts=contexts,
-                   context_blocks=[t.to(device) if has else None for t, has in zip(tables, cached)])
+        if decode and min(lens) < nmax * block_size:
+            past = torch.arange(nmax * block_size)[None, :] >= torch.tensor(lens)[:, None]
+            mask = torch.zeros(past.shape, dtype=dtype).masked_fill_(past, float("-inf"))[:, None, None, :].to(device)
+
+        def long(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(spans=spans, ids=long([t for c in chunks for t in c.ids]), positions=long(positions),
+                   slots=long(slots), decode_rows=long([spans[b].start for b in decode]),
+                   decode_blocks=long(dblocks).view(len(decode), nmax), decode_mask=mask,
+                   contexts=[table_slots(c.blocks, torch.arange(c.context), block_size).to(device) if c.cached
+                             else None for c in chunks],
+                   context_blocks=[long(c.blocks[:n]) if c.cached else None for c, n in zip(chunks, used)],
+                   all_decode=len(decode) == len(chunks))
 
     @property
     def last_rows(self) -> list[int]:
@@ -117,12 +125,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "P
                     batch: PackedChunks, scale: float) -> torch.Tensor:
     """Causal attention of the packed queries [T, Hq, dh] over each sequence's context; the new K/V [T, Hkv, dh]
     must already be in ``cache`` (written by the caller)."""
-    out = torch.empty_like(q)
+    out = None if batch.all_decode else torch.empty_like(q)
     if batch.decode_rows.numel():
         keys, values = cache.read_blocks(layer, batch.decode_blocks)  # [B, Nmax * block_size, Hkv, dh]
-        o = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), keys.transpose(1, 2),
-                                           values.transpose(1, 2), attn_mask=batch.decode_mask, scale=scale,
-                                           enable_gqa=True)  # [B, Hq, 1, dh]
+        rows = q if batch.all_decode else q[batch.decode_rows]
+        o = F.scaled_dot_product_attention(rows.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=batch.decode_mask, scale=scale, enable_gqa=True)  # [B, Hq, 1, dh]
+        if batch.all_decode:  # a decode step: nothing else to place
+            return o[:, :, 0]
         out[batch.decode_rows] = o[:, :, 0]
     for sp, blocks in batch.prefill:
         if blocks is None:

@@ -17,20 +17,26 @@ from strategies.packed import Weight, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
+    """``transformers``' LlamaRMSNorm: normalized in float32, cast back, then scaled (in float32 with no casts, and
+    in place on the one new tensor: a decode step runs this 61 times on a few rows, where each op is overhead)."""
+    if x.dtype == torch.float32:
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))).mul_(weight)
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return weight * x32.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pass's rotary tables [T, dh] as ``apply_rope`` takes them, [T, 1, dh]: cos, and sin with its first half
+    negated, so that rotate-half (``cat(-x2, x1)``) becomes a roll (``cat(x2, x1)``) with the sign in the table;
+    ``x2 * -s`` is ``-x2 * s`` exactly, so the result is bit for bit ``transformers``'."""
+    half = sin.shape[-1] // 2
+    return cos[:, None, :], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, dh]; cos/sin: [T, dh]."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+    """x: [T, heads, dh] (any heads: q and k of a pass go through at once); cos/sin: ``rope_tables``."""
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin))  # not addcmul: its fused multiply-add rounds once
 
 
 class Rotary:

@@ -96,7 +96,7 @@ class ShardRunner:
         layout = parse_layout(strategy)
         if self.cache is None:
             raise RuntimeError("no KV cache: call allocate_kv first")
-        batch = PackedChunks.build(chunks, self.block_size, self.device)
+        batch = PackedChunks.build(chunks, self.block_size, self.device, self.dtype)
         cos, sin = self.rotary(batch.positions, self.dtype)
         wanted = None if all_logits else logit_rows(chunks, batch)
         with torch.inference_mode():
