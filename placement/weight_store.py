@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.loader import DTYPES, Checkpoint
+from strategies.loader import DTYPES, Checkpoint, dtype_name
 from strategies.sharding import LayerShard, RankWeights, load_rank_weights
 
 NAMESPACE = "dynpart"
@@ -114,6 +114,5 @@ def shared_rank_weights(model: str, devices: int, rank: int, dtype: torch.dtype,
     """Rank ``rank``'s shards from this node's store (loaded there once), mapped without a copy on CPU."""
     import ray
 
-    dtype_name = str(dtype).removeprefix("torch.")
-    ref = ray.get(node_store().get.remote(model, devices, rank, dtype_name))[0]
+    ref = ray.get(node_store().get.remote(model, devices, rank, dtype_name(dtype)))[0]
     return unpack(ray.get(ref), Checkpoint(model), devices, dtype, device)

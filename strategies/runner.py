@@ -14,7 +14,7 @@ from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk, PackedChunks, PagedKV
 from strategies.layers import Rotary, lm_head_logits
 from strategies.layout import REP, STRATEGY_NAMES, parse_layout
 from strategies.layout_weights import LayoutWeights, StrategyUnavailable
-from strategies.loader import Checkpoint
+from strategies.loader import Checkpoint, dtype_name
 from strategies.packed import PackedLinear, Weight, can_pack, pack
 from strategies.sharding import RankWeights, load_rank_weights
 
@@ -149,7 +149,7 @@ class ShardRunner:
 
     def dtype_name(self) -> str:
         """The dtype this rank computes in (what ``dtype: auto`` resolved to on its device)."""
-        return str(self.dtype).removeprefix("torch.")
+        return dtype_name(self.dtype)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds: resident shards, gather buffers, replicas and transposed shards (if built), the

@@ -22,7 +22,7 @@ from placement.hardware import fast_dtype
 from placement.workers import LocalGroup, start_group
 from strategies.kv_cache import Chunk
 from strategies.layout import STRATEGY_NAMES
-from strategies.loader import Checkpoint
+from strategies.loader import Checkpoint, dtype_name
 
 BF16_ONE_DEVICE = 1e-2  # of max |logit|: the same kernels in the same order (measured: 0 on this AVX2 CPU)
 BF16_PARTITIONED = 2e-2  # of max |logit|: sums in another order, each rounded to bfloat16's 8 mantissa bits
@@ -68,7 +68,7 @@ def test_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively():
 
 def test_a_group_asked_for_auto_runs_and_reports_the_resolved_dtype(tiny_models):
     group = LocalGroup(model=tiny_models["gqa"], block_size=BLOCK, num_blocks=8, dtype="auto")
-    assert group.dtype_name() == str(fast_dtype("cpu")).removeprefix("torch.")
+    assert group.dtype_name() == dtype_name(fast_dtype("cpu"))
     assert LocalGroup(model=tiny_models["gqa"], block_size=BLOCK, num_blocks=8, dtype="bfloat16").dtype_name() \
         == "bfloat16"
 
