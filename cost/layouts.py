@@ -3,7 +3,7 @@
 A layer is norm → QKV → attention → O → residual → norm → gate/up → SwiGLU → down → residual. Each matrix runs in a
 mode that needs its input in one activation state (REP, TOK, FEAT, PSUM) and leaves its output in another; wherever
 a producer's state is not what the consumer needs, the one collective that converts it is inserted
-(``TRANSITIONS`` below). Turning a ``Candidate`` into ops here, and costing ops in ``formulas``, is the
+(``TRANSITIONS`` below). Turning a ``Layout`` into ops here, and costing ops in ``formulas``, is the
 whole cost model: the planner's three strategies are just three named candidates.
 """
 
@@ -14,12 +14,12 @@ import math
 from cost.formulas import Collective, Compute, Op, Work, attention, elementwise, gemm, overlapped, split_time
 from cost.hardware import Hardware
 from strategies.layout import (ATTN_STATE, FEAT, GIVES, HELD_WHOLE, MATRICES, NEEDS, PSUM, REP, TOK, TRANSITIONS, Attn,
-                               Candidate, Mode, adjacent, feature_width, token_chunk,
+                               Layout, Mode, adjacent, feature_width, token_chunk,
                                transposed)
 from strategies.shapes import ModelShape
 
-# The vocabulary (states, modes, ``Candidate``) lives where the engine reads it too; re-exported for the cost model.
-__all__ = ["ATTN_STATE", "Attn", "Candidate", "FEAT", "GIVES", "MATRICES", "Mode", "NEEDS", "PSUM", "REP", "TOK",
+# The vocabulary (states, modes, ``Layout``) lives where the engine reads it too; re-exported for the cost model.
+__all__ = ["ATTN_STATE", "Attn", "FEAT", "GIVES", "Layout", "MATRICES", "Mode", "NEEDS", "PSUM", "REP", "TOK",
            "TRANSITIONS", "end_ops", "layer_ops", "matrix_dims", "model_time", "resident_bytes", "workspace_bytes"]
 
 
@@ -92,7 +92,7 @@ class _Builder:
         return state
 
 
-def layer_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> list[Op]:
+def layer_ops(c: Layout, shape: ModelShape, p: int, work: Work, b: int) -> list[Op]:
     """Ops of one transformer layer on the busiest of p devices (shape already padded for p)."""
     dims = matrix_dims(shape)
     e, f = shape.hidden_size, shape.intermediate_size
@@ -123,7 +123,7 @@ def one_weight_gather(ops: list[Op]) -> list[Op]:
     return [op for op in ops if not (isinstance(op, Collective) and op.prefetched)] + [merged]
 
 
-def end_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> list[Op]:
+def end_ops(c: Layout, shape: ModelShape, p: int, work: Work, b: int) -> list[Op]:
     """Embedding (vocabulary-parallel: partial sums into the residual state) and the LM head on last tokens."""
     e, v = shape.hidden_size, shape.vocab_size
     bld = _Builder(shape, p, work, b)
@@ -139,7 +139,7 @@ def end_ops(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> list
     return bld.ops
 
 
-def model_time(c: Candidate, shape: ModelShape, hw: Hardware, p: int, work: Work) -> float:
+def model_time(c: Layout, shape: ModelShape, hw: Hardware, p: int, work: Work) -> float:
     """Seconds for a forward pass of all layers: layer i+1's weights are gathered while layer i computes.
 
     With per-layer blocking time A, compute C and prefetched gathers W over n layers:
@@ -152,7 +152,7 @@ def model_time(c: Candidate, shape: ModelShape, hw: Hardware, p: int, work: Work
     return w + n * a + (n - 1) * overlapped(comp, w, hw) + comp + ea + ec
 
 
-def resident_bytes(c: Candidate | list[Candidate], shape: ModelShape, p: int, b: int) -> float:
+def resident_bytes(c: Layout | list[Layout], shape: ModelShape, p: int, b: int) -> float:
     """Weights per device for the whole model, for one layout or for several held together (as an engine holds
     every layout it offers): the Megatron shards (decode reads them), a whole replica for a matrix some layout
     replicates (the shard is a view of its row: held once), a second shard sliced the other way for one some layout
@@ -179,7 +179,7 @@ def resident_bytes(c: Candidate | list[Candidate], shape: ModelShape, p: int, b:
     return (shape.num_layers * (per_layer + norms) + buffer + shape.embedding_params / p) * b
 
 
-def workspace_bytes(c: Candidate, shape: ModelShape, p: int, work: Work, b: int) -> float:
+def workspace_bytes(c: Layout, shape: ModelShape, p: int, work: Work, b: int) -> float:
     """Peak live activations on one device: the residual stream plus the largest op's inputs and outputs."""
     ops = layer_ops(c, shape, p, work, b) + end_ops(c, shape, p, work, b)
     residual = (token_chunk(work.tokens, p) if c.residual == TOK else work.tokens) * shape.hidden_size * b

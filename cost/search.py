@@ -16,13 +16,13 @@ from pydantic import BaseModel
 
 from cost.formulas import Collective, Compute, Work, ops_time
 from cost.hardware import Hardware
-from cost.layouts import REP, TOK, Attn, Candidate, Mode, layer_ops, resident_bytes
+from cost.layouts import REP, TOK, Attn, Layout, Mode, layer_ops, resident_bytes
 from strategies.layout import NAMED_LAYOUTS, check_devices
 from strategies.shapes import ModelShape
 
 # The three named strategies, by the names the engine uses (every other candidate runs too, named by its label):
 # spelled once, in the vocabulary the engine and the cost model share, so both run and price exactly the same ones.
-STRATEGIES: dict[str, Candidate] = NAMED_LAYOUTS
+STRATEGIES: dict[str, Layout] = NAMED_LAYOUTS
 _NAMES = {c: n for n, c in STRATEGIES.items()}
 
 
@@ -55,13 +55,13 @@ class SearchResult(BaseModel):
     dominated_strategies: dict[str, str]  # executable strategy -> label of a front member that dominates it
 
 
-def all_candidates() -> list[Candidate]:
+def all_candidates() -> list[Layout]:
     """Every combination: residual state × QKV mode × attention placement × O, gate/up and down modes."""
-    return [Candidate(r, q, a, o, g, d)
+    return [Layout(r, q, a, o, g, d)
             for r, q, a, o, g, d in itertools.product((REP, TOK), Mode, Attn, Mode, Mode, Mode)]
 
 
-def layer_costs(c: Candidate, shape: ModelShape, hw: Hardware, p: int, tokens: int) -> LayerCosts:
+def layer_costs(c: Layout, shape: ModelShape, hw: Hardware, p: int, tokens: int) -> LayerCosts:
     """Cost one candidate (``shape`` already padded for p) at T = ``tokens`` (a single prompt)."""
     b = hw.bytes_per_element
     ops = layer_ops(c, shape, p, Work.prefill(tokens), b)
@@ -131,10 +131,10 @@ def _dominates(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.all(a <= b) and np.any(a < b))
 
 
-def _complexity(c: Candidate) -> int:
+def _complexity(c: Layout) -> int:
     """Tie-break among equal-cost candidates: prefer the fewest distinct modes (the simplest to implement)."""
     return len({*c.modes().values()}) + (c.residual == TOK)
 
 
-def _by_label(cands: list[Candidate], label: str) -> Candidate:
+def _by_label(cands: list[Layout], label: str) -> Layout:
     return next(c for c in cands if c.label == label)

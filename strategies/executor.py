@@ -1,4 +1,4 @@
-"""Runs any layout: one forward pass of the packed chunks, layer by layer, in the states and modes a ``Candidate``
+"""Runs any layout: one forward pass of the packed chunks, layer by layer, in the states and modes a ``Layout``
 names, with each collective the cost model's op list names issued at the line marked ``<-``.
 
 Activations are in one of four states (``strategies/layout.py``): REP (every rank, every packed token, full width),
@@ -24,7 +24,7 @@ from strategies.comm import Comm
 from strategies.kv_cache import PackedChunks, PagedKVCache, paged_attention
 from strategies.layers import apply_rope, causal_attention, embed_partial, rms_norm, rope_tables
 from strategies.layout import (ATTN_STATE, FEAT, FULL_WEIGHT, GIVES, NEEDS, PSUM, REP, SPLIT_BY_OUTPUT, TOK, Attn,
-                               Candidate, Mode, feature_width)
+                               Layout, Mode, feature_width)
 from strategies.layout_weights import Blocks
 from strategies.packed import linear
 from strategies.sharding import RankWeights
@@ -34,7 +34,7 @@ from strategies.token_sharded import TokenShards
 class LayoutPass:
     """One forward pass of layout ``c`` on this rank: the state moves, the matmuls and the attention."""
 
-    def __init__(self, c: Candidate, w: RankWeights, comm: Comm, cache: PagedKVCache, batch: PackedChunks,
+    def __init__(self, c: Layout, w: RankWeights, comm: Comm, cache: PagedKVCache, batch: PackedChunks,
                  cos: torch.Tensor, sin: torch.Tensor, balanced: bool = True):
         self.c, self.w, self.comm, self.cache, self.batch = c, w, comm, cache, batch
         self.p, self.r = comm.world_size, comm.rank

@@ -1,6 +1,6 @@
 """The facts the engine and the cost model share: what a layout is, the named ones, and how p devices split a model.
 
-A layout (``Candidate``) says, for one transformer layer, in which state the residual stream lives (REP: every device
+A layout (``Layout``) says, for one transformer layer, in which state the residual stream lives (REP: every device
 holds every token; TOK: each device holds its token shard) and how each matrix and attention run (``Mode``, ``Attn``).
 Wherever a producer leaves its activations in a state the consumer cannot use, the one collective in
 ``TRANSITIONS`` converts them: the cost model (``cost/layouts.py``) prices exactly those collectives and
@@ -14,6 +14,7 @@ prediction too. Both import this module; neither imports the other's internals.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -77,7 +78,7 @@ def transposed(matrix: str, mode: Mode) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Candidate:
+class Layout:
     """One partitioning of a layer: the residual stream's state, and a mode per matrix and for attention."""
 
     residual: str
@@ -102,10 +103,10 @@ class Candidate:
 
 
 # The named layouts, in the order tables list them. Decode always runs ``megatron``.
-NAMED_LAYOUTS: dict[str, Candidate] = {
-    "megatron": Candidate(REP, Mode.COL, Attn.HEADS, Mode.ROW, Mode.COL, Mode.ROW),
-    "weight_gathered": Candidate(TOK, Mode.GATHERED, Attn.TOKENS, Mode.GATHERED, Mode.GATHERED, Mode.GATHERED),
-    "projection_replicated": Candidate(TOK, Mode.REPLICATED, Attn.TOKENS, Mode.REPLICATED, Mode.REPLICATED,
+NAMED_LAYOUTS: dict[str, Layout] = {
+    "megatron": Layout(REP, Mode.COL, Attn.HEADS, Mode.ROW, Mode.COL, Mode.ROW),
+    "weight_gathered": Layout(TOK, Mode.GATHERED, Attn.TOKENS, Mode.GATHERED, Mode.GATHERED, Mode.GATHERED),
+    "projection_replicated": Layout(TOK, Mode.REPLICATED, Attn.TOKENS, Mode.REPLICATED, Mode.REPLICATED,
                                        Mode.REPLICATED),
 }
 _NAME_OF = {c: n for n, c in NAMED_LAYOUTS.items()}
@@ -113,7 +114,8 @@ STRATEGY_NAMES: tuple[str, ...] = tuple(NAMED_LAYOUTS)
 MEGATRON = NAMED_LAYOUTS["megatron"]
 
 
-def parse_layout(text: str, error: type[ValueError] = ValueError) -> Candidate:
+@functools.lru_cache(maxsize=4096)  # a label arrives with every request; parsing it once is enough
+def parse_layout(text: str, error: type[ValueError] = ValueError) -> Layout:
     """A strategy name or a layout label as ``dynpart search`` prints it (fields in any order), or ``error`` naming
     the bad field."""
     text = text.strip()
@@ -142,7 +144,7 @@ def parse_layout(text: str, error: type[ValueError] = ValueError) -> Candidate:
         except ValueError:
             raise error(f"layout field {key!r}: {fields[key]!r} is not one of "
                         f"{', '.join(e.value for e in enum)}") from None
-    return Candidate(**values)
+    return Layout(**values)
 
 
 def check_strategy(name: str, allow_auto: bool = False, error: type[ValueError] = ValueError) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from strategies.comm import Comm
-from strategies.layout import (HELD_WHOLE, MATRICES, SPLIT_BY_OUTPUT, Candidate, Mode, adjacent, feature_width,
+from strategies.layout import (HELD_WHOLE, MATRICES, SPLIT_BY_OUTPUT, Layout, Mode, adjacent, feature_width,
                                transposed)
 from strategies.packed import PackedLinear, Weight, pack
 from strategies.sharding import RankWeights
@@ -34,7 +34,7 @@ class StrategyUnavailable(ValueError):
     """The layout cannot run here (e.g. its replicas do not fit the memory budget)."""
 
 
-def extras(c: Candidate, p: int) -> set[tuple[str, str]]:
+def extras(c: Layout, p: int) -> set[tuple[str, str]]:
     """What a layout needs beyond the shards: ("replica" | "transposed", matrix) pairs."""
     if p == 1:
         return set()
@@ -75,12 +75,12 @@ class LayoutWeights:
                 total += whole * feature_width(e, p) // p
         return total * self.w.layers[0].flat.element_size() * len(self.w.layers)
 
-    def fits(self, layouts: Iterable[Candidate]) -> bool:
+    def fits(self, layouts: Iterable[Layout]) -> bool:
         """Whether these layouts' extras, with those already built, fit the budget together."""
         need = set(self.built) | {x for c in layouts for x in extras(c, self.p)}
         return self.extra_bytes(need) <= self.budget_bytes
 
-    def prepare(self, layouts: Iterable[Candidate]) -> None:
+    def prepare(self, layouts: Iterable[Layout]) -> None:
         """Build the replicas and transposed shards ``layouts`` need (one all-gather per matrix and layer, once)."""
         layouts = list(layouts)
         missing = {x for c in layouts for x in extras(c, self.p)} - set(self.built)
@@ -131,7 +131,7 @@ class LayoutWeights:
         """The shard as a matmul multiplies by it: its packed copy where there is one."""
         return self.packed.get((i, m)) or self.shard(i, m)
 
-    def layers(self, c: Candidate) -> Iterator[dict[str, torch.Tensor | Blocks]]:
+    def layers(self, c: Layout) -> Iterator[dict[str, torch.Tensor | Blocks]]:
         """Per layer, each matrix as its mode computes with it: the shard, the transposed shard, or the whole matrix
         as p blocks (replica blocks around the shard, or this layer's gathered buffer)."""
         self.prepare([c])
