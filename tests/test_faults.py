@@ -130,3 +130,44 @@ def test_a_request_that_fails_to_start_fails_alone(nan_head):
         assert after.finish_reason == "length" and loop.alive
     finally:
         loop.stop()
+
+
+def test_a_call_waiting_for_a_pool_whose_replicas_all_failed_is_given_up():
+    """The ingress's side of a hung pool (no Ray): a call still waiting when the board shows every replica of its
+    pool failed is cancelled with ``EngineFailed`` within a beat (retried elsewhere or 503), not left waiting for
+    Serve's replacement; a pool with a live replica, or none reported yet, keeps its calls."""
+    from app.engine.messages import EngineFailed, EngineLoad
+    from app.serve.board_view import BoardView
+    from app.serve.config import AppConfig
+    from app.serve.dispatch import unless_failed
+    from app.serve.failed_replicas import FAILED
+
+    cfg = AppConfig.model_validate({"pools": [{"name": "b"}]})
+    view = BoardView(cfg, board=object())  # its reader is never started: the reports are set here
+    assert not view.failed("b") and view.serving(cfg.pools[0])  # nothing reported yet: starting, not failed
+    view.reported = {"b": [EngineLoad(max_seqs=4, replica="r1"), EngineLoad(max_seqs=4, replica="r2")]}
+    FAILED.add("r1")
+    assert not view.failed("b") and view.serving(cfg.pools[0])  # r2 serves
+    cancelled = []
+
+    async def waiting():
+        try:
+            await asyncio.sleep(60)  # a call in Serve's request router, waiting for a replica
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def run():
+        call = asyncio.ensure_future(unless_failed(waiting(), lambda: "pool b" if view.failed("b") else None))
+        await asyncio.sleep(0.6)
+        assert not call.done()
+        FAILED.add("r2")  # the board now says r2 failed too
+        return await asyncio.wait_for(call, 2)
+
+    try:
+        with pytest.raises(EngineFailed, match="every replica of pool b failed"):
+            asyncio.run(run())
+        assert cancelled and view.failed("b") and not view.serving(cfg.pools[0])
+    finally:
+        FAILED._ids.clear()
+    assert asyncio.run(unless_failed(asyncio.sleep(0.3, "answer"), lambda: None)) == "answer"

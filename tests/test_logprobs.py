@@ -239,7 +239,7 @@ def test_logprobs_over_grpc(served, http):
     ("/v1/completions", {"logprobs": 21}, "logprobs"),
     ("/v1/completions", {"logprobs": -1}, "logprobs"),
     ("/v1/completions", {"max_tokens": 0}, "max_tokens"),  # only with echo
-    ("/v1/completions", {"n": 2, "logprobs": 1}, "n"),
+    ("/v1/completions", {"n": 65, "logprobs": 1}, "n"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("/v1/chat/completions", {"logprobs": "yes please"}, "logprobs"),

@@ -124,7 +124,7 @@ def test_a_static_policy_prefills_every_request_its_way(http, chat_tiny):
     ({"prompt": "x", "temperature": -0.5}, 400, "temperature: Input should be greater than or equal to 0"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p: Input should be greater than 0"),
     ({"prompt": "x", "top_k": 1001}, 400, "top_k: Input should be less than or equal to 1000"),
-    ({"prompt": "x", "n": 2}, 400, "n: "),
+    ({"prompt": "x", "n": 0}, 400, "n: Input should be greater than or equal to 1"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "seed": 2**64}, 400, "seed"),
     ({"prompt": "x", "stop": ["a"] * 5}, 400, "stop: List should have at most 4 items"),

@@ -454,14 +454,16 @@ def test_sampling_controls_over_grpc_alike_on_aggregated_and_disaggregated_pools
 ACCEPTED = [{"presence_penalty": 0.5, "frequency_penalty": -0.5}, {"repetition_penalty": 1.2}, {"min_p": 0.05},
             {"logit_bias": {"11": -100, "12": 2.5}}, {"min_tokens": 1, "stop_token_ids": [0]}, {"top_k": -1},
             {"skip_special_tokens": False, "include_stop_str_in_output": True, "stop": ["zz"]},
-            {"n": 1, "best_of": 1}, {"logprobs": 0}, {"logprobs": None}, {"echo": False}, {"suffix": None},
+            {"n": 1, "best_of": 1}, {"n": 2, "best_of": 3}, {"prompt": ["Hi", "Ho"]}, {"prompt": [[1, 2], [3]]},
+            {"logprobs": 0}, {"logprobs": None}, {"echo": False}, {"suffix": None},
             {"logprobs": 3, "echo": True}, {"echo": True, "max_tokens": 0, "logprobs": 1},
-            {"user": "u-1", "service_tier": "auto", "metadata": {"k": "v"}, "store": False},
+            {"user": "u-1", "service_tier": "auto", "metadata": {"k": "v"}, "store": False, "request_id": "r-1"},
+            {"priority": 0, "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": []},
             {"response_format": {"type": "text"}}, {"tools": [], "tool_choice": "none", "parallel_tool_calls": False},
             {"stream_options": {"include_usage": True, "continuous_usage_stats": False}, "stream": True}]
 # Refused, each a 400 naming the field: what would change the answer in a way dynpart cannot honour
-REFUSED = [("logprobs", {"logprobs": 21}), ("max_tokens", {"max_tokens": 0}), ("n", {"n": 2}),
-           ("best_of", {"best_of": 2}),
+REFUSED = [("logprobs", {"logprobs": 21}), ("max_tokens", {"max_tokens": 0}), ("n", {"n": 65}),
+           ("best_of", {"n": 2, "best_of": 1}), ("bad_words", {"bad_words": ["the"]}), ("priority", {"priority": 1}),
            ("suffix", {"suffix": "}"}), ("response_format", {"response_format": {"type": "json_object"}}),
            ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
            ("tool_choice", {"tool_choice": "required"}), ("guided_json", {"guided_json": {"type": "object"}}),
@@ -474,7 +476,11 @@ REFUSED = [("logprobs", {"logprobs": 21}), ("max_tokens", {"max_tokens": 0}), ("
 
 @pytest.mark.parametrize("fields", ACCEPTED, ids=lambda f: ",".join(f))
 def test_fields_other_servers_accept_are_accepted(http, fields):
-    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **fields})
+    # several choices start at once: `fast` takes 2 ongoing + 1 queued, so under any other load a 503 there would be
+    # the right answer; they go to `long`, which has room
+    several = isinstance(fields.get("prompt"), list) or max(fields.get("n") or 1, fields.get("best_of") or 1) > 1
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **fields},
+                  headers={"x-dynpart-pool": "long"} if several else {})
     assert r.status_code == 200, r.text
 
 

@@ -3,14 +3,16 @@
 Requests forbid unknown fields, so a typo is a clear 400 rather than a silently ignored option. Fields OpenAI and
 vLLM clients commonly send are accepted: the sampling controls are honoured (``SamplingParams``); fields that do not
 change the answer (``user``, ``service_tier``, ``metadata``, ``store``, ``parallel_tool_calls``...) are accepted and
-unused; a field that would change the answer in a way dynpart cannot honour (``n`` > 1, ``best_of`` > 1, ``suffix``,
-``tools``, ``response_format`` other than text, guided decoding) is a 400 naming it, unless sent with its "off" value
-(``n: 1``...). Log-probs are served (completions: ``logprobs`` 0..20 and ``echo``, with ``max_tokens: 0`` scoring the
-prompt only; chat: ``logprobs`` and ``top_logprobs`` 0..20). Every response's ``usage`` carries a ``dynpart``
-object. Sampling fields
-share their ranges with ``SamplingParams``; a server's own caps (``max_tokens_limit``, context, vocabulary) are
-checked by the ingress and router, which know them. A ``max_tokens`` the client did not send is the endpoint's
-default, lowered by the ingress to what the limit and the context leave for the prompt.
+unused; a field that would change the answer in a way dynpart cannot honour (``suffix``, ``tools``,
+``response_format`` other than text, guided decoding, beam search) is a 400 naming it, unless sent with its "off"
+value. Log-probs are served (completions: ``logprobs`` 0..20 and ``echo``, with ``max_tokens: 0`` scoring the prompt
+only; chat: ``logprobs`` and ``top_logprobs`` 0..20). Several choices are served: a completions ``prompt`` may be a
+list (of strings or of token-id lists), ``n`` choices per prompt, ``best_of`` sampled per prompt and the ``n`` with
+the highest cumulative log-prob returned; at most ``MAX_CHOICES`` sequences per request (``choices``). Every
+response's ``usage`` carries a ``dynpart`` object. Sampling fields share their ranges with ``SamplingParams``; a
+server's own caps (``max_tokens_limit``, context, vocabulary) are checked by the ingress and router, which know them.
+A ``max_tokens`` the client did not send is the endpoint's default, lowered by the ingress to what the limit and the
+context leave for the prompt.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from app.engine.sampling import (LogitBias, MaxTokens, MinP, MinTokens, Penalty,
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (and gRPC's when max_tokens is 0)
 CHAT_MAX_TOKENS = 256
+MAX_CHOICES = 64  # sequences one request may sample: prompts x max(n, best_of)
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
 
 
 class DynpartUsage(BaseModel):
@@ -95,8 +100,6 @@ def check_max_tokens(value: int | None, limit: int, field: str = "max_tokens") -
                            param=field)
 
 
-OneChoice = Annotated[int | None, Field(ge=1), only(lambda n: n in (None, 1),
-                                                   f"more than one choice per request is {NOT_YET}: send 1")]
 TextFormat = Annotated[dict[str, Any] | None, only(lambda f: f is None or f == {"type": "text"},
                                                    f"structured output is {NOT_YET}: only {{'type': 'text'}}")]
 TOOLS = f"tool calling is {NOT_YET}"
@@ -137,9 +140,10 @@ class GenerationRequest(BaseModel):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     parallel_tool_calls: bool | None = None
+    request_id: str | None = Field(None, max_length=256)  # vLLM's; dynpart names its responses itself
+    n: Choices | None = 1  # choices per prompt
+    best_of: Choices | None = None  # sequences sampled per prompt (>= n): the n most likely returned
     # refused unless "off"
-    n: OneChoice = 1
-    best_of: Annotated[int | None, Field(ge=1), only(lambda n: n in (None, 1), f"best_of > 1 is {NOT_YET}")] = None
     use_beam_search: Off = None
     response_format: TextFormat = None
     tools: Annotated[list[Any] | None, only(_off, TOOLS)] = None
@@ -150,6 +154,10 @@ class GenerationRequest(BaseModel):
     guided_grammar: Off = None
     structured_outputs: Off = None
     prompt_logprobs: Off = None
+    priority: Off = None  # vLLM's priority scheduling (0: off)
+    truncate_prompt_tokens: Off = None
+    allowed_token_ids: Off = None
+    bad_words: Off = None
 
     @field_validator("min_tokens")
     @classmethod
@@ -158,6 +166,29 @@ class GenerationRequest(BaseModel):
         if v is not None and most is not None and v > most:
             raise ValueError(f"min_tokens ({v}) is more than max_tokens ({most})")
         return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _at_least_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n") or 1
+        if v is not None and v < n:
+            raise ValueError(f"best_of ({v}) must be at least n ({n})")
+        return v
+
+    def choices(self, prompts: int = 1) -> int:
+        """Sequences to sample per prompt (``best_of``, else ``n``), checked against ``MAX_CHOICES`` for the request's
+        ``prompts``; best_of > n cannot stream (the n kept are known only at the end)."""
+        n = self.n or 1
+        sampled = max(self.best_of or n, n)
+        field = "best_of" if sampled > n else "n"
+        if prompts * sampled > MAX_CHOICES:
+            raise RequestError(f"{prompts} prompt(s) x {field} {sampled} = {prompts * sampled} sequences, more than "
+                               f"this server's limit of {MAX_CHOICES} per request",
+                               param="prompt" if prompts > MAX_CHOICES else field)
+        if self.stream and sampled > n:
+            raise RequestError(f"best_of ({sampled}) > n ({n}) cannot be streamed: the n kept are known only at "
+                               "the end", param="best_of")
+        return sampled
 
     def sampling(self, default_max_tokens: int, **fields: Any) -> SamplingParams:
         return sampling_params(default_max_tokens, self.max_tokens, self.stop,
@@ -169,7 +200,9 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Annotated[str, Field(min_length=1)] | TokenIds  # token ids are checked against the vocabulary later
+    # one prompt (text or token ids) or a list of them, n choices each (token ids checked against the vocabulary later)
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds],
+                                                                                      Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: with echo only (the prompt scored, nothing generated)
     logprobs: TopLogprobs | None = None  # each token's log-prob and this many alternatives (OpenAI's legacy shape)
     echo: bool | None = None  # the prompt before the completion (with ``logprobs``: its tokens' log-probs too)
@@ -187,7 +220,15 @@ class CompletionRequest(GenerationRequest):
     def _not_empty(cls, v):
         if v == "" or v == []:
             raise ValueError("prompt is empty")
+        if isinstance(v, list) and any(p == "" or p == [] for p in v):
+            raise ValueError(f"prompt {next(i for i, p in enumerate(v) if p == '' or p == [])} of the list is empty")
         return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one or a list of them, each a string or token ids."""
+        single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if single else list(self.prompt)
 
 
 class ChatMessage(BaseModel):
@@ -233,30 +274,46 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None, chat: bool,
-                    logprobs: dict | None = None) -> dict:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
+def choice_params(params: SamplingParams, j: int, sampled: int, kept: int) -> SamplingParams:
+    """The params of a prompt's ``j``-th of ``sampled`` sequences (``kept`` of them returned): ``seed + j`` (vLLM's
+    rule for ``n``: reproducible, and distinct per choice); the prompt scored (``prompt_logprobs``) by the first only,
+    so the others find its blocks in the prefix cache; the generated tokens' log-probs whenever ``best_of`` keeps the
+    most likely."""
+    update: dict[str, Any] = {"prompt_logprobs": params.prompt_logprobs if j == 0 else None}
+    if params.seed is not None:
+        update["seed"] = (params.seed + j) % 2**63
+    if sampled > kept and params.logprobs is None:
+        update["logprobs"] = 0
+    return params.model_copy(update=update)
+
+
+def choice_body(index: int, text: str, finish: str | None, chat: bool, logprobs: dict | None = None) -> dict:
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
+    return choice
+
+
+def completion_body(rid: str, model: str, choices: list[dict], usage: Usage | None, chat: bool) -> dict:
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage.model_dump() if usage else None}
+            "model": model, "choices": choices, "usage": usage.model_dump() if usage else None}
 
 
 def chunk_body(rid: str, model: str, text: str | None, finish: str | None, chat: bool, role: bool = False,
-               usage: Usage | None = None, logprobs: dict | None = None) -> dict:
-    """One SSE chunk (with its tokens' ``logprobs`` when asked); ``text=None`` with ``usage`` is the final usage-only
-    chunk (``choices`` empty)."""
+               usage: Usage | None = None, logprobs: dict | None = None, index: int = 0) -> dict:
+    """One SSE chunk of choice ``index`` (with its tokens' ``logprobs`` when asked); ``text=None`` with ``usage`` is
+    the final usage-only chunk (``choices`` empty)."""
     choices: list[dict[str, Any]] = []
     if text is not None:
         if chat:
             delta: dict[str, Any] = {"content": text}
             if role:
                 delta["role"] = "assistant"
-            choices.append({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
+            choices.append({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
         else:
-            choices.append({"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs})
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
     body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": choices}
     if usage is not None:

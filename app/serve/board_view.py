@@ -111,6 +111,12 @@ class BoardView:
             return 0.0
         return max((self.cold_start_s.get(d, 0.0) for d in pool.deployments.values()), default=0.0)
 
+    def failed(self, key: str) -> bool:
+        """Whether every replica reporting under ``key`` (a pool, or its decode half) is known to have failed: this
+        process's request routers choose none of them, so a call there waits for Serve's replacement (a minute).
+        Nothing reported yet (starting, or reports lagging) is not failed."""
+        return bool(self.reported.get(key)) and not self.loads(key)
+
     def serving(self, pool: PoolConfig) -> bool:
         """False while a deployment of the pool has lost all its running replicas (as Serve told the board: a node
         lost), or once every replica reporting for the pool (or either half of a disaggregated pool) is known to have
@@ -119,7 +125,7 @@ class BoardView:
         reports merely stopped is not taken for gone: under a flood on few cores, reports lag.)"""
         if self.down & set(pool.deployments.values()):  # no replica left at all (a node lost)
             return False
-        return all(self.loads(k) or not self.reported.get(k) for k in report_keys(pool))
+        return not any(self.failed(k) for k in report_keys(pool))
 
     def pool_states(self) -> dict[str, PoolState]:
         """Each pool's replicas as the board last said, without asking any replica."""

@@ -10,11 +10,17 @@ A request's generation is cancelled in its replica whenever its caller stops lis
 request timeout (``with_deadline``) passed. Until its first update a request's prompt tokens count as queued on its
 pool (``queued``), and the pool is taken to hold its prefix from the moment it is sent (``prefixes``): what this
 ingress sent itself, which pricing adds to the board's lagging reports.
+
+A call still waiting for its answer (a stream: its first update) when every replica it may go to is known to have
+failed is given up (``unless_failed``): retried elsewhere or answered 503 at once, like a new request to that pool,
+rather than left waiting in Serve's request router for the replacement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -29,6 +35,7 @@ from app.serve.board_view import BoardView
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.errors import Overloaded, RequestTimeout, cause_of
 from app.serve.failed_replicas import FAILED
+from app.serve.load import DECODE_ROLE, REPORT_S
 from app.serve.metrics import record_retry
 from app.serve.prefix_router import PrefixIndex
 from app.serve.pricing import POOL_PREFIX_BLOCKS, PoolLoad, Route
@@ -79,6 +86,44 @@ async def cancelled_with_caller(call) -> Update:
     except BaseException:
         call.cancel()
         raise
+
+
+async def unless_failed(answer: Awaitable[Update | None], failed: Callable[[], str | None]) -> Update | None:
+    """``answer`` (a call's, or a stream's first update), unless ``failed()`` names where every replica the call may
+    go to is known to have failed (``BoardView.failed``, looked at every ``REPORT_S``) before it comes: then the call is
+    cancelled and ``EngineFailed`` raised, so ``Dispatcher.start`` retries the request elsewhere or answers 503 at
+    once. Otherwise a request admitted to a pool just before this ingress learnt that its last replica failed (the
+    client of the other ingress may hear of it a beat earlier, from its own request) waited in Serve's request router
+    for the replacement, a minute, while new requests to that pool were refused at once (test_chaos's hung pool: the
+    client's next request after the first 503 hung there instead of seeing the pool down). A call that already runs
+    on a failed replica fails anyway."""
+    task = asyncio.ensure_future(answer)
+    try:
+        while not (await asyncio.wait({task}, timeout=REPORT_S))[0]:
+            if where := failed():
+                raise EngineFailed(f"every replica of {where} failed while the request waited for one; Serve is "
+                                   "replacing them")
+        return task.result()
+    finally:
+        if not task.done():  # given up, or the caller left: cancel the call
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def remote(method, *args):
+    """``method.remote(*args)`` (a Serve handle's method) with an internal request id of its own. A call made within
+    an ingress request inherits the request's, and Serve's request router (2.60) indexes the calls waiting for a
+    replica by it: of several made at once (a request's choices) all but one would wait for ever."""
+    from ray.serve import context
+    from ray.serve._private.utils import generate_request_id
+
+    request = context._get_serve_request_context()
+    token = context._serve_request_context.set(dataclasses.replace(request,
+                                                                   _internal_request_id=generate_request_id()))
+    try:
+        return method.remote(*args)
+    finally:
+        context._serve_request_context.reset(token)
 
 
 @dataclass
@@ -172,7 +217,10 @@ class Dispatcher:
         self.inflight[name][rid] = progress
         prefilled = False
         try:
-            async with aclosing(run(handles, prompt_ids, params.model_dump(), strategy, whole)) as updates:
+            def failed(role: str) -> str | None:
+                return f"pool {name}{role}" if self.board.failed(name + role) else None
+
+            async with aclosing(run(handles, prompt_ids, params.model_dump(), strategy, whole, failed)) as updates:
                 async for update in updates:
                     if not prefilled:
                         self.queued[name] -= n
@@ -188,23 +236,43 @@ class Dispatcher:
                 self.queued[name] -= n
 
 
-async def run_aggregated(handles: PoolHandles, prompt_ids: list[int], params: dict, strategy: str,
-                         whole: bool) -> AsyncIterator[Update]:
-    """One engine replica prefills and decodes."""
-    if whole:
-        yield await cancelled_with_caller(handles.engine.generate_whole.remote(prompt_ids, params, strategy))
-        return
-    call = handles.engine.options(stream=True).generate.remote(prompt_ids, params, strategy)
+# role ("": the pool's engine or prefill replicas, DECODE_ROLE: its decode ones) -> where every replica of that role
+# is known to have failed (None: some is not)
+Failed = Callable[[str], str | None]
+
+
+async def streamed(call, failed: Callable[[], str | None]) -> AsyncIterator[Update]:
+    """A streaming call's updates (``until_finished``), the first ``unless_failed``."""
     async with aclosing(until_finished(call)) as updates:
+        first = await unless_failed(anext(updates, None), failed)
+        if first is None:
+            return
+        yield first
+        async for update in updates:
+            yield update
+
+
+async def run_aggregated(handles: PoolHandles, prompt_ids: list[int], params: dict, strategy: str,
+                         whole: bool, failed: Failed) -> AsyncIterator[Update]:
+    """One engine replica prefills and decodes."""
+    engine = functools.partial(failed, "")
+    if whole:
+        yield await unless_failed(cancelled_with_caller(remote(handles.engine.generate_whole, prompt_ids, params,
+                                                               strategy)), engine)
+        return
+    call = remote(handles.engine.options(stream=True).generate, prompt_ids, params, strategy)
+    async with aclosing(streamed(call, engine)) as updates:
         async for update in updates:
             yield update
 
 
 async def run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params: dict, strategy: str,
-                            whole: bool) -> AsyncIterator[Update]:
+                            whole: bool, failed: Failed) -> AsyncIterator[Update]:
     """A prefill replica runs the prompt to its first token and leaves its K/V in the object store; a decode
-    replica takes it over rank to rank and finishes the request."""
-    first: Update = await cancelled_with_caller(handles.prefill.prefill.remote(prompt_ids, params, strategy))
+    replica takes it over rank to rank and finishes the request. Each hop is given up if its half failed."""
+    decode = functools.partial(failed, DECODE_ROLE)
+    first: Update = await unless_failed(cancelled_with_caller(remote(handles.prefill.prefill, prompt_ids, params,
+                                                                     strategy)), functools.partial(failed, ""))
     handoff: Handoff | None = first.handoff
     first.handoff = None
     if handoff is None or params["max_tokens"] <= 1 or first.finish_reason != "length":
@@ -213,13 +281,14 @@ async def run_disaggregated(handles: PoolHandles, prompt_ids: list[int], params:
     # The decode replica re-emits the first token with its text; report only the prefill's figures here.
     figures = Update(text="", token_ids=[], finish_reason=None, prompt_tokens=len(prompt_ids),
                      completion_tokens=0, prefill_strategy=first.prefill_strategy, prefill_s=first.prefill_s,
-                     ttft_s=first.ttft_s, tpot_s=None, prompt_logprobs=first.prompt_logprobs)
+                     ttft_s=first.ttft_s, tpot_s=None, cached_tokens=first.cached_tokens,
+                     prompt_logprobs=first.prompt_logprobs)
     if whole:
-        rest = await cancelled_with_caller(handles.decode.decode_whole.remote(handoff, params))
+        rest = await unless_failed(cancelled_with_caller(remote(handles.decode.decode_whole, handoff, params)), decode)
         yield merge_updates([figures, rest])
         return
     yield figures
-    call = handles.decode.options(stream=True).decode.remote(handoff, params)
-    async with aclosing(until_finished(call)) as updates:
+    call = remote(handles.decode.options(stream=True).decode, handoff, params)
+    async with aclosing(streamed(call, decode)) as updates:
         async for update in updates:
             yield update

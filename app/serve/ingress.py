@@ -11,9 +11,7 @@ sequence 500, past the request timeout 504; OpenAI's error body. ``/openapi.json
 # No ``from __future__ import annotations``: FastAPI must see the real body types through Serve's wrapper.
 import functools
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
-
+from collections.abc import Awaitable
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,10 +19,11 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine.messages import RequestError, Update
+from app.engine.messages import RequestError
 from app.engine.sampling import SamplingParams
-from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ChatMessage, ChatRequest, CompletionRequest,
-                           GenerationRequest, check_max_tokens, completion_body, error_body, new_id, sampling_params)
+from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, MAX_CHOICES, ChatMessage, ChatRequest,
+                           CompletionRequest, GenerationRequest, check_max_tokens, choice_body, choice_params,
+                           completion_body, error_body, new_id, sampling_params)
 from app.serve.board_view import Health
 from app.serve.config import AppConfig
 from app.serve.dispatch import PoolHandles
@@ -33,7 +32,8 @@ from app.serve.errors import (ApiError, ModelNotFound, api_error, documented, er
 from app.serve.guard import Guard, Limits, check_key, check_peer
 from app.serve.metrics import record_request
 from app.serve.protos import dynpart_pb2 as pb
-from app.serve.responses import ClosingStreamingResponse, Logprobs, Result, done, headers_of, sse, usage_of
+from app.serve.responses import (ClosingStreamingResponse, Logprobs, Result, Run, best, done, finished_together,
+                                 headers_of, interleaved, sse, started_together, usage_of)
 from app.serve.router import Router
 
 api = FastAPI(title="dynpart", description="OpenAI-compatible API of dynpart")
@@ -111,7 +111,7 @@ class Ingress:
             raise ModelNotFound(f"model {model!r} is not served here; this server serves {self.cfg.model_name!r}")
 
     async def _start(self, prompt_ids: list[int], params: SamplingParams, pool: str | None, strategy: str | None,
-                     whole: bool = False) -> tuple[Result, Update, AsyncIterator[Update]]:
+                     whole: bool = False) -> Run:
         """Route and run up to the first update: prefill done, or with ``whole`` (a non-streaming request) the
         whole answer. The request timeout runs from here. A ``max_tokens`` the client did not send is lowered to what
         the limit and the context of the pools it may go to leave for the prompt (an unset max_tokens is never the
@@ -134,17 +134,43 @@ class Ingress:
         result = Result(pool=route.pool.name, devices=route.pool.devices, whole=whole, retries=retries,
                         started=started)
         result.add(first)
-        return result, first, updates
+        return Run(result, first, updates)
 
-    def _prepare(self, body: GenerationRequest, chat: bool) -> tuple[list[int], SamplingParams]:
+    async def _start_choices(self, prompts: list[list[int]], params: SamplingParams, sampled: int, kept: int,
+                             pool: str | None, strategy: str | None, whole: bool = False) -> list[Run]:
+        """Each prompt's ``sampled`` sequences (``choice_params``: seed + j), prompts concurrently; run i * sampled + j
+        is prompt i's j-th. A prompt's first sequence runs to its first update (prefill done: its full blocks are in
+        the replica's prefix cache) before the others start, on its pool, so they compute only the prompt's last
+        partial block: the prompt is prefilled once. A failure to start one closes the others."""
+        async def listed(run: Awaitable[Run]) -> list[Run]:
+            return [await run]
+
+        async def prompt_runs(ids: list[int]) -> list[Run]:
+            first = await self._start(ids, choice_params(params, 0, sampled, kept), pool, strategy,
+                                      whole and sampled == 1)
+            try:
+                rest = await started_together([listed(self._start(ids, choice_params(params, j, sampled, kept),
+                                                                  first.result.pool, strategy, whole))
+                                               for j in range(1, sampled)])
+            except BaseException:
+                await first.rest.aclose()
+                raise
+            for run in rest:  # the prompt was scored once, by the first
+                run.first.prompt_logprobs = run.result.prompt_logprobs = first.result.prompt_logprobs
+            return [first, *rest]
+
+        return await started_together([prompt_runs(ids) for ids in prompts])
+
+    def _prepare(self, body: GenerationRequest, chat: bool) -> tuple[list[list[int]], SamplingParams]:
+        """The request's prompts as token ids (chat: one) and its sampling params."""
         self._check_model(body.model)
         for field in ("max_tokens", "max_completion_tokens"):  # named as sent: the request model sets no ceiling
             check_max_tokens(getattr(body, field, None), self.cfg.max_tokens_limit, field)
         if chat:
-            ids = self.router.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+            prompts = [self.router.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])]
         else:
-            ids = self.router.encode(body.prompt)
-        return ids, body.sampling(CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS)
+            prompts = [self.router.encode(p) for p in body.prompts]
+        return prompts, body.sampling(CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS)
 
     # -- HTTP ---------------------------------------------------------------------------------------------------------
 
@@ -175,35 +201,43 @@ class Ingress:
 
     async def _openai(self, body: GenerationRequest, request: Request, chat: bool):
         try:
-            ids, params = self._prepare(body, chat)
-            result, first, rest = await self._start(ids, params, request.headers.get("x-dynpart-pool"),
-                                                    request.headers.get("x-dynpart-strategy"), whole=not body.stream)
+            prompts, params = self._prepare(body, chat)
+            kept, sampled = body.n or 1, body.choices(len(prompts))
+            runs = await self._start_choices(prompts, params, sampled, kept, request.headers.get("x-dynpart-pool"),
+                                             request.headers.get("x-dynpart-strategy"), whole=not body.stream)
         except Exception as e:
             return error_response(e)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        logprobs = Logprobs(self.token_text, chat) if params.logprobs is not None else None
-        echo = "" if chat or not body.echo else (body.prompt if isinstance(body.prompt, str)
-                                                 else self.router.tokenizer.decode(ids))
-        if body.stream:
-            return ClosingStreamingResponse(sse(rid, body, result, first, rest, chat, logprobs, echo),
-                                            media_type="text/event-stream", headers=headers_of(result))
+        results, prompt_tokens = [r.result for r in runs], sum(map(len, prompts))
+        logprobs = (lambda: Logprobs(self.token_text, chat)) if params.logprobs is not None else None  # noqa: E731
+        echoes = [""] * len(prompts) if chat or not body.echo else [
+            text if isinstance(text, str) else self.router.tokenizer.decode(ids)
+            for text, ids in zip(body.prompts, prompts)]
+        if body.stream:  # best_of > n is refused: every run is a choice
+            return ClosingStreamingResponse(
+                sse(rid, body, runs, chat, prompt_tokens, logprobs and [logprobs() for _ in runs],
+                    [echoes[k // sampled] for k in range(len(runs))]),
+                media_type="text/event-stream", headers=headers_of(results))
         try:
-            async with aclosing(rest):  # the caller cancelled (client gone): the generation is cancelled now
-                async for update in rest:
-                    result.add(update)
+            await finished_together(runs)  # the caller cancelled (client gone): the generations are cancelled now
         except Exception as e:
-            done(result, str(api_error(e).status))
+            done(runs[0].result, str(api_error(e).status))
             return error_response(e)
-        done(result)
-        entries = [*(result.prompt_logprobs or []), *result.logprobs]
-        return JSONResponse(completion_body(rid, body.model, echo + result.text, result.finish_reason, usage_of(result),
-                                            chat, logprobs.body(entries) if logprobs else None),
-                            headers=headers_of(result))
+        done(runs[0].result)
+        choices = []
+        for i, echo in enumerate(echoes):
+            for j, run in enumerate(best(runs[i * sampled:(i + 1) * sampled], kept)):
+                r = run.result
+                lp = logprobs().body([*(r.prompt_logprobs or []), *r.logprobs]) if logprobs else None
+                choices.append(choice_body(i * kept + j, echo + r.text, r.finish_reason, chat, lp))
+        return JSONResponse(completion_body(rid, body.model, choices, usage_of(results, prompt_tokens), chat),
+                            headers=headers_of(results))
 
     # -- gRPC ---------------------------------------------------------------------------------------------------------
 
-    def _grpc_prepare(self, req: pb.GenerateRequest, ctx) -> tuple[list[int], SamplingParams]:
-        """The HTTP path's checks for a gRPC request: key (``authorization`` metadata), size, model, fields."""
+    def _grpc_prepare(self, req: pb.GenerateRequest, ctx) -> tuple[list[int], SamplingParams, int]:
+        """The HTTP path's checks for a gRPC request: key (``authorization`` metadata), size, model, fields; its
+        prompt, sampling params and choices (``n``, 0: 1)."""
         if ctx is not None:  # None: called through a handle, not from the network
             check_peer(ctx.peer(), self.cfg.grpc_remote_clients)
             check_key(self.api_key, dict(ctx.invocation_metadata()).get("authorization"))
@@ -228,7 +262,10 @@ class Ingress:
             include_stop_str_in_output=req.include_stop_str_in_output,
             logprobs=req.logprobs if req.HasField("logprobs") else None,
             prompt_logprobs=req.prompt_logprobs if req.HasField("prompt_logprobs") else None)
-        return ids, params
+        if req.n > MAX_CHOICES:
+            raise RequestError(f"n ({req.n}) is more than this server's limit of {MAX_CHOICES} choices per request",
+                               param="n")
+        return ids, params, req.n or 1
 
     @staticmethod
     def _grpc_error(ctx, e: BaseException) -> None:
@@ -247,43 +284,41 @@ class Ingress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateReply:  # noqa: N802
         try:
-            ids, params = self._grpc_prepare(request, grpc_context)
-            result, _, rest = await self._start(ids, params, request.pool, request.strategy, whole=True)
-            async with aclosing(rest):
-                async for update in rest:
-                    result.add(update)
+            ids, params, n = self._grpc_prepare(request, grpc_context)
+            runs = await self._start_choices([ids], params, n, n, request.pool, request.strategy, whole=True)
+            await finished_together(runs)
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return pb.GenerateReply()
-        done(result)
-        return pb.GenerateReply(text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason or "",
-                                prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids),
-                                dynpart=self._info(result), logprobs=self._pb_logprobs(result.logprobs),
-                                prompt_logprobs=self._pb_logprobs(result.prompt_logprobs))
+        done(runs[0].result)
+        r = runs[0].result
+        choices = [pb.Choice(index=i, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "",
+                             completion_tokens=len(c.token_ids), logprobs=self._pb_logprobs(c.logprobs))
+                   for i, c in enumerate(run.result for run in runs)]
+        return pb.GenerateReply(text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason or "",
+                                prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids),
+                                dynpart=self._info(r), logprobs=self._pb_logprobs(r.logprobs),
+                                prompt_logprobs=self._pb_logprobs(r.prompt_logprobs), choices=choices)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):  # noqa: N802
         try:
-            ids, params = self._grpc_prepare(request, grpc_context)
-            result, update, rest = await self._start(ids, params, request.pool, request.strategy)
+            ids, params, n = self._grpc_prepare(request, grpc_context)
+            runs = await self._start_choices([ids], params, n, n, request.pool, request.strategy)
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return
+        updates = interleaved(runs)
         try:
-            yield pb.GenerateChunk(text=update.text, token_ids=update.token_ids,
-                                   finish_reason=update.finish_reason or "", dynpart=self._info(result),
-                                   logprobs=self._pb_logprobs(update.logprobs),
-                                   prompt_logprobs=self._pb_logprobs(update.prompt_logprobs))
-            async for update in rest:
-                result.add(update)
-                last = update.finish_reason is not None
-                yield pb.GenerateChunk(text=update.text, token_ids=update.token_ids,
+            async for i, update in updates:  # a choice's first and last chunks carry its figures
+                figures = update is runs[i].first or update.finish_reason is not None
+                yield pb.GenerateChunk(index=i, text=update.text, token_ids=update.token_ids,
                                        finish_reason=update.finish_reason or "",
-                                       dynpart=self._info(result) if last else None,
-                                       logprobs=self._pb_logprobs(update.logprobs))
+                                       dynpart=self._info(runs[i].result) if figures else None,
+                                       logprobs=self._pb_logprobs(update.logprobs),
+                                       prompt_logprobs=self._pb_logprobs(update.prompt_logprobs))
         except Exception as e:
             self._grpc_error(grpc_context, e)
             return
-        finally:  # the client cancelled (this generator closed at a yield): cancel the generation now, not at GC
-            await rest.aclose()
-        done(result)
-
+        finally:  # the client cancelled (this generator closed at a yield): cancel the generations now, not at GC
+            await updates.aclose()
+        done(runs[0].result)

@@ -10,13 +10,20 @@ Log-probs (``Logprobs``) read as OpenAI's: completions' legacy ``tokens`` / ``to
 dict of the top alternatives and the chosen token) / ``text_offset``, with ``echo`` the prompt's tokens first (the
 first one null); chat's ``content`` list of ``{token, logprob, bytes, top_logprobs}``. A streamed chunk carries its
 own tokens'. Token strings are each token decoded alone, and ``bytes`` their UTF-8, as vLLM reports them.
+
+A request of several choices (a list of prompts, ``n``, ``best_of``) is several ``Run``s, one per sequence: started
+together (``started_together``), finished together (``finished_together``) or streamed interleaved, each chunk tagged
+with its choice's index (``interleaved``); one failing ends them all. ``best`` keeps a prompt's ``n`` most likely of
+its ``best_of``; the usage sums the choices (each prompt's tokens once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
@@ -62,6 +69,92 @@ class Result:
         self.tpot_s = u.tpot_s if u.tpot_s is not None else self.tpot_s
         self.logprobs += u.logprobs or []
         self.prompt_logprobs = self.prompt_logprobs or u.prompt_logprobs
+
+
+@dataclass
+class Run:
+    """One sequence of a request under way: its result so far, its first update (prefill done), the rest."""
+
+    result: Result
+    first: Update
+    rest: AsyncIterator[Update]
+
+
+async def close_all(runs: list[Run]) -> None:
+    for run in runs:
+        await run.rest.aclose()  # cancels its generation in the replica
+
+
+async def started_together(starts: list[Awaitable[list[Run]]]) -> list[Run]:
+    """The runs of ``starts``, started concurrently, in order; if one fails to start, the others are closed (their
+    generations cancelled) and its error raised."""
+    outcomes = await asyncio.gather(*starts, return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:
+        await close_all([r for o in outcomes if not isinstance(o, BaseException) for r in o])
+        raise failed[0]
+    return [r for o in outcomes for r in o]
+
+
+async def finished_together(runs: list[Run]) -> None:
+    """Every run's remaining updates into its result, concurrently; the first failure cancels the others' generations
+    and is raised."""
+    async def finish(run: Run) -> None:
+        async with aclosing(run.rest):
+            async for update in run.rest:
+                run.result.add(update)
+
+    tasks = [asyncio.ensure_future(finish(r)) for r in runs]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _next(updates: AsyncIterator[Update]) -> Update:
+    return await anext(updates)
+
+
+async def interleaved(runs: list[Run]) -> AsyncIterator[tuple[int, Update]]:
+    """(choice index, update): every run's first update, then the rest's as each arrives (added to its result), one
+    read in flight per run; a failure is raised, and leaving early closes every run."""
+    reading: dict[asyncio.Future, int] = {}
+    try:
+        for i, run in enumerate(runs):
+            yield i, run.first
+        reading = {asyncio.ensure_future(_next(run.rest)): i for i, run in enumerate(runs)}
+        while reading:
+            ready, _ = await asyncio.wait(reading, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(ready, key=reading.get):
+                i = reading.pop(task)
+                try:
+                    update = task.result()
+                except StopAsyncIteration:
+                    continue
+                runs[i].result.add(update)
+                yield i, update
+                reading[asyncio.ensure_future(_next(runs[i].rest))] = i
+    finally:
+        for task in reading:
+            task.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
+        await close_all(runs)
+
+
+def cumulative_logprob(r: Result) -> float:
+    """The sum of its generated tokens' log-probs (vLLM's ``cumulative_logprob``)."""
+    return sum(e.logprob for e in r.logprobs if e.logprob is not None)
+
+
+def best(runs: list[Run], n: int) -> list[Run]:
+    """A prompt's ``n`` runs to return: all of them in order when it sampled ``n``; of ``best_of`` more, the ``n``
+    with the highest cumulative log-prob, the most likely first (ties: in sampling order)."""
+    return runs if len(runs) == n else sorted(runs, key=lambda r: -cumulative_logprob(r.result))[:n]
 
 
 FLOOR = -9999.0  # JSON has no -inf (a token masked by min_tokens): the lowest log-prob reported, as vLLM's
@@ -112,18 +205,26 @@ def done(r: Result, status: str = "200") -> None:
     record_request(r.pool, r.strategy, status, r.ttft_s, r.tpot_s, r.prefill_s)
 
 
-def usage_of(r: Result) -> Usage:
+def usage_of(r: Result | list[Result], prompt_tokens: int | None = None) -> Usage:
+    """The usage of one result, or of a request's several (its choices): their completion and cached tokens and
+    retries summed, ``prompt_tokens`` (each prompt counted once), the figures of the first."""
+    results = r if isinstance(r, list) else [r]
+    r = results[0]
     ms = lambda s: None if s is None else round(s * 1e3, 3)  # noqa: E731
-    return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids),
-                 total_tokens=r.prompt_tokens + len(r.token_ids),
+    prompt = r.prompt_tokens if prompt_tokens is None else prompt_tokens
+    completion = sum(len(x.token_ids) for x in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  dynpart=DynpartUsage(pool=r.pool, strategy=r.strategy, prefill_ms=ms(r.prefill_s) or 0.0,
                                       ttft_ms=ms(r.ttft_s), tpot_ms=ms(r.tpot_s), devices=r.devices,
-                                      cached_tokens=r.cached_tokens, retries=r.retries))
+                                      cached_tokens=sum(x.cached_tokens for x in results),
+                                      retries=sum(x.retries for x in results)))
 
 
-def headers_of(r: Result) -> dict[str, str]:
+def headers_of(results: list[Result]) -> dict[str, str]:
+    r = results[0]
     return {"x-dynpart-pool": r.pool, "x-dynpart-strategy": r.strategy or "none",
-            "x-dynpart-prefill-ms": f"{r.prefill_s * 1e3:.3f}", "x-dynpart-retries": str(r.retries)}
+            "x-dynpart-prefill-ms": f"{r.prefill_s * 1e3:.3f}",
+            "x-dynpart-retries": str(sum(x.retries for x in results))}
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -138,35 +239,36 @@ class ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def sse(rid: str, body: GenerationRequest, result: Result, first: Update, rest: AsyncIterator[Update],
-              chat: bool, logprobs: Logprobs | None = None, echo: str = "") -> AsyncIterator[str]:
-    """The stream's events from its first update on (the first also carries the ``echo``ed prompt and, with
-    ``logprobs``, its tokens'); closing it early (the client left) cancels the generation."""
+async def sse(rid: str, body: GenerationRequest, runs: list[Run], chat: bool, prompt_tokens: int,
+              logprobs: list[Logprobs] | None = None, echoes: list[str] | None = None) -> AsyncIterator[str]:
+    """The stream's events from the runs' first updates on, each chunk with its run's index (a run's first also
+    carries its ``echoes``ed prompt and, with ``logprobs``, its tokens'); closing it early (the client left) cancels
+    the generations."""
     def event(obj: dict) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    role = chat
-    update: Update | None = first
+    roles = set(range(len(runs))) if chat else set()  # choices whose first chunk is still to come
+    echoes = list(echoes or [""] * len(runs))
+    updates = interleaved(runs)
     try:
-        while update is not None:
-            entries = [*(update.prompt_logprobs or []), *(update.logprobs or [])] if logprobs else []
-            text, echo = echo + update.text, ""
-            if text or update.finish_reason or role or entries:
-                yield event(chunk_body(rid, body.model, text, update.finish_reason, chat, role=role,
-                                       logprobs=logprobs.body(entries) if logprobs else None))
-                role = False
-            update = await anext(rest, None)
-            if update is not None:
-                result.add(update)
+        async for i, update in updates:
+            lp = logprobs[i] if logprobs else None
+            entries = [*(update.prompt_logprobs or []), *(update.logprobs or [])] if lp else []
+            text, echoes[i] = echoes[i] + update.text, ""
+            if text or update.finish_reason or i in roles or entries:
+                yield event(chunk_body(rid, body.model, text, update.finish_reason, chat, role=i in roles,
+                                       logprobs=lp.body(entries) if lp else None, index=i))
+                roles.discard(i)
     except Exception as e:  # headers are gone: report in-band, as OpenAI does, then end the stream as usual
         err = api_error(e)
-        done(result, str(err.status))
+        done(runs[0].result, str(err.status))
         yield event(error_body(err.message, err.kind, err.code))
         yield "data: [DONE]\n\n"
         return
-    finally:  # closed early (the client left: ClosingStreamingResponse closes this): cancel the generation now
-        await rest.aclose()
-    done(result)
+    finally:  # closed early (the client left: ClosingStreamingResponse closes this): cancel the generations now
+        await updates.aclose()
+    done(runs[0].result)
     if body.include_usage:
-        yield event(chunk_body(rid, body.model, None, None, chat, usage=usage_of(result)))
+        yield event(chunk_body(rid, body.model, None, None, chat,
+                               usage=usage_of([r.result for r in runs], prompt_tokens)))
     yield "data: [DONE]\n\n"

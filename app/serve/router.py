@@ -23,7 +23,7 @@ from app.engine.sampling import SamplingParams
 from app.serve.admission import Admission, Offer
 from app.serve.board_view import BoardView
 from app.serve.config import AppConfig, PoolConfig
-from app.serve.dispatch import Dispatcher, PoolHandles
+from app.serve.dispatch import Dispatcher, PoolHandles, remote
 from app.serve.pricing import Route, cached_tokens, prefix_capacity, price
 from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import Checkpoint
@@ -66,7 +66,7 @@ class Router:
         if pool not in self._available and self.board.asleep(self.cfg.pool(pool)):
             return list(STRATEGY_NAMES)
         if pool not in self._available:
-            info = await self.handles[pool].front.info.remote()
+            info = await remote(self.handles[pool].front.info)  # its own call id: choices may ask at once
             self._available[pool] = info["available"]
         return self._available[pool]
 
