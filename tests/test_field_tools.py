@@ -56,7 +56,8 @@ def test_two_runs_agree_only_with_equal_scores_and_no_failed_request(tmp_path):
     log.write_text("INFO ok\n")
     same = field_eval.compare_runs(hf, write(tmp_path / "a", RESULTS, CAPITAL), 1e-3, log)
     assert same["agree"] and same["failed"] == 0
-    assert same["tasks"]["dynpart_arithmetic"]["hf_score"] == same["tasks"]["dynpart_arithmetic"]["served_score"] == 0.25
+    arithmetic = same["tasks"]["dynpart_arithmetic"]
+    assert arithmetic["hf_score"] == arithmetic["served_score"] == 0.25
     lower = copy.deepcopy(RESULTS)
     lower["results"]["dynpart_capitals"]["acc,none"] = 0.95
     c = field_eval.compare_runs(hf, write(tmp_path / "b", lower, CAPITAL), 1e-3, log)
