@@ -111,7 +111,7 @@ bench-peer: model
 # The field's tools, unmodified, against dynpart serving the default model (issue 22, item 5; load_tests/field_tools.py):
 # vllm bench serve and guidellm (16 streamed requests, 4 at a time, 0 failed), lm-evaluation-harness's
 # local-completions on two local tasks against its hf model (same samples, same scores). Each tool in a venv of its
-# own beside vLLM's peer venv (set up once). Fails unless all pass. About 10 minutes.
+# own beside vLLM's peer venv (set up once). Fails unless all pass. 5-10 minutes.
 field-tools: model
 	mkdir -p $(BENCH)
 	$(BIN)/python -m load_tests.field_tools --config serve_config.yaml --out $(BENCH)/field-tools

@@ -26,10 +26,9 @@ guidellm and lm-eval at ``.../peers/guidellm`` and ``.../peers/lm-eval``: ``pyth
 torch==2.13.0`` first (the CPU build here; never an unpinned torch, which would pull CUDA), then the pinned tool
 (``guidellm==0.8.1``; ``lm_eval[hf,api]==0.4.13``). ``--pip-args`` passes a CPU torch index elsewhere.
 
-Time on this 2-core machine (shared with other work), venvs ready: the lm-eval reference on transformers 4-6 min,
-dynpart's start ~2 min, ``vllm bench serve`` ~1 min, guidellm ~1 min, lm-eval against dynpart ~1 min: about 10 min
-in all (BENCHMARKS.md, "The field's tools").
-"""
+Time on this 2-core machine (shared with other work), venvs ready: the lm-eval reference on transformers 2-6 min,
+dynpart's start 1-2 min, ``vllm bench serve`` ~1 min, guidellm ~1 min, lm-eval against dynpart ~1 min: 5-10 min in
+all (BENCHMARKS.md, "The field's tools")."""
 
 from __future__ import annotations
 
