@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: chaos soak bench-kv bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
+.PHONY: field-tools chaos soak bench-kv bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -107,6 +107,14 @@ bench-peer: model
 	mkdir -p $(BENCH)
 	$(BIN)/python -m load_tests.peer --config serve_config.yaml --concurrency 1,4,8,16,32 --dtypes float32,bfloat16 \
 		--rounds 3 $(if $(PEER_VENV),--peer-venv $(PEER_VENV)) --out $(BENCH)/peer | tee $(BENCH)/peer.txt
+
+# The field's tools, unmodified, against dynpart serving the default model (issue 22, item 5; load_tests/field_tools.py):
+# vllm bench serve and guidellm (16 streamed requests, 4 at a time, 0 failed), lm-evaluation-harness's
+# local-completions on two local tasks against its hf model (same samples, same scores). Each tool in a venv of its
+# own beside vLLM's peer venv (set up once). Fails unless all pass. 5-10 minutes.
+field-tools: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.field_tools --config serve_config.yaml --out $(BENCH)/field-tools
 
 flood: model
 	mkdir -p $(BENCH)

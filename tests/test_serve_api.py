@@ -413,6 +413,31 @@ def test_a_vllm_bench_serve_request_is_served(http):
     assert events[-1]["usage"]["completion_tokens"] == 8
 
 
+def test_continuous_usage_stats_put_each_choices_usage_so_far_in_every_chunk(http):
+    """vLLM's ``continuous_usage_stats`` (guidellm sends it with every streamed request): with ``include_usage``,
+    every chunk carries its choice's prompt tokens and the tokens generated so far; the last chunk the totals."""
+    import json
+
+    body = {**VLLM_BENCH_BODY, "n": 2, "temperature": 1.0, "seed": 1,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with http.stream("POST", "/v1/completions", json=body, headers={"x-dynpart-pool": "long"}) as r:  # room for 2
+        assert r.status_code == 200, r.read()
+        events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines()
+                  if line and line != "data: [DONE]"]
+    *chunks, last = events
+    assert chunks and all(e["choices"] and e["usage"] for e in chunks)
+    prompt = chunks[0]["usage"]["prompt_tokens"]
+    for index in (0, 1):
+        mine = [e["usage"] for e in chunks if e["choices"][0]["index"] == index]
+        done = [u["completion_tokens"] for u in mine]
+        assert done == sorted(done) and done[-1] == 8 and {u["prompt_tokens"] for u in mine} == {prompt}
+        assert all(u["total_tokens"] == prompt + u["completion_tokens"] for u in mine)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 16
+    plain = {**VLLM_BENCH_BODY, "stream_options": {"include_usage": False, "continuous_usage_stats": True}}
+    with http.stream("POST", "/v1/completions", json=plain) as r:
+        assert r.status_code == 200 and "usage" not in r.read().decode()
+
+
 FORCED = 4321  # a token id of the tiny chat model's vocabulary
 
 
@@ -460,14 +485,14 @@ ACCEPTED = [{"presence_penalty": 0.5, "frequency_penalty": -0.5}, {"repetition_p
             {"user": "u-1", "service_tier": "auto", "metadata": {"k": "v"}, "store": False, "request_id": "r-1"},
             {"priority": 0, "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": []},
             {"response_format": {"type": "text"}}, {"tools": [], "tool_choice": "none", "parallel_tool_calls": False},
-            {"stream_options": {"include_usage": True, "continuous_usage_stats": False}, "stream": True}]
+            {"stream_options": {"include_usage": True, "continuous_usage_stats": False}, "stream": True},
+            {"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "stream": True}]
 # Refused, each a 400 naming the field: what would change the answer in a way dynpart cannot honour
 REFUSED = [("logprobs", {"logprobs": 21}), ("max_tokens", {"max_tokens": 0}), ("n", {"n": 65}),
            ("best_of", {"n": 2, "best_of": 1}), ("bad_words", {"bad_words": ["the"]}), ("priority", {"priority": 1}),
            ("suffix", {"suffix": "}"}), ("response_format", {"response_format": {"type": "json_object"}}),
            ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
            ("tool_choice", {"tool_choice": "required"}), ("guided_json", {"guided_json": {"type": "object"}}),
-           ("stream_options.continuous_usage_stats", {"stream_options": {"continuous_usage_stats": True}}),
            ("presence_penalty", {"presence_penalty": 2.5}), ("repetition_penalty", {"repetition_penalty": 0}),
            ("min_p", {"min_p": 1.5}), ("min_tokens", {"min_tokens": 5, "max_tokens": 2}),
            ("logit_bias", {"logit_bias": {"49152": 1}}), ("stop_token_ids", {"stop_token_ids": [10**6]}),

@@ -53,11 +53,14 @@ def serve_run(config: str | Path, url: str, log_path: str | Path, timeout_s: flo
     from placement.workers import local_ray_options
 
     local_ray_options()  # sets the environment a local Ray needs here (token auth off)
-    dynpart = Path(sys.executable).with_name("dynpart")
-    env = {"HF_HUB_OFFLINE": "1", **os.environ, "RAY_ADDRESS": "local"}  # never attach to another cluster
+    # This checkout's code, not whatever the venv's `dynpart` script was installed from (a worktree sharing a venv):
+    # the module by path, and PYTHONPATH for the Ray workers, which import the app by name.
+    root = str(Path(__file__).resolve().parents[2])
+    env = {"HF_HUB_OFFLINE": "1", **os.environ, "RAY_ADDRESS": "local",  # never attach to another cluster
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(dynpart), "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli.main", "serve", str(config)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.time() + timeout_s
             while not healthy(url):

@@ -76,8 +76,9 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
-    continuous_usage_stats: Annotated[bool | None, only(_off, f"usage in every chunk is {NOT_YET}: usage comes "
-                                                              "in the last chunk with include_usage")] = None
+    # vLLM's (guidellm sends it with every stream): with include_usage, every chunk also carries its choice's usage
+    # so far (its prompt's tokens, its tokens generated up to and with this chunk), as vLLM does
+    continuous_usage_stats: bool | None = None
 
 
 def sampling_params(default_max_tokens: int, max_tokens: int | None, stop: str | list[str] | None,
@@ -197,6 +198,10 @@ class GenerationRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(GenerationRequest):

@@ -2,7 +2,8 @@
 server-sent events of a stream, and the request's metrics once it ends; the same for HTTP and gRPC.
 
 A stream's events follow OpenAI's: one ``data: {json}`` chunk per update that carries text (the first chunk of a
-chat also the role), the chunk with ``finish_reason``, the usage-only chunk if asked for, ``data: [DONE]``. Its
+chat also the role; with ``continuous_usage_stats``, each its choice's usage so far), the chunk with
+``finish_reason``, the usage-only chunk if asked for, ``data: [DONE]``. Its
 headers are sent before its second update, so a failure after them cannot change the status: it ends the stream with
 one in-band ``data: {"error": ...}`` event and then ``data: [DONE]``, as OpenAI does.
 
@@ -257,7 +258,8 @@ async def sse(rid: str, body: GenerationRequest, runs: list[Run], chat: bool, pr
             text, echoes[i] = echoes[i] + update.text, ""
             if text or update.finish_reason or i in roles or entries:
                 yield event(chunk_body(rid, body.model, text, update.finish_reason, chat, role=i in roles,
-                                       logprobs=lp.body(entries) if lp else None, index=i))
+                                       logprobs=lp.body(entries) if lp else None, index=i,
+                                       usage=usage_of(runs[i].result) if body.continuous_usage else None))
                 roles.discard(i)
     except Exception as e:  # headers are gone: report in-band, as OpenAI does, then end the stream as usual
         err = api_error(e)
