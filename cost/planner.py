@@ -82,8 +82,12 @@ def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iter
         after = f" after {work.cached_tokens} cached" if work.cached_tokens else ""
         raise ValueError(f"no strategy can run {work.tokens} tokens{after} of {shape.name} on {p}×{hw.name}: "
                          + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
-    best = min(ok, key=lambda n: (ok[n], n != "megatron"))  # ties go to megatron: no replicas, no gathers
-    return PlanChoice(strategy=best, tokens=work.tokens, predicted_s=times, reasons=reasons)
+    return PlanChoice(strategy=best_of(ok), tokens=work.tokens, predicted_s=times, reasons=reasons)
+
+
+def best_of(times: dict[str, float]) -> str:
+    """The fastest of ``times`` (layout -> predicted seconds); ties go to megatron: no replicas, no gathers."""
+    return min(times, key=lambda n: (times[n], n != "megatron"))
 
 
 def available_names(available: Iterable[str] | None) -> list[str]:
@@ -174,8 +178,7 @@ def plan_step(shape: ModelShape, hardware: Hardware, devices: int, new: Sequence
     step = {s: (merged if s == "megatron" else t + alone) if t is not None else None
             for s, t in chunks.predicted_s.items()}
     ok = {s: t for s, t in step.items() if t is not None and s not in chunks.reasons}
-    best = min(ok, key=lambda s: (ok[s], s != "megatron"))
-    return PlanChoice(strategy=best, tokens=chunks.tokens, predicted_s=step, reasons=chunks.reasons)
+    return PlanChoice(strategy=best_of(ok), tokens=chunks.tokens, predicted_s=step, reasons=chunks.reasons)
 
 
 def plan_decode(shape: ModelShape, hardware: Hardware, devices: int, contexts: Sequence[int],
