@@ -11,6 +11,7 @@ out with the replica's load report (the router prices pools with it) and to disk
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from strategies.shapes import ModelShape
 
 DECODE_LAYOUT = "megatron"  # decode tokens always run Megatron (``scheduler.DECODE_STRATEGY``)
 SAVE_EVERY = 64  # steps between writes of the learned factors
+DECODE_CONTEXT_STEP = 16  # a decode step is priced at its mean context rounded to this many tokens
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class StepPredictor:
         kind, tokens, ctx = step_shape(new, cached, decoding)
         table = self.correction.table()
         if requested is None:
-            raw = decode_step_time(self.shape, self.hardware, self.devices, decoding)
+            raw = self._decode_s(len(decoding), round(ctx / DECODE_CONTEXT_STEP) * DECODE_CONTEXT_STEP)
             key = StepKey.of(DECODE_LAYOUT, kind, tokens, ctx)
             return StepPrediction(DECODE_LAYOUT, raw, table.correct(key, raw), key)
         pricing = self.picks if requested == "auto" or requested in self.picks else [requested]
@@ -78,6 +80,11 @@ class StepPredictor:
             return StepPrediction(strategy)
         key = StepKey.of(strategy, kind, tokens, ctx)
         return StepPrediction(strategy, raw, table.correct(key, raw), key)
+
+    @functools.lru_cache(maxsize=4096)
+    def _decode_s(self, sequences: int, context: int) -> float:
+        """The planner's decode step, remembered by batch size and mean context (a decode step pays no planner)."""
+        return decode_step_time(self.shape, self.hardware, self.devices, [context] * sequences)
 
     def prefill_s(self, tokens: int) -> float:
         """Corrected seconds to prefill ``tokens`` waiting prompt tokens in one step (the engine's load estimate)."""
