@@ -99,13 +99,14 @@ class CorrectionTable(BaseModel):
 def corrected_choice(choice: PlanChoice, table: CorrectionTable, kind: StepKind, tokens: float,
                      cached: float) -> PlanChoice:
     """``choice`` with every layout's predicted time multiplied by its learned factor and the best chosen again by
-    the planner's own rule (``best_of``; unavailable layouts stay out)."""
+    the planner's own rule (``best_of``, ties within the calibration's noise included; unavailable layouts stay
+    out)."""
     if not table.entries:
         return choice
     times = {s: None if t is None else table.correct(StepKey.of(s, kind, tokens, cached), t)
              for s, t in choice.predicted_s.items()}
     ok = {s: t for s, t in times.items() if t is not None and s not in choice.reasons}
-    return choice.model_copy(update={"strategy": best_of(ok), "predicted_s": times})
+    return choice.model_copy(update={"strategy": best_of(ok, choice.tie, choice.cheaper), "predicted_s": times})
 
 
 class CorrectionState(BaseModel):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from placement.calibrate import Interference, timed
+from placement.calibrate import Interference, relative_spread, timed
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk
 from strategies.layout import STRATEGY_NAMES
 
@@ -59,6 +59,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmu
         good = [t for t, x in v if x < max_interference]
         out[name] = {"median_s": statistics.median(good or [t for t, _ in v]), "min_s": min(t for t, _ in v),
                      "clean": len(good), "samples": len(v), "interference": statistics.median(x for _, x in v),
+                     "spread": relative_spread(good or [t for t, _ in v]),
                      "is_clean": [x < max_interference for _, x in v]}
     return out
 
@@ -293,7 +294,8 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
             context_now[0] += 1
 
         step = interleaved({"decode": decode}, repeats, meter=meter, quiet_wait_s=quiet)["decode"]
-        raw |= {"decode_step": step["median_s"], "decode_context": context + step["samples"] // 2}
+        raw |= {"decode_step": step["median_s"], "decode_context": context + step["samples"] // 2,
+                "decode_spread": step["spread"]}
     finally:
         group.shutdown()
     return raw, build_profile(hardware, devices, raw, torch.float32.itemsize, shape=shape)

@@ -206,6 +206,9 @@ def format_accuracy(res: dict) -> str:
     return "\n".join(lines)
 
 
+NOISY = 0.05  # a calibration noisier than this says the machine was busy
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from load_tests.engine_runs import calibrate
     from cost import get_hardware, save_profile
@@ -231,5 +234,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if profile.collectives:
         print(markdown_table(["collective", "α µs per step", "β GB/s"],
                      [[k, f"{v.latency_us:.0f}", f"{v.bandwidth_gbs:.2f}"] for k, v in profile.collectives.items()]))
+    if profile.spread is not None:
+        print(f"noise of repeated measurements: {profile.spread:.1%} (the planner calls layouts predicted closer than "
+              "this ties)" + (f"; above {NOISY:.0%}: this machine was not quiet, calibrate again when it is"
+                              if profile.spread > NOISY else ""))
     print(f"profile written to {path}" if path else "dry run: profile not saved")
     return 0
