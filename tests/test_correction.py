@@ -184,3 +184,34 @@ def test_engine_corrected_predictions_come_closer_to_its_measured_steps(tiny_mod
     # the uncalibrated catalog's CPU misses a tiny model's steps (Python dispatch) many times over; the correction
     # learns it; what remains is this shared machine's noise
     assert corrected_err < raw_err / 2
+
+
+def test_held_out_scoring_scores_the_corrected_predictions_too(tmp_path, monkeypatch, capsys):
+    """``dynpart bench accuracy --correction FILE``: a measurement 2x the uncorrected model, a table that learned 2x:
+    the plain predictions miss by half, the corrected ones by nothing, both printed."""
+    import json
+
+    from app.cli.main import main
+    from cost.planner import plan_prefill as prefill
+    from load_tests.engine_runs import accuracy
+    from strategies.shapes import model_shape
+
+    monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))
+    shape, cpu, named = model_shape("smollm2-135m"), get_hardware("cpu"), ["megatron", "projection_replicated"]
+    rows = [{"tokens": n, "median_s": {s: 2 * prefill(shape, cpu, 2, n, available=named).predicted_s[s]
+                                       for s in named}} for n in (40, 700)]
+    measured = {"shape": shape.model_dump(), "devices": 2, "available": named, "rows": rows}
+    c = Correction()
+    for n in (40, 700):
+        for s in named:
+            for _ in range(8):
+                c.observe(StepKey.of(s, "prefill", n, 0), 1.0, 2.0)
+    res = accuracy(measured, cpu, c.table())
+    assert res["mape"] == pytest.approx(0.5) and res["corrected"]["mape"] < 0.01
+    assert res["corrected"]["steps"] == 32 and res["corrected"]["max_regret"] == res["max_regret"]
+    (tmp_path / "m.json").write_text(json.dumps(measured))
+    c.save(tmp_path / "c.json")
+    assert main(["bench", "accuracy", "--measured", str(tmp_path / "m.json"), "--correction",
+                 str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "MAPE 50.0%" in out and "32 steps learned" in out and "MAPE 0.1%" in out

@@ -33,6 +33,8 @@ def register(sub) -> None:
     _strategy_args(p)
     p.add_argument("--hardware", default="cpu", help="catalog entry whose calibration profile the planner uses")
     p.add_argument("--measured", metavar="FILE.json", help="a `bench strategies --json` result instead of measuring")
+    p.add_argument("--correction", metavar="FILE.json", help="also score the predictions corrected by this learned "
+                   "correction (what a served pool saved under <profile dir>/corrections/)")
     p.set_defaults(func=cmd_accuracy, repeats_default=5)
 
     p = sub.add_parser("calibrate", help="measure GEMMs, attention, memory, collectives; store the planner's profile")
@@ -174,12 +176,21 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
             measured = json.load(f)
     else:
         measured = _measure_strategies(args)
-    res = accuracy(measured, hw)
+    table = None
+    if args.correction:
+        from cost.correction import Correction, CorrectionState
+
+        with open(args.correction) as f:
+            table = Correction.from_state(CorrectionState.model_validate_json(f.read())).table()
+    res = accuracy(measured, hw, table)
     res["measured"] = measured
     if args.json:
         print(json.dumps(res))
         return 0
     print(format_accuracy(res))
+    if "corrected" in res:
+        print(f"\ncorrected by {args.correction} ({res['corrected']['steps']} steps learned):")
+        print(format_accuracy({**res, **res["corrected"]}))
     return 0
 
 
