@@ -2,6 +2,9 @@
 # Everything they need is installed here: the venv, pinned dependencies, the default model's one-time conversion.
 
 PYTHON ?= python3.11
+# bash with pipefail: a benchmark piped into tee fails its target when it fails
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -11,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: field-tools chaos soak bench-kv bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
+.PHONY: field-tools chaos soak bench-accuracy bench-kv bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -90,6 +93,24 @@ bench-layouts: model
 		--no-handoff | tee $(BENCH)/accuracy-front.txt
 	$(BIN)/dynpart bench accuracy --devices 2 --layouts "$(LONG_LAYOUTS)" --lengths 1600,3200 --repeats 3 \
 		--no-handoff | tee $(BENCH)/accuracy-long.txt
+
+# Held-out scoring (issue 26): ROUNDS times a fresh calibration, then the planner scored at lengths the calibration never
+# timed (it times 1-4096 rows in powers of 4), for the contenders (3 repeats) and the whole front (1 repeat); with
+# CORRECTION=<file> (what a served pool saved under <profile dir>/corrections/) the corrected predictions are scored
+# too. Results per round in $(BENCH)/accuracy-heldout-<round>-*.txt (~10 min a round; run it on an idle machine).
+ROUNDS ?= 3
+HELDOUT ?= 40,200,700,1500,3000
+CORRECTION ?=
+bench-accuracy: model
+	mkdir -p $(BENCH)
+	for r in $$(seq $(ROUNDS)); do \
+		$(BIN)/dynpart calibrate --devices 2 | tee $(BENCH)/accuracy-heldout-$$r-calibration.txt && \
+		$(BIN)/dynpart bench accuracy --devices 2 --layouts contenders --lengths $(HELDOUT) --repeats 3 --no-handoff \
+			$(if $(CORRECTION),--correction $(CORRECTION)) | tee $(BENCH)/accuracy-heldout-$$r-contenders.txt && \
+		$(BIN)/dynpart bench accuracy --devices 2 --layouts front --lengths $(HELDOUT) --repeats 1 --no-handoff \
+			$(if $(CORRECTION),--correction $(CORRECTION)) | tee $(BENCH)/accuracy-heldout-$$r-front.txt \
+		|| exit 1; \
+	done
 
 # The service against its own engine at concurrency 1-32 (streaming and not, 3 repeats, order rotated; ~30 min), and
 # a flood of 120 requests at once with a 180 s client timeout, both on the shipped serve_config.yaml.

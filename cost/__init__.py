@@ -10,7 +10,8 @@ What the engine and the Serve ingress call:
   strategy;
 - ``plan_step(shape, hardware, devices, new, cached, decoding)``: the same for an engine step whose prefill chunks
   share it with decode tokens (those run megatron: one pass with a megatron chunk, a second pass otherwise);
-- ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time.
+- ``decode_step_time(shape, hardware, devices, contexts)``: a megatron decode step's predicted time;
+- ``cost.correction``: those predictions corrected by the steps an engine measured (learned online, persisted).
 """
 
 from cost.hardware import CalibrationProfile, Hardware, HardwareError, get_hardware, load_catalog, save_profile

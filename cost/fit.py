@@ -67,6 +67,13 @@ def fit_overheads(shape: ModelShape, hw: Hardware, devices: int, context: int, l
     return max(hw.launch_overhead_us, kappa * 1e6), sync * 1e6
 
 
+def measurement_spread(measured: dict) -> float | None:
+    """The calibration's noise (relative): the larger of a typical measurement's spread and the timed decode step's
+    (a whole forward, collectives included); None when neither was recorded."""
+    found = [measured[k] for k in ("spread", "decode_spread") if measured.get(k) is not None]
+    return max(found) if found else None
+
+
 def build_profile(hardware: str, devices: int, measured: dict, bytes_per_element: int, dtype: str = "float32",
                   shape: ModelShape | None = None) -> CalibrationProfile:
     """A ``CalibrationProfile`` from ``measure_rank``'s answer (collectives fitted to α/β per kind); with the model
@@ -81,6 +88,7 @@ def build_profile(hardware: str, devices: int, measured: dict, bytes_per_element
         memory_bandwidth_gbs=measured["memory_bandwidth_gbs"], launch_overhead_us=measured["launch_overhead_us"],
         prefetch_overlap=measured.get("prefetch_overlap"),
         collectives={k: fit_alpha_beta(k, devices, v) for k, v in measured["collectives"].items()},
+        spread=measurement_spread(measured),
     )
     if shape is not None and measured.get("decode_step"):
         hw = get_hardware(hardware, use_profile=False).calibrated(profile)

@@ -79,6 +79,9 @@ class CalibrationProfile(BaseModel):
     prefetch_overlap: float | None = Field(default=None, ge=0, le=1)
     sync_overhead_us: float | None = Field(default=None, ge=0)
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
+    # the measurements' own noise: relative spread (σ / median, from the median absolute deviation) of repeated
+    # timings; the planner cannot tell apart layouts predicted closer than this
+    spread: float | None = Field(default=None, ge=0)
 
 
 class Hardware(BaseModel):
@@ -106,6 +109,7 @@ class Hardware(BaseModel):
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
     calibrated_from: str | None = None
     price_per_hour: float | None = Field(default=None, ge=0)  # USD per device-hour (approximate; cost reports)
+    prediction_spread: float = Field(default=0.0, ge=0)  # relative noise of the calibration: closer layouts tie
 
     def flops_per_s(self, rows: float, kernel: str = "gemm") -> float:
         """Achieved FLOP/s of a matmul with ``rows`` token rows: measured curve if calibrated, else η_c·rows/(rows+r½).
@@ -163,6 +167,8 @@ class Hardware(BaseModel):
             update["prefetch_overlap"] = profile.prefetch_overlap
         if profile.sync_overhead_us is not None:
             update["sync_overhead_us"] = profile.sync_overhead_us
+        if profile.spread is not None:
+            update["prediction_spread"] = profile.spread
         return self.model_copy(update=update)
 
 

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from pydantic import BaseModel
 
-from cost.formulas import Work
+from cost.formulas import Collective, Work
 from cost.hardware import Hardware
-from cost.layouts import model_time, resident_bytes, workspace_bytes
+from cost.layouts import layer_ops, model_time, resident_bytes, workspace_bytes
 from cost.search import STRATEGIES, search
 from strategies.layout import STRATEGY_NAMES, check_devices, parse_layout
 from strategies.shapes import ModelShape
@@ -34,6 +34,8 @@ class PlanChoice(BaseModel):
     tokens: int
     predicted_s: dict[str, float | None]
     reasons: dict[str, str]  # why a strategy was not considered
+    tie: float = 0.0  # relative: layouts predicted within this of the fastest are ties (the calibration's noise)
+    cheaper: dict[str, tuple[int, float]] = {}  # per layout (collectives per layer, GB per device): who wins a tie
 
     @property
     def time_s(self) -> float:
@@ -68,9 +70,10 @@ def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iter
     padded = check_devices(shape, p).padded_shape(shape)
     times: dict[str, float | None] = {}
     reasons: dict[str, str] = {}
+    rows: dict[str, MemoryRow] = {}
     for name in dict.fromkeys([*STRATEGY_NAMES, *names]):
         times[name] = model_time(parse_layout(name), padded, hw, p, work)
-        row = memory_row(name, shape, hw, p, work, utilization)
+        row = rows[name] = memory_row(name, shape, hw, p, work, utilization)
         if not row.feasible:  # cannot run at all: no prediction
             times[name] = None
             reasons[name] = (f"needs {row.resident_gb + row.workspace_gb + row.kv_gb:.1f} GB per device, "
@@ -82,8 +85,26 @@ def _choose(shape: ModelShape, hw: Hardware, p: int, work: Work, available: Iter
         after = f" after {work.cached_tokens} cached" if work.cached_tokens else ""
         raise ValueError(f"no strategy can run {work.tokens} tokens{after} of {shape.name} on {p}×{hw.name}: "
                          + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
-    best = min(ok, key=lambda n: (ok[n], n != "megatron"))  # ties go to megatron: no replicas, no gathers
-    return PlanChoice(strategy=best, tokens=work.tokens, predicted_s=times, reasons=reasons)
+    tie = hw.prediction_spread
+    cheaper = {n: (collectives_per_layer(n, padded, p, work, hw.bytes_per_element),
+                   rows[n].resident_gb + rows[n].workspace_gb) for n in ok} if tie > 0 else {}
+    return PlanChoice(strategy=best_of(ok, tie, cheaper), tokens=work.tokens, predicted_s=times, reasons=reasons,
+                      tie=tie, cheaper=cheaper)
+
+
+def collectives_per_layer(name: str, padded: ModelShape, p: int, work: Work, b: int) -> int:
+    return sum(isinstance(o, Collective) for o in layer_ops(parse_layout(name), padded, p, work, b))
+
+
+def best_of(times: dict[str, float], tie: float = 0.0, cheaper: dict[str, tuple[int, float]] | None = None) -> str:
+    """The fastest of ``times`` (layout -> predicted seconds). Layouts predicted within ``tie`` (relative: what the
+    calibration measured as its own noise) of the fastest are ties, since the model cannot tell them apart: megatron
+    wins them (no replicas, no gathers), then the one with fewer collectives, then less memory (``cheaper``)."""
+    fastest = min(times, key=lambda n: (times[n], n != "megatron"))
+    if tie <= 0 or not cheaper:
+        return fastest
+    close = [n for n in times if times[n] <= times[fastest] * (1 + tie)]
+    return min(close, key=lambda n: (n != "megatron", *cheaper.get(n, (0, 0.0)), times[n]))
 
 
 def available_names(available: Iterable[str] | None) -> list[str]:
@@ -174,8 +195,8 @@ def plan_step(shape: ModelShape, hardware: Hardware, devices: int, new: Sequence
     step = {s: (merged if s == "megatron" else t + alone) if t is not None else None
             for s, t in chunks.predicted_s.items()}
     ok = {s: t for s, t in step.items() if t is not None and s not in chunks.reasons}
-    best = min(ok, key=lambda s: (ok[s], s != "megatron"))
-    return PlanChoice(strategy=best, tokens=chunks.tokens, predicted_s=step, reasons=chunks.reasons)
+    return PlanChoice(strategy=best_of(ok, chunks.tie, chunks.cheaper), tokens=chunks.tokens, predicted_s=step,
+                      reasons=chunks.reasons, tie=chunks.tie, cheaper=chunks.cheaper)
 
 
 def plan_decode(shape: ModelShape, hardware: Hardware, devices: int, contexts: Sequence[int],

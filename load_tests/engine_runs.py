@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from placement.calibrate import Interference, timed
+from placement.calibrate import Interference, relative_spread, timed
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk
 from strategies.layout import STRATEGY_NAMES
 
@@ -59,6 +59,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmu
         good = [t for t, x in v if x < max_interference]
         out[name] = {"median_s": statistics.median(good or [t for t, _ in v]), "min_s": min(t for t, _ in v),
                      "clean": len(good), "samples": len(v), "interference": statistics.median(x for _, x in v),
+                     "spread": relative_spread(good or [t for t, _ in v]),
                      "is_clean": [x < max_interference for _, x in v]}
     return out
 
@@ -293,29 +294,44 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
             context_now[0] += 1
 
         step = interleaved({"decode": decode}, repeats, meter=meter, quiet_wait_s=quiet)["decode"]
-        raw |= {"decode_step": step["median_s"], "decode_context": context + step["samples"] // 2}
+        raw |= {"decode_step": step["median_s"], "decode_context": context + step["samples"] // 2,
+                "decode_spread": step["spread"]}
     finally:
         group.shutdown()
     return raw, build_profile(hardware, devices, raw, torch.float32.itemsize, shape=shape)
 
 
-def accuracy(measured: dict, hardware) -> dict:
+def accuracy(measured: dict, hardware, table=None) -> dict:
     """The planner against a ``bench_strategies`` result: predicted vs measured seconds per strategy and length
-    (absolute percentage error), and the regret of the planner's choice against the measured best per length."""
+    (absolute percentage error), and the regret of the planner's choice against the measured best per length. With a
+    learned ``table`` (``cost.correction.CorrectionTable``) the corrected predictions are scored the same way
+    (``corrected``)."""
     from cost import plan_prefill
+    from cost.correction import corrected_choice
     from strategies.shapes import ModelShape
 
     shape = ModelShape(**measured["shape"])
     p, available = measured["devices"], measured["available"]
-    rows, errors = [], []
-    for row in measured["rows"]:
-        n, meas = row["tokens"], row["median_s"]
-        plan = plan_prefill(shape, hardware, p, n, available=available)
-        pred = {s: plan.predicted_s[s] for s in meas}
-        ape = {s: abs(pred[s] - meas[s]) / meas[s] for s in meas if pred[s] is not None}
-        errors += list(ape.values())
-        best = min(meas, key=meas.get)
-        rows.append({"tokens": n, "measured_s": meas, "predicted_s": pred, "ape": ape, "choice": plan.strategy,
-                     "measured_best": best, "regret": meas[plan.strategy] / meas[best] - 1})
-    return {"hardware": hardware.name, "calibrated_from": hardware.calibrated_from, "devices": p,
-            "mape": statistics.fmean(errors), "max_regret": max(r["regret"] for r in rows), "rows": rows}
+
+    def score(plans: list) -> tuple[list[dict], dict]:
+        rows, errors = [], []
+        for row, plan in zip(measured["rows"], plans):
+            n, meas = row["tokens"], row["median_s"]
+            pred = {s: plan.predicted_s[s] for s in meas}
+            ape = {s: abs(pred[s] - meas[s]) / meas[s] for s in meas if pred[s] is not None}
+            errors += list(ape.values())
+            best = min(meas, key=meas.get)
+            rows.append({"tokens": n, "measured_s": meas, "predicted_s": pred, "ape": ape, "choice": plan.strategy,
+                         "measured_best": best, "regret": meas[plan.strategy] / meas[best] - 1})
+        return rows, {"mape": statistics.fmean(errors), "max_regret": max(r["regret"] for r in rows)}
+
+    plans = [plan_prefill(shape, hardware, p, row["tokens"], available=available) for row in measured["rows"]]
+    rows, summary = score(plans)
+    out = {"hardware": hardware.name, "calibrated_from": hardware.calibrated_from, "devices": p, **summary,
+           "rows": rows}
+    if table is not None:
+        fixed = [corrected_choice(plan, table, "prefill", row["tokens"], 0)
+                 for plan, row in zip(plans, measured["rows"])]
+        rows, summary = score(fixed)
+        out["corrected"] = {**summary, "steps": table.steps(), "rows": rows}
+    return out

@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,15 @@ GEMM_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
 ATTENTION_LENGTHS = (16, 64, 256, 1024, 4096)
 COLLECTIVE_BYTES = (16 * 2**10, 128 * 2**10, 2**20, 4 * 2**20, 16 * 2**20)  # the engine's range, T·E·b and weights
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def relative_spread(samples: Sequence[float]) -> float:
+    """The noise of repeated timings as a fraction of their median: 1.4826 × median absolute deviation / median
+    (σ for normal noise, not moved by one disturbed repeat); 0 for fewer than two."""
+    if len(samples) < 2:
+        return 0.0
+    med = statistics.median(samples)
+    return 1.4826 * statistics.median(abs(x - med) for x in samples) / med if med > 0 else 0.0
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -89,6 +98,7 @@ class Timer:
     max_interference: float = 0.25
     statistic: str = "median"  # "min" for compute kernels: their undisturbed speed (as ``timeit`` advises)
     quiet_wait_s: float = 0.0  # before a measurement, and after a disturbed repeat, wait this long at most for quiet
+    spreads: list[float] = field(default_factory=list)  # each measurement's ``relative_spread`` (copies share it)
 
     def _max(self, values: list[float]) -> list[float]:
         if self.comm.world_size == 1:
@@ -118,7 +128,9 @@ class Timer:
                     slowest > self.budget_s and len(every) >= 3):
                 break
         pick = min if self.statistic == "min" else statistics.median
-        return self._max([pick(clean or every)])[0]
+        value, spread = self._max([pick(clean or every), relative_spread(clean or every)])
+        self.spreads.append(spread)
+        return value
 
 
 def measure_gemm(timer: Timer, matrices: Sequence[torch.Tensor], rows: Sequence[int]) -> list[dict]:
@@ -260,7 +272,7 @@ def measure_rank(comm, matrices: Sequence[torch.Tensor], attention_heads: tuple[
     timer = Timer(comm, int(spec.get("repeats", 5)), Interference(spec.get("pids", ())),
                   quiet_wait_s=float(spec.get("quiet_wait", 0)))
     kernels = replace(timer, statistic="min")  # a shared machine only ever slows a kernel down
-    return {
+    out = {
         "gemm": measure_gemm(kernels, matrices, spec.get("rows", GEMM_ROWS)),
         "attention": measure_attention(kernels, heads, kv_heads, head_dim,
                                        spec.get("attention_lengths", ATTENTION_LENGTHS)),
@@ -270,6 +282,7 @@ def measure_rank(comm, matrices: Sequence[torch.Tensor], attention_heads: tuple[
                                            spec.get("collective_bytes", COLLECTIVE_BYTES)),
         **(measure_overlap(kernels, matrices, flat) if flat is not None else {}),
     }
+    return out | {"spread": statistics.median(timer.spreads)}  # the typical noise of one measurement
 
 
 def local_forward_time(runner, timer: Timer, tokens: int = 1) -> float:

@@ -234,3 +234,21 @@ def test_weight_gathered_is_priced_one_weight_gather_per_layer_as_the_engine_iss
     gathers = [op for op in ops if isinstance(op, Collective) and op.prefetched]
     assert len(gathers) == 1
     assert gathers[0].size == sum(k * n for k, n in matrix_dims(LLAMA7).values()) * b
+
+
+def test_calibration_records_its_noise_and_the_planner_reads_it(tmp_path, monkeypatch):
+    """``relative_spread`` of repeated timings (robust: one disturbed repeat does not count), the larger of a
+    measurement's and the decode step's goes into the profile, and the calibrated hardware carries it."""
+    from cost.fit import measurement_spread
+    from placement.calibrate import relative_spread
+
+    assert relative_spread([0.1]) == 0.0
+    assert relative_spread([1.0, 1.0, 1.0, 1.0, 9.0]) == 0.0
+    assert relative_spread([0.9, 1.0, 1.1]) == pytest.approx(0.14826)
+    assert measurement_spread({"spread": 0.02, "decode_spread": 0.04}) == 0.04
+    assert measurement_spread({}) is None
+    monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))
+    assert get_hardware("cpu").prediction_spread == 0.0
+    save_profile(CalibrationProfile(hardware="cpu", devices=2, gemm=(GemmSample(rows=16, tflops=0.01),), spread=0.03))
+    assert get_hardware("cpu").prediction_spread == 0.03
+    assert get_hardware("cpu").time_shared(0.5).prediction_spread == 0.03

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.cli.main import main
-from cost import get_hardware, plan, plan_decode, plan_prefill, search
+from cost import get_hardware, plan, plan_decode, plan_prefill, plan_step, search
 from cost.formulas import Collective, Work, collective_time
 from cost.layouts import model_time
 from cost.planner import DEFAULT_UTILIZATION, memory_row
@@ -238,3 +238,27 @@ def test_the_planner_picks_from_the_whole_executable_front(capsys, tmp_path, mon
     assert long.strategy in picks and "megatron" in picks and len(picks) < len(front)
     assert main(["plan", "--model", "llama2-13b", "--gpu", "L4", "--devices", "4", "--lengths", "2048"]) == 0
     assert long.strategy in capsys.readouterr().out
+
+
+def test_layouts_closer_than_the_calibrations_noise_are_ties():
+    """A profile's ``spread`` (its repeated measurements' own noise) makes layouts predicted closer than it ties:
+    megatron wins them, then fewer collectives per layer, then less memory; the fastest wins outside it."""
+    from cost.planner import best_of, collectives_per_layer
+
+    shape, l4 = CATALOG["llama2-7b"], get_hardware("L4")
+    assert plan_prefill(shape, l4, 2, 1024).strategy == "projection_replicated"  # 10% faster than megatron
+    assert plan_prefill(shape, l4.model_copy(update={"prediction_spread": 0.05}), 2, 1024).strategy == \
+        "projection_replicated"
+    noisy = l4.model_copy(update={"prediction_spread": 0.15})
+    assert plan_prefill(shape, noisy, 2, 1024).strategy == "megatron"
+    assert plan_step(shape, noisy, 2, [1024], [0], [100]).strategy == "megatron"
+    tied = plan_prefill(shape, l4.model_copy(update={"prediction_spread": 0.05}), 2, 3000)
+    assert tied.predicted_s["weight_gathered"] < tied.predicted_s["megatron"]
+    work = Work.prefill(3000)
+    assert (collectives_per_layer("projection_replicated", shape, 2, work, 2)
+            < collectives_per_layer("weight_gathered", shape, 2, work, 2))
+    assert tied.strategy == "projection_replicated"
+    times = {"a": 1.0, "b": 1.02, "c": 1.5}
+    assert best_of(times) == "a"
+    assert best_of(times, 0.05, {"a": (4, 1.0), "b": (2, 3.0), "c": (0, 0.0)}) == "b"  # fewer collectives
+    assert best_of(times, 0.05, {"a": (2, 1.0), "b": (2, 0.5), "c": (0, 0.0)}) == "b"  # then less memory

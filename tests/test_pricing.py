@@ -4,6 +4,7 @@ here without Ray, a cluster or a checkpoint (the catalog's shapes, the hardware 
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from app.serve import pricing
 from app.serve.config import PoolConfig
 from app.serve.pricing import PoolLoad, backlog, cached_tokens, decode_step_s, predicted_ttft, prefix_capacity, price
 from cost import decode_step_time, get_hardware, plan_prefill
+from cost.correction import StepKey
 from strategies.shapes import model_shape
 
 SHAPE = model_shape("smollm2-135m")
@@ -86,3 +88,16 @@ def test_a_route_is_its_first_token_then_its_decode_steps():
 def test_a_pool_whose_memory_cannot_prefill_the_prompt_is_not_priced():
     tiny = get_hardware("L4").model_copy(update={"memory_gb": 0.05})
     assert price(POOL, SHAPE, tiny, PoolLoad(), 1000, 4, "auto", NAMED) is None
+
+
+def test_a_pool_is_priced_by_what_its_replicas_learned_of_the_cost_model():
+    """The replicas' reports carry their correction tables (pooled by steps): prefill is priced corrected, so
+    admission compares the times the engines now predict for themselves (decode steps are priced as measured)."""
+    slow = {"": (math.log(2.0), 50), "prefill": (math.log(2.0), 50)}
+    load = PoolLoad(front=[report(correction=slow)])
+    plain = predicted_ttft(POOL, SHAPE, HW, PoolLoad(), 300, "auto", NAMED)[0]
+    assert predicted_ttft(POOL, SHAPE, HW, load, 300, "auto", NAMED)[0] == pytest.approx(2 * plain, rel=0.05)
+    pooled = pricing.correction(PoolLoad(front=[report(correction=slow), report()],
+                                         decode=[report(correction={"": (0.0, 50)})]))
+    assert pooled.entries[""] == (pytest.approx(math.log(2.0) / 2), 100)
+    assert pooled.factor(StepKey.of("megatron", "prefill", 300, 0)) > 1.5

@@ -33,6 +33,8 @@ def register(sub) -> None:
     _strategy_args(p)
     p.add_argument("--hardware", default="cpu", help="catalog entry whose calibration profile the planner uses")
     p.add_argument("--measured", metavar="FILE.json", help="a `bench strategies --json` result instead of measuring")
+    p.add_argument("--correction", metavar="FILE.json", help="also score the predictions corrected by this learned "
+                   "correction (what a served pool saved under <profile dir>/corrections/)")
     p.set_defaults(func=cmd_accuracy, repeats_default=5)
 
     p = sub.add_parser("calibrate", help="measure GEMMs, attention, memory, collectives; store the planner's profile")
@@ -174,12 +176,21 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
             measured = json.load(f)
     else:
         measured = _measure_strategies(args)
-    res = accuracy(measured, hw)
+    table = None
+    if args.correction:
+        from cost.correction import Correction, CorrectionState
+
+        with open(args.correction) as f:
+            table = Correction.from_state(CorrectionState.model_validate_json(f.read())).table()
+    res = accuracy(measured, hw, table)
     res["measured"] = measured
     if args.json:
         print(json.dumps(res))
         return 0
     print(format_accuracy(res))
+    if "corrected" in res:
+        print(f"\ncorrected by {args.correction} ({res['corrected']['steps']} steps learned):")
+        print(format_accuracy({**res, **res["corrected"]}))
     return 0
 
 
@@ -204,6 +215,9 @@ def format_accuracy(res: dict) -> str:
                       r["choice"], r["measured_best"], f"{r['regret']:.1%}"] for r in res["rows"]]),
              f"MAPE {res['mape']:.1%}; largest regret {res['max_regret']:.1%}"]
     return "\n".join(lines)
+
+
+NOISY = 0.05  # a calibration noisier than this says the machine was busy
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -231,5 +245,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if profile.collectives:
         print(markdown_table(["collective", "α µs per step", "β GB/s"],
                      [[k, f"{v.latency_us:.0f}", f"{v.bandwidth_gbs:.2f}"] for k, v in profile.collectives.items()]))
+    if profile.spread is not None:
+        print(f"noise of repeated measurements: {profile.spread:.1%} (the planner calls layouts predicted closer than "
+              "this ties)" + (f"; above {NOISY:.0%}: this machine was not quiet, calibrate again when it is"
+                              if profile.spread > NOISY else ""))
     print(f"profile written to {path}" if path else "dry run: profile not saved")
     return 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -10,10 +12,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine.llm_engine import LLMEngine
+from app.engine.predictor import StepPredictor
 from placement.group import Group, RunnerSettings
 from placement.hardware import detect_hardware
 from placement.workers import COLLECTIVE_TIMEOUT_S, max_devices, start_group
-from cost import decode_step_time, get_hardware, plan_prefill, plan_step
+from cost import decode_step_time, get_hardware
+from cost.correction import Correction, correction_path, correction_stamp
 from cost.formulas import Work
 from cost.planner import contenders, executable_layouts, memory_row
 from strategies.kv_cache import DEFAULT_BLOCK_SIZE
@@ -123,20 +127,23 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                        opts.max_num_batched_tokens)
     offered = list(dict.fromkeys([*picks, *(s for s in available if s in STRATEGY_NAMES or s in pinned)]))
 
-    def choose(new: list[int], cached: list[int], decoding: list[int]) -> str:
-        return plan_step(ckpt.shape, hardware, opts.devices, new, cached, decoding, available=picks).strategy
-
-    def predict_prefill_s(tokens: int) -> float:
-        return plan_prefill(ckpt.shape, hardware, opts.devices, tokens, available=picks).time_s
-
+    predictor = StepPredictor(ckpt.shape, hardware, opts.devices, picks, *learned(hardware, ckpt, opts.devices))
     step_s = guessed_step_s(ckpt.shape, hardware, opts.devices, max_model_len, opts.max_num_seqs)
     return engine_class(group, tokenizer, ckpt.eos_token_ids(), num_blocks=num_blocks, block_size=opts.block_size,
                         max_model_len=max_model_len, max_num_seqs=opts.max_num_seqs,
                         max_num_batched_tokens=opts.max_num_batched_tokens,
                         enable_chunked_prefill=opts.enable_chunked_prefill,
-                        enable_prefix_caching=opts.enable_prefix_caching, choose_strategy=choose,
-                        predict_prefill_s=predict_prefill_s, step_s=step_s, layouts=available, contenders=offered,
-                        watchdog_floor_s=opts.step_watchdog_floor_s)
+                        enable_prefix_caching=opts.enable_prefix_caching, predictor=predictor, step_s=step_s,
+                        layouts=available, contenders=offered, watchdog_floor_s=opts.step_watchdog_floor_s)
+
+
+def learned(hardware, ckpt: Checkpoint, devices: int) -> tuple[Correction, Path]:
+    """The correction this pool's engines learned before (saved beside the calibration profile), and where to save
+    it; a fresh one when the hardware's figures (a new calibration), the model or p changed since."""
+    shape = ckpt.shape.model_dump_json()
+    path = correction_path(hardware, f"{ckpt.shape.name}-{hashlib.sha256(shape.encode()).hexdigest()[:8]}", devices)
+    stamp = correction_stamp(hardware, shape, devices)
+    return Correction.load(path, stamp), path
 
 
 def kv_budget_gb(opts: EngineFields) -> float | None:

@@ -21,6 +21,7 @@ import torch
 from app.engine.blocks import BlockManager
 from app.engine.messages import EngineLoad, RequestError
 from app.engine.output import OutputProcessor
+from app.engine.predictor import StepPrediction, StepPredictor
 from app.engine.sampling import SamplingParams, logprobs_of, make_generator
 from app.engine.scheduler import DECODE_STRATEGY, Adoption, Scheduler, SchedulerConfig, StepPlan
 from app.engine.sequence import Sequence
@@ -46,7 +47,7 @@ class LLMEngine:
     def __init__(self, group: Group, tokenizer, eos_token_ids: list[int], max_model_len: int, *,
                  choose_strategy: ChooseStrategy | None = None, predict_prefill_s: Callable[[int], float] | None = None,
                  step_s: float = 0.0, layouts: list[str] | None = None, contenders: list[str] | None = None,
-                 watchdog_floor_s: float = 30.0, **limits: Any):
+                 watchdog_floor_s: float = 30.0, predictor: StepPredictor | None = None, **limits: Any):
         self.group, self.tokenizer = group, tokenizer
         # Layouts built at start (named strategies + the executable front that fit), and those offered: the ones a
         # request may name and the ingress prices (``build_engine``: the planner's picks, the named strategies, a
@@ -56,8 +57,11 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.scheduler = self.make_scheduler(SchedulerConfig(**limits))
         self.output = OutputProcessor(tokenizer, eos_token_ids)
+        # The planner corrected by this engine's measured steps (``build_engine``); without one, ``choose_strategy``
+        # and ``predict_prefill_s`` (tests) or Megatron and no predictions
+        self.predictor = predictor
         self.choose_strategy = choose_strategy or (lambda new, cached, decoding: DECODE_STRATEGY)
-        self.predict_prefill_s = predict_prefill_s or (lambda tokens: 0.0)  # the planner's, for load estimates
+        self.predict_prefill_s = predict_prefill_s or (predictor.prefill_s if predictor else (lambda tokens: 0.0))
         self.step_s = step_s  # decode step seconds: the planner's guess until steps are measured
         # The step watchdog (``EngineLoop``): a step running past its deadline means a hung worker
         self.watchdog_floor_s = watchdog_floor_s
@@ -140,7 +144,8 @@ class LLMEngine:
                           waiting_prompt_tokens=queued, decode_tokens_left=left, step_s=self.step_s,
                           slot_wait_s=slot_wait, wait_s=wait, free_blocks=self.blocks.num_free,
                           total_blocks=self.blocks.num_blocks, prefix_hit_rate=self.blocks.hit_rate,
-                          preemptions=self.preemptions)
+                          preemptions=self.preemptions,
+                          correction=self.predictor.table().entries if self.predictor else {})
 
     def seqs_in_use(self) -> int:
         """Sequences holding KV blocks (0 once every request has finished or been aborted)."""
@@ -167,20 +172,23 @@ class LLMEngine:
             self.step()
         return seqs
 
-    def _strategy(self, plan: StepPlan) -> str:
-        """The prefill chunks' strategy: as requested, or the planner's for this step's chunks and decode tokens."""
+    def _predict(self, plan: StepPlan) -> StepPrediction:
+        """The prefill chunks' strategy (as requested, or the planner's for this step's chunks and decode tokens) and,
+        with a predictor, the step's predicted time."""
         requested = plan.requested
+        new, cached = [n for _, n in plan.prefill], [s.num_computed for s, _ in plan.prefill]
+        decoding = [s.num_computed for s, _ in plan.decode]
+        if self.predictor is not None:
+            return self.predictor.plan(requested, new, cached, decoding)
         if requested is None:
-            return DECODE_STRATEGY
-        if requested != "auto":
-            return requested
-        return self.choose_strategy([n for _, n in plan.prefill], [s.num_computed for s, _ in plan.prefill],
-                                    [s.num_computed for s, _ in plan.decode])
+            return StepPrediction(DECODE_STRATEGY)
+        return StepPrediction(requested if requested != "auto" else self.choose_strategy(new, cached, decoding))
 
     def _run(self, plan: StepPlan) -> list[Sequence]:
         """One forward pass over the plan's chunks; sample the sequences whose every token is now computed. A chunk
         of a prompt being scored (``prompt_logprobs``) brings back every position's logits, the others their last."""
-        strategy = self._strategy(plan)
+        prediction = self._predict(plan)
+        strategy = prediction.strategy
         prefill_tokens = plan.prefill_tokens
         predicted = ((self.predict_prefill_s(prefill_tokens) if prefill_tokens else 0.0)
                      + (self.step_s if plan.decode else 0))
@@ -196,6 +204,8 @@ class LLMEngine:
         finally:
             self.step_started = None
         took = time.perf_counter() - t0
+        if self.predictor is not None:
+            self.predictor.observe(prediction, took)
         for seq, n in plan.prefill:
             seq.prefilled(strategy, n, took)
         ends = list(itertools.accumulate(n if w else 1 for (_, n), w in zip(order, whole)))  # past each chunk's rows

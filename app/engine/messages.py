@@ -86,6 +86,9 @@ class EngineLoad:
     preemptions: int = 0  # sequences preempted (and recomputed) so far
     replica: str = ""  # the Serve replica reporting (set by its shell)
     failed: bool = False  # its engine stopped: routers skip it until Serve replaces it
+    # the cost model's correction this replica learned from its steps (``cost.correction.CorrectionTable.entries``:
+    # level key -> (median log ratio, steps)); the router prices the pool with it
+    correction: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 @dataclass

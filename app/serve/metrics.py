@@ -4,7 +4,9 @@ Exported on each node's Ray metrics endpoint (``ray start --metrics-export-port`
 ``dynpart_requests_total`` {pool, strategy, status}, ``dynpart_ttft_seconds``, ``dynpart_tpot_seconds`` and
 ``dynpart_prefill_seconds`` histograms {pool, strategy}, ``dynpart_queued_tokens`` {pool} per engine replica, and
 ``dynpart_expected_wait_seconds`` {pool} per ingress (what admission control compares with ``max_queue_wait_s``),
-``dynpart_retries_total`` {pool}: requests started again elsewhere after their replica in ``pool`` failed.
+``dynpart_retries_total`` {pool}: requests started again elsewhere after their replica in ``pool`` failed,
+``dynpart_prediction_error`` {pool, layout} per engine replica: how far its steps' measured times were from the
+corrected predictions (mean |measured / predicted - 1| over the steps since the last report).
 ``pool`` is always a configured pool's name, or for a request refused before one was chosen ``none`` (it named none)
 or ``unknown`` (it named one this app does not have): a client cannot add series by naming pools.
 """
@@ -107,3 +109,18 @@ def set_kv_usage(pool: str, hit_rate: float, blocks_used: int, preemptions: int)
     hits.set(hit_rate, tags=tags)
     used.set(blocks_used, tags=tags)
     preempted.set(preemptions, tags=tags)
+
+
+@cache
+def _prediction_error_gauge():
+    from ray.serve.metrics import Gauge
+
+    return Gauge("dynpart_prediction_error", "Relative error of the cost model's corrected step-time predictions "
+                 "against the measured steps, mean |measured / predicted - 1| since the last report",
+                 tag_keys=("pool", "layout"))
+
+
+def set_prediction_errors(pool: str, errors: dict[str, float]) -> None:
+    gauge = _prediction_error_gauge()
+    for layout, error in errors.items():
+        gauge.set(error, tags={"pool": pool, "layout": layout})

@@ -5,7 +5,9 @@ this prompt on the pool's devices, batched with the prompts already waiting ther
 prompts), after the pool's expected wait for a free slot (``backlog``), plus ``max_tokens`` decode steps at the pool's
 measured step time. The whole request, not its first token, so a pool that prefills sooner but decodes slower (ranks
 sharing a core) does not take short requests it would finish later. A pool that probably holds the prompt's prefix in
-its KV cache is priced for the rest of the prompt only, attending to the cached prefix.
+its KV cache is priced for the rest of the prompt only, attending to the cached prefix. The planner's prefill
+figures are corrected by what the pool's replicas learned from their own steps (``EngineLoad.correction``,
+``cost.correction``): the same corrected predictions their engines plan with (decode steps are priced as measured).
 
 What a pool's load is comes from two places, and ``PoolLoad`` holds both: the replicas' reports on the ``LoadBoard``
 (which lag by up to a beat) and what this ingress sent there itself (which misses the other ingresses' requests);
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 from app.engine.build import guessed_step_s
 from app.engine.messages import EngineLoad
 from cost import Hardware, decode_step_time, plan_prefill
+from cost.correction import CorrectionTable, corrected_choice
 from strategies.shapes import ModelShape
 
 if TYPE_CHECKING:
@@ -56,6 +59,12 @@ class PoolLoad:
     def decoding(self) -> list[EngineLoad]:
         """The reports of the replicas that decode the pool's requests: its decode half when disaggregated."""
         return self.decode or self.front
+
+
+def correction(load: PoolLoad) -> CorrectionTable:
+    """What the pool's replicas learned about the cost model on their hardware, pooled (none reported: no change)."""
+    return CorrectionTable.merge(CorrectionTable(entries=x.correction) for x in [*load.front, *load.decode]
+                                 if x.correction)
 
 
 def _mean(loads: list[EngineLoad], get: Callable[[EngineLoad], float]) -> float:
@@ -104,14 +113,16 @@ def predicted_ttft(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load
     after a slot frees. ``strategy``: ``auto`` or one of ``available`` (what the pool built at start). None: it
     cannot run this prompt in the pool's memory."""
     queued, slot_wait = backlog(pool, shape, hardware, load)
-    new = n - cached
+    new, table = n - cached, correction(load)
     try:
-        alone = plan_prefill(shape, hardware, pool.devices, new, available=available, cached=cached)
+        alone = corrected_choice(plan_prefill(shape, hardware, pool.devices, new, available=available, cached=cached),
+                                 table, "prefill", new, cached)
         own = alone.predicted_s.get(alone.strategy if strategy == "auto" else strategy)
         if own is None:
             return None
-        batched = (plan_prefill(shape, hardware, pool.devices, [new, queued], available=available,
-                                cached=[cached, 0]) if queued else alone)
+        batched = (corrected_choice(plan_prefill(shape, hardware, pool.devices, [new, queued], available=available,
+                                                 cached=[cached, 0]), table, "prefill", new + queued, cached)
+                   if queued else alone)
     except ValueError:  # nothing the pool offers fits its memory for this prompt (or this batch)
         return None
     wait = max(0.0, batched.time_s - alone.time_s) + slot_wait

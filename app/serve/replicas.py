@@ -23,7 +23,7 @@ from app.engine.loop import EngineLoop
 from app.engine.messages import Handoff, Update
 from app.engine.sampling import SamplingParams
 from app.serve.load import DECODE_ROLE, REPORT_S
-from app.serve.metrics import set_kv_usage, set_queued_tokens
+from app.serve.metrics import set_kv_usage, set_prediction_errors, set_queued_tokens
 
 
 class _EngineShell:
@@ -45,9 +45,13 @@ class _EngineShell:
                               engine_class=self.engine_class)
         self.available = engine.contenders  # the layouts a request may run here (the ingress prices them too)
         self.dtype = engine.group.dtype_name()  # what the pool's dtype (``auto`` by default) resolved to
+        if engine.predictor is not None:  # first-use steps (buffers allocated, other replicas starting) teach nothing
+            engine.predictor.learning = False
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
         self._measure_step(engine)
+        if engine.predictor is not None:
+            engine.predictor.learning = True
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
@@ -72,6 +76,8 @@ class _EngineShell:
             load = dataclasses.replace(self.loop.load, replica=self.replica_id, failed=not self.loop.alive)
             set_queued_tokens(self.pool, load.waiting_prompt_tokens)
             set_kv_usage(self.pool, load.prefix_hit_rate, load.total_blocks - load.free_blocks, load.preemptions)
+            if (predictor := self.loop.engine.predictor) is not None:
+                set_prediction_errors(self.pool, predictor.drain_errors())
             if self.board is not None:
                 self.board.report.remote(self.replica_id, self.load_key, load)
             await asyncio.sleep(REPORT_S)
@@ -101,6 +107,8 @@ class _EngineShell:
             self._report.cancel()
         if self.loop is not None:
             self.loop.stop()
+            if self.loop.engine.predictor is not None:  # what it learned since the last periodic save
+                self.loop.engine.predictor.save()
             self.loop.engine.group.shutdown()
 
 
