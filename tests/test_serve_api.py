@@ -4,6 +4,8 @@ One app for the module (deploying is the slow part): three pools of the tiny cha
 ``fast`` (1 device priced as an L4, context 512), ``long`` (2 CPU devices, context 1024) and ``split`` (the same as
 ``long``, disaggregated: prefill and decode replicas). Unpinned requests go where the planner predicts: short
 prompts to ``fast`` (fastest predicted), prompts that do not fit its context to ``long`` (listed before ``split``).
+The pools run the planner as calibrated (``online_correction: false``), so the tests can predict each choice; the
+correction's own effect is tests/test_correction.py's.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ APP = "serve-api"
 MODEL = "tiny-chat"
 POOLS = [
     dict(name="fast", hardware="L4", devices=1, max_model_len=512, max_num_seqs=4, max_ongoing_requests=2,
-         max_queued_requests=1),
-    dict(name="long", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4),
-    dict(name="split", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4, disaggregated=True),
+         max_queued_requests=1, online_correction=False),
+    dict(name="long", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4, online_correction=False),
+    dict(name="split", hardware="cpu", devices=2, max_model_len=1024, max_num_seqs=4, disaggregated=True,
+         online_correction=False),
 ]
 GREEDY = {"temperature": 0, "ignore_eos": True}
 MAX_TOKENS_LIMIT = 8192  # above the 4096 the request model once capped max_tokens at

@@ -41,6 +41,9 @@ class EngineFields(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16)
     enable_chunked_prefill: bool = True  # long prompts in chunks between decode steps (else whole, stalling them)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    # Correct the planner's predictions by the steps this engine measures (cost.correction); off: the planner as
+    # calibrated, every choice reproducible from the profile alone (dynpart plan / bench accuracy show them)
+    online_correction: bool = True
     block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=256)  # tokens per KV block
     # KV cache per device. None: on a GPU, what is free after the weights, up to gpu_memory_utilization of the card
     # (measured on each device); on a CPU, DEFAULT_CPU_KV_CACHE_GB.
@@ -127,7 +130,8 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                        opts.max_num_batched_tokens)
     offered = list(dict.fromkeys([*picks, *(s for s in available if s in STRATEGY_NAMES or s in pinned)]))
 
-    predictor = StepPredictor(ckpt.shape, hardware, opts.devices, picks, *learned(hardware, ckpt, opts.devices))
+    predictor = (StepPredictor(ckpt.shape, hardware, opts.devices, picks, *learned(hardware, ckpt, opts.devices))
+                 if opts.online_correction else StepPredictor(ckpt.shape, hardware, opts.devices, picks, learns=False))
     step_s = guessed_step_s(ckpt.shape, hardware, opts.devices, max_model_len, opts.max_num_seqs)
     return engine_class(group, tokenizer, ckpt.eos_token_ids(), num_blocks=num_blocks, block_size=opts.block_size,
                         max_model_len=max_model_len, max_num_seqs=opts.max_num_seqs,

@@ -51,8 +51,9 @@ class StepPredictor:
     contenders), corrected by ``correction`` (saved to ``path`` when given)."""
 
     def __init__(self, shape: ModelShape, hardware: Hardware, devices: int, picks: Sequence[str],
-                 correction: Correction | None = None, path: Path | None = None):
+                 correction: Correction | None = None, path: Path | None = None, learns: bool = True):
         self.shape, self.hardware, self.devices, self.picks = shape, hardware, devices, list(picks)
+        self.learns = learns  # False: the planner's predictions as they are (``online_correction: false``)
         self.correction = correction or Correction()
         self.path = path
         self._lock = threading.Lock()  # the errors are drained by the replica's report task, another thread
@@ -93,7 +94,7 @@ class StepPredictor:
 
     def observe(self, prediction: StepPrediction, measured_s: float) -> None:
         """A step ran ``prediction`` and took ``measured_s``: learn from it; save every ``SAVE_EVERY`` steps."""
-        if prediction.key is None or not self.learning:
+        if prediction.key is None or not (self.learns and self.learning):
             return
         self.correction.observe(prediction.key, prediction.raw_s, measured_s)
         if prediction.corrected_s > 0:
