@@ -132,13 +132,15 @@ class ReplicaProfile(BaseModel):
         hi = t[i][j - 1] + (t[i][j] - t[i][j - 1]) * v
         return max(0.0, lo + (hi - lo) * u)
 
-    def calibrated(self, speed: float = 1.0, kv_capacity_tokens: int | None = None) -> "ReplicaProfile":
-        """This profile with every step ``speed`` times as long (what the replicas measure against what the planner
-        predicts: the planner can be off by a constant on a machine nobody calibrated) and the KV room the replicas
-        report. A new object, so the prefill memo starts empty (``model_copy`` would share it)."""
+    def calibrated(self, prefill_speed: float = 1.0, decode_speed: float = 1.0,
+                   kv_capacity_tokens: int | None = None) -> "ReplicaProfile":
+        """This profile with prefill passes ``prefill_speed`` and decode steps ``decode_speed`` times as long (what
+        the replicas measure against what the planner predicts: an uncalibrated CPU can be off by a constant, and not
+        the same one for prefill and decode) and the KV room the replicas report. A new object, so the prefill memo
+        starts empty (``model_copy`` would share it)."""
         fields = self.model_dump()
-        fields["prefill_s"] = tuple(tuple(t * speed for t in row) for row in self.prefill_s)
-        fields["decode_s"] = tuple(tuple(t * speed for t in row) for row in self.decode_s)
+        fields["prefill_s"] = tuple(tuple(t * prefill_speed for t in row) for row in self.prefill_s)
+        fields["decode_s"] = tuple(tuple(t * decode_speed for t in row) for row in self.decode_s)
         if kv_capacity_tokens:
             fields["kv_capacity_tokens"] = kv_capacity_tokens
         return ReplicaProfile(**fields)
@@ -369,5 +371,9 @@ def decide(now_s: float, current: int, window: Window, profile: ReplicaProfile, 
                         reason=f"hold: {down} would do ({said(down_pred)}); cooling down "
                                f"{settings.downscale_delay_s - (now_s - since):.0f}s more")
     keep = max(lo, min(current, hi))
-    return Decision(desired=keep, predicted=predict(keep, up_rate, mix, profile, slo),
-                    reason=f"hold: {keep} replicas at {up_rate:.2f} req/s")
+    kept = predict(keep, up_rate, mix, profile, slo)
+    if keep == hi and not kept.meets(slo, settings.up_headroom):  # more would help, but max_replicas says no
+        past = "" if kept.limit else f", past {settings.up_headroom:.0%} of the SLO"
+        return Decision(desired=keep, predicted=kept,
+                        reason=f"hold: at max_replicas {hi}, {up_rate:.2f} req/s predict {said(kept)}{past}")
+    return Decision(desired=keep, predicted=kept, reason=f"hold: {keep} replicas at {up_rate:.2f} req/s")

@@ -51,6 +51,8 @@ class _EngineShell:
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
         self._measure_step(engine)
+        # the slo policy's prefill calibration (a decode-only engine takes no prompts from users: nothing to calibrate)
+        self.prefill_speed = 1.0 if self.role else self._prefill_speed(engine)
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
@@ -68,6 +70,20 @@ class _EngineShell:
             took.append(time.perf_counter() - t0)
         if len(took) > 1:  # the first step is the prefill (a prefill-only engine has no decode step)
             engine.step_s = min(took[1:])
+
+    @staticmethod
+    def _prefill_speed(engine: LLMEngine) -> float:
+        """A warm prefill of up to 128 tokens, measured over what the planner predicts for it (the ``slo`` policy
+        scales its profile's prefill times by this: the decode step says little about the GEMMs of a prefill)."""
+        n = min(128, engine.scheduler.config.max_num_batched_tokens, engine.max_model_len - 2)
+        engine.add([1] * n, SamplingParams(max_tokens=1, ignore_eos=True))  # not [0]: no prefix-cache hit
+        t0 = time.perf_counter()
+        engine.step()
+        took = time.perf_counter() - t0
+        while engine.has_work():
+            engine.step()
+        predicted = engine.predict_prefill_s(n)
+        return took / predicted if predicted > 0 else 1.0
 
     async def _report_load(self) -> None:
         """The load gauge, and this replica's load on the app's ``LoadBoard`` (admission control reads it)."""
@@ -93,10 +109,12 @@ class _EngineShell:
                 "load": dataclasses.asdict(self.loop.load)}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """What Serve's controller hands the ``slo`` policy (``slo_policy.py``): this replica's traffic counters and
-        its engine's queue, measured step time and KV room."""
+        """What Serve's controller hands the ``slo`` policy (``slo_policy.py``): this replica's traffic counters, its
+        engine's queue, running batch, KV room and measured step time, and its prefill speed (measured at start: the
+        steps under load time prefill chunks and decode together)."""
         load = self.loop.load
-        return self.traffic.stats(load.waiting, load.running, load.step_s, load.total_blocks * self.block_size)
+        return self.traffic.stats(load.waiting, load.running, load.step_s, self.prefill_speed,
+                                  load.total_blocks * self.block_size)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died (e.g. a shard worker crashed)."""

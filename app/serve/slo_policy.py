@@ -7,9 +7,10 @@ so a replica cannot hand over its requests one by one; it reports cumulative cou
 prompt tokens and ``max_tokens``, finished requests and the tokens they generated) and ``read_window`` turns each
 replica's consecutive samples back into requests: the k arrivals between two samples spread evenly between them with
 that interval's mean lengths (so burstiness is seen between samples, not within one), outputs at the window's mean
-generated length. The replicas' measured decode step against the planner's for the same batch calibrates the
-profile (``ReplicaProfile.calibrated``: an uncalibrated CPU can be off by a constant), and their KV blocks set its
-KV room. ``SLOPolicy`` is instantiated once per deployment config by the controller (``policy_kwargs``: the pool's
+generated length. The replicas' measurements calibrate the profile (``ReplicaProfile.calibrated``: an uncalibrated
+CPU can be off by a constant, not the same for prefill and decode): prefill by a warm prefill each replica times at
+its start against the planner's prediction, decode by the step time the engines measure as they run against the
+profile's for their batch (which includes what the machine's other load costs); their KV blocks set its KV room. ``SLOPolicy`` is instantiated once per deployment config by the controller (``policy_kwargs``: the pool's
 profile, built by the planner at ``build_app``, its SLO and settings), keeps ``decide``'s state in Serve's policy
 state, logs each decision that changes the count or its verdict, and sets ``dynpart_desired_replicas`` and
 ``dynpart_predicted_ttft_seconds`` from the controller's process (Ray metrics export from any actor).
@@ -57,8 +58,10 @@ class Traffic:
             c["finished"] += 1
             c["output_tokens"] += done.tokens
 
-    def stats(self, waiting: int, running: int, step_s: float, kv_tokens: int) -> dict[str, float]:
-        return {**self.counts, "waiting": waiting, "running": running, "step_s": step_s, "kv_tokens": kv_tokens}
+    def stats(self, waiting: int, running: int, step_s: float, prefill_speed: float,
+              kv_tokens: int) -> dict[str, float]:
+        return {**self.counts, "waiting": waiting, "running": running, "step_s": step_s,
+                "prefill_speed": prefill_speed, "kv_tokens": kv_tokens}
 
 
 @dataclass
@@ -66,8 +69,9 @@ class Measured:
     """The replicas' latest engine figures (means over replicas; ``waiting`` summed; ``kv_tokens`` the smallest)."""
 
     waiting: int = 0
-    running: float = 0.0
-    step_s: float = 0.0
+    running: float = 0.0  # sequences decoding per replica
+    step_s: float = 0.0  # the engine's step time as it runs (a moving average)
+    prefill_speed: float = 1.0  # a warm prefill measured at start over the planner's prediction for it
     kv_tokens: int = 0
 
 
@@ -105,21 +109,27 @@ def read_window(raw: Mapping[str, Mapping[Any, list]], now_s: float, look_back_s
         measured = Measured(waiting=int(sum(x.get("waiting", 0) for x in latest)),
                             running=sum(x.get("running", 0) for x in latest) / n,
                             step_s=sum(x.get("step_s", 0) for x in latest) / n,
+                            prefill_speed=sum(x.get("prefill_speed", 1) for x in latest) / n,
                             kv_tokens=int(min(x.get("kv_tokens", 0) for x in latest)))
     window = Window(span_s=span, arrivals_s=arrivals, prompt_tokens=prompts, output_tokens=outputs,
                     queued=measured.waiting + max(0, int(queued_in_handles)))
     return window, measured
 
 
-def speed(profile: ReplicaProfile, measured: Measured, window: Window) -> float:
-    """Measured decode step over the profile's for the replicas' running batch and the window's context (1: none
-    measured yet)."""
-    if measured.step_s <= 0 or not window.prompt_tokens:
-        return 1.0
-    n = len(window.prompt_tokens)
-    context = sum(window.prompt_tokens) / n + sum(window.output_tokens) / n / 2
-    predicted = profile.decode_time(max(1.0, measured.running), context)
-    return min(SPEED_BOUNDS[1], max(SPEED_BOUNDS[0], measured.step_s / predicted)) if predicted > 0 else 1.0
+def speeds(profile: ReplicaProfile, measured: Measured, window: Window) -> tuple[float, float]:
+    """(prefill, decode): measured over predicted, each within ``SPEED_BOUNDS`` (1: not measured yet). Decode: the
+    step as the engines run it now against the profile's for their running batch and the window's context, so it
+    carries what the machine's other load costs (and, conservatively, the prefill chunks those steps also ran)."""
+    def bounded(x: float) -> float:
+        return min(SPEED_BOUNDS[1], max(SPEED_BOUNDS[0], x))
+
+    decode = 1.0
+    if measured.step_s > 0 and window.prompt_tokens:
+        n = len(window.prompt_tokens)
+        context = sum(window.prompt_tokens) / n + sum(window.output_tokens) / n / 2
+        predicted = profile.decode_time(max(1.0, measured.running), context)
+        decode = bounded(measured.step_s / predicted) if predicted > 0 else 1.0
+    return bounded(measured.prefill_speed), decode
 
 
 class SLOPolicy:
@@ -128,14 +138,14 @@ class SLOPolicy:
     def __init__(self, pool: str, profile: dict, slo: dict, settings: dict):
         self.pool, self.profile = pool, ReplicaProfile(**profile)
         self.slo, self.settings = SLOTarget(**slo), AutoscaleSettings(**settings)
-        self._calibrated: tuple[tuple[float, int], ReplicaProfile] = ((1.0, 0), self.profile)
+        self._calibrated: tuple[tuple[float, float, int], ReplicaProfile] = ((1.0, 1.0, 0), self.profile)
         self._logged: tuple[str, int, float] = ("", -1, -math.inf)  # verdict, count, when
 
     def profile_for(self, measured: Measured, window: Window) -> ReplicaProfile:
         """The profile calibrated by the replicas' measurements (reused while they move less than 5%: its memo)."""
-        key = (speed(self.profile, measured, window), measured.kv_tokens)
-        (old_speed, old_kv), cached = self._calibrated
-        if old_kv != key[1] or abs(key[0] / old_speed - 1) > 0.05:
+        key = (*speeds(self.profile, measured, window), measured.kv_tokens)
+        old = self._calibrated[0]
+        if old[2] != key[2] or any(abs(new / was - 1) > 0.05 for new, was in zip(key[:2], old[:2])):
             self._calibrated = key, self.profile.calibrated(*key)
         return self._calibrated[1]
 
@@ -151,7 +161,10 @@ class SLOPolicy:
         desired = max(decision.desired, self.settings.min_replicas)
         verdict = decision.reason.split(":")[0]
         if (verdict, desired) != self._logged[:2] or now - self._logged[2] >= LOG_EVERY_S:
-            logger.info("slo policy, pool %s: %d -> %d replicas: %s", self.pool, target, desired, decision.reason)
+            (prefill, decode, _), n = self._calibrated[0], len(window.prompt_tokens)
+            logger.info("slo policy, pool %s: %d -> %d replicas: %s [%d requests in %.0fs, prompts %.0f tokens on "
+                        "average; planner's times x%.2f prefill, x%.2f decode]", self.pool, target, desired,
+                        decision.reason, n, window.span_s, sum(window.prompt_tokens) / max(1, n), prefill, decode)
             self._logged = verdict, desired, now
         ttft = decision.predicted.ttft_s if decision.predicted is not None else None
         set_autoscale(ctx.app_name or "", self.pool, desired, ttft)
