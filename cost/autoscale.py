@@ -23,7 +23,7 @@ rate forecast one cold start ahead (the window's linear trend, never downward, a
 down only when one replica fewer still predicts within the stricter ``down_headroom`` at the current rate,
 and only after that has held for ``downscale_delay_s`` (hysteresis band plus cooldown); never outside
 [min_replicas, max_replicas]. Every decision carries its reason. Pure: no clock, no Serve, no I/O; the simulator and
-(later) the Serve policy call the same ``decide``.
+the Serve policy (``app/serve/slo_policy.py``) call the same ``decide``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ INFEASIBLE = math.inf
 class SLOTarget(BaseModel):
     """A pool's latency objectives: ``percentile`` of TTFT under ``ttft_s``, every request's TPOT under ``tpot_s``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # a misspelt objective is an error, not the default
     ttft_s: float = Field(1.0, gt=0)
     tpot_s: float = Field(0.1, gt=0)
     percentile: float = Field(0.9, gt=0, lt=1)
@@ -131,6 +131,19 @@ class ReplicaProfile(BaseModel):
         lo = t[i - 1][j - 1] + (t[i - 1][j] - t[i - 1][j - 1]) * v
         hi = t[i][j - 1] + (t[i][j] - t[i][j - 1]) * v
         return max(0.0, lo + (hi - lo) * u)
+
+    def calibrated(self, prefill_speed: float = 1.0, decode_speed: float = 1.0,
+                   kv_capacity_tokens: int | None = None) -> "ReplicaProfile":
+        """This profile with prefill passes ``prefill_speed`` and decode steps ``decode_speed`` times as long (what
+        the replicas measure against what the planner predicts: an uncalibrated CPU can be off by a constant, and not
+        the same one for prefill and decode) and the KV room the replicas report. A new object, so the prefill memo
+        starts empty (``model_copy`` would share it)."""
+        fields = self.model_dump()
+        fields["prefill_s"] = tuple(tuple(t * prefill_speed for t in row) for row in self.prefill_s)
+        fields["decode_s"] = tuple(tuple(t * decode_speed for t in row) for row in self.decode_s)
+        if kv_capacity_tokens:
+            fields["kv_capacity_tokens"] = kv_capacity_tokens
+        return ReplicaProfile(**fields)
 
     def single_prefill_time(self, tokens: int) -> float:
         """``prefill_time(tokens)`` memoised: the policy prices every request of its window on each call."""
@@ -316,7 +329,9 @@ def decide(now_s: float, current: int, window: Window, profile: ReplicaProfile, 
     mix = Mix.of(window, profile, slo.percentile)
     if mix is None:  # nothing arrived in the window
         if window.queued:
-            return Decision(desired=max(current, lo, 1), reason=f"{window.queued} queued and no replica: start one")
+            if current >= 1:  # the window has not counted their arrivals yet: nothing to size by
+                return Decision(desired=max(current, lo), reason=f"hold: {window.queued} queued, no arrivals counted yet")
+            return Decision(desired=max(lo, 1), reason=f"up: {window.queued} queued and no replica: start one")
         want = lo  # no traffic: down to the floor, after the delay
         since = state.down_since_s if state.down_since_s is not None else now_s
         if want < current and now_s - since < settings.downscale_delay_s:
@@ -356,5 +371,9 @@ def decide(now_s: float, current: int, window: Window, profile: ReplicaProfile, 
                         reason=f"hold: {down} would do ({said(down_pred)}); cooling down "
                                f"{settings.downscale_delay_s - (now_s - since):.0f}s more")
     keep = max(lo, min(current, hi))
-    return Decision(desired=keep, predicted=predict(keep, up_rate, mix, profile, slo),
-                    reason=f"hold: {keep} replicas at {up_rate:.2f} req/s")
+    kept = predict(keep, up_rate, mix, profile, slo)
+    if keep == hi and not kept.meets(slo, settings.up_headroom):  # more would help, but max_replicas says no
+        past = "" if kept.limit else f", past {settings.up_headroom:.0%} of the SLO"
+        return Decision(desired=keep, predicted=kept,
+                        reason=f"hold: at max_replicas {hi}, {up_rate:.2f} req/s predict {said(kept)}{past}")
+    return Decision(desired=keep, predicted=kept, reason=f"hold: {keep} replicas at {up_rate:.2f} req/s")

@@ -259,6 +259,7 @@ def main() -> None:
     for p in cfg.pools:
         if p.name == args.pool:
             p.num_replicas, p.step_watchdog_floor_s, p.health_check_period_s = 2, args.watchdog_floor, 2
+            p.autoscaling = p.slo = None  # two replicas throughout: the faults are measured here, not the scaling
     import ray
 
     # Two replicas of the hit pool and two ingresses ask Ray for more cores than a small machine has: declare enough

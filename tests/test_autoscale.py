@@ -99,6 +99,21 @@ def test_never_below_min_replicas():
         AutoscaleSettings(min_replicas=5, max_replicas=2)
 
 
+def test_a_calibrated_profile_scales_prefill_and_decode_apart():
+    assert PROFILE.single_prefill_time(1000) == pytest.approx(0.12)  # fills the original's memo
+    slower = PROFILE.calibrated(prefill_speed=2.0, decode_speed=3.0, kv_capacity_tokens=100)
+    assert slower.single_prefill_time(1000) == pytest.approx(0.24)  # not the original's memo
+    assert slower.decode_time(1, 100) == pytest.approx(3 * PROFILE.decode_time(1, 100))
+    assert slower.kv_capacity_tokens == 100 and PROFILE.kv_capacity_tokens == 8_000
+
+
+def test_at_max_replicas_a_pool_that_needs_more_says_so():
+    capped = SETTINGS.model_copy(update={"max_replicas": 1})
+    busy = decide(0, 1, window(40), PROFILE, SLO, capped)
+    assert busy.desired == 1 and busy.reason.startswith("hold: at max_replicas 1") and "overload" in busy.reason
+    assert decide(0, 1, window(1), PROFILE, SLO, capped).reason.startswith("hold: 1 replicas")
+
+
 def test_bursty_workload_rises_falls_and_clumps():
     a = builtin_workload("bursty", 3000, rate=10, burstiness=4, seed=3)
     assert a == builtin_workload("bursty", 3000, rate=10, burstiness=4, seed=3)

@@ -97,3 +97,107 @@ def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_r
                 print("health while idle:", state["pools"]["zero"])
     finally:
         serve.delete(APP)
+
+
+def test_slo_keys_need_the_slo_policy_and_turn_serves_delays_off():
+    from pydantic import ValidationError
+
+    from app.serve.config import PoolConfig
+
+    with pytest.raises(ValidationError, match="only read by the slo autoscaling policy"):
+        PoolConfig(name="p", slo={"ttft_s": 1.0})
+    with pytest.raises(ValidationError, match="ttft_slo_s"):  # a misspelt objective is not the default silently
+        PoolConfig(name="p", autoscaling={"policy": "slo"}, slo={"ttft_slo_s": 1.0})
+    pool = PoolConfig(name="p", autoscaling={"policy": "slo", "max_replicas": 3, "downscale_delay_s": 9,
+                                             "look_back_period_s": 5})
+    assert pool.slo.ttft_s == 1.0 and pool.slo.percentile == 0.9  # the policy's defaults
+    serve_keys = pool.deployment_options("p", pool.bundle(), 1.0)["autoscaling_config"]
+    assert serve_keys["upscale_delay_s"] == serve_keys["downscale_delay_s"] == 0  # the policy's cooldown is its own
+    assert "policy" not in serve_keys and "cold_start_s" not in serve_keys and serve_keys["look_back_period_s"] == 5
+    default = PoolConfig(name="d", autoscaling={"max_replicas": 3})
+    assert default.slo is None and default.autoscaling.serve_config()["downscale_delay_s"] == 60  # as before
+
+
+def test_the_replicas_counters_read_back_as_the_requests_of_the_window():
+    """Cumulative counters sampled each 1 s: the arrivals between two samples spread over that second with its mean
+    prompt length; outputs at the mean generated length; queues summed with the handles'."""
+    from types import SimpleNamespace
+
+    from app.serve.slo_policy import read_window
+
+    def series(*values, start=100.0):
+        return [SimpleNamespace(timestamp=start + i, value=v) for i, v in enumerate(values)]
+
+    raw = {"arrivals": {"a": series(0, 2, 2), "b": series(5, 6, start=101.0)},
+           "prompt_tokens": {"a": series(0, 200, 200), "b": series(50, 80, start=101.0)},
+           "max_tokens": {"a": series(0, 64, 64), "b": series(10, 42, start=101.0)},
+           "finished": {"a": series(0, 1, 2), "b": series(0, 0, start=101.0)},
+           "output_tokens": {"a": series(0, 10, 30), "b": series(0, 0, start=101.0)},
+           "waiting": {"a": series(0, 1, 2), "b": series(3, 1, start=101.0)},
+           "step_s": {"a": series(0.1, 0.1, 0.2), "b": series(0.4, 0.4, start=101.0)}}
+    window, measured = read_window(raw, now_s=102.0, look_back_s=30.0, queued_in_handles=4)
+    assert sorted(window.arrivals_s) == [-1.5, -1.0, 0.0] and window.span_s == 2.0
+    assert sorted(window.prompt_tokens) == [30, 100, 100] and window.output_tokens == [15, 15, 15]
+    assert window.queued == 2 + 1 + 4 and measured.step_s == pytest.approx(0.3)
+
+
+@pytest.mark.slow
+def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_session, ray_session, chat_tiny):
+    """A pool sized by the slo policy: 8 closed-loop clients on 4 slots per replica make one replica predict an
+    overload (and queue at the handle), so it scales to 2 while the burst lasts and back to 1 after it; the controller
+    logs each decision with its reason and exports the desired count and the predicted TTFT."""
+    import glob
+    import os
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray import serve
+
+    from app.serve.app import build_app
+
+    pool = dict(name="slo", devices=1, max_num_seqs=4, max_model_len=512, slo=dict(ttft_s=0.5, tpot_s=0.2),
+                autoscaling=dict(policy="slo", min_replicas=1, max_replicas=2, cold_start_s=10, downscale_delay_s=3,
+                                 look_back_period_s=4, metrics_interval_s=0.5))
+    serve.run(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False}),
+              name=APP, route_prefix="/slo")
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+
+    def gauge(name: str) -> float | None:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        return next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == f"ray_{name}" and s.labels.get("application") == APP
+                     and s.labels.get("pool") == "slo"), None)
+
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{serve_session['http']}/slo", timeout=120) as c:
+            while not stop.is_set():
+                c.post("/v1/completions", json={"model": chat_tiny, "prompt": "The quick brown fox jumps " * 8,
+                                                "max_tokens": 48, "ignore_eos": True})
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    t0 = time.monotonic()
+    try:
+        assert running("slo") == 1
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: running("slo") == 2, 60), serve.status().applications[APP]
+        print(f"2 replicas after {time.monotonic() - t0:.1f} s of burst")
+        assert wait_for(lambda: gauge("dynpart_desired_replicas") == 2, 15)
+        assert gauge("dynpart_predicted_ttft_seconds") is not None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    try:
+        t1 = time.monotonic()
+        assert wait_for(lambda: running("slo") == 1, 60), serve.status().applications[APP]
+        print(f"back to 1 replica {time.monotonic() - t1:.1f} s after the burst")
+    finally:
+        serve.delete(APP)
+    logs = glob.glob(os.path.join(ray_session._private.worker._global_node.get_logs_dir_path(), "serve",
+                                  "controller_*.log"))
+    decisions = [line for path in logs for line in open(path) if "slo policy, pool slo:" in line]
+    print("".join(decisions[-6:]))
+    assert any("1 -> 2 replicas: up:" in line for line in decisions), decisions
+    assert any("2 -> 1 replicas: idle" in line for line in decisions), decisions

@@ -3,7 +3,8 @@
 Turns the validated ``AppConfig`` into one engine deployment per aggregated pool (named after the pool), a
 ``<pool>-prefill`` and a ``<pool>-decode`` deployment per disaggregated pool, and the ingress that holds their handles.
 Every engine deployment routes with ``PrefixAffinityRouter`` (by prompt prefix at the pool's KV block size; decode
-calls carry K/V, not a prompt), which also keeps requests off replicas known to have failed.
+calls carry K/V, not a prompt), which also keeps requests off replicas known to have failed. A pool under
+``autoscaling.policy: slo`` gets ``slo_policy.SLOPolicy`` as its engine (or prefill) deployment's Serve policy.
 """
 
 import ray
@@ -14,7 +15,9 @@ from app.serve.ingress import Ingress
 from app.serve.load import LoadBoard
 from app.serve.prefix_router import prefix_router_config
 from app.serve.replicas import DecodeReplica, EngineReplica, PrefillReplica
+from app.serve.slo_policy import autoscaling_policy
 from placement.workers import DEVICE_RESOURCE
+from strategies.loader import Checkpoint
 
 
 def build_app(args: dict) -> Application:
@@ -30,6 +33,8 @@ def build_app(args: dict) -> Application:
         def deployment(cls, name: str, replicas: int | None = None):
             options = pool.deployment_options(name, bundle, grace, replicas)
             options["request_router_config"] = prefix_router_config(pool.block_size)
+            if "autoscaling_config" in options and pool.autoscaling.policy == "slo":
+                options["autoscaling_config"]["policy"] = autoscaling_policy(pool, Checkpoint(cfg.model).shape)
             return cls.options(**options).bind(pool.name, opts, bundle, board)
 
         names = pool.deployments

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from app.engine.build import EngineFields, EngineOptions
 from placement.workers import DEVICE_RESOURCE, actor_resources
 from cost import Hardware, get_hardware
+from cost.autoscale import SLOTarget
 from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import DEFAULT_MODEL
 
@@ -25,16 +26,28 @@ DEFAULT_MAX_QUEUE_WAIT_S = 30.0
 
 
 class Autoscaling(BaseModel):
-    """Serve's ``autoscaling_config`` (the keys used here; see Ray Serve's AutoscalingConfig for the rest)."""
+    """Serve's ``autoscaling_config`` (the keys used here; see Ray Serve's AutoscalingConfig for the rest), and which
+    policy sizes the pool: ``default`` (Serve's, on ongoing requests per replica) or ``slo`` (``slo_policy.py``: the
+    replica count the cost model predicts the pool's ``slo`` needs; Serve's own delays are then off and
+    ``downscale_delay_s`` is the policy's cooldown)."""
 
     model_config = ConfigDict(extra="allow")
 
+    policy: Literal["default", "slo"] = "default"
+    cold_start_s: float = Field(30.0, ge=0)  # slo: how far ahead the policy forecasts the rate (a replica's start)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = None
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 60.0
+
+    def serve_config(self) -> dict[str, Any]:
+        """The keys Serve takes: ours dropped; under ``slo`` Serve's delays off (the policy has its own)."""
+        keys = self.model_dump(exclude_none=True, exclude={"policy", "cold_start_s"})
+        if self.policy == "slo":
+            keys.update(upscale_delay_s=0.0, downscale_delay_s=0.0)
+        return keys
 
 
 class PoolConfig(EngineFields):
@@ -49,6 +62,8 @@ class PoolConfig(EngineFields):
     placement_strategy: Literal["PACK", "STRICT_PACK"] = "STRICT_PACK"
     num_replicas: int = Field(1, ge=1)  # fixed replica count when ``autoscaling`` is absent
     autoscaling: Autoscaling | None = None
+    # latency objectives the ``slo`` policy sizes the pool for: {ttft_s, tpot_s, percentile} (default 1 s, 0.1 s, p90)
+    slo: SLOTarget | None = None
     # per replica; default max_num_seqs: what the engine holds, so no request waits where its load report cannot see
     # it (beyond it they wait in the ingress's handle queue, which the ingress counts itself)
     max_ongoing_requests: int | None = Field(None, ge=1)
@@ -62,6 +77,17 @@ class PoolConfig(EngineFields):
     def _ongoing_default(self) -> PoolConfig:
         if self.max_ongoing_requests is None:
             self.max_ongoing_requests = self.max_num_seqs
+        return self
+
+    @model_validator(mode="after")
+    def _slo_policy(self) -> PoolConfig:
+        """``slo`` without the policy that reads it would be silently ignored: an error instead."""
+        scaled_by_slo = self.autoscaling is not None and self.autoscaling.policy == "slo"
+        if self.slo is not None and not scaled_by_slo:
+            raise ValueError(f"pool {self.name!r}: slo is only read by the slo autoscaling policy: add "
+                             f"autoscaling: {{policy: slo, min_replicas: ..., max_replicas: ...}}")
+        if scaled_by_slo and self.slo is None:
+            self.slo = SLOTarget()
         return self
 
     @model_validator(mode="after")
@@ -124,7 +150,7 @@ class PoolConfig(EngineFields):
             health_check_period_s=self.health_check_period_s, health_check_timeout_s=60.0,
         )
         if replicas is None and self.autoscaling is not None:
-            opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+            opts["autoscaling_config"] = self.autoscaling.serve_config()
         else:
             opts["num_replicas"] = replicas or self.num_replicas
         return opts

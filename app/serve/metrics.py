@@ -4,9 +4,11 @@ Exported on each node's Ray metrics endpoint (``ray start --metrics-export-port`
 ``dynpart_requests_total`` {pool, strategy, status}, ``dynpart_ttft_seconds``, ``dynpart_tpot_seconds`` and
 ``dynpart_prefill_seconds`` histograms {pool, strategy}, ``dynpart_queued_tokens`` {pool} per engine replica, and
 ``dynpart_expected_wait_seconds`` {pool} per ingress (what admission control compares with ``max_queue_wait_s``),
-``dynpart_retries_total`` {pool}: requests started again elsewhere after their replica in ``pool`` failed,
+``dynpart_retries_total`` {pool}: requests started again elsewhere after their replica in ``pool`` failed;
 ``dynpart_prediction_error`` {pool, layout} per engine replica: how far its steps' measured times were from the
-corrected predictions (mean |measured / predicted - 1| over the steps since the last report).
+corrected predictions (mean |measured / predicted - 1| over the steps since the last report);
+``dynpart_desired_replicas`` and ``dynpart_predicted_ttft_seconds`` {application, pool} from Serve's controller, where
+a pool's ``slo`` autoscaling policy runs.
 ``pool`` is always a configured pool's name, or for a request refused before one was chosen ``none`` (it named none)
 or ``unknown`` (it named one this app does not have): a client cannot add series by naming pools.
 """
@@ -124,3 +126,21 @@ def set_prediction_errors(pool: str, errors: dict[str, float]) -> None:
     gauge = _prediction_error_gauge()
     for layout, error in errors.items():
         gauge.set(error, tags={"pool": pool, "layout": layout})
+
+
+def _autoscale_gauges():
+    # ray.util.metrics, not ray.serve.metrics: these are set in Serve's controller (the slo policy), no replica there
+    from ray.util.metrics import Gauge
+
+    tags = ("application", "pool")
+    return (Gauge("dynpart_desired_replicas", "Replicas the slo autoscaling policy last asked for", tag_keys=tags),
+            Gauge("dynpart_predicted_ttft_seconds", "The slo policy's predicted TTFT percentile at the replica count "
+                  "it asked for (capped at 1e6: overloaded)", tag_keys=tags))
+
+
+def set_autoscale(application: str, pool: str, desired: int, predicted_ttft_s: float | None) -> None:
+    desired_gauge, ttft_gauge = _autoscale_gauges()
+    tags = {"application": application, "pool": pool}
+    desired_gauge.set(desired, tags=tags)
+    if predicted_ttft_s is not None:
+        ttft_gauge.set(min(predicted_ttft_s, 1e6), tags=tags)

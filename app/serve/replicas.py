@@ -3,7 +3,8 @@
 Each replica owns the placement group Serve reserved for it (``placement_group_bundles``: one bundle per device)
 and starts its shard workers there, rank r in bundle r. Three kinds share one shell: ``EngineReplica`` (aggregated:
 prefill and decode), ``PrefillReplica`` and ``DecodeReplica`` (a disaggregated pool's two halves). Requests and
-updates are plain dicts / dataclasses so the ingress needs nothing from the engine but this interface.
+updates are plain dicts / dataclasses so the ingress needs nothing from the engine but this interface. Each also
+reports to Serve's autoscaler (``record_autoscaling_stats``) what the ``slo`` policy sizes its pool from.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from app.engine.messages import Handoff, Update
 from app.engine.sampling import SamplingParams
 from app.serve.load import DECODE_ROLE, REPORT_S
 from app.serve.metrics import set_kv_usage, set_prediction_errors, set_queued_tokens
+from app.serve.slo_policy import Traffic
 
 
 class _EngineShell:
@@ -40,6 +42,7 @@ class _EngineShell:
         import ray
 
         self.pool, self.board = pool, board
+        self.traffic, self.block_size = Traffic(), opts.block_size
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
@@ -50,6 +53,8 @@ class _EngineShell:
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
         self._measure_step(engine)
+        # the slo policy's prefill calibration (a decode-only engine takes no prompts from users: nothing to calibrate)
+        self.prefill_speed = 1.0 if self.role else self._prefill_speed(engine)
         if engine.predictor is not None:
             engine.predictor.learning = True
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
@@ -69,6 +74,20 @@ class _EngineShell:
             took.append(time.perf_counter() - t0)
         if len(took) > 1:  # the first step is the prefill (a prefill-only engine has no decode step)
             engine.step_s = min(took[1:])
+
+    @staticmethod
+    def _prefill_speed(engine: LLMEngine) -> float:
+        """A warm prefill of up to 128 tokens, measured over what the planner predicts for it (the ``slo`` policy
+        scales its profile's prefill times by this: the decode step says little about the GEMMs of a prefill)."""
+        n = min(128, engine.scheduler.config.max_num_batched_tokens, engine.max_model_len - 2)
+        engine.add([1] * n, SamplingParams(max_tokens=1, ignore_eos=True))  # not [0]: no prefix-cache hit
+        t0 = time.perf_counter()
+        engine.step()
+        took = time.perf_counter() - t0
+        while engine.has_work():
+            engine.step()
+        predicted = engine.predict_prefill_s(n)
+        return took / predicted if predicted > 0 else 1.0
 
     async def _report_load(self) -> None:
         """The load gauge, and this replica's load on the app's ``LoadBoard`` (admission control reads it)."""
@@ -95,6 +114,14 @@ class _EngineShell:
                 "running": len(engine.running), "pids": self.pids, "healthy": self.loop.alive,
                 "load": dataclasses.asdict(self.loop.load)}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's controller hands the ``slo`` policy (``slo_policy.py``): this replica's traffic counters, its
+        engine's queue, running batch, KV room and measured step time, and its prefill speed (measured at start: the
+        steps under load time prefill chunks and decode together)."""
+        load = self.loop.load
+        return self.traffic.stats(load.waiting, load.running, load.step_s, self.prefill_speed,
+                                  load.total_blocks * self.block_size)
+
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died (e.g. a shard worker crashed)."""
         if not self.loop.alive:
@@ -116,13 +143,18 @@ class _EngineShell:
 class EngineReplica(_EngineShell):
     async def generate(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> AsyncIterator[Update]:
         sp = SamplingParams.model_validate(params)
-        async for update in self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy)):
-            yield update
+        with self.traffic.request(len(prompt_ids), sp.max_tokens) as done:
+            async for update in self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy)):
+                done.tokens = update.completion_tokens
+                yield update
 
     async def generate_whole(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> Update:
         """The whole answer as one update (non-streaming requests: one message, not one per step)."""
         sp = SamplingParams.model_validate(params)
-        return await self.loop.run_whole(lambda e: e.add(prompt_ids, sp, strategy))
+        with self.traffic.request(len(prompt_ids), sp.max_tokens) as done:
+            update = await self.loop.run_whole(lambda e: e.add(prompt_ids, sp, strategy))
+            done.tokens = update.completion_tokens
+            return update
 
 
 @serve.deployment
@@ -132,7 +164,9 @@ class PrefillReplica(_EngineShell):
     async def prefill(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> Update:
         """The first token; its ``handoff`` carries the K/V references when the request wants more tokens."""
         sp = SamplingParams.model_validate({**params, "max_tokens": min(1, params["max_tokens"])})  # 0: prompt only
-        return await self.loop.run_whole(lambda e: e.add(prompt_ids, sp, strategy))
+        with self.traffic.request(len(prompt_ids), params["max_tokens"]) as done:  # the mix: what decode will make
+            done.tokens = params["max_tokens"]
+            return await self.loop.run_whole(lambda e: e.add(prompt_ids, sp, strategy))
 
 
 @serve.deployment
