@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.engine.messages import EngineFailed, RequestError
-from app.serve.api import ErrorResponse, error_body
+from app.serve.bodies import ErrorResponse, error_body
 
 RETRY_AFTER_S = 1
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from fastapi.responses import StreamingResponse
 
 from app.engine.messages import TokenLogprob, Update
-from app.serve.api import DynpartUsage, GenerationRequest, Usage, chunk_body, error_body
+from app.serve.api import GenerationRequest
+from app.serve.bodies import DynpartUsage, Usage, chunk_body, error_body
 from app.serve.errors import api_error
 from app.serve.metrics import record_request
 
