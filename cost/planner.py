@@ -187,8 +187,12 @@ def plan_step(shape: ModelShape, hardware: Hardware, devices: int, new: Sequence
     chunk it is one pass over every token, with another strategy a second pass of its own, so each strategy is priced
     for the whole step as the engine runs it (``predicted_s`` holds those step times)."""
     chunks = plan_prefill(shape, hardware, devices, list(new), available, utilization, cached=list(cached))
-    if not decoding or devices == 1:
+    if not decoding:
         return chunks
+    if devices == 1:  # one layout, one pass over every token: the decode tokens ride in it and are priced with it
+        both = plan_prefill(shape, hardware, devices, [*new, *[1] * len(decoding)], available, utilization,
+                            cached=[*cached, *decoding])
+        return both.model_copy(update={"tokens": chunks.tokens})
     merged = plan_prefill(shape, hardware, devices, [*new, *[1] * len(decoding)], available, utilization,
                           cached=[*cached, *decoding]).predicted_s["megatron"]
     alone = decode_step_time(shape, hardware, devices, decoding)

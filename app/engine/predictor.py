@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cost import Hardware, decode_step_time, plan_prefill, plan_step
+from cost import Hardware, PlanChoice, decode_step_time, plan_prefill, plan_step
 from cost.correction import Correction, CorrectionTable, StepKey, StepKind, corrected_choice
 from strategies.shapes import ModelShape
 
@@ -71,9 +71,8 @@ class StepPredictor:
             key = StepKey.of(DECODE_LAYOUT, kind, tokens, ctx)
             return StepPrediction(DECODE_LAYOUT, raw, table.correct(key, raw), key)
         pricing = self.picks if requested == "auto" or requested in self.picks else [requested]
-        try:
-            choice = plan_step(self.shape, self.hardware, self.devices, new, cached, decoding, available=pricing)
-        except ValueError:  # nothing it may run fits the memory model: the engine runs what it was asked regardless
+        choice = self._plan_step(tuple(pricing), tuple(new), tuple(cached), tuple(decoding))
+        if choice is None:  # nothing it may run fits the memory model: the engine runs what it was asked regardless
             return StepPrediction(DECODE_LAYOUT if requested == "auto" else requested)
         strategy = corrected_choice(choice, table, kind, tokens, ctx).strategy if requested == "auto" else requested
         raw = choice.predicted_s.get(strategy)
@@ -81,6 +80,16 @@ class StepPredictor:
             return StepPrediction(strategy)
         key = StepKey.of(strategy, kind, tokens, ctx)
         return StepPrediction(strategy, raw, table.correct(key, raw), key)
+
+    @functools.lru_cache(maxsize=4096)
+    def _plan_step(self, pricing: tuple[str, ...], new: tuple[int, ...], cached: tuple[int, ...],
+                   decoding: tuple[int, ...]) -> PlanChoice | None:
+        """The planner's step, remembered by its shape: the step budget prices the same few candidate chunks (over
+        bucketed decode contexts) step after step, and the correction is applied on top each time, fresh."""
+        try:
+            return plan_step(self.shape, self.hardware, self.devices, new, cached, decoding, available=pricing)
+        except ValueError:
+            return None
 
     @functools.lru_cache(maxsize=4096)
     def _decode_s(self, sequences: int, context: int) -> float:
