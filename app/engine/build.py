@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.engine.llm_engine import LLMEngine
 from app.engine.predictor import StepPredictor
@@ -39,6 +39,11 @@ class EngineFields(BaseModel):
     max_model_len: int = Field(2048, ge=16)  # prompt + generated tokens per sequence
     # Tokens one step computes: every decoding sequence's next token plus prefill chunks up to this budget.
     max_num_batched_tokens: int = Field(2048, ge=16)
+    # How a step's prefill tokens are sized: "slo", the most whose predicted step keeps the decoding streams within
+    # ``tpot_s`` (``app/engine/step_budget.py``; ``max_num_batched_tokens`` the cap); "fixed": max_num_batched_tokens.
+    # None: "slo" when there is a TPOT target (a pool's ``slo.tpot_s`` or ``tpot_s``), else "fixed".
+    step_budget: Literal["slo", "fixed"] | None = None
+    tpot_s: float | None = Field(None, gt=0)  # the TPOT target steps are sized for (a pool's ``slo.tpot_s`` by default)
     enable_chunked_prefill: bool = True  # long prompts in chunks between decode steps (else whole, stalling them)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     # Correct the planner's predictions by the steps this engine measures (cost.correction); off: the planner as
@@ -70,6 +75,20 @@ class EngineFields(BaseModel):
     # A step running past 10× its predicted time, and at least this long, means a hung worker (SIGSTOP, a stuck
     # collective; one device has no collective to time out): its requests fail and the replica is replaced.
     step_watchdog_floor_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _step_budget(self) -> EngineFields:
+        """An SLO budget needs a target to size for and chunks to size: an error, not a silent fixed budget."""
+        if self.step_budget == "slo" and self.tpot_s is None:
+            raise ValueError("step_budget: slo sizes each step by a TPOT target: set tpot_s (a pool's slo.tpot_s)")
+        if self.step_budget == "slo" and not self.enable_chunked_prefill:
+            raise ValueError("step_budget: slo sizes prefill chunks: it needs enable_chunked_prefill: true")
+        return self
+
+    def sized_tpot_s(self) -> float | None:
+        """The TPOT target each step is sized for, None for the fixed budget."""
+        fixed = self.step_budget == "fixed" or not self.enable_chunked_prefill
+        return None if fixed else self.tpot_s
 
     def context(self, max_position_embeddings: int) -> int:
         """Tokens one sequence may hold (prompt + generated): ``max_model_len``, at most the model's positions."""
@@ -138,6 +157,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                         max_num_batched_tokens=opts.max_num_batched_tokens,
                         enable_chunked_prefill=opts.enable_chunked_prefill,
                         enable_prefix_caching=opts.enable_prefix_caching, predictor=predictor, step_s=step_s,
+                        tpot_s=opts.sized_tpot_s(),
                         layouts=available, contenders=offered, watchdog_floor_s=opts.step_watchdog_floor_s)
 
 

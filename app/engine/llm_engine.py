@@ -25,6 +25,7 @@ from app.engine.predictor import StepPrediction, StepPredictor
 from app.engine.sampling import SamplingParams, logprobs_of, make_generator
 from app.engine.scheduler import DECODE_STRATEGY, Adoption, Scheduler, SchedulerConfig, StepPlan
 from app.engine.sequence import Sequence
+from app.engine.step_budget import StepBudget
 from placement.workers import Group
 from strategies.layout import STRATEGY_NAMES, check_strategy
 
@@ -39,15 +40,16 @@ __all__ = ["LLMEngine", "Sequence", "WATCHDOG_FACTOR"]
 class LLMEngine:
     """Continuous batching over ``group`` (a ``LocalGroup`` or ``ShardGroup``) whose ranks hold ``num_blocks`` KV
     blocks of ``block_size`` tokens each; ``limits`` are the ``SchedulerConfig`` fields (``num_blocks``,
-    ``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_chunked_prefill``,
-    ``enable_prefix_caching``)."""
+    ``block_size``, ``max_num_seqs``, ``max_num_batched_tokens`` (with ``tpot_s``, only the cap of a budget the
+    predictor sizes), ``enable_chunked_prefill``, ``enable_prefix_caching``)."""
 
     STEP_EMA = 0.2  # weight of the newest decode step in the step-time average
 
     def __init__(self, group: Group, tokenizer, eos_token_ids: list[int], max_model_len: int, *,
                  choose_strategy: ChooseStrategy | None = None, predict_prefill_s: Callable[[int], float] | None = None,
                  step_s: float = 0.0, layouts: list[str] | None = None, contenders: list[str] | None = None,
-                 watchdog_floor_s: float = 30.0, predictor: StepPredictor | None = None, **limits: Any):
+                 watchdog_floor_s: float = 30.0, predictor: StepPredictor | None = None, tpot_s: float | None = None,
+                 **limits: Any):
         self.group, self.tokenizer = group, tokenizer
         # Layouts built at start (named strategies + the executable front that fit), and those offered: the ones a
         # request may name and the ingress prices (``build_engine``: the planner's picks, the named strategies, a
@@ -61,6 +63,10 @@ class LLMEngine:
         # and ``predict_prefill_s`` (tests) or Megatron and no predictions
         self.predictor = predictor
         self.choose_strategy = choose_strategy or (lambda new, cached, decoding: DECODE_STRATEGY)
+        # With a TPOT target each step's prefill is sized so the streams keep it (``step_budget.py``), else fixed
+        self.step_budget = StepBudget(predictor, tpot_s, self.scheduler.config.block_size) if (
+            predictor is not None and tpot_s) else None
+        self.scheduler.sizer = self.step_budget
         self.predict_prefill_s = predict_prefill_s or (predictor.prefill_s if predictor else (lambda tokens: 0.0))
         self.step_s = step_s  # decode step seconds: the planner's guess until steps are measured
         # The step watchdog (``EngineLoop``): a step running past its deadline means a hung worker

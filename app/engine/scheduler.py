@@ -87,6 +87,14 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
 
 
+class ChunkSizer(Protocol):
+    """How many prompt tokens a chunk may have beside what the step already holds (``step_budget.StepBudget``: by
+    the pool's TPOT target); without one a chunk takes what is left of ``max_num_batched_tokens``."""
+
+    def limit(self, requested: str, new: list[int], cached: list[int], decoding: list[int], prefix: int,
+              remaining: int, cap: int, first: bool) -> int: ...
+
+
 class Scheduled(NamedTuple):
     seq: Sequence
     tokens: int  # of ``seq.all_ids`` from ``seq.num_computed``
@@ -141,6 +149,7 @@ class Scheduler:
         self.waiting: RequestQueue = queue if queue is not None else FCFSQueue()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.sizer: ChunkSizer | None = None  # set by the engine when it sizes steps by a TPOT target
 
     # -- sequences in and out --------------------------------------------------------------------------------------
 
@@ -196,13 +205,14 @@ class Scheduler:
         prefill: list[Scheduled] = []
         decode: list[Scheduled] = []
         scheduled: set[int] = set()
+        decoding = [s.num_computed for s in self.running if not s.prefilling] if self.sizer else []
         for seq in list(self.running):
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
             if seq.prefilling:
                 if prefill and seq.strategy != prefill[0].seq.strategy:
                     continue
-                n = self._chunk(seq, budget, first=not prefill)
+                n = self._chunk(seq, self._limit(seq, budget, prefill, decoding), first=not prefill)
                 if n == 0 or not self._reserve(seq, n):
                     continue
                 prefill.append(Scheduled(seq, n))
@@ -224,7 +234,7 @@ class Scheduler:
             seq.hashes = [self.blocks.hash_of[b] for b in hit]
             if not seq.output_ids:
                 seq.cached_tokens = seq.num_computed
-            n = self._chunk(seq, budget, first=not prefill)
+            n = self._chunk(seq, self._limit(seq, budget, prefill, decoding), first=not prefill)
             if n == 0 or not self._reserve(seq, n):
                 self.blocks.release(seq.blocks)
                 seq.blocks, seq.hashes, seq.num_computed = [], [], 0
@@ -237,6 +247,13 @@ class Scheduler:
             self._preempt(self.running[-1])
             return self.schedule()
         return StepPlan(prefill, decode)
+
+    def _limit(self, seq: Sequence, budget: int, prefill: list[Scheduled], decoding: list[int]) -> int:
+        """The token budget of ``seq``'s next chunk: what is left of the step's, or less by the ``sizer``."""
+        if self.sizer is None or not self.config.enable_chunked_prefill:
+            return budget
+        return self.sizer.limit(seq.strategy, [n for _, n in prefill], [s.num_computed for s, _ in prefill], decoding,
+                                seq.num_computed, seq.remaining, budget, first=not prefill)
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
         """Prompt tokens of ``seq`` this step: up to the budget and the free blocks when chunking, else the rest of

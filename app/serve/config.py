@@ -73,6 +73,19 @@ class PoolConfig(EngineFields):
     decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
     health_check_period_s: float = Field(10.0, gt=0)  # how soon Serve notices a failed replica and replaces it
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tpot_from_slo(cls, data: Any) -> Any:
+        """The pool's ``slo.tpot_s`` is the target its steps are sized for (``step_budget``); a ``tpot_s`` that
+        disagrees with it is an error (two targets for one pool)."""
+        slo = data.get("slo") if isinstance(data, dict) else None
+        if slo is None:
+            return data
+        tpot = slo.get("tpot_s", SLOTarget.model_fields["tpot_s"].default) if isinstance(slo, dict) else slo.tpot_s
+        if data.get("tpot_s") is not None and data["tpot_s"] != tpot:
+            raise ValueError(f"tpot_s {data['tpot_s']} disagrees with slo.tpot_s {tpot}: set one of them")
+        return {**data, "tpot_s": tpot}
+
     @model_validator(mode="after")
     def _ongoing_default(self) -> PoolConfig:
         if self.max_ongoing_requests is None:

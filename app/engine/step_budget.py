@@ -1,0 +1,100 @@
+"""Each step's prefill tokens sized by the pool's TPOT target, not by a fixed token count.
+
+A fixed ``max_num_batched_tokens`` bounds how long a long prompt stalls the streams decoding beside it only by what
+that many tokens cost on this hardware, with this layout, this batch and this cached prefix: 1,024 tokens were a 2 s
+step on the shipped 2-core ``long`` pool (12.7x its median inter-token gap). Here the step is sized by time instead:
+a chunk gets the most tokens whose *predicted* step (the predictor's, so the layout it would pick for that chunk,
+the decode tokens riding along, the chunk's cached prefix, and the online correction learned from the steps this
+engine measured) stays within ``share`` of the TPOT target. Chunk length and layout are chosen together: each
+candidate length is priced over every contender and takes its fastest (corrected) layout. With no stream decoding
+there is no inter-token time to protect: the chunk is as long as the cap allows (the token-sharded layouts pay on
+long chunks). ``max_num_batched_tokens`` stays the upper bound, and a waiting prompt always gets one block per step
+even when the streams alone already miss the target, so it never starves.
+
+Sizing must cost little next to the step (a planner call is ~1.5 ms here): pricing is cached by shape
+(``StepPredictor._plan_step``) and the shapes are coarsened upwards, so the prediction errs long, never short (the
+decode contexts to their mean rounded up to ``RIDE_STEP``, the chunk's prefix up to a multiple of ``PREFIX_STEP``,
+candidates block multiples); the search starts from the last answer (two cached lookups in steady decoding). Only the
+correction is applied fresh each time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from app.engine.predictor import StepPredictor
+
+RIDE_STEP = 64  # the riding decode tokens' contexts priced at their mean, rounded up to this
+PREFIX_STEP = 256  # a chunk's cached prefix priced at the next multiple of this
+STEP_SHARE = 0.85  # of the TPOT target a step's forward pass may take (sampling, detokenizing, the loop: the rest)
+
+
+class StepBudget:
+    """Sizes prefill chunks for ``predictor``'s engine so decoding streams keep ``tpot_s`` between their tokens;
+    chunks are multiples of ``block_size`` (the minimum chunk) or a prompt's whole remainder."""
+
+    def __init__(self, predictor: StepPredictor, tpot_s: float, block_size: int, share: float = STEP_SHARE):
+        self.predictor, self.tpot_s, self.block_size = predictor, tpot_s, block_size
+        self.target_s = tpot_s * share
+        self.sized = 0  # chunks sized (with streams decoding), and the seconds spent sizing them: the overhead
+        self.sizing_s = 0.0
+        self._last: dict[tuple[str, int], int] = {}  # blocks of the last chunk per (layout asked, decode tokens)
+
+    def limit(self, requested: str, new: list[int], cached: list[int], decoding: list[int], prefix: int,
+              remaining: int, cap: int, first: bool) -> int:
+        """Prompt tokens for the next chunk of a prompt with ``prefix`` tokens computed and ``remaining`` to go, in a
+        step that already holds chunks ``new`` (after ``cached``) and decode tokens at contexts ``decoding``: at most
+        ``cap`` (what is left of ``max_num_batched_tokens``). ``first``: no chunk in the step yet (it gets at least
+        a block, so prompts always progress)."""
+        top = min(remaining, cap)
+        if not decoding or top <= 0:
+            return max(top, 0)
+        t0 = time.perf_counter()
+        riding = [math.ceil(sum(decoding) / len(decoding) / RIDE_STEP) * RIDE_STEP] * len(decoding)
+        priced_prefix, bs = coarse_prefix(prefix), self.block_size
+
+        def fits(tokens: int) -> bool:
+            p = self.predictor.plan(requested, [*new, tokens], [*cached, priced_prefix], riding)
+            return p.corrected_s <= self.target_s  # 0: the planner has no figure (nothing fits its memory model)
+
+        key = (requested, len(decoding))
+        most = top // bs  # block multiples up to the cap; the prompt's whole remainder when it is shorter
+        m = largest(lambda blocks: fits(blocks * bs), min(self._last.get(key, 1), most), most)
+        if most:
+            self._last[key] = max(1, m)
+        n = top if m == most and top % bs and fits(top) else m * bs
+        if n == 0 and first:
+            n = min(bs, top)
+        self.sized += 1
+        self.sizing_s += time.perf_counter() - t0
+        return n
+
+    def overhead_ms(self) -> float:
+        """Mean milliseconds spent sizing one chunk so far."""
+        return 1e3 * self.sizing_s / self.sized if self.sized else 0.0
+
+
+def coarse_prefix(prefix: int) -> int:
+    """``prefix`` rounded up to a multiple of ``PREFIX_STEP``: a prompt read in chunks re-prices a new prefix only
+    every ``PREFIX_STEP`` tokens, and its attention is priced at most that many tokens long."""
+    return -(-prefix // PREFIX_STEP) * PREFIX_STEP
+
+
+def largest(fits: Callable[[int], bool], start: int, most: int) -> int:
+    """The largest ``m`` in [0, ``most``] with ``fits(m)`` (0 when none; ``fits`` grows false with ``m``), searched
+    from ``start`` (the last answer): two probes when it holds, a doubling then a bisection when it moved."""
+    if most <= 0:
+        return 0
+    if fits(start):
+        lo, step = start, 1
+        while lo < most and fits(min(lo + step, most)):
+            lo, step = min(lo + step, most), step * 2
+        hi = min(lo + step, most + 1) - 1  # fits(lo) holds, fits(hi + 1) does not (or beyond most)
+    else:
+        lo, hi = 0, start - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo

@@ -1,0 +1,149 @@
+"""Each step sized by the TPOT target (``app/engine/step_budget.py``), on the real engine with a tiny model.
+
+The predictor is the real one (the CPU catalog's planner; with ``learns=False`` its predictions are the planner's as
+calibrated, so every chunk length below is reproducible): a long prompt arriving while streams decode is read in
+chunks whose predicted step fits the target, alone it is one chunk, the tokens never change, a learned correction
+shrinks the chunks, and a target the streams alone miss still lets the prompt progress one block per step.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import local_engine, prompts_for, reference_greedy
+
+from app.engine.predictor import StepPredictor
+from app.engine.sampling import SamplingParams
+from app.engine.step_budget import RIDE_STEP, STEP_SHARE, StepBudget, coarse_prefix
+from cost import get_hardware
+from cost.correction import Correction
+from strategies.loader import Checkpoint
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+STREAM = SamplingParams(max_tokens=120, ignore_eos=True)
+CAP = 512
+
+
+def predictor(path: str, learns: bool = False) -> StepPredictor:
+    return StepPredictor(Checkpoint(path).shape, get_hardware("cpu"), 1, ["megatron"], learns=learns)
+
+
+def chunk_s(pred: StepPredictor, n: int, prefix: int, decoding: list[int]) -> float:
+    return pred.plan("auto", [n], [prefix], decoding).corrected_s
+
+
+def chunks_of(engine, prompt: list[int], streams: int) -> list[tuple[int, int, list[int]]]:
+    """(chunk, its prefix, the streams' contexts) of each step that read ``prompt``, ``streams`` decoding beside it."""
+    for p in prompts_for(512, lengths=(5,) * streams, seed=3):
+        engine.add(p, STREAM)
+    for _ in range(3):
+        engine.step()
+    late = engine.add(prompt, GREEDY)
+    out = []
+    while not late.output_ids:
+        prefix, decoding = late.num_computed, [s.num_computed for s in engine.running if not s.prefilling]
+        engine.step()
+        out.append((late.num_computed - prefix, prefix, decoding))
+    return out
+
+
+def test_a_long_prompt_beside_streams_is_chunked_to_the_target(tiny_models):
+    path = tiny_models["gqa"]
+    pred = predictor(path)
+    tpot = chunk_s(pred, 64, 0, [RIDE_STEP] * 2) / STEP_SHARE  # the target: a 64-token chunk beside two streams
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=pred, tpot_s=tpot)
+    prompt = prompts_for(512, lengths=(300,), seed=5)[0]
+    chunks = chunks_of(engine, prompt, streams=2)
+    assert len(chunks) >= 300 // 80  # split, not one 300-token step
+    for n, prefix, decoding in chunks[:-1]:  # the last is what was left
+        assert n % 16 == 0 and n >= 16
+        assert chunk_s(pred, n, prefix, decoding) <= tpot * STEP_SHARE  # its predicted step fits
+        # and is the most that does as priced (prefix and contexts rounded up, so the prediction errs long)
+        assert chunk_s(pred, n + 16, coarse_prefix(prefix), [RIDE_STEP] * 2) > tpot * STEP_SHARE
+    while engine.has_work():
+        engine.step()
+    assert engine.running == [] and engine.step_budget.sized >= len(chunks)
+
+
+def test_alone_a_prompt_is_one_chunk_up_to_the_cap(tiny_models):
+    path = tiny_models["gqa"]
+    pred = predictor(path)
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=pred,
+                          tpot_s=chunk_s(pred, 16, 0, [8]) / STEP_SHARE)
+    prompt = prompts_for(512, lengths=(300,), seed=6)[0]
+    seq = engine.add(prompt, GREEDY)
+    engine.step()
+    assert seq.num_computed == 300 and seq.output_ids  # no stream to protect: the whole prompt in one step
+    assert engine.step_budget.sized == 0
+
+
+def test_tokens_equal_transformers_across_varying_chunks(tiny_models):
+    """Learning on: the correction moves the target's chunk lengths step to step; greedy tokens never change."""
+    path = tiny_models["gqa"]
+    pred = predictor(path, learns=True)
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=pred,
+                          tpot_s=chunk_s(pred, 40, 0, [RIDE_STEP] * 2) / STEP_SHARE)
+    streams = prompts_for(512, lengths=(6, 9), seed=7)
+    long = prompts_for(512, lengths=(230, 170), seed=8)
+    seqs = [engine.add(p, GREEDY) for p in streams]
+    engine.step()
+    seqs += [engine.add(p, GREEDY) for p in long]
+    while engine.has_work():
+        engine.step()
+    assert [s.output_ids for s in seqs] == [reference_greedy(path, p, 8) for p in streams + long]
+    assert engine.blocks.num_used == 0
+
+
+def test_a_learned_slowdown_shrinks_the_chunk(tiny_models):
+    """Measured steps twice as slow as predicted: the corrected prediction sizes the chunk, so it shrinks and the
+    target holds (the planner alone would keep breaking it)."""
+    path = tiny_models["gqa"]
+    pred = predictor(path, learns=True)
+    decoding = [RIDE_STEP] * 2
+    budget = StepBudget(pred, chunk_s(pred, 128, 0, decoding) / STEP_SHARE, block_size=16)
+    before = budget.limit("auto", [], [], decoding, 0, 400, CAP, first=True)
+    for n in (32, 64, 96, 128, 160, 192, 256):
+        p = pred.plan("auto", [n], [0], decoding)
+        for _ in range(8):
+            pred.observe(p, 3 * p.raw_s)
+    after = budget.limit("auto", [], [], decoding, 0, 400, CAP, first=True)
+    assert before == 128 and 16 <= after < before / 2
+    assert chunk_s(pred, after, 0, decoding) <= budget.target_s
+
+
+def test_a_target_the_streams_alone_miss_still_reads_a_block_per_step(tiny_models):
+    path = tiny_models["gqa"]
+    pred = predictor(path)
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=pred, tpot_s=1e-6)
+    chunks = chunks_of(engine, prompts_for(512, lengths=(50,), seed=9)[0], streams=2)
+    assert [n for n, _, _ in chunks] == [16, 16, 16, 2]
+
+
+def test_without_a_target_the_fixed_budget_is_unchanged(tiny_models):
+    path = tiny_models["gqa"]
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=32, predictor=predictor(path))
+    assert engine.step_budget is None
+    assert [n for n, _, _ in chunks_of(engine, prompts_for(512, lengths=(100,), seed=4)[0], streams=2)] == \
+        [30, 30, 30, 10]  # the cap less the two decode tokens
+
+
+def test_config_step_budget_and_tpot_target():
+    from pydantic import ValidationError
+
+    from app.engine.build import EngineOptions
+    from app.serve.config import PoolConfig
+
+    slo = {"policy": "slo", "max_replicas": 1}
+    pool = PoolConfig(name="p", autoscaling=slo, slo={"tpot_s": 0.3}, max_num_batched_tokens=1024)
+    assert pool.tpot_s == 0.3 and pool.sized_tpot_s() == 0.3
+    assert pool.engine_options("m", False).sized_tpot_s() == 0.3  # the engine gets the pool's target
+    assert PoolConfig(name="p", autoscaling=slo, slo={"tpot_s": 0.3}, step_budget="fixed").sized_tpot_s() is None
+    assert PoolConfig(name="p").sized_tpot_s() is None  # no target: the fixed budget
+    assert PoolConfig(name="p", tpot_s=0.25).sized_tpot_s() == 0.25
+    with pytest.raises(ValidationError, match="disagrees with slo.tpot_s"):
+        PoolConfig(name="p", autoscaling=slo, slo={"tpot_s": 0.3}, tpot_s=0.2)
+    with pytest.raises(ValidationError, match="set tpot_s"):
+        EngineOptions(step_budget="slo")
+    with pytest.raises(ValidationError, match="enable_chunked_prefill"):
+        PoolConfig(name="p", tpot_s=0.2, step_budget="slo", enable_chunked_prefill=False)
+    with pytest.raises(ValidationError):
+        PoolConfig(name="p", tpot_s=0)
