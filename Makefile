@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: field-tools chaos soak bench-accuracy bench-kv bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
+.PHONY: field-tools chaos soak bench-accuracy bench-kv bench-step-budget bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -83,6 +83,13 @@ bench-kv: model
 		| tee $(BENCH)/kv_memory.txt
 	$(BIN)/python -m load_tests.token_order --lengths 1024,2048,4096 --repeats 3 --out $(BENCH)/token_order.json \
 		| tee $(BENCH)/token_order.txt
+
+# Fixed step budgets (64, 256, 1024, 2048) against the one sized by each pool's TPOT target (issue 27): 3 streams decode
+# on the short (1 device) and long (2 devices) pools' engines while prompts of 1K and 2K tokens arrive (~20 min).
+bench-step-budget: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.step_budget --config serve_config.yaml --sizes 1000,2000 --repeats 3 \
+		--out $(BENCH)/step_budget.json | tee $(BENCH)/step_budget.txt
 
 # Every layout of SmolLM2's executable front (41 at p = 2) at six lengths the calibration never saw, predicted against
 # measured (~15 min), then the long-prompt contenders again with 3 repeats (~6 min): BENCHMARKS.md "Layouts".

@@ -28,13 +28,17 @@ from load_tests.compare import load_app_spec
 PARTS = ("capacity", "batching", "chunked", "prefix")
 
 
-def build(config: str, **override):
-    """An engine with the config's first pool's options (``override`` changes some), on this process's cores."""
+def build(config: str, pool: str | None = None, **override):
+    """An engine with the options of the config's ``pool`` (default its first; ``override`` changes some), on this
+    process's cores."""
     from app.engine.build import build_engine
     from app.serve.config import AppConfig
 
     cfg = AppConfig.model_validate(load_app_spec(config)[1])
-    pool = cfg.pools[0].model_copy(update=override)
+    chosen = next((p for p in cfg.pools if p.name == pool), None) if pool else cfg.pools[0]
+    if chosen is None:
+        raise ValueError(f"{config} has no pool {pool!r}")
+    pool = chosen.model_copy(update=override)
     return build_engine(pool.engine_options(cfg.model, shared_weights=False), bundle=pool.bundle()), pool
 
 
