@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,14 @@ def prefix(config: str, repeats: int, prefix_len: int, tail: int) -> dict:
 
 # -- report ----------------------------------------------------------------------------------------------------------
 
+def save(res: dict, path: str, report: Callable[[dict], str]) -> None:
+    """The raw results to ``path`` (JSON), the report to stdout."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(report(res))
+
+
 def report(res: dict) -> str:
     lines = []
     if "capacity" in res:
@@ -241,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                  budgets=[512, 256, 64])
     if "prefix" in parts:
         res["prefix"] = prefix(args.config, args.repeats, prefix_len=768, tail=16)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
-    print(report(res))
+    save(res, args.out, report)
     return 0
 
 

@@ -7,23 +7,21 @@ correction): fixed ``max_num_batched_tokens`` of each size, and ``slo`` (``app/e
 prefill sized by the pool's ``slo.tpot_s``, capped at the largest budget). Measured per run: the gaps between the
 streams' tokens while the long prompts are read (worst, p99, p50), each long prompt's TTFT, and the requests that met
 their SLO (a stream: worst gap within 1.5x ``tpot_s``; a long prompt: TTFT within 2x its TTFT alone on the engine,
-measured once per pool, in chunks of the largest budget, no streams); for ``slo`` the planner time spent sizing each chunk. Modes rotate over
-repeats; the report gives median [min–max] over repeats.
+measured once per pool, in chunks of the largest budget, no streams); for ``slo`` the planner time spent sizing each
+chunk. Modes rotate over repeats; the report gives median [min–max] over repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from app.cli.format import markdown_table, spread
-from load_tests.kv_memory import build, params, random_ids
+from load_tests.kv_memory import build, params, random_ids, save
 
 SLO_GAP = 1.5  # a stream meets its SLO with every gap within this many times the pool's tpot_s
 SLO_TTFT = 2.0  # a long prompt meets its SLO with TTFT within this many times its TTFT alone
@@ -158,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         res["pools"].append(pool_runs(args.config, pool, modes, args.repeats, args.streams, sizes,
                                       args.max_model_len))
         print(report({**res, "pools": res["pools"][-1:]}), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
-    print(report(res))
+    save(res, args.out, report)
     return 0
 
 
