@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -117,18 +118,51 @@ def prompts_for(vocab: int, lengths=(7, 19, 3), seed: int = 0) -> list[list[int]
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole session: 8 emulated devices with a logical CPU each (a Serve test app
-    holds up to 7; every device reserves one CPU, though they all share this machine's real cores)."""
+    """One local Ray instance for the whole session: 12 emulated devices and 12 logical CPUs (a Serve test app holds up
+    to 7 devices, a module's ``worker_groups`` up to 9; they all share this machine's real cores)."""
     import ray
 
     from placement.workers import DEVICE_RESOURCE, local_ray_options
 
     if not ray.is_initialized():
         # metrics exported every 2 s, not 10 s: tests that read /metrics wait for an export
-        ray.init(**local_ray_options(num_cpus=8, resources={DEVICE_RESOURCE: 8},
+        ray.init(**local_ray_options(num_cpus=12, resources={DEVICE_RESOURCE: 12},
                                      _system_config={"metrics_report_interval_ms": 2000}))
     yield ray
     ray.shutdown()
+
+
+class WorkerGroups:
+    """The shard-worker groups of one test module, one per device count, each reloaded with a fresh runner for every
+    test that asks (``Group.load``: the workers and their process group stay). Starting p workers costs ~4 s each on
+    2 cores, most of it importing torch; a test that breaks its workers (kills, hangs) starts its own group."""
+
+    def __init__(self) -> None:
+        self.groups: dict[int, Any] = {}
+
+    def get(self, devices: int, settings: dict):
+        from placement.workers import start_group
+
+        if devices == 1:
+            return start_group(1, settings)  # in this process: nothing to keep
+        group = self.groups.get(devices)
+        if group is None:
+            group = self.groups[devices] = start_group(devices, settings)
+        else:
+            group.load(settings)
+        return group
+
+    def shutdown(self) -> None:
+        for group in self.groups.values():
+            group.shutdown()
+        self.groups.clear()
+
+
+@pytest.fixture(scope="module")
+def worker_groups(ray_session):
+    groups = WorkerGroups()
+    yield groups
+    groups.shutdown()
 
 
 @pytest.fixture(scope="session")
