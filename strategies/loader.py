@@ -12,11 +12,13 @@ keeps and never materialises the whole model.
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -72,8 +74,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _ensure_converted(name: str, gguf: Path) -> Path:
-    """Convert once; concurrent first starts wait on a lock, and the folder appears atomically by rename."""
+def ensure_converted(name: str, convert: Callable[[Path], None], what: str = "") -> Path:
+    """``cache_dir() / name``, written by ``convert(folder)`` once: concurrent first starts wait on a lock, and the
+    folder appears atomically by rename (``convert`` writes into a temporary folder beside it)."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     dest = root / name
@@ -85,8 +88,8 @@ def _ensure_converted(name: str, gguf: Path) -> Path:
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
-            print(f"dynpart: converting {gguf.name} to safetensors in {dest} (once, ~25 s)", flush=True)
-            _convert_gguf(gguf, tmp)
+            print(f"dynpart: converting {what or name} to safetensors in {dest} (once, ~25 s)", flush=True)
+            convert(tmp)
             os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -97,7 +100,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """Return the local Hugging Face folder for a model name or path, converting the default model if needed."""
     name = str(name_or_path)
     if name == DEFAULT_MODEL:
-        return _ensure_converted(DEFAULT_MODEL, _smollm2_gguf())
+        gguf = _smollm2_gguf()
+        return ensure_converted(DEFAULT_MODEL, functools.partial(_convert_gguf, gguf), gguf.name)
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelError(f"unknown model {name!r}: not {DEFAULT_MODEL!r} and no such folder")

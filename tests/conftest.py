@@ -20,6 +20,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+import types  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -117,18 +119,51 @@ def prompts_for(vocab: int, lengths=(7, 19, 3), seed: int = 0) -> list[list[int]
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole session: 8 emulated devices with a logical CPU each (a Serve test app
-    holds up to 7; every device reserves one CPU, though they all share this machine's real cores)."""
+    """One local Ray instance for the whole session: 12 emulated devices and 12 logical CPUs (a Serve test app holds up
+    to 7 devices, a module's ``worker_groups`` up to 9; they all share this machine's real cores)."""
     import ray
 
     from placement.workers import DEVICE_RESOURCE, local_ray_options
 
     if not ray.is_initialized():
         # metrics exported every 2 s, not 10 s: tests that read /metrics wait for an export
-        ray.init(**local_ray_options(num_cpus=8, resources={DEVICE_RESOURCE: 8},
+        ray.init(**local_ray_options(num_cpus=12, resources={DEVICE_RESOURCE: 12},
                                      _system_config={"metrics_report_interval_ms": 2000}))
     yield ray
     ray.shutdown()
+
+
+class WorkerGroups:
+    """The shard-worker groups of one test module, one per device count, each reloaded with a fresh runner for every
+    test that asks (``Group.load``: the workers and their process group stay). Starting p workers costs ~4 s each on
+    2 cores, most of it importing torch; a test that breaks its workers (kills, hangs) starts its own group."""
+
+    def __init__(self) -> None:
+        self.groups: dict[int, Any] = {}
+
+    def get(self, devices: int, settings: dict):
+        from placement.workers import start_group
+
+        if devices == 1:
+            return start_group(1, settings)  # in this process: nothing to keep
+        group = self.groups.get(devices)
+        if group is None:
+            group = self.groups[devices] = start_group(devices, settings)
+        else:
+            group.load(settings)
+        return group
+
+    def shutdown(self) -> None:
+        for group in self.groups.values():
+            group.shutdown()
+        self.groups.clear()
+
+
+@pytest.fixture(scope="module")
+def worker_groups(ray_session):
+    groups = WorkerGroups()
+    yield groups
+    groups.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -175,14 +210,108 @@ def http_client(ports: dict[str, int], route: str = "", timeout: float = 120):
         yield client
 
 
+class _NamesTheApp:
+    """Adds ``application`` metadata to every call: with several apps on the session's Serve (the shared apps below
+    live for the whole session), its gRPC proxy routes a call only by that name."""
+
+    def __init__(self, application: str):
+        self.metadata = (("application", application),)
+
+    def _with_app(self, details):
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_app(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_app(details), request)
+
+
 @contextlib.contextmanager
-def grpc_stub(ports: dict[str, int]):
+def grpc_stub(ports: dict[str, int], application: str | None = None):
+    """A stub on the session's gRPC proxy; ``application`` names the app every call goes to."""
     import grpc
 
     from app.serve.protos import dynpart_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
+    if application is not None:
+        interceptor = type("AppInterceptor", (_NamesTheApp, grpc.UnaryUnaryClientInterceptor,
+                                              grpc.UnaryStreamClientInterceptor), {})(application)
+        channel = grpc.intercept_channel(channel, interceptor)
     try:
         yield dynpart_pb2_grpc.DynpartStub(channel)
     finally:
         channel.close()
+
+
+# -- apps several modules share (a deploy costs 15-30 s here) -------------------------------------------------------
+# An idle app still costs ~0.25 of a core here (its board, ingress and replicas keep their beat), so a shared app lives
+# only while its users run: the modules that use it are run one after another, and it is deleted after the last test
+# that uses it (``pytest_runtest_teardown``).
+
+SHARED_MODEL = "tiny-chat"  # the name the shared apps serve the tiny chat model under
+KEYED_APP, KEY, MAX_BODY = "keyed", "s3cret-key", 16 * 1024  # the keyed app's name, API key and body limit
+_live_apps: dict[str, contextlib.ExitStack] = {}  # shared-app fixture name -> what deletes the app
+_last_user: dict[str, str] = {}  # shared-app fixture name -> node id of the last test that uses it
+
+
+def _shared_app(fixture: str, ports: dict[str, int], args: dict, name: str, route: str) -> types.SimpleNamespace:
+    if fixture not in _live_apps:
+        stack = contextlib.ExitStack()
+        stack.enter_context(deployed(ports, args, name, route))
+        _live_apps[fixture] = stack
+    return types.SimpleNamespace(ports=ports, name=name, route=route)
+
+
+@pytest.fixture(scope="module")
+def pair_app(serve_session, chat_tiny):
+    """Pools ``one`` (aggregated) and ``split`` (disaggregated: prefill and decode replicas), one device each: what a
+    request returns must not depend on the path it takes (test_choices, test_logprobs)."""
+    pools = [dict(name="one", hardware="cpu", devices=1, max_model_len=512, max_num_seqs=8),
+             dict(name="split", hardware="cpu", devices=1, max_model_len=512, max_num_seqs=8, disaggregated=True)]
+    args = {"model": chat_tiny, "served_model_name": SHARED_MODEL, "pools": pools, "graceful_shutdown_s": 1}
+    return _shared_app("pair_app", serve_session, args, "pair", "/pair")
+
+
+@pytest.fixture(scope="module")
+def keyed_app(serve_session, chat_tiny):
+    """One small pool behind an API key, a 1 s request timeout and a 16 KiB body limit; at most 2 requests running
+    and 1 queued, so a burst is refused (test_security, test_openapi)."""
+    pool = dict(name="one", devices=1, max_num_seqs=2, max_model_len=1024, max_ongoing_requests=2,
+                max_queued_requests=1, health_check_period_s=1)
+    args = {"model": chat_tiny, "served_model_name": SHARED_MODEL, "pools": [pool], "graceful_shutdown_s": 1,
+            "api_key": KEY, "max_body_bytes": MAX_BODY, "request_timeout_s": 1.0, "shared_weights": False}
+    return _shared_app("keyed_app", serve_session, args, KEYED_APP, "/keyed")
+
+
+SHARED_APPS = ("pair_app", "keyed_app")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Modules that share an app run one after another (where the first of them would), so the app is deployed once
+    and deleted before the next module deploys its own; remember each shared app's last user."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, []).append(item)
+    order = list(modules)
+    for fixture in SHARED_APPS:
+        users = [m for m in order if any(fixture in item.fixturenames for item in modules[m])]
+        for m in users[1:]:
+            order.remove(m)
+            order.insert(order.index(users[0]) + users.index(m), m)
+    items[:] = [item for m in order for item in modules[m]]
+    _last_user.clear()
+    for item in items:
+        for fixture in SHARED_APPS:
+            if fixture in item.fixturenames:
+                _last_user[fixture] = item.nodeid
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """After a shared app's last user, delete it (first: the session's Serve is shut down after the last test)."""
+    for fixture, nodeid in _last_user.items():
+        if item.nodeid == nodeid and fixture in _live_apps:
+            _live_apps.pop(fixture).close()
+

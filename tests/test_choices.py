@@ -2,8 +2,8 @@
 token-id lists, ``n`` choices per prompt sharing the prompt's prefill through the prefix cache, ``best_of``, streamed
 and over gRPC; ``suffix`` and too many choices a 400 naming the field.
 
-One app for the module (the tiny chat model): an aggregated pool and a disaggregated one, one device each, real HTTP
-and gRPC clients.
+Against the session's ``pair_app`` (conftest: the tiny chat model, an aggregated pool and a disaggregated one, one device
+each; test_logprobs uses it too), with real HTTP and gRPC clients.
 """
 
 from __future__ import annotations
@@ -12,28 +12,25 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import deployed, grpc_stub, http_client
+from conftest import SHARED_MODEL, grpc_stub, http_client
 
 from app.serve.api import MAX_CHOICES
+from strategies.kv_cache import DEFAULT_BLOCK_SIZE
 from strategies.loader import Checkpoint
 
-APP = "choices"
-MODEL = "tiny-chat"
-BLOCK = 16
-POOLS = [dict(name="one", hardware="cpu", devices=1, max_model_len=512, max_num_seqs=8, block_size=BLOCK),
-         dict(name="split", hardware="cpu", devices=1, max_model_len=512, max_num_seqs=8, block_size=BLOCK,
-              disaggregated=True)]
+MODEL = SHARED_MODEL
+BLOCK = DEFAULT_BLOCK_SIZE  # the pools' KV block
 GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,"]
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def app(serve_session, chat_tiny) -> SimpleNamespace:
-    """The app's ports, an HTTP client on it, the model's tokenizer."""
-    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": POOLS, "graceful_shutdown_s": 1}
-    with deployed(serve_session, args, APP) as ports, http_client(ports) as client:
-        yield SimpleNamespace(ports=ports, http=client, tok=Checkpoint(chat_tiny).tokenizer())
+def app(pair_app, chat_tiny) -> SimpleNamespace:
+    """The app's ports and name, an HTTP client on it, the model's tokenizer."""
+    with http_client(pair_app.ports, pair_app.route) as client:
+        yield SimpleNamespace(ports=pair_app.ports, name=pair_app.name, http=client,
+                              tok=Checkpoint(chat_tiny).tokenizer())
 
 
 http = pytest.fixture(lambda app: app.http, name="http")
@@ -153,7 +150,7 @@ def test_n_over_grpc(app):
 
     req = pb.GenerateRequest(prompt="Once upon a time", max_tokens=4, ignore_eos=True, n=2, temperature=1.0, seed=5,
                              pool="one")
-    with grpc_stub(app.ports) as stub:
+    with grpc_stub(app.ports, app.name) as stub:
         reply = stub.Generate(req)
         chunks = list(stub.GenerateStream(req))
     assert [c.index for c in reply.choices] == [0, 1] and reply.text == reply.choices[0].text

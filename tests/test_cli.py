@@ -1,4 +1,5 @@
-"""The dynpart command line, run as a user runs it (a real subprocess)."""
+"""The dynpart command line: run as a user runs it (a real subprocess) where it computes; its argument errors through
+the same ``main`` in this process (a subprocess costs seconds of imports per case here)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ import pytest
 def dynpart(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.cli.main", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def in_process(*args: str) -> int:
+    """``dynpart *args`` through the console script's ``main``: its exit status (argparse's errors exit 2)."""
+    from app.cli.main import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 def test_generate_json_on_the_default_model(smollm2):
@@ -49,28 +60,28 @@ def test_generate_on_two_devices_gives_transformers_tokens(chat_tiny):
     (["--temperature", "-1"], "temperature"),
     (["--max-tokens", "0"], "max_tokens"),
 ])
-def test_bad_arguments_get_one_clear_error(args, message):
-    out = dynpart("generate", "--prompt", "hi", *args)
-    assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
+def test_bad_arguments_get_one_clear_error(args, message, capsys):
+    assert in_process("generate", "--prompt", "hi", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
-def test_unknown_strategy_is_refused_by_the_parser():
-    out = dynpart("generate", "--prompt", "hi", "--prefill-strategy", "ring")
-    assert out.returncode == 2 and "unknown prefill strategy 'ring'" in out.stderr
-    out = dynpart("generate", "--prompt", "hi", "--prefill-strategy",
-                  "residual=TOK qkv=col attn=heads o=row gate_up=col down=sideways")
-    assert out.returncode == 2 and "layout field 'down': 'sideways'" in out.stderr
+def test_unknown_strategy_is_refused_by_the_parser(capsys):
+    assert in_process("generate", "--prompt", "hi", "--prefill-strategy", "ring") == 2
+    assert "unknown prefill strategy 'ring'" in capsys.readouterr().err
+    assert in_process("generate", "--prompt", "hi", "--prefill-strategy",
+                      "residual=TOK qkv=col attn=heads o=row gate_up=col down=sideways") == 2
+    assert "layout field 'down': 'sideways'" in capsys.readouterr().err
 
 
-def test_serve_names_a_missing_config_and_drains_the_shipped_apps():
+def test_serve_names_a_missing_config_and_drains_the_shipped_apps(capsys):
     """``dynpart serve`` (make serve) refuses a missing config in one line; on Ctrl-C it drains every dynpart app of
     the config for its graceful_shutdown_s (the drain itself: tests/test_serve_run.py)."""
     from pathlib import Path
 
     from app.cli.serve import apps_to_drain
 
-    out = dynpart("serve", "/no/such/serve_config.yaml")
-    assert out.returncode == 2 and "no Serve config at /no/such/serve_config.yaml" in out.stderr
+    assert in_process("serve", "/no/such/serve_config.yaml") == 2
+    assert "no Serve config at /no/such/serve_config.yaml" in capsys.readouterr().err
     shipped = Path(__file__).resolve().parents[1] / "serve_config.yaml"
     assert apps_to_drain(shipped) == {"dynpart": 30.0}

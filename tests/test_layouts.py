@@ -20,7 +20,6 @@ import torch
 from conftest import TINY_SHAPES, prompts_for, reference_greedy, reference_logits
 from test_partitioned import block_tables, runner_kwargs
 
-from placement.workers import start_group
 from cost import get_hardware
 from cost.formulas import Collective, Work
 from cost.layouts import end_ops, layer_ops, resident_bytes
@@ -73,18 +72,11 @@ def check_front(group, path: str, p: int, prompts: list[list[int]]) -> int:
 
 
 @pytest.mark.parametrize("devices", [2, 3, 4])  # p = 1: the front is the named three (test_partitioned.py)
-def test_every_front_layout_is_exact_and_priced_as_it_runs(ray_session, tiny_models, devices):
-    group, checked = None, 0
-    try:
-        for shape in sorted(TINY_SHAPES):
-            kwargs = runner_kwargs(tiny_models[shape])
-            if group is not None:
-                group.load(kwargs)
-            else:
-                group = start_group(devices, kwargs)
-            checked += check_front(group, tiny_models[shape], devices, prompts_for(512, (7, 19, 3), seed=devices))
-    finally:
-        group.shutdown()
+def test_every_front_layout_is_exact_and_priced_as_it_runs(worker_groups, tiny_models, devices):
+    checked = 0
+    for shape in sorted(TINY_SHAPES):
+        group = worker_groups.get(devices, runner_kwargs(tiny_models[shape]))
+        checked += check_front(group, tiny_models[shape], devices, prompts_for(512, (7, 19, 3), seed=devices))
     assert checked >= 4 * 10  # each front has 10 or more layouts
 
 
@@ -99,39 +91,32 @@ LAYOUTS_HELD = {  # what each holds beyond the shards: nothing, packed gathers, 
 
 
 @pytest.mark.parametrize("devices", [3])
-def test_memory_per_device_is_what_the_cost_model_prices(ray_session, tiny_models, devices):
+def test_memory_per_device_is_what_the_cost_model_prices(worker_groups, tiny_models, devices):
     """Resident weights, gather buffers, replicas and transposed shards, as each worker holds them after a prefill by
     the layout, within 3% of ``resident_bytes``: a replicated matrix is held once (the replica is built around the
     rank's shard), a transposed one costs one more p-th of it."""
     path = tiny_models["mha"]
     shape = Checkpoint(path).shape
     padded = check_devices(shape, devices).padded_shape(shape)
-    group = start_group(devices, runner_kwargs(path))
-    try:
-        for what, label in LAYOUTS_HELD.items():
-            group.load(runner_kwargs(path))  # a fresh runner: only this layout's extras
-            group.call("forward", [Chunk([1, 2, 3], 0, [0])], label)
-            model = resident_bytes(parse_layout(label), padded, devices, 4)
-            for r in group.call_all("memory_report"):
-                held = r["weights"] + r["gather_buffer"] + r["replicas"] + r["transposed"]
-                assert held == pytest.approx(model, rel=0.03), (what, r, model)
-        logits = group.call("forward", [Chunk([4, 5], 3, [0, 1])])  # decode still reads the shards
-        assert (logits - reference_logits(path, [1, 2, 3, 4, 5])[-1:]).abs().max().item() <= 1e-4
-    finally:
-        group.shutdown()
+    for what, label in LAYOUTS_HELD.items():
+        group = worker_groups.get(devices, runner_kwargs(path))  # a fresh runner: only this layout's extras
+        group.call("forward", [Chunk([1, 2, 3], 0, [0])], label)
+        model = resident_bytes(parse_layout(label), padded, devices, 4)
+        for r in group.call_all("memory_report"):
+            held = r["weights"] + r["gather_buffer"] + r["replicas"] + r["transposed"]
+            assert held == pytest.approx(model, rel=0.03), (what, r, model)
+    logits = group.call("forward", [Chunk([4, 5], 3, [0, 1])])  # decode still reads the shards
+    assert (logits - reference_logits(path, [1, 2, 3, 4, 5])[-1:]).abs().max().item() <= 1e-4
 
 
-def test_a_valid_layout_off_the_front_runs_exactly(ray_session, tiny_models):
+def test_a_valid_layout_off_the_front_runs_exactly(worker_groups, tiny_models):
     label = "residual=REP qkv=row attn=tokens o=gathered gate_up=redundant down=col"
     path = tiny_models["gqa"]
     assert label not in executable_layouts(Checkpoint(path).shape, get_hardware("cpu"), 2)
-    group = start_group(2, runner_kwargs(path))
-    try:
-        prompt = prompts_for(512, (13,), seed=3)[0]
-        logits = group.call("forward", [Chunk(prompt, 0, [5, 2, 7, 1])], label, True)
-        assert (logits - reference_logits(path, prompt)).abs().max().item() <= 1e-4
-    finally:
-        group.shutdown()
+    group = worker_groups.get(2, runner_kwargs(path))
+    prompt = prompts_for(512, (13,), seed=3)[0]
+    logits = group.call("forward", [Chunk(prompt, 0, [5, 2, 7, 1])], label, True)
+    assert (logits - reference_logits(path, prompt)).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("text, says", [
@@ -166,7 +151,7 @@ def test_labels_are_strategies_everywhere_a_strategy_is_named():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [int(p) for p in os.environ.get("DYNPART_SMOLLM2_DEVICES", "2").split(",")])
-def test_every_front_layout_is_exact_on_smollm2(ray_session, smollm2, devices):
+def test_every_front_layout_is_exact_on_smollm2(worker_groups, smollm2, devices):
     """SmolLM2 (9 query, 3 KV heads: zero-padded to 12/4 at p = 2 and 4, hidden 576): each layout of its executable
     front gives transformers' logits for a real prompt, and megatron decodes exactly after its handoff. The suite runs
     p = 2 (41 layouts, ~30 s); DYNPART_SMOLLM2_DEVICES=2,4 adds p = 4 (64 layouts, ~80 s more on 2 cores)."""
@@ -174,15 +159,12 @@ def test_every_front_layout_is_exact_on_smollm2(ray_session, smollm2, devices):
     prompt = ckpt.tokenizer()("The capital of France is")["input_ids"]
     ref, ref_tokens = reference_logits(smollm2, prompt), reference_greedy(smollm2, prompt, 2)
     table = list(range(4))
-    group = start_group(devices, runner_kwargs(smollm2))
-    try:
-        layouts = executable_layouts(ckpt.shape, get_hardware("cpu"), devices)
-        for label in layouts:
-            logits = group.call("forward", [Chunk(prompt, 0, table)], label, True)
-            diff = (logits - ref).abs().max().item()
-            assert diff <= 1e-4, f"p={devices} [{label}]: logits differ by {diff}"
-            nxt = group.call("forward", [Chunk([ref_tokens[0]], len(prompt), table)]).argmax(-1).item()
-            assert nxt == ref_tokens[1], f"p={devices} [{label}]: decode after the handoff differs"
-        assert len(layouts) > 30
-    finally:
-        group.shutdown()
+    group = worker_groups.get(devices, runner_kwargs(smollm2))
+    layouts = executable_layouts(ckpt.shape, get_hardware("cpu"), devices)
+    for label in layouts:
+        logits = group.call("forward", [Chunk(prompt, 0, table)], label, True)
+        diff = (logits - ref).abs().max().item()
+        assert diff <= 1e-4, f"p={devices} [{label}]: logits differ by {diff}"
+        nxt = group.call("forward", [Chunk([ref_tokens[0]], len(prompt), table)]).argmax(-1).item()
+        assert nxt == ref_tokens[1], f"p={devices} [{label}]: decode after the handoff differs"
+    assert len(layouts) > 30

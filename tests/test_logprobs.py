@@ -13,17 +13,14 @@ import json
 
 import pytest
 import torch
-from conftest import deployed, grpc_stub, http_client, local_engine, prompts_for, reference_logits
+from conftest import SHARED_MODEL, grpc_stub, http_client, local_engine, prompts_for, reference_logits
 
 from app.engine.llm_engine import LLMEngine
 from app.engine.sampling import SamplingParams, process_logits
 from strategies.loader import Checkpoint
 
 TOL = 1e-4
-APP = "logprobs"
-MODEL = "tiny-chat"
-POOLS = [dict(name="one", hardware="cpu", devices=1, max_model_len=512, max_num_seqs=4),
-         dict(name="split", hardware="cpu", devices=1, max_model_len=512, max_num_seqs=4, disaggregated=True)]
+MODEL = SHARED_MODEL
 
 
 def reference(path: str, ids: list[int]) -> torch.Tensor:
@@ -112,11 +109,11 @@ def test_prompt_logprobs_on_two_devices_by_a_token_sharded_layout(ray_session, t
 
 
 @pytest.fixture(scope="module")
-def served(serve_session, chat_tiny):
-    """The app (an aggregated and a disaggregated pool of one device each), its ports and an HTTP client."""
-    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": POOLS, "graceful_shutdown_s": 1}
-    with deployed(serve_session, args, APP) as ports, http_client(ports) as client:
-        yield ports, client, Checkpoint(chat_tiny).tokenizer()
+def served(pair_app, chat_tiny):
+    """The session's ``pair_app`` (conftest: an aggregated and a disaggregated pool of one device each), an HTTP client
+    on it and the model's tokenizer."""
+    with http_client(pair_app.ports, pair_app.route) as client:
+        yield pair_app, client, Checkpoint(chat_tiny).tokenizer()
 
 
 @pytest.fixture
@@ -222,7 +219,7 @@ def test_logprobs_over_grpc(served, http):
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
             "logprobs": 2, "echo": True}
     want = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
-    with grpc_stub(served[0]) as stub:
+    with grpc_stub(served[0].ports, served[0].name) as stub:
         reply = stub.Generate(pb.GenerateRequest(prompt=body["prompt"], max_tokens=3, ignore_eos=True, logprobs=2,
                                                  prompt_logprobs=2))
         chunks = list(stub.GenerateStream(pb.GenerateRequest(prompt=body["prompt"], max_tokens=3, ignore_eos=True,

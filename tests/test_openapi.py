@@ -2,8 +2,8 @@
 every status the completion routes really answer, each error with OpenAI's error body as its schema; an error about
 a missing field names the field.
 
-One small app under its own name and route on the session's Serve (the tiny chat model on 1 device) with an API key,
-a 16 KiB body limit and a 1 s request timeout, so that every error can be provoked for real: each answer's status,
+The session's ``keyed_app`` (conftest: the tiny chat model on 1 device, shared with test_security) has an API key, a
+16 KiB body limit and a 1 s request timeout, so that every error can be provoked for real: each answer's status,
 content type, headers and body are checked against what the schema documents for that route and status.
 """
 
@@ -16,10 +16,9 @@ import time
 import httpx
 import jsonschema
 import pytest
-from conftest import deployed, http_client
+from conftest import KEY, MAX_BODY, SHARED_MODEL, http_client
 
-APP, ROUTE, MODEL, KEY = "openapi", "/oas", "tiny-chat", "oas-key"
-MAX_BODY = 16 * 1024
+MODEL = SHARED_MODEL
 AUTH = {"authorization": f"Bearer {KEY}"}
 JSON = {**AUTH, "content-type": "application/json"}
 ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -27,13 +26,10 @@ ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
 @pytest.fixture(scope="module")
-def http(serve_session, chat_tiny):
-    """A client on the app's route, the app deployed for the module."""
-    pool = dict(name="one", devices=1, max_num_seqs=2, max_model_len=1024, max_ongoing_requests=2,
-                max_queued_requests=1)
-    args = {"model": chat_tiny, "served_model_name": MODEL, "pools": [pool], "graceful_shutdown_s": 1,
-            "api_key": KEY, "max_body_bytes": MAX_BODY, "request_timeout_s": 1.0, "shared_weights": False}
-    with deployed(serve_session, args, APP, ROUTE) as ports, http_client(ports, ROUTE, timeout=60) as client:
+def http(keyed_app):
+    """A client on the session's ``keyed_app`` (conftest: an API key, a 1 s request timeout, a 16 KiB body limit, a
+    pool that takes 2 requests and queues 1), whose every answer the schema must document."""
+    with http_client(keyed_app.ports, keyed_app.route, timeout=60) as client:
         yield client
 
 

@@ -110,70 +110,52 @@ def check_chunks_and_prefixes(group, path: str, prompts: list[list[int]], sizes:
 
 
 @pytest.mark.parametrize("devices", [1, 2, 3, 4])
-def test_every_strategy_is_exact(ray_session, tiny_models, devices):
+def test_every_strategy_is_exact(worker_groups, tiny_models, devices):
     """All shapes through one group of workers per p (the workers load each model in turn)."""
-    group = None
-    try:
-        for i, shape in enumerate(sorted(TINY_SHAPES)):
-            kwargs = runner_kwargs(tiny_models[shape])
-            if group is None:
-                group = start_group(devices, kwargs)
-            elif devices > 1:
-                group.load(kwargs)
-            else:
-                group = start_group(1, kwargs)
-            prompts = prompts_for(512, lengths=(7, 19, 3), seed=devices)
-            # Every front layout, named ones included, runs whole prompts with decode at every p > 1 in
-            # test_layouts.py; here 16 decode steps and a one-token prompt on one shape per p, chunks and prefix hits on
-            # each shape at two device counts, and everything at p = 1 (one process, cheap)
-            if i == 0 or devices == 1:
-                check_group(group, tiny_models[shape], prompts)
-            if (i + devices) % 2 == 1 or devices == 1:
-                check_chunks_and_prefixes(group, tiny_models[shape], prompts)
-    finally:
-        group.shutdown()
+    for i, shape in enumerate(sorted(TINY_SHAPES)):
+        group = worker_groups.get(devices, runner_kwargs(tiny_models[shape]))
+        prompts = prompts_for(512, lengths=(7, 19, 3), seed=devices)
+        # Every front layout, named ones included, runs whole prompts with decode at every p > 1 in
+        # test_layouts.py; here 16 decode steps and a one-token prompt on one shape per p, chunks and prefix hits on
+        # each shape at two device counts, and everything at p = 1 (one process, cheap)
+        if i == 0 or devices == 1:
+            check_group(group, tiny_models[shape], prompts)
+        if (i + devices) % 2 == 1 or devices == 1:
+            check_chunks_and_prefixes(group, tiny_models[shape], prompts)
 
 
-def test_contiguous_token_shards_are_exact_too(ray_session, tiny_models):
+def test_contiguous_token_shards_are_exact_too(worker_groups, tiny_models):
     """The benchmark's baseline (``balanced=False``: one contiguous token shard per rank) computes the same logits."""
     path = tiny_models["odd"]
-    group = start_group(3, runner_kwargs(path, balanced=False))
-    try:
-        check_chunks_and_prefixes(group, path, prompts_for(512, lengths=(7, 19, 3), seed=11), sizes=(7,))
-    finally:
-        group.shutdown()
+    group = worker_groups.get(3, runner_kwargs(path, balanced=False))
+    check_chunks_and_prefixes(group, path, prompts_for(512, lengths=(7, 19, 3), seed=11), sizes=(7,))
 
 
-def test_one_weight_copy_split_over_workers(ray_session, tiny_models):
+def test_one_weight_copy_split_over_workers(worker_groups, tiny_models):
     """Each worker holds about 1/p of the weights; the gather buffer is two layers; replicas only once built."""
     path = tiny_models["gqa"]
     single = start_group(1, runner_kwargs(path))
     whole = single.call("memory_report")["weights"]
-    group = start_group(2, runner_kwargs(path))
-    try:
-        group.call("forward", [Chunk([1, 2, 3], 0, [0])], "weight_gathered")
-        reports = group.call_all("memory_report")
-        layer_bytes = whole / Checkpoint(path).shape.num_layers
-        for r in reports:
-            assert 0.45 * whole <= r["weights"] <= 0.55 * whole
-            assert r["replicas"] == 0
-            assert 0 < r["gather_buffer"] <= 2 * layer_bytes  # two layers of full weights, reused
-        group.call("forward", [Chunk([1, 2, 3], 0, [0])], "projection_replicated")
-        assert all(r["replicas"] > 0 for r in group.call_all("memory_report"))
-    finally:
-        group.shutdown()
+    group = worker_groups.get(2, runner_kwargs(path))
+    group.call("forward", [Chunk([1, 2, 3], 0, [0])], "weight_gathered")
+    reports = group.call_all("memory_report")
+    layer_bytes = whole / Checkpoint(path).shape.num_layers
+    for r in reports:
+        assert 0.45 * whole <= r["weights"] <= 0.55 * whole
+        assert r["replicas"] == 0
+        assert 0 < r["gather_buffer"] <= 2 * layer_bytes  # two layers of full weights, reused
+    group.call("forward", [Chunk([1, 2, 3], 0, [0])], "projection_replicated")
+    assert all(r["replicas"] > 0 for r in group.call_all("memory_report"))
 
 
-def test_the_replica_budget_is_measured_in_each_worker_less_the_kv_reservation(ray_session, tiny_models, chat_tiny):
+def test_the_replica_budget_is_measured_in_each_worker_less_the_kv_reservation(worker_groups, tiny_models,
+                                                                               chat_tiny):
     """No budget given: each worker measures its own (after loading its shards) and leaves the KV cache's promised
     memory alone; a pool's ``replica_budget_gb`` caps it."""
     path = tiny_models["mha"]
     for kv_reserve, expect in ((0, True), (2**50, False)):
-        group = start_group(2, runner_kwargs(path, replica_budget_bytes=None, kv_reserve_bytes=kv_reserve))
-        try:
-            assert ("projection_replicated" in group.call("available_strategies")) is expect, kv_reserve
-        finally:
-            group.shutdown()
+        group = worker_groups.get(2, runner_kwargs(path, replica_budget_bytes=None, kv_reserve_bytes=kv_reserve))
+        assert ("projection_replicated" in group.call("available_strategies")) is expect, kv_reserve
     engine = build_engine(EngineOptions(model=chat_tiny, devices=2, replica_budget_gb=0, max_model_len=64))
     try:
         assert "projection_replicated" not in engine.group.call("available_strategies")
@@ -181,18 +163,15 @@ def test_the_replica_budget_is_measured_in_each_worker_less_the_kv_reservation(r
         engine.group.shutdown()
 
 
-def test_replicas_that_do_not_fit_make_the_strategy_unavailable(ray_session, tiny_models):
+def test_replicas_that_do_not_fit_make_the_strategy_unavailable(worker_groups, tiny_models):
     path = tiny_models["mha"]
-    group = start_group(2, runner_kwargs(path, replica_budget_bytes=1024))
-    try:
-        assert group.call("available_strategies") == ["megatron", "weight_gathered"]
-        with pytest.raises(StrategyUnavailable, match="over the budget"):
-            group.call("forward", [Chunk([1, 2, 3], 0, [0])], "projection_replicated")
-        # the group is still healthy: the other strategies and decode work
-        group.call("forward", [Chunk([1, 2, 3], 0, [1])], "weight_gathered")
-        assert group.call("forward", [Chunk([4], 3, [1])]).shape[0] == 1
-    finally:
-        group.shutdown()
+    group = worker_groups.get(2, runner_kwargs(path, replica_budget_bytes=1024))
+    assert group.call("available_strategies") == ["megatron", "weight_gathered"]
+    with pytest.raises(StrategyUnavailable, match="over the budget"):
+        group.call("forward", [Chunk([1, 2, 3], 0, [0])], "projection_replicated")
+    # the group is still healthy: the other strategies and decode work
+    group.call("forward", [Chunk([1, 2, 3], 0, [1])], "weight_gathered")
+    assert group.call("forward", [Chunk([4], 3, [1])]).shape[0] == 1
 
 
 def test_bad_requests_fail_before_any_worker_starts(tiny_models, monkeypatch):

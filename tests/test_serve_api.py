@@ -61,7 +61,7 @@ def oai(app_ports):
 
 @pytest.fixture(scope="module")
 def grpc_stub(app_ports):
-    with stub_for(app_ports) as s:
+    with stub_for(app_ports, APP) as s:
         yield s
 
 

@@ -2,7 +2,8 @@
 
 Admission control needs each pool's expected wait, and with several ingress replicas no single one has seen every
 request. So each engine replica reports its ``EngineLoad`` (what is running and waiting, its measured decode step
-time, the wait a new request would have there) to one ``LoadBoard`` a few times a second, and every ingress reads the
+time, the wait a new request would have there) to one ``LoadBoard`` a few times a second (an idle replica, whose load
+does not change, once a ``HEARTBEAT_S``: every report is a Serve call the board pays for), and every ingress reads the
 board on the same beat. Between two reads an ingress also counts what it sent itself (``Dispatcher``), so a burst that
 arrives within one beat is not all admitted against a stale figure.
 
@@ -32,7 +33,8 @@ from ray import serve
 
 from app.engine.messages import EngineLoad
 
-REPORT_S = 0.25  # how often replicas report and ingresses read
+REPORT_S = 0.25  # how often replicas look at their load (and report it if it changed) and ingresses read
+HEARTBEAT_S = 1.0  # a replica whose load has not changed reports it again this often (so the board keeps it)
 STALE_S = 5.0  # a replica silent this long is gone (replaced, scaled down): its report is dropped
 DECODE_ROLE = ":decode"  # a disaggregated pool's decode replicas report as "<pool>:decode"
 WATCH_S = 2.0  # how often the board reads the app's replica states

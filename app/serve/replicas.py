@@ -23,7 +23,7 @@ from app.engine.llm_engine import LLMEngine
 from app.engine.loop import EngineLoop
 from app.engine.messages import Handoff, Update
 from app.engine.sampling import SamplingParams
-from app.serve.load import DECODE_ROLE, REPORT_S
+from app.serve.load import DECODE_ROLE, HEARTBEAT_S, REPORT_S
 from app.serve.metrics import set_kv_usage, set_prediction_errors, set_queued_tokens
 from app.serve.slo_policy import Traffic
 
@@ -90,15 +90,21 @@ class _EngineShell:
         return took / predicted if predicted > 0 else 1.0
 
     async def _report_load(self) -> None:
-        """The load gauge, and this replica's load on the app's ``LoadBoard`` (admission control reads it)."""
+        """The load gauges, and this replica's load on the app's ``LoadBoard`` (admission control reads it): looked at
+        every ``REPORT_S``, sent when it changed or a ``HEARTBEAT_S`` passed (an idle replica costs the board and the
+        metrics agent next to nothing)."""
+        sent, sent_at = None, 0.0
         while True:
             load = dataclasses.replace(self.loop.load, replica=self.replica_id, failed=not self.loop.alive)
-            set_queued_tokens(self.pool, load.waiting_prompt_tokens)
-            set_kv_usage(self.pool, load.prefix_hit_rate, load.total_blocks - load.free_blocks, load.preemptions)
-            if (predictor := self.loop.engine.predictor) is not None:
-                set_prediction_errors(self.pool, predictor.drain_errors())
-            if self.board is not None:
-                self.board.report.remote(self.replica_id, self.load_key, load)
+            now = time.monotonic()
+            if load != sent or now - sent_at >= HEARTBEAT_S:
+                set_queued_tokens(self.pool, load.waiting_prompt_tokens)
+                set_kv_usage(self.pool, load.prefix_hit_rate, load.total_blocks - load.free_blocks, load.preemptions)
+                if self.board is not None:
+                    self.board.report.remote(self.replica_id, self.load_key, load)
+                sent, sent_at = load, now
+            if (predictor := self.loop.engine.predictor) is not None and (errors := predictor.drain_errors()):
+                set_prediction_errors(self.pool, errors)
             await asyncio.sleep(REPORT_S)
 
     def info(self) -> dict:
