@@ -86,7 +86,7 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         demo = [sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"]
         out = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=ROOT)
         streamed: list[str] = []
-        first, streaming = stream_in_background(url, streamed, max_tokens=96)  # seconds of decode here
+        first, streaming = stream_in_background(url, streamed, max_tokens=48)  # seconds of decode here
         assert first.wait(60)
         ctrl_c = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
