@@ -64,6 +64,29 @@ def test_a_long_prompt_beside_streams_is_chunked_to_the_target(tiny_models):
     assert engine.running == [] and engine.step_budget.sized >= len(chunks)
 
 
+def test_beside_streams_the_expected_wait_is_the_paced_prefill(tiny_models):
+    """Admission and the router read ``EngineLoad.wait_s``: beside decoding streams a waiting prompt is read one
+    target-sized chunk a step, so its wait is those steps at the TPOT target, longer than a lone prefill of it."""
+    path = tiny_models["gqa"]
+    pred = predictor(path)
+    tpot = chunk_s(pred, 32, 0, [RIDE_STEP] * 2) / STEP_SHARE
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=pred, tpot_s=tpot)
+    prompt = prompts_for(512, lengths=(300,), seed=5)[0]
+    assert engine.step_budget.paced_prefill_s(300) == 0.0  # nothing cut yet: prompts are read whole
+    chunks_of(engine, prompts_for(512, lengths=(300,), seed=8)[0], streams=2)  # sizes a chunk beside the streams
+    chunk = engine.step_budget.last_chunk
+    assert 16 <= chunk < 300
+    engine.add(prompt, GREEDY)
+    load = engine.load()
+    assert load.waiting_prompt_tokens == 300
+    prefill_wait = load.wait_s - load.slot_wait_s  # (the sequence slots are full too: that part is the decode's)
+    assert prefill_wait == pytest.approx(-(-300 // chunk) * tpot)
+    assert prefill_wait > engine.predict_prefill_s(300)
+    while engine.has_work():
+        engine.step()
+    assert engine.load().wait_s == 0.0  # nothing waiting
+
+
 def test_alone_a_prompt_is_one_chunk_up_to_the_cap(tiny_models):
     path = tiny_models["gqa"]
     pred = predictor(path)

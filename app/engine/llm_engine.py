@@ -145,13 +145,21 @@ class LLMEngine:
         need_blocks = sum(self.blocks.blocks_for(len(s.all_ids) + s.params.max_tokens) for s in waiting)
         full = len(running) + len(waiting) >= max_num_seqs or need_blocks > self.blocks.num_free
         slot_wait = self.step_s * left / max_num_seqs if full else 0.0
-        wait = (self.predict_prefill_s(queued) if queued else 0.0) + slot_wait
+        wait = (self.prefill_wait_s(queued) if queued else 0.0) + slot_wait
         return EngineLoad(max_seqs=max_num_seqs, running=len(running), waiting=len(waiting),
                           waiting_prompt_tokens=queued, decode_tokens_left=left, step_s=self.step_s,
                           slot_wait_s=slot_wait, wait_s=wait, free_blocks=self.blocks.num_free,
                           total_blocks=self.blocks.num_blocks, prefix_hit_rate=self.blocks.hit_rate,
                           preemptions=self.preemptions,
                           correction=self.predictor.table().entries if self.predictor else {})
+
+    def prefill_wait_s(self, tokens: int) -> float:
+        """Seconds until ``tokens`` waiting prompt tokens are read: the planner's prefill time, or, with a step budget
+        and streams decoding, the paced one when longer (each step then reads only what keeps the streams' TPOT)."""
+        alone = self.predict_prefill_s(tokens)
+        if self.step_budget is None or not any(not s.prefilling for s in self.running):
+            return alone
+        return max(alone, self.step_budget.paced_prefill_s(tokens))
 
     def seqs_in_use(self) -> int:
         """Sequences holding KV blocks (0 once every request has finished or been aborted)."""

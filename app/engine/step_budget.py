@@ -41,6 +41,7 @@ class StepBudget:
         self.sized = 0  # chunks sized (with streams decoding), and the seconds spent sizing them: the overhead
         self.sizing_s = 0.0
         self._last: dict[tuple[str, int], int] = {}  # blocks of the last chunk per (layout asked, decode tokens)
+        self.last_chunk: int | None = None  # tokens of the last chunk the budget cut beside decoding streams
 
     def limit(self, requested: str, new: list[int], cached: list[int], decoding: list[int], prefix: int,
               remaining: int, cap: int, first: bool) -> int:
@@ -67,9 +68,18 @@ class StepBudget:
         n = top if m == most and top % bs and fits(top) else m * bs
         if n == 0 and first:
             n = min(bs, top)
+        if 0 < n < remaining:  # cut by the budget or the cap (a prompt's last piece says nothing of the budget)
+            self.last_chunk = n
         self.sized += 1
         self.sizing_s += time.perf_counter() - t0
         return n
+
+    def paced_prefill_s(self, tokens: int) -> float:
+        """Seconds to read ``tokens`` waiting prompt tokens while streams decode: steps of the last chunk length sized
+        beside them, each held to the TPOT target (the engine's load estimate: beside streams, prefill is paced by
+        the target, not by how fast a lone prefill would run). 0 until the budget has cut a prompt: prompts were read
+        whole so far."""
+        return -(-tokens // self.last_chunk) * self.tpot_s if self.last_chunk else 0.0
 
     def overhead_ms(self) -> float:
         """Mean milliseconds spent sizing one chunk so far."""
