@@ -189,14 +189,13 @@ def plan_step(shape: ModelShape, hardware: Hardware, devices: int, new: Sequence
     chunks = plan_prefill(shape, hardware, devices, list(new), available, utilization, cached=list(cached))
     if not decoding:
         return chunks
-    if devices == 1:  # one layout, one pass over every token: the decode tokens ride in it and are priced with it
-        both = plan_prefill(shape, hardware, devices, [*new, *[1] * len(decoding)], available, utilization,
-                            cached=[*cached, *decoding])
-        return both.model_copy(update={"tokens": chunks.tokens})
+    # the chunks and the decode tokens in one pass (how a megatron step runs them)
     merged = plan_prefill(shape, hardware, devices, [*new, *[1] * len(decoding)], available, utilization,
-                          cached=[*cached, *decoding]).predicted_s["megatron"]
+                          cached=[*cached, *decoding])
+    if devices == 1:  # one layout, one pass over every token: the decode tokens ride in it whatever it is called
+        return merged.model_copy(update={"tokens": chunks.tokens})
     alone = decode_step_time(shape, hardware, devices, decoding)
-    step = {s: (merged if s == "megatron" else t + alone) if t is not None else None
+    step = {s: (merged.predicted_s["megatron"] if s == "megatron" else t + alone) if t is not None else None
             for s, t in chunks.predicted_s.items()}
     ok = {s: t for s, t in step.items() if t is not None and s not in chunks.reasons}
     return PlanChoice(strategy=best_of(ok, chunks.tie, chunks.cheaper), tokens=chunks.tokens, predicted_s=step,

@@ -23,6 +23,7 @@ import functools  # noqa: E402
 import types  # noqa: E402
 from typing import Any  # noqa: E402
 
+import grpc  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -210,9 +211,9 @@ def http_client(ports: dict[str, int], route: str = "", timeout: float = 120):
         yield client
 
 
-class _NamesTheApp:
-    """Adds ``application`` metadata to every call: with several apps on the session's Serve (the shared apps below
-    live for the whole session), its gRPC proxy routes a call only by that name."""
+class _NamesTheApp(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``application`` metadata to every call: with several apps on the session's Serve, its gRPC proxy routes a
+    call only by that name."""
 
     def __init__(self, application: str):
         self.metadata = (("application", application),)
@@ -230,15 +231,11 @@ class _NamesTheApp:
 @contextlib.contextmanager
 def grpc_stub(ports: dict[str, int], application: str | None = None):
     """A stub on the session's gRPC proxy; ``application`` names the app every call goes to."""
-    import grpc
-
     from app.serve.protos import dynpart_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
     if application is not None:
-        interceptor = type("AppInterceptor", (_NamesTheApp, grpc.UnaryUnaryClientInterceptor,
-                                              grpc.UnaryStreamClientInterceptor), {})(application)
-        channel = grpc.intercept_channel(channel, interceptor)
+        channel = grpc.intercept_channel(channel, _NamesTheApp(application))
     try:
         yield dynpart_pb2_grpc.DynpartStub(channel)
     finally:
@@ -290,7 +287,7 @@ SHARED_APPS = ("pair_app", "keyed_app")
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Modules that share an app run one after another (where the first of them would), so the app is deployed once
-    and deleted before the next module deploys its own; remember each shared app's last user."""
+    and deleted before the next module deploys its own."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.module.__name__, []).append(item)
@@ -301,8 +298,12 @@ def pytest_collection_modifyitems(session, config, items) -> None:
             order.remove(m)
             order.insert(order.index(users[0]) + users.index(m), m)
     items[:] = [item for m in order for item in modules[m]]
+
+
+def pytest_collection_finish(session) -> None:
+    """Each shared app's last user among the tests that will run (after ``-k``/``-m`` deselected some)."""
     _last_user.clear()
-    for item in items:
+    for item in session.items:
         for fixture in SHARED_APPS:
             if fixture in item.fixturenames:
                 _last_user[fixture] = item.nodeid
