@@ -118,7 +118,8 @@ async def one_stream(client: httpx.AsyncClient, path: str, body: dict, headers: 
             return Ended("cut", retries, tokens, since())  # the body ended without [DONE]
 
     try:
-        return await asyncio.wait_for(read(), deadline_s)
+        async with asyncio.timeout(deadline_s):
+            return await read()
     except TimeoutError:
         return Ended("hung", 0, tokens, since())
     except httpx.HTTPError as e:

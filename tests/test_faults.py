@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,49 @@ def test_the_failed_request_gets_an_error_and_the_engine_serves_on(nan_head):
         assert isinstance(failed, SequenceFailed) and "sampling failed" in str(failed)
         assert served.finish_reason == "length" and len(served.token_ids) == 8
         assert after.finish_reason == "length" and loop.alive  # the replica is healthy
+    finally:
+        loop.stop()
+
+
+def test_a_caller_cancelled_in_the_tick_its_update_lands_stops_its_generation(tiny_models):
+    """A non-streamed request whose caller leaves (Serve cancels its task) must abort its sequence whenever the
+    cancel lands, also in the event-loop tick where a step's update arrives. There, Python 3.11's
+    ``asyncio.wait_for`` returned the update and dropped the cancel, and the generation ran to its end (CI: idle 9 s
+    after the client left, all 256 tokens). The cancel is queued right behind the engine thread's third update."""
+    loop = EngineLoop(local_engine(tiny_models["mha"]))
+    prompt = prompts_for(512, lengths=(9,), seed=7)[0]
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def leave() -> tuple[bool, float]:
+        aio = asyncio.get_running_loop()
+        task = asyncio.create_task(loop.run_whole(lambda e: e.add(prompt, long)))
+        deliver, delivered = aio.call_soon_threadsafe, []
+
+        def then_cancel(callback, *args, **kwargs):  # the engine thread hands each update over with this
+            handle = deliver(callback, *args, **kwargs)
+            delivered.append(callback)
+            if len(delivered) == 3:
+                deliver(task.cancel)
+            return handle
+
+        aio.call_soon_threadsafe = then_cancel
+        try:
+            await task
+            cancelled = False
+        except asyncio.CancelledError:
+            cancelled = True
+        finally:
+            aio.call_soon_threadsafe = deliver
+        t0 = time.monotonic()
+        while loop.engine.has_work() and time.monotonic() - t0 < 30:
+            await asyncio.sleep(0.01)
+        return cancelled, time.monotonic() - t0
+
+    try:
+        cancelled, idle_after_s = asyncio.run(leave())
+        assert cancelled, "the caller's cancel was dropped: it got the whole answer"
+        assert not loop.engine.has_work() and idle_after_s < 2.0, idle_after_s  # aborted, not run to 200 tokens
+        assert asyncio.run(loop.run_whole(lambda e: e.add(prompt, GREEDY))).finish_reason == "length" and loop.alive
     finally:
         loop.stop()
 

@@ -78,3 +78,13 @@ def test_engine_messages_is_a_leaf():
     """The types that cross from the engine to the front end import nothing of dynpart."""
     own = [t for _, t in imports_of(ROOT / "app/engine/messages.py") if floor_of(t) is not None]
     assert own == []
+
+
+def test_no_asyncio_wait_for():
+    """``asyncio.timeout``, never ``asyncio.wait_for``: on Python 3.11 ``wait_for`` drops a cancel that lands in the
+    tick its awaitable finishes, so a request whose client left ran on to its last token (test_faults has the case)."""
+    calls = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in sources()
+             for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+             and isinstance(node.value, ast.Name) and node.value.id == "asyncio"]
+    assert not calls, "asyncio.wait_for at " + ", ".join(calls)

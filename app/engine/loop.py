@@ -118,7 +118,8 @@ class EngineLoop:
         already sent), ``EngineFailed`` instead of waiting for ever."""
         while True:
             try:
-                return await asyncio.wait_for(job.out.get(), POLL_S)
+                async with asyncio.timeout(POLL_S):  # not wait_for: on 3.11 it swallows a cancel that lands
+                    return await job.out.get()      # in the tick an item arrives, and the generation runs on
             except TimeoutError:
                 if job.out.empty():
                     self._check()

@@ -56,7 +56,8 @@ async def with_deadline(updates: AsyncIterator[Update], timeout_s: float | None,
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                update = await asyncio.wait_for(anext(updates), left)
+                async with asyncio.timeout(left):  # not wait_for, which loses a cancel on 3.11 (EngineLoop._next)
+                    update = await anext(updates)
             except StopAsyncIteration:
                 return
             except TimeoutError:
