@@ -102,20 +102,22 @@ bench-layouts: model
 		--no-handoff | tee $(BENCH)/accuracy-long.txt
 
 # Held-out scoring (issue 26): ROUNDS times a fresh calibration, then the planner scored at lengths the calibration never
-# timed (it times 1-4096 rows in powers of 4), for the contenders (3 repeats) and the whole front (1 repeat); with
-# CORRECTION=<file> (what a served pool saved under <profile dir>/corrections/) the corrected predictions are scored
-# too. Results per round in $(BENCH)/accuracy-heldout-<round>-*.txt (~10 min a round; run it on an idle machine).
+# timed (it times 1-4096 rows in powers of 4), for the contenders (3 repeats) and the whole front (1 repeat), raw and
+# corrected by what an engine learned online in LEARN_STEPS served steps at other lengths (LEARN_LENGTHS) right after
+# the calibration. Results per round in $(BENCH)/accuracy-heldout-<round>-*.txt (~12 min a round; an idle machine).
 ROUNDS ?= 3
 HELDOUT ?= 40,200,700,1500,3000
-CORRECTION ?=
+LEARN_STEPS ?= 200
+LEARN_LENGTHS ?= 60,300,1000,2200
 bench-accuracy: model
 	mkdir -p $(BENCH)
 	for r in $$(seq $(ROUNDS)); do \
 		$(BIN)/dynpart calibrate --devices 2 | tee $(BENCH)/accuracy-heldout-$$r-calibration.txt && \
 		$(BIN)/dynpart bench accuracy --devices 2 --layouts contenders --lengths $(HELDOUT) --repeats 3 --no-handoff \
-			$(if $(CORRECTION),--correction $(CORRECTION)) | tee $(BENCH)/accuracy-heldout-$$r-contenders.txt && \
+			--learn-steps $(LEARN_STEPS) --learn-lengths $(LEARN_LENGTHS) \
+			--save-learned $(BENCH)/accuracy-heldout-$$r-learned.json | tee $(BENCH)/accuracy-heldout-$$r-contenders.txt && \
 		$(BIN)/dynpart bench accuracy --devices 2 --layouts front --lengths $(HELDOUT) --repeats 1 --no-handoff \
-			$(if $(CORRECTION),--correction $(CORRECTION)) | tee $(BENCH)/accuracy-heldout-$$r-front.txt \
+			--correction $(BENCH)/accuracy-heldout-$$r-learned.json | tee $(BENCH)/accuracy-heldout-$$r-front.txt \
 		|| exit 1; \
 	done
 

@@ -301,6 +301,40 @@ def calibrate(model: str, devices: int, hardware: str, spec: dict) -> tuple[dict
     return raw, build_profile(hardware, devices, raw, torch.float32.itemsize, shape=shape)
 
 
+def learn_correction(model: str, devices: int, hardware: str, lengths: Sequence[int], steps: int,
+                     decode_tokens: int = 8, progress: Callable[[str], None] | None = None):
+    """What a served pool learns online: an engine with ``online_correction`` on, starting from a fresh correction,
+    serves prompts of ``lengths`` in turn (each new, nothing cached, ``decode_tokens`` tokens each, one at a time so
+    every prefill runs alone as one chunk) until ``steps`` steps have run; returns the ``Correction`` it learned. The
+    engine chooses each prompt's layout by its corrected predictions, as a pool does, so it learns from its choices."""
+    from app.engine.build import EngineOptions, build_engine
+    from app.engine.sampling import SamplingParams
+    from cost.correction import Correction
+    from strategies.loader import Checkpoint
+
+    cap = max(lengths) + decode_tokens
+    engine = build_engine(EngineOptions(model=model, devices=devices, hardware=hardware, max_num_seqs=1,
+                                        max_model_len=cap, max_num_batched_tokens=cap, enable_prefix_caching=False))
+    predictor = engine.predictor
+    predictor.correction, predictor.path = Correction(predictor.correction.stamp), None  # fresh; the pool's file kept
+    params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
+    vocab = Checkpoint(model).shape.vocab_size
+    try:
+        ran, i = 0, 0
+        while ran < steps:
+            n = lengths[i % len(lengths)]
+            engine.add(random_prompt(n, vocab, seed=1000 + i), params)
+            while engine.has_work() and ran < steps:
+                engine.step()
+                ran += 1
+                if progress:
+                    progress(f"learning online: {n}-token prompts")
+            i += 1
+        return predictor.correction
+    finally:
+        engine.group.shutdown()
+
+
 def accuracy(measured: dict, hardware, table=None) -> dict:
     """The planner against a ``bench_strategies`` result: predicted vs measured seconds per strategy and length
     (absolute percentage error), and the regret of the planner's choice against the measured best per length. With a

@@ -43,14 +43,14 @@ def test_calibrate_writes_a_profile_the_planner_uses(ray_session, tiny_models, t
     assert all(t is None or t > 0 for t in choice.predicted_s.values())
 
 
-def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models, tmp_path, monkeypatch, capsys):
+def test_bench_strategies_and_accuracy_are_well_formed(ray_session, chat_tiny, tmp_path, monkeypatch, capsys):
     from app.cli.bench import format_accuracy, format_strategies
     from cost import get_hardware, plan_prefill
     from strategies.layout import STRATEGY_NAMES
     from strategies.shapes import ModelShape
 
     monkeypatch.setenv("DYNPART_PROFILE_DIR", str(tmp_path))  # no profile: the catalog's cpu entry
-    res = _run(capsys, ["bench", "strategies", "--model", tiny_models["mha"], "--devices", "2", "--lengths", "8,32",
+    res = _run(capsys, ["bench", "strategies", "--model", chat_tiny, "--devices", "2", "--lengths", "8,32",
                         "--repeats", "1", "--no-handoff", "--quiet-wait", "0", "--json"])
     assert [r["tokens"] for r in res["rows"]] == [8, 32]
     for r in res["rows"]:
@@ -75,6 +75,16 @@ def test_bench_strategies_and_accuracy_are_well_formed(ray_session, tiny_models,
     assert acc["mape"] == pytest.approx(sum(errors) / len(errors))
     assert acc["max_regret"] == pytest.approx(max(r["regret"] for r in acc["rows"]))
     assert "MAPE" in format_accuracy(acc)
+
+    # scored again after an engine learned online from 12 served steps (prompts of other lengths), as a pool would
+    learned = tmp_path / "learned.json"
+    fixed = _run(capsys, ["bench", "accuracy", "--measured", str(measured), "--model", chat_tiny,
+                          "--devices", "2", "--learn-steps", "12", "--learn-lengths", "12,20",
+                          "--save-learned", str(learned), "--json"])
+    assert fixed["mape"] == acc["mape"] and fixed["corrected"]["steps"] == 12  # the raw scores unchanged
+    state = json.loads(learned.read_text())
+    assert state["stamp"] and any(k.startswith("prefill|") for k in state["windows"])  # it ran prefills and learned
+    assert [r["tokens"] for r in fixed["corrected"]["rows"]] == [8, 32]
 
 
 def test_bench_engine_against_transformers_is_well_formed(chat_tiny, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from app.cli.format import markdown_table, mib, ms, positive_ints, progress
 from strategies.shapes import DEFAULT_MODEL
@@ -35,6 +36,12 @@ def register(sub) -> None:
     p.add_argument("--measured", metavar="FILE.json", help="a `bench strategies --json` result instead of measuring")
     p.add_argument("--correction", metavar="FILE.json", help="also score the predictions corrected by this learned "
                    "correction (what a served pool saved under <profile dir>/corrections/)")
+    p.add_argument("--learn-steps", type=int, default=0, metavar="N",
+                   help="first serve N engine steps with online correction on (prompts of --learn-lengths, from a "
+                   "fresh correction) and also score the predictions corrected by what it learned")
+    p.add_argument("--learn-lengths", default="60,300,1000,2200",
+                   help="prompt lengths the learning traffic cycles through (comma-separated)")
+    p.add_argument("--save-learned", metavar="FILE.json", help="write the learned correction here (for --correction)")
     p.set_defaults(func=cmd_accuracy, repeats_default=5)
 
     p = sub.add_parser("calibrate", help="measure GEMMs, attention, memory, collectives; store the planner's profile")
@@ -171,6 +178,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     from cost import get_hardware
 
     hw = get_hardware(args.hardware)
+    learned = _learn(args) if args.learn_steps > 0 else None
     if args.measured:
         with open(args.measured) as f:
             measured = json.load(f)
@@ -182,6 +190,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
         with open(args.correction) as f:
             table = Correction.from_state(CorrectionState.model_validate_json(f.read())).table()
+    elif learned is not None:
+        table = learned.table()
     res = accuracy(measured, hw, table)
     res["measured"] = measured
     if args.json:
@@ -189,9 +199,25 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         return 0
     print(format_accuracy(res))
     if "corrected" in res:
-        print(f"\ncorrected by {args.correction} ({res['corrected']['steps']} steps learned):")
+        source = args.correction or f"{args.learn_steps} served steps at {args.learn_lengths} tokens"
+        print(f"\ncorrected by {source} ({res['corrected']['steps']} steps learned):")
         print(format_accuracy({**res, **res["corrected"]}))
     return 0
+
+
+def _learn(args: argparse.Namespace):
+    """The correction an engine learns online in ``--learn-steps`` steps (saved to ``--save-learned``)."""
+    from load_tests.engine_runs import learn_correction
+
+    if args.correction:
+        raise SystemExit("dynpart bench accuracy: --correction and --learn-steps both give the correction: pick one")
+    lengths = positive_ints(args.learn_lengths, "learn-lengths")
+    bar, step = progress(args.learn_steps)
+    with bar:
+        learned = learn_correction(args.model, args.devices, args.hardware, lengths, args.learn_steps, progress=step)
+    if args.save_learned:
+        learned.save(Path(args.save_learned))
+    return learned
 
 
 def format_accuracy(res: dict) -> str:
