@@ -68,6 +68,7 @@ def main() -> None:
                                                         "prepacked for the GEMM (the default) or as loaded")
     ap.add_argument("--rounds", type=int, default=1, help="repeats, the order of --weights rotated each round")
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per sequence (the context decode attends)")
     ap.add_argument("--top", type=int, default=12, help="profiler rows for the largest batch of each dtype")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,7 +80,7 @@ def main() -> None:
         for kind in rotated(kinds, r):
             for dtype in args.dtypes.split(","):
                 for batch in batches:
-                    engine = decode_engine(args.model, dtype, batch, pack=kind == "packed")
+                    engine = decode_engine(args.model, dtype, batch, prompt=args.prompt, pack=kind == "packed")
                     s = step_s(engine, args.steps)
                     steps.setdefault((kind, dtype, batch), []).append(s)
                     print(f"round {r + 1} {kind} {dtype} {batch}: {s * 1e3:.1f} ms", flush=True)
