@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from cost.hardware import Hardware, profile_dir
 from cost.planner import PlanChoice, best_of
@@ -66,14 +66,69 @@ class CorrectionTable(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     entries: dict[str, tuple[float, int]] = {}
+    # (kind, layout, cached bucket) -> [(token bucket, level key)] sorted: the learned token buckets of a layout
+    _buckets: dict[tuple[str, str, str], list[tuple[int, str]]] | None = PrivateAttr(default=None)
+    _memo: dict[StepKey, float] = PrivateAttr(default_factory=dict)  # the table is frozen: each key's figure once
 
     def log_factor(self, key: StepKey) -> float:
-        """log of the factor for ``key``: each level's median shrunk toward its parent's figure by ``PRIOR``."""
+        """log of the factor for ``key``: each level's median shrunk toward its parent's figure by ``PRIOR``. A token
+        bucket between two learned ones of the same layout, kind and cached bucket is shrunk toward their
+        interpolation (linear in log2 tokens) instead of the layout's figure: the cost model's bias changes smoothly
+        with the step's size, and a layout's figure mixes every size it ran (held out at 200 and 1,500 tokens between
+        steps learned at 60, 300, 1,000 and 2,200: 11% and 22% off with the layout's figure, 2% and 11% with the
+        interpolation; BENCHMARKS.md)."""
+        if (memo := self._memo.get(key)) is not None:
+            return memo
+        self._memo[key] = value = self._fitted(key)
+        return value
+
+    def _fitted(self, key: StepKey) -> float:
+        *coarse, own = key.levels()
+        if coarse[-1] not in self.entries and (borrowed := self._borrowed(key)) is not None:
+            return borrowed
         value = 0.0
-        for level in key.levels():
+        for level in coarse:
             median, n = self.entries.get(level, (0.0, 0))
             value = (n * median + PRIOR * value) / (n + PRIOR)
-        return value
+        median, n = self.entries.get(own, (0.0, 0))
+        between = self._between(key, value)
+        return (n * median + PRIOR * (value if between is None else between)) / (n + PRIOR)
+
+    def _borrowed(self, key: StepKey) -> float | None:
+        """A layout never run (the engine runs the layouts it chooses) borrows the size profile of those that ran: the
+        mean of their factors at ``key``'s size, weighted by their steps; None when no layout of that kind ran. The
+        bias is mostly in what layouts share (the GEMMs' efficiency at that size), so another layout's figure at the
+        same size is closer than the kind's, which mixes every size (BENCHMARKS.md)."""
+        ran = [(level.split(SEP)[1], n) for level, (_, n) in self.entries.items()
+               if level.count(SEP) == 1 and level.startswith(key.kind + SEP) and n > 0]
+        if not ran:
+            return None
+        total = sum(n for _, n in ran)
+        return sum(n * self.log_factor(key._replace(layout=layout)) for layout, n in ran) / total
+
+    def _between(self, key: StepKey, parent: float) -> float | None:
+        """The interpolation of the nearest learned token buckets below and above ``key``'s (each shrunk toward
+        ``parent``), None unless both exist."""
+        if self._buckets is None:
+            index: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
+            for level in self.entries:
+                parts = level.split(SEP)
+                if len(parts) == 4:
+                    index.setdefault((parts[0], parts[1], parts[3]), []).append((int(parts[2]), level))
+            self._buckets = {k: sorted(v) for k, v in index.items()}
+        learned = self._buckets.get((key.kind, key.layout, str(key.cached)), [])
+        below = [b for b in learned if b[0] < key.tokens]
+        above = [b for b in learned if b[0] > key.tokens]
+        if not below or not above:
+            return None
+        (lo, lo_key), (hi, hi_key) = below[-1], above[0]
+
+        def shrunk(level: str) -> float:
+            median, n = self.entries[level]
+            return (n * median + PRIOR * parent) / (n + PRIOR)
+
+        w = (key.tokens - lo) / (hi - lo)
+        return shrunk(lo_key) + w * (shrunk(hi_key) - shrunk(lo_key))
 
     def factor(self, key: StepKey) -> float:
         return math.exp(self.log_factor(key))

@@ -215,3 +215,34 @@ def test_held_out_scoring_scores_the_corrected_predictions_too(tmp_path, monkeyp
                  str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
     assert "MAPE 50.0%" in out and "32 steps learned" in out and "MAPE 0.1%" in out
+
+
+def test_a_bucket_between_two_learned_ones_takes_their_interpolation():
+    """The bias changes with the step's size: a token bucket never run, between two that were, is corrected by their
+    interpolation (in log2 tokens), not by the layout's figure that mixes every size; outside them, the layout's."""
+    c = Correction()
+    for _ in range(30):
+        c.observe(StepKey.of("megatron", "prefill", 60, 0), 1.0, 0.8)  # bucket 6
+        c.observe(StepKey.of("megatron", "prefill", 1000, 0), 1.0, 0.5)  # bucket 10
+    mid = c.factor(StepKey.of("megatron", "prefill", 200, 0))  # bucket 8: halfway in log2 tokens
+    assert mid == pytest.approx(math.exp((math.log(0.8) + math.log(0.5)) / 2), rel=0.03)
+    near_low = c.factor(StepKey.of("megatron", "prefill", 100, 0))  # bucket 7: a quarter of the way
+    assert mid < near_low < 0.8
+    beyond = c.factor(StepKey.of("megatron", "prefill", 3000, 0))  # past the last learned bucket: the layout's
+    assert beyond == pytest.approx(c.factor(StepKey.of("megatron", "prefill", 9000, 0)))
+    assert c.factor(StepKey.of("megatron", "prefill", 200, 64)) == pytest.approx(beyond)  # another cached bucket
+
+
+def test_a_layout_never_run_borrows_the_size_profile_of_those_that_ran():
+    """The engine learns only the layouts it chooses; one it never ran is corrected, size by size, as those that ran
+    are (their steps weigh), not by the kind's single figure that mixes every size."""
+    c = Correction()
+    for _ in range(30):
+        c.observe(StepKey.of("megatron", "prefill", 60, 0), 1.0, 0.8)
+        c.observe(StepKey.of("megatron", "prefill", 1000, 0), 1.0, 0.5)
+    for tokens in (60, 200, 1000):
+        assert c.factor(StepKey.of("weight_gathered", "prefill", tokens, 0)) == pytest.approx(
+            c.factor(StepKey.of("megatron", "prefill", tokens, 0)))
+    assert c.factor(StepKey.of("weight_gathered", "prefill", 60, 0)) == pytest.approx(0.8, rel=0.05)
+    # no decode step ran: nothing to borrow, every layout takes the global figure
+    assert c.factor(StepKey.of("weight_gathered", "decode", 1, 60)) == c.factor(StepKey.of("megatron", "decode", 1, 60))
