@@ -17,6 +17,16 @@ def running(deployment: str) -> int:
     return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
+def slo_decisions(ray_session, pool: str) -> list[str]:
+    """The slo policy's decisions for ``pool`` as the Serve controller logged them (each with its reason)."""
+    import glob
+    import os
+
+    logs = glob.glob(os.path.join(ray_session._private.worker._global_node.get_logs_dir_path(), "serve",
+                                  "controller_*.log"))
+    return [line for path in logs for line in open(path) if f"slo policy, pool {pool}:" in line]
+
+
 def wait_for(predicate, timeout: float) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -62,17 +72,19 @@ def test_engine_deployment_scales_up_under_load_and_back_down(serve_session, cha
 
 
 @pytest.mark.slow
-def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_replica(serve_session, chat_tiny):
-    """A pool at zero replicas by its autoscaler: ``/health`` is ``ok`` and says it is idle (not lost, not
+def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_replica(serve_session, ray_session,
+                                                                                       chat_tiny):
+    """A pool at zero replicas by its autoscaler (the slo policy, back to min_replicas 0 once idle past its delay):
+    ``/health`` is ``ok`` and says it is idle (not lost, not
     starting); a request sent there is answered 200 once a replica has started for it (the cold start measured and
     reported); back at zero after idling, the next request is answered 200 as well."""
     from ray import serve
 
     from app.serve.app import build_app
 
-    pool = dict(name="zero", devices=1, max_num_seqs=2, max_model_len=512,
-                autoscaling=dict(min_replicas=0, initial_replicas=0, max_replicas=1, target_ongoing_requests=1,
-                                 upscale_delay_s=0, downscale_delay_s=2, look_back_period_s=1, metrics_interval_s=0.5))
+    pool = dict(name="zero", devices=1, max_num_seqs=2, max_model_len=512, slo=dict(ttft_s=5.0, tpot_s=0.5),
+                autoscaling=dict(policy="slo", min_replicas=0, initial_replicas=0, max_replicas=1, cold_start_s=10,
+                                 downscale_delay_s=2, look_back_period_s=1, metrics_interval_s=0.5))
     serve.run(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False,
                          "request_timeout_s": 120}), name=APP, route_prefix="/zero")
     body = {"model": chat_tiny, "prompt": "Hi", "max_tokens": 4}
@@ -97,6 +109,10 @@ def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_r
                 print("health while idle:", state["pools"]["zero"])
     finally:
         serve.delete(APP)
+    # Serve starts the replica for a request waiting at a pool with none (before asking the policy); the slo policy
+    # keeps it while it serves and takes the pool back to zero once idle past its delay, both times
+    decisions = slo_decisions(ray_session, "zero")
+    assert sum("1 -> 0 replicas: idle: min_replicas 0" in line for line in decisions) >= 2, decisions
 
 
 def test_slo_keys_need_the_slo_policy_and_turn_serves_delays_off():
@@ -146,9 +162,6 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
     """A pool sized by the slo policy: 8 closed-loop clients on 4 slots per replica make one replica predict an
     overload (and queue at the handle), so it scales to 2 while the burst lasts and back to 1 after it; the controller
     logs each decision with its reason and exports the desired count and the predicted TTFT."""
-    import glob
-    import os
-
     from prometheus_client.parser import text_string_to_metric_families
     from ray import serve
 
@@ -195,9 +208,7 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
         print(f"back to 1 replica {time.monotonic() - t1:.1f} s after the burst")
     finally:
         serve.delete(APP)
-    logs = glob.glob(os.path.join(ray_session._private.worker._global_node.get_logs_dir_path(), "serve",
-                                  "controller_*.log"))
-    decisions = [line for path in logs for line in open(path) if "slo policy, pool slo:" in line]
+    decisions = slo_decisions(ray_session, "slo")
     print("".join(decisions[-6:]))
     assert any("1 -> 2 replicas: up:" in line for line in decisions), decisions
     assert any("2 -> 1 replicas: idle" in line for line in decisions), decisions
