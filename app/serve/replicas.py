@@ -14,6 +14,7 @@ import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from ray import serve
 
@@ -149,10 +150,14 @@ class _EngineShell:
 class EngineReplica(_EngineShell):
     async def generate(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> AsyncIterator[Update]:
         sp = SamplingParams.model_validate(params)
+        # aclosing: a caller that leaves while this generator waits at its yield (Serve throws CancelledError in
+        # there) closes the engine's stream now, which aborts the sequence; a plain ``async for`` leaves that to the
+        # garbage collector
         with self.traffic.request(len(prompt_ids), sp.max_tokens) as done:
-            async for update in self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy)):
-                done.tokens = update.completion_tokens
-                yield update
+            async with aclosing(self.loop.submit(lambda e: e.add(prompt_ids, sp, strategy))) as updates:
+                async for update in updates:
+                    done.tokens = update.completion_tokens
+                    yield update
 
     async def generate_whole(self, prompt_ids: list[int], params: dict, strategy: str = "auto") -> Update:
         """The whole answer as one update (non-streaming requests: one message, not one per step)."""
@@ -182,8 +187,9 @@ class DecodeReplica(_EngineShell):
 
     async def decode(self, handoff: Handoff, params: dict) -> AsyncIterator[Update]:
         sp = SamplingParams.model_validate(params)
-        async for update in self.loop.submit(lambda e: e.adopt(handoff, sp)):
-            yield update
+        async with aclosing(self.loop.submit(lambda e: e.adopt(handoff, sp))) as updates:  # as ``generate``'s
+            async for update in updates:
+                yield update
 
     async def decode_whole(self, handoff: Handoff, params: dict) -> Update:
         sp = SamplingParams.model_validate(params)
