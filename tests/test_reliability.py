@@ -316,7 +316,7 @@ def test_a_grpc_call_cancelled_by_its_client_stops_its_generation(stub):
 
 
 def test_a_grpc_stream_cancelled_by_its_client_stops_its_generation(stub):
-    """KNOWN DEFECT (open, issue 21's note of 2026-12-06): in ~1 of 10 repeats here the cancel never reaches the
+    """KNOWN DEFECT (open; the session note of 2026-12-06): in ~1 of 10 repeats here the cancel never reaches the
     engine (the ingress's stream ends quietly, its generator closed, and the engine generates every token for nobody),
     so a leave that ran to its end is tried once more: the test still fails when cancelling does not work at all.
     The rate: parametrize it over ``range(30)`` and run ``pytest tests/test_reliability.py -k grpc_stream_cancelled``."""
