@@ -88,11 +88,14 @@ class CorrectionTable(BaseModel):
             return borrowed
         value = 0.0
         for level in coarse:
-            median, n = self.entries.get(level, (0.0, 0))
-            value = (n * median + PRIOR * value) / (n + PRIOR)
-        median, n = self.entries.get(own, (0.0, 0))
+            value = self._shrunk(level, value)
         between = self._between(key, value)
-        return (n * median + PRIOR * (value if between is None else between)) / (n + PRIOR)
+        return self._shrunk(own, value if between is None else between)
+
+    def _shrunk(self, level: str, parent: float) -> float:
+        """``level``'s median shrunk toward ``parent`` with ``PRIOR`` steps of weight (``parent`` if never seen)."""
+        median, n = self.entries.get(level, (0.0, 0))
+        return (n * median + PRIOR * parent) / (n + PRIOR)
 
     def _borrowed(self, key: StepKey) -> float | None:
         """A layout never run (the engine runs the layouts it chooses) borrows the size profile of those that ran: the
@@ -122,13 +125,8 @@ class CorrectionTable(BaseModel):
         if not below or not above:
             return None
         (lo, lo_key), (hi, hi_key) = below[-1], above[0]
-
-        def shrunk(level: str) -> float:
-            median, n = self.entries[level]
-            return (n * median + PRIOR * parent) / (n + PRIOR)
-
-        w = (key.tokens - lo) / (hi - lo)
-        return shrunk(lo_key) + w * (shrunk(hi_key) - shrunk(lo_key))
+        low, high = self._shrunk(lo_key, parent), self._shrunk(hi_key, parent)
+        return low + (key.tokens - lo) / (hi - lo) * (high - low)
 
     def factor(self, key: StepKey) -> float:
         return math.exp(self.log_factor(key))

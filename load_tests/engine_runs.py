@@ -310,7 +310,6 @@ def learn_correction(model: str, devices: int, hardware: str, lengths: Sequence[
     from app.engine.build import EngineOptions, build_engine
     from app.engine.sampling import SamplingParams
     from cost.correction import Correction
-    from strategies.loader import Checkpoint
 
     cap = max(lengths) + decode_tokens
     engine = build_engine(EngineOptions(model=model, devices=devices, hardware=hardware, max_num_seqs=1,
@@ -318,7 +317,7 @@ def learn_correction(model: str, devices: int, hardware: str, lengths: Sequence[
     predictor = engine.predictor
     predictor.correction, predictor.path = Correction(predictor.correction.stamp), None  # fresh; the pool's file kept
     params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
-    vocab = Checkpoint(model).shape.vocab_size
+    vocab = predictor.shape.vocab_size
     try:
         ran, i = 0, 0
         while ran < steps:
