@@ -316,9 +316,14 @@ def test_a_grpc_call_cancelled_by_its_client_stops_its_generation(stub):
 
 
 def test_a_grpc_stream_cancelled_by_its_client_stops_its_generation(stub):
-    """KNOWN DEFECT (open; the session note of 2026-12-06): in ~1 of 10 repeats here the cancel never reaches the
-    engine (the ingress's stream ends quietly, its generator closed, and the engine generates every token for nobody),
-    so a leave that ran to its end is tried once more: the test still fails when cancelling does not work at all.
+    """KNOWN DEFECT, Ray Serve's (2.60): in ~1 of 10 repeats here the cancel never reaches the ingress, and the engine
+    generates every token for nobody. Located in Serve's gRPC proxy: when the client's cancel lands while the proxy is
+    writing a message (not awaiting the replica's next one), grpc closes the proxy's generators with GeneratorExit at
+    ``yield result`` (``serve/_private/proxy.py`` ``send_request_to_replica``, which logs "Request failed due to
+    unexpected error ... GeneratorExit"), its ``except BaseException`` takes it, and the replica call is never
+    cancelled: ``ProxyResponseGenerator`` cancels only on a CancelledError inside its own ``__anext__`` (ray PR
+    #42665 described this and was closed unmerged). The proxy's log shows one such GeneratorExit per failing repeat.
+    So a leave that ran to its end is tried once more: the test still fails when cancelling does not work at all.
     The rate: parametrize it over ``range(30)`` and run ``pytest tests/test_reliability.py -k grpc_stream_cancelled``."""
     from app.serve.protos import dynpart_pb2 as pb
 
