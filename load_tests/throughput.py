@@ -1,7 +1,8 @@
 """``python -m load_tests.throughput``: does the service keep its engine's batching? Measured in one run.
 
-The same short requests (``--prompt-tokens`` prompts, ``--max-tokens`` outputs, EOS ignored) at each concurrency go
-three ways, in an order rotated every repeat:
+Short requests of one shape (``--prompt-tokens`` prompts, ``--max-tokens`` outputs, EOS ignored) at each concurrency
+go three ways, in an order rotated every repeat, each way with prompts of its own (the same prompts twice would find
+their prefixes in the service's cache the second time, and the way measured second would read less of its prompts):
 
 - ``engine``: straight into an in-process ``LLMEngine`` built with the short pool's own engine options (closed loop:
   a new request joins as soon as one finishes, so ``concurrency`` are always in flight), tokenizing each prompt;
@@ -113,8 +114,8 @@ def measure(engine, url: str, model: str, maker, concurrencies: list[int], args:
         for rep in range(args.repeats):
             order = MODES[rep % 3:] + MODES[:rep % 3]
             for c in concurrencies:
-                prompts = [maker.make(args.prompt_tokens) for _ in range(max(8, args.requests_per_slot * c))]
-                for mode in order:
+                for mode in order:  # prompts of their own: the service's prefix cache holds the last mode's
+                    prompts = [maker.make(args.prompt_tokens) for _ in range(max(8, args.requests_per_slot * c))]
                     bar.set_description(f"repeat {rep + 1} concurrency {c} {mode}")
                     if mode == "engine":
                         res = engine_point(engine, prompts, args.max_tokens, c)

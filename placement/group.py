@@ -37,6 +37,9 @@ class RunnerSettings(BaseModel):
     kv_reserve_bytes: int = Field(0, ge=0)
     shared_weights: bool = False  # map the node's one copy of the rank's shards (object store) instead of loading
     pack_weights: bool = True  # prepack the shards for the CPU's GEMM (strategies/packed.py; two private copies each)
+    # Cores the rank's device reserved (its bundle's CPU): its process claims and is pinned to that many cores of the
+    # node (placement/cores.py); 0: the OS places it (no reservation: tools, tests)
+    pin_cpus: float = Field(0.0, ge=0)
 
     @field_validator("dtype", mode="before")
     @classmethod

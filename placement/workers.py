@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from placement.collectives import destroy_process_group, device_and_backend, init_process_group, is_loopback
+from placement.cores import pin_device
 from placement.group import Group, RunnerSettings
 from placement.hardware import fast_dtype, replica_budget_bytes
 from strategies.comm import Comm, SingleDevice
@@ -82,6 +83,8 @@ def make_runner(comm: Comm, settings: RunnerSettings) -> ShardRunner:
     rank's shards (object store) instead of loading them. ``replica_budget_bytes`` None: measured here, once the
     shards are loaded, less ``kv_reserve_bytes`` (``placement.hardware.replica_budget_bytes``)."""
     device, _ = device_and_backend()
+    if device.type == "cpu" and settings.pin_cpus:  # before the weights load: first touched from the pinned core
+        pin_device(settings.pin_cpus)
     dtype = fast_dtype(device) if settings.dtype == "auto" else settings.dtype
     weights = None
     if settings.shared_weights:

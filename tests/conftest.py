@@ -119,13 +119,17 @@ def prompts_for(vocab: int, lengths=(7, 19, 3), seed: int = 0) -> list[list[int]
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(tmp_path_factory):
     """One local Ray instance for the whole session: 12 emulated devices and 12 logical CPUs (a Serve test app holds up
-    to 7 devices, a module's ``worker_groups`` up to 9; they all share this machine's real cores)."""
+    to 7 devices, a module's ``worker_groups`` up to 9; they all share this machine's real cores). Its replicas claim
+    cores in a folder of the session's own (placement/cores.py; its workers inherit the variable), not beside a
+    ``dynpart serve`` running on the same machine."""
     import ray
 
+    from placement.cores import CLAIMS_DIR_ENV
     from placement.workers import DEVICE_RESOURCE, local_ray_options
 
+    os.environ[CLAIMS_DIR_ENV] = str(tmp_path_factory.mktemp("core-claims"))
     if not ray.is_initialized():
         # metrics exported every 2 s, not 10 s: tests that read /metrics wait for an export
         ray.init(**local_ray_options(num_cpus=12, resources={DEVICE_RESOURCE: 12},

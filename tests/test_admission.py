@@ -8,6 +8,7 @@ work here is the admission control, and what is admitted must be served.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -151,6 +152,20 @@ def test_a_flood_is_served_or_refused_at_once_never_left_hanging(adm, http):
     ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200  # healthy after
     assert replica_info()["seqs_in_use"] == 0
+
+
+def test_the_replica_computes_on_a_core_it_claimed_alone(adm):
+    """A one-device pool of a whole core: its replica's process (the device) is pinned to one core whose claim it
+    holds, so the OS does not time-slice it with the service's other processes (placement/cores.py)."""
+    import fcntl
+
+    from placement.cores import claims_dir
+
+    pid = replica_info()["pids"][0]
+    cores = os.sched_getaffinity(pid)
+    assert len(cores) == 1, f"the replica runs on {sorted(cores)}, not on one core of its own"
+    with open(claims_dir() / f"core{min(cores)}.lock") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: by the replica, as long as it lives
 
 
 def test_concurrency_raises_throughput(adm):

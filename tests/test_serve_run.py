@@ -67,6 +67,21 @@ def stream_in_background(url: str, lines: list[str], max_tokens: int) -> tuple[t
 
 
 @pytest.mark.slow
+def assert_short_has_a_core_of_its_own(serve_pid: int) -> None:
+    """The shipped config's ``short`` device (a whole core) computes on one core, and the processes of the Ray that
+    ``dynpart serve`` started (the proxy, the controller, the ingress, ``long``'s ranks) run elsewhere
+    (placement/cores.py)."""
+    import psutil
+
+    procs = psutil.Process(serve_pid).children(recursive=True)
+    short = [p for p in procs if "ServeReplica:dynpart:short" in " ".join(p.cmdline())]
+    assert len(short) == 1, [p.cmdline() for p in procs]
+    core = set(short[0].cpu_affinity())
+    assert len(core) == 1, f"short's replica runs on cores {sorted(core)}"
+    shared = {p.name(): p.cpu_affinity() for p in procs if p not in short}
+    assert all(core.isdisjoint(cores) for cores in shared.values()), (core, shared)
+
+
 def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
     """The README's main job says when it is ready, answers, routes, and on Ctrl-C lets a stream in flight finish."""
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -83,6 +98,8 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         assert r.headers["x-dynpart-pool"] == "short" and r.headers["x-dynpart-strategy"] == "megatron"
         # ready means ready: /health was 200 only once every pool had a warmed replica, and the command says so
         assert "dynpart serve: ready: app 'dynpart'" in (tmp_path / "serve.log").read_text()
+        if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1:
+            assert_short_has_a_core_of_its_own(proc.pid)
         demo = [sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"]
         out = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=ROOT)
         streamed: list[str] = []

@@ -10,6 +10,7 @@ second, at most the app's ``graceful_shutdown_s``. A second Ctrl-C stops at once
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -36,6 +37,28 @@ def apps_to_drain(config: Path) -> dict[str, float]:
     apps = yaml.safe_load(config.read_text()).get("applications") or []
     return {a.get("name", "default"): float((a.get("args") or {}).get("graceful_shutdown_s", default))
             for a in apps if str(a.get("import_path", "")).startswith("app.serve.app:")}
+
+
+def pinned_cores(config: Path) -> int:
+    """Cores the config's dynpart pools claim whole for their devices when they start (``PoolConfig.pinned_cores``)."""
+    import yaml
+
+    from app.serve.config import AppConfig
+
+    apps = yaml.safe_load(config.read_text()).get("applications") or []
+    return sum(pool.pinned_cores() for a in apps if str(a.get("import_path", "")).startswith("app.serve.app:")
+               for pool in AppConfig.model_validate(a.get("args") or {}).pools)
+
+
+def keep_off_engine_cores(config: Path) -> None:
+    """This process, and the Ray it starts (its processes inherit the affinity), on the cores the engines leave:
+    the devices claim theirs (placement/cores.py) and widen their own affinity to them."""
+    from placement.cores import service_cores
+
+    if hasattr(os, "sched_setaffinity") and (n := pinned_cores(config)):
+        cores = service_cores(n)
+        os.sched_setaffinity(0, cores)
+        say(f"Ray and Serve's processes on core(s) {','.join(map(str, cores))}; {n} core(s) left to the engines")
 
 
 def in_flight(boards: dict) -> int:
@@ -119,6 +142,7 @@ def serve_and_drain(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no Serve config at {config}")
     apps = apps_to_drain(config)
     local_ray_options()  # the environment a local Ray needs here (token auth off)
+    keep_off_engine_cores(config)
 
     def on_ctrl_c(signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once

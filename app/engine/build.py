@@ -69,6 +69,10 @@ class EngineFields(BaseModel):
     # less than a core share one, and the planner prices them so). Ray counts them, so it never places more engines
     # on a node than its cores can run; a GPU device needs a core to drive it.
     cpus_per_device: float = Field(1.0, gt=0)
+    # A CPU device that Ray reserved cores for (a Serve replica's) computes on cores it claims on the node: whole cores
+    # alone, a fraction on a core it shares with other fractions and the service's processes, never with a whole-core
+    # device (placement/cores.py; the OS otherwise time-slices the engine with everything else). false: unpinned.
+    pin_cores: bool = True
     # A step whose peer rank died or hangs fails after this long (the replica is then replaced): the longest a
     # request on a broken replica waits for its error. Rendezvous at start-up gets the same bound.
     collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)
@@ -131,9 +135,10 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     max_model_len = opts.context(ckpt.shape.max_position_embeddings)
     budget = None if opts.replica_budget_gb is None else int(opts.replica_budget_gb * 1e9)
     kv_gb = kv_budget_gb(opts)
+    reserved = bundle.get("CPU", 0.0) if placement_group is not None and bundle and opts.pin_cores else 0.0
     settings = RunnerSettings(model=str(ckpt.path), dtype=opts.dtype, replica_budget_bytes=budget,
                               kv_reserve_bytes=int((kv_gb or 0) * 1e9), block_size=opts.block_size,
-                              shared_weights=opts.shared_weights)
+                              shared_weights=opts.shared_weights, pin_cpus=reserved)
     group = start_group(opts.devices, settings, placement_group=placement_group, bundle=bundle,
                         collective_timeout_s=opts.collective_timeout_s)
     name = opts.hardware or detect_hardware()

@@ -12,6 +12,8 @@ it is. The three rooms are apart so each can change alone: ``scheduler.py`` (que
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +31,7 @@ from app.engine.step_budget import StepBudget
 from placement.workers import Group
 from strategies.layout import STRATEGY_NAMES, check_strategy
 
+STEP_TRACE_ENV = "DYNPART_STEP_TRACE"  # a file every engine of this process appends one JSON line per step to
 WATCHDOG_FACTOR = 10.0  # a step may take this many times its predicted time (at least the floor) before it is hung
 
 # (chunk lengths, their cached prefixes, the contexts of the decode tokens in the same step) -> strategy
@@ -74,6 +77,8 @@ class LLMEngine:
         self.step_started: float | None = None  # perf_counter() while a step runs
         self.step_deadline_s = watchdog_floor_s
         self._ids = itertools.count()
+        # Operators' view of what each step ran (``$DYNPART_STEP_TRACE``): the passes, their tokens, their time
+        self.trace = open(path, "a", buffering=1) if (path := os.environ.get(STEP_TRACE_ENV)) else None
 
     def make_scheduler(self, config: SchedulerConfig) -> Scheduler:
         """The scheduler this engine runs (the disaggregated engines plug in theirs; a queue policy plugs in here)."""
@@ -218,6 +223,9 @@ class LLMEngine:
         finally:
             self.step_started = None
         took = time.perf_counter() - t0
+        if self.trace is not None:
+            self.trace.write(json.dumps({"t": time.time(), "pid": os.getpid(), "forward_ms": round(took * 1e3, 2), "passes": [
+                [name, [len(c.ids) for c in chunks]] for name, chunks in parts if chunks]}) + "\n")
         if self.predictor is not None:
             self.predictor.observe(prediction, took)
         for seq, n in plan.prefill:

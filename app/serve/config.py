@@ -118,6 +118,17 @@ class PoolConfig(EngineFields):
                              f"accelerator_type, or set hardware to the catalog entry of that GPU")
         return self
 
+    def pinned_cores(self) -> int:
+        """Cores this pool's replicas claim whole when it starts (``pin_cores``, placement/cores.py): what ``dynpart
+        serve`` keeps Ray's and Serve's own processes off."""
+        if self.gpu or not self.pin_cores or self.cpus_per_device < 1:
+            return 0
+        a = self.autoscaling
+        replicas = self.num_replicas if a is None else (a.initial_replicas or a.min_replicas)
+        if self.disaggregated:
+            replicas += self.decode_replicas
+        return replicas * self.devices * int(self.cpus_per_device)
+
     def bundle(self, counted_cpu_devices: bool = False) -> dict[str, float]:
         """One device of this pool as Ray resources: ``cpus_per_device`` cores, and a GPU, or one
         ``dynpart_device`` where the cluster counts emulated CPU devices (``counted_cpu_devices``)."""
