@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: field-tools chaos soak bench-accuracy bench-kv bench-step-budget bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
+.PHONY: bench-cores field-tools chaos soak bench-accuracy bench-kv bench-step-budget bench-layouts bench-peer install model serve test test-fast bench bench-throughput flood clean
 
 install: $(STAMP)
 
@@ -77,6 +77,13 @@ bench: model
 # (paged vs slots), decode batching, chunked prefill against whole prompts, a cached prefix against none (~10 min);
 # then zigzag against contiguous token shards on 2 workers (~7 min). The load tests above
 # (load_tests/compare_config.yaml) run with chunked prefill on.
+# Each device pinned to its cores against the OS placing them: one warm `dynpart serve`, `short` at concurrency 4
+# while `long` is kept busy, the two arms alternated (BENCHMARKS.md, "Cores"). About 10 minutes.
+bench-cores: model
+	mkdir -p $(BENCH)
+	$(BIN)/python -m load_tests.cores --config serve_config.yaml --rounds 3 --out $(BENCH)/cores.json \
+		| tee $(BENCH)/cores.txt
+
 bench-kv: model
 	mkdir -p $(BENCH)
 	$(BIN)/python -m load_tests.kv_memory --config serve_config.yaml --repeats 3 --out $(BENCH)/kv_memory.json \

@@ -1,0 +1,189 @@
+"""``python -m load_tests.cores``: what pinning each device to its cores buys, on one warm ``dynpart serve``.
+
+Starts ``dynpart serve CONFIG`` (the shipped config: ``short`` a whole core, ``long`` two ranks sharing the other)
+with ``DYNPART_STEP_TRACE`` on, then alternates two arms on the same warm service, ``--rounds`` times in rotated
+order: **pinned** (as ``dynpart serve`` and the devices set it up: placement/cores.py) and **unpinned** (every process
+of the service allowed on every core, as the OS would have it). In each arm, ``--busy-long`` clients keep the ``long``
+pool busy with ``--long-tokens``-token prompts (``x-dynpart-pool: long``) while ``--concurrency`` clients send
+``--requests`` requests of ``--prompt-tokens`` / ``--max-tokens`` (whole answers, EOS ignored) to ``short``. Per
+arm: ``short``'s output tok/s, its steps' median forward ms by shape (from the step trace: 4 decode rows; 4 rows and a
+16-token chunk), the ``long`` requests finished meanwhile, and, before the load, the latency of a ``long`` prompt
+alone (one output token; ``short`` idle), which pinning slows: ``long`` no longer borrows ``short``'s idle core. The pins are set with ``os.sched_setaffinity`` on every
+thread of every process under the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+from app.cli.format import markdown_table
+from load_tests.compare import rotated
+
+ARMS = ("pinned", "unpinned")
+
+
+def set_affinity(root: int, pins: dict[int, set[int]] | None) -> dict[int, set[int]]:
+    """Every thread of every process under ``root`` to its pins (``None``: all cores); returns the pins as they were."""
+    everything = set(range(os.cpu_count() or 1))
+    before = {}
+    for p in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+        try:
+            before[p.pid] = set(p.cpu_affinity())
+            cores = everything if pins is None else pins.get(p.pid, before[p.pid])
+            for t in p.threads():
+                os.sched_setaffinity(t.id, cores)
+        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            continue
+    return before
+
+
+def busy_long(url: str, model: str, tokens: int, stop: threading.Event, done: list[int]) -> None:
+    while not stop.is_set():
+        body = {"model": model, "prompt": "word " * tokens + str(time.time()), "max_tokens": 16, "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"x-dynpart-pool": "long"}, timeout=600)
+        done.append(r.status_code)
+
+
+def long_alone_s(url: str, model: str, tokens: int, n: int = 3) -> float:
+    """Median seconds of ``n`` ``tokens``-token prompts (one output token) on ``long`` with ``short`` idle: what
+    pinning costs ``long`` (it no longer borrows ``short``'s idle core)."""
+    took = []
+    for i in range(n):
+        body = {"model": model, "prompt": f"{i} {time.time()} " + "word " * tokens, "max_tokens": 1}
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"x-dynpart-pool": "long"}, timeout=600)
+        r.raise_for_status()
+        took.append(time.perf_counter() - t0)
+    return statistics.median(took)
+
+
+def short_load(url: str, model: str, maker, args: argparse.Namespace) -> float:
+    from cost.workloads import Request
+    from load_tests.client import run_load
+
+    reqs = [Request(arrival_s=0, prompt_tokens=args.prompt_tokens, output_tokens=args.max_tokens)] * args.requests
+    prompts = [maker.make(args.prompt_tokens) for _ in reqs]
+    records, wall = asyncio.run(run_load(url, model, reqs, prompts, concurrency=args.concurrency, progress=False,
+                                         stream=False))
+    bad = [r for r in records if not r.ok]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests failed: {bad[0].error}")
+    return sum(r.output_tokens for r in records) / wall
+
+
+def step_medians(trace: Path, pid: int) -> dict[str, float]:
+    """The median forward ms of ``pid``'s steps by shape, from the step trace."""
+    shapes = collections.defaultdict(list)
+    for line in trace.read_text().splitlines():
+        step = json.loads(line)
+        if step["pid"] == pid:
+            tokens = sorted(t for _, seqs in step["passes"] for t in seqs)
+            shapes[tuple(tokens)].append(step["forward_ms"])
+    return {"4 rows": statistics.median(shapes[(1, 1, 1, 1)]) if shapes[(1, 1, 1, 1)] else float("nan"),
+            "4 rows + 16": statistics.median(shapes[(1, 1, 1, 1, 16)]) if shapes[(1, 1, 1, 1, 16)] else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(prog="python -m load_tests.cores", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="serve_config.yaml")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--busy-long", type=int, default=2, help="clients keeping the long pool busy (0: long idle)")
+    p.add_argument("--long-tokens", type=int, default=600)
+    p.add_argument("--out", default="bench_results/cores.json")
+    args = p.parse_args(argv)
+
+    from load_tests.client import PromptMaker
+    from strategies.loader import Checkpoint
+
+    spec = yaml.safe_load(Path(args.config).read_text())
+    app_args = spec["applications"][0]["args"]
+    model = app_args.get("served_model_name") or app_args["model"]
+    port = spec.get("http_options", {}).get("port", 8000)
+    url = f"http://127.0.0.1:{port}"
+    work = Path(tempfile.mkdtemp(prefix="dynpart-cores-bench-"))
+    trace = work / "steps.jsonl"
+    env = {**os.environ, "DYNPART_STEP_TRACE": str(trace)}
+    log = open(work / "serve.log", "w")  # noqa: SIM115 - the server's log for the run's life
+    server = subprocess.Popen([sys.executable, "-m", "app.cli.main", "serve", args.config], stdout=log,
+                              stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    try:
+        deadline = time.monotonic() + 600
+        while '"status":"ok"' not in (h := _health(url)):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"dynpart serve did not become ready (log: {work / 'serve.log'}): {h}")
+            time.sleep(3)
+        short = next(q for q in psutil.Process(server.pid).children(recursive=True)
+                     if "ServeReplica:dynpart:short" in " ".join(q.cmdline()))
+        pinned = set_affinity(server.pid, None)  # as dynpart serve set them up; now unpinned
+        from app.serve.config import AppConfig
+
+        maker = PromptMaker(Checkpoint(AppConfig.model_validate(app_args).model).tokenizer(), seed=11)
+        short_load(url, model, maker, argparse.Namespace(**{**vars(args), "requests": 4}))  # warm
+        for r in range(args.rounds):
+            for arm in rotated(list(ARMS), r):
+                set_affinity(server.pid, pinned if arm == "pinned" else None)
+                alone = long_alone_s(url, model, args.long_tokens)
+                stop, done = threading.Event(), []
+                clients = [threading.Thread(target=busy_long, args=(url, model, args.long_tokens, stop, done))
+                           for _ in range(args.busy_long)]
+                for c in clients:
+                    c.start()
+                time.sleep(3 if clients else 0)
+                trace.write_text("")
+                tok_s = short_load(url, model, maker, args)
+                steps = step_medians(trace, short.pid)
+                stop.set()
+                for c in clients:
+                    c.join()
+                results[arm].append({"tok_s": tok_s, **steps, "long_done": len(done), "long_alone_s": alone})
+                print(f"round {r + 1} {arm}: short {tok_s:.1f} tok/s, steps {steps}, long requests {len(done)}, "
+                      f"a long prompt alone {alone:.2f} s", flush=True)
+        set_affinity(server.pid, pinned)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    rows = [[arm, *(", ".join(f"{x[k]:.1f}" for x in results[arm]) for k in ("tok_s", "4 rows", "4 rows + 16")),
+             ", ".join(str(x["long_done"]) for x in results[arm]),
+             ", ".join(f"{x['long_alone_s']:.2f}" for x in results[arm])] for arm in ARMS]
+    print(markdown_table(["arm", "c=4 out tok/s", "short 4-row step ms", "short 4 rows + 16 ms", "long requests done",
+                          "long prompt alone s"], rows))
+    return 0
+
+
+def _health(url: str) -> str:
+    try:
+        return httpx.get(f"{url}/health", timeout=5).text
+    except httpx.HTTPError as e:
+        return type(e).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
