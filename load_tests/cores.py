@@ -3,13 +3,14 @@
 Starts ``dynpart serve CONFIG`` (the shipped config: ``short`` a whole core, ``long`` two ranks sharing the other)
 with ``DYNPART_STEP_TRACE`` on, then alternates two arms on the same warm service, ``--rounds`` times in rotated
 order: **pinned** (as ``dynpart serve`` and the devices set it up: placement/cores.py) and **unpinned** (every process
-of the service allowed on every core, as the OS would have it). In each arm, ``--busy-long`` clients keep the ``long``
-pool busy with ``--long-tokens``-token prompts (``x-dynpart-pool: long``) while ``--concurrency`` clients send
-``--requests`` requests of ``--prompt-tokens`` / ``--max-tokens`` (whole answers, EOS ignored) to ``short``. Per
-arm: ``short``'s output tok/s, its steps' median forward ms by shape (from the step trace: 4 decode rows; 4 rows and a
-16-token chunk), the ``long`` requests finished meanwhile, and, before the load, the latency of a ``long`` prompt
-alone (one output token; ``short`` idle), which pinning slows: ``long`` no longer borrows ``short``'s idle core. The pins are set with ``os.sched_setaffinity`` on every
-thread of every process under the server.
+of the service allowed on every core at normal priority, as the OS would have it). Cores and priorities are set on
+every thread of every process under the server. In each arm, first the latency of a ``--long-tokens``-token prompt
+alone on ``long`` (one output token, ``short`` idle: pinned, ``long`` no longer borrows ``short``'s idle core); then
+``--busy-long`` clients keep ``long`` busy with such prompts (``x-dynpart-pool: long``) while ``--concurrency``
+clients send ``--requests`` requests of ``--prompt-tokens`` / ``--max-tokens`` (whole answers, EOS ignored), which
+the router sends to ``short`` (mostly). Per arm: their output tok/s, ``short``'s steps' median forward ms by shape
+(from the step trace: 4 decode rows; 3 and a new prompt's 16-token chunk) and the ``long`` requests finished
+meanwhile.
 """
 
 from __future__ import annotations
@@ -38,16 +39,21 @@ from load_tests.compare import rotated
 ARMS = ("pinned", "unpinned")
 
 
-def set_affinity(root: int, pins: dict[int, set[int]] | None) -> dict[int, set[int]]:
-    """Every thread of every process under ``root`` to its pins (``None``: all cores); returns the pins as they were."""
+Placement = dict[int, tuple[set[int], int]]  # pid -> (its cores, its nice)
+
+
+def set_placement(root: int, placement: Placement | None) -> Placement:
+    """Every thread of every process under ``root`` to its cores and priority (``None``: every core, normal
+    priority: as the OS would place them); returns the placement as it was."""
     everything = set(range(os.cpu_count() or 1))
-    before = {}
+    before: Placement = {}
     for p in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
         try:
-            before[p.pid] = set(p.cpu_affinity())
-            cores = everything if pins is None else pins.get(p.pid, before[p.pid])
+            before[p.pid] = (set(p.cpu_affinity()), p.nice())
+            cores, nice = (everything, 0) if placement is None else placement.get(p.pid, before[p.pid])
             for t in p.threads():
                 os.sched_setaffinity(t.id, cores)
+                os.setpriority(os.PRIO_PROCESS, t.id, nice)
         except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
             continue
     return before
@@ -95,8 +101,8 @@ def step_medians(trace: Path, pid: int) -> dict[str, float]:
         if step["pid"] == pid:
             tokens = sorted(t for _, seqs in step["passes"] for t in seqs)
             shapes[tuple(tokens)].append(step["forward_ms"])
-    return {"4 rows": statistics.median(shapes[(1, 1, 1, 1)]) if shapes[(1, 1, 1, 1)] else float("nan"),
-            "4 rows + 16": statistics.median(shapes[(1, 1, 1, 1, 16)]) if shapes[(1, 1, 1, 1, 16)] else float("nan")}
+    named = {"4 rows": (1, 1, 1, 1), "3 rows + 16": (1, 1, 1, 16)}  # a decode step; one with a new prompt's chunk
+    return {name: statistics.median(shapes[key]) if shapes[key] else float("nan") for name, key in named.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,17 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3)
         short = next(q for q in psutil.Process(server.pid).children(recursive=True)
                      if "ServeReplica:dynpart:short" in " ".join(q.cmdline()))
-        pinned = set_affinity(server.pid, None)  # as dynpart serve set them up; now unpinned
+        pinned = set_placement(server.pid, None)  # as dynpart serve set them up; now unpinned
         from app.serve.config import AppConfig
 
         maker = PromptMaker(Checkpoint(AppConfig.model_validate(app_args).model).tokenizer(), seed=11)
         short_load(url, model, maker, argparse.Namespace(**{**vars(args), "requests": 4}))  # warm
         for r in range(args.rounds):
             for arm in rotated(list(ARMS), r):
-                set_affinity(server.pid, pinned if arm == "pinned" else None)
+                set_placement(server.pid, pinned if arm == "pinned" else None)
                 alone = long_alone_s(url, model, args.long_tokens)
                 stop, done = threading.Event(), []
-                clients = [threading.Thread(target=busy_long, args=(url, model, args.long_tokens, stop, done))
+                clients = [threading.Thread(target=busy_long, args=(url, model, args.long_tokens, stop, done), daemon=True)
                            for _ in range(args.busy_long)]
                 for c in clients:
                     c.start()
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[arm].append({"tok_s": tok_s, **steps, "long_done": len(done), "long_alone_s": alone})
                 print(f"round {r + 1} {arm}: short {tok_s:.1f} tok/s, steps {steps}, long requests {len(done)}, "
                       f"a long prompt alone {alone:.2f} s", flush=True)
-        set_affinity(server.pid, pinned)
+        set_placement(server.pid, pinned)
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:
@@ -170,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    rows = [[arm, *(", ".join(f"{x[k]:.1f}" for x in results[arm]) for k in ("tok_s", "4 rows", "4 rows + 16")),
+    rows = [[arm, *(", ".join(f"{x[k]:.1f}" for x in results[arm]) for k in ("tok_s", "4 rows", "3 rows + 16")),
              ", ".join(str(x["long_done"]) for x in results[arm]),
              ", ".join(f"{x['long_alone_s']:.2f}" for x in results[arm])] for arm in ARMS]
-    print(markdown_table(["arm", "c=4 out tok/s", "short 4-row step ms", "short 4 rows + 16 ms", "long requests done",
+    print(markdown_table(["arm", "c=4 out tok/s", "short 4-row step ms", "short 3 rows + 16 ms", "long requests done",
                           "long prompt alone s"], rows))
     return 0
 
