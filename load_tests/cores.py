@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 set_placement(server.pid, pinned if arm == "pinned" else None)
                 alone = long_alone_s(url, model, args.long_tokens)
                 stop, done = threading.Event(), []
-                clients = [threading.Thread(target=busy_long, args=(url, model, args.long_tokens, stop, done), daemon=True)
-                           for _ in range(args.busy_long)]
+                clients = [threading.Thread(target=busy_long, args=(url, model, args.long_tokens, stop, done),
+                                            daemon=True) for _ in range(args.busy_long)]
                 for c in clients:
                     c.start()
                 time.sleep(3 if clients else 0)

@@ -8,6 +8,8 @@ every block back in the free pool once requests end.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import local_engine, prompts_for, reference_greedy
 
@@ -167,3 +169,21 @@ def test_the_planner_chooses_each_chunk_with_its_cached_prefix(tiny_models):
     asked.clear()
     engine.generate([prompt[:32] + [7, 8, 9]], GREEDY)  # two cached blocks, three new tokens
     assert asked == [([3], [32])]
+
+
+def test_the_step_trace_says_what_each_step_ran(tiny_models, tmp_path, monkeypatch):
+    """``DYNPART_STEP_TRACE``: one JSON line per step, with each pass's tokens per sequence (how the "Cores"
+    measurement found its slow steps): here a 40-token prompt read in 16-token chunks beside a decoding stream."""
+    import json
+
+    from app.engine.llm_engine import STEP_TRACE_ENV
+
+    trace = tmp_path / "steps.jsonl"
+    monkeypatch.setenv(STEP_TRACE_ENV, str(trace))
+    engine = local_engine(tiny_models["gqa"], max_num_batched_tokens=17)
+    engine.generate(prompts_for(512, lengths=(1, 40)), SamplingParams(max_tokens=6, ignore_eos=True))
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    tokens = [sorted(n for _, seqs in s["passes"] for n in seqs) for s in steps]
+    assert tokens[:4] == [[1, 16], [1, 16], [1, 8], [1, 1]]  # the stream's token rides along each chunk
+    assert all(s["forward_ms"] > 0 and s["pid"] == os.getpid() for s in steps)
+    assert sum(n for t in tokens for n in t) == 1 + 40 + 2 * 5  # every token computed, each in one step

@@ -224,8 +224,9 @@ class LLMEngine:
             self.step_started = None
         took = time.perf_counter() - t0
         if self.trace is not None:
-            self.trace.write(json.dumps({"t": time.time(), "pid": os.getpid(), "forward_ms": round(took * 1e3, 2), "passes": [
-                [name, [len(c.ids) for c in chunks]] for name, chunks in parts if chunks]}) + "\n")
+            passes = [[name, [len(c.ids) for c in chunks]] for name, chunks in parts if chunks]
+            self.trace.write(json.dumps({"t": time.time(), "pid": os.getpid(), "forward_ms": round(took * 1e3, 2),
+                                         "passes": passes}) + "\n")
         if self.predictor is not None:
             self.predictor.observe(prediction, took)
         for seq, n in plan.prefill:
