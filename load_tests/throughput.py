@@ -5,7 +5,8 @@ go three ways, in an order rotated every repeat, each way with prompts of its ow
 their prefixes in the service's cache the second time, and the way measured second would read less of its prompts):
 
 - ``engine``: straight into an in-process ``LLMEngine`` built with the short pool's own engine options (closed loop:
-  a new request joins as soon as one finishes, so ``concurrency`` are always in flight), tokenizing each prompt;
+  a new request joins as soon as one finishes, at most one per step as served requests arrive, so ``concurrency``
+  are in flight), tokenizing each prompt;
 - ``stream``: through the shipped Serve application (HTTP → proxy → ingress → engine replica), streamed (SSE);
 - ``whole``: the same, non-streaming.
 
@@ -42,14 +43,17 @@ def point(tokens: int, wall_s: float, ttft_s: list[float], tpot_s: list[float], 
 
 
 def engine_point(engine, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
-    """Closed loop in this process: ``concurrency`` requests in flight, each prompt tokenized as it is added."""
+    """Closed loop in this process: ``concurrency`` requests in flight, each prompt tokenized as it is added, at most
+    one new request per step. Served requests reach the engine spread out, so each new prompt's chunks ride along
+    running streams; added all at once, equal requests would run in lockstep waves (every prompt read in one step,
+    then decode steps alone), a pattern the service never sees (at c=4 here: 24.6 against 22.5 out tok/s)."""
     from app.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     todo, live, done = list(prompts), [], []
     t0 = time.perf_counter()
     while todo or live:
-        while todo and len(live) < concurrency:
+        if todo and len(live) < concurrency:
             live.append(engine.add(engine.tokenizer(todo.pop(0))["input_ids"], params))
         engine.step()
         done += [s for s in live if s.finished]
