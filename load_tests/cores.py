@@ -20,10 +20,7 @@ import asyncio
 import collections
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -119,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_results/cores.json")
     args = p.parse_args(argv)
 
+    from app.cli.demo import serve_run
+    from app.serve.config import AppConfig
     from load_tests.client import PromptMaker
     from strategies.loader import Checkpoint
 
@@ -129,23 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="dynpart-cores-bench-"))
     trace = work / "steps.jsonl"
-    env = {**os.environ, "DYNPART_STEP_TRACE": str(trace)}
-    log = open(work / "serve.log", "w")  # noqa: SIM115 - the server's log for the run's life
-    server = subprocess.Popen([sys.executable, "-m", "app.cli.main", "serve", args.config], stdout=log,
-                              stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    os.environ["DYNPART_STEP_TRACE"] = str(trace)  # the server's engines inherit it
+    maker = PromptMaker(Checkpoint(AppConfig.model_validate(app_args).model).tokenizer(), seed=11)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    try:
-        deadline = time.monotonic() + 600
-        while '"status":"ok"' not in (h := _health(url)):
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"dynpart serve did not become ready (log: {work / 'serve.log'}): {h}")
-            time.sleep(3)
+    with serve_run(args.config, url, work / "serve.log", timeout_s=600) as server:
         short = next(q for q in psutil.Process(server.pid).children(recursive=True)
                      if "ServeReplica:dynpart:short" in " ".join(q.cmdline()))
         pinned = set_placement(server.pid, None)  # as dynpart serve set them up; now unpinned
-        from app.serve.config import AppConfig
-
-        maker = PromptMaker(Checkpoint(AppConfig.model_validate(app_args).model).tokenizer(), seed=11)
         short_load(url, model, maker, argparse.Namespace(**{**vars(args), "requests": 4}))  # warm
         for r in range(args.rounds):
             for arm in rotated(list(ARMS), r):
@@ -166,13 +155,6 @@ def main(argv: list[str] | None = None) -> int:
                 results[arm].append({"tok_s": tok_s, **steps, "long_done": len(done), "long_alone_s": alone})
                 print(f"round {r + 1} {arm}: short {tok_s:.1f} tok/s, steps {steps}, long requests {len(done)}, "
                       f"a long prompt alone {alone:.2f} s", flush=True)
-        set_placement(server.pid, pinned)
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
@@ -182,13 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(["arm", "c=4 out tok/s", "short 4-row step ms", "short 3 rows + 16 ms", "long requests done",
                           "long prompt alone s"], rows))
     return 0
-
-
-def _health(url: str) -> str:
-    try:
-        return httpx.get(f"{url}/health", timeout=5).text
-    except httpx.HTTPError as e:
-        return type(e).__name__
 
 
 if __name__ == "__main__":

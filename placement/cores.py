@@ -3,8 +3,8 @@ service's other processes.
 
 Ray counts the cores each device reserves (``cpus_per_device``) but does not say which ones, and the OS moves every
 process across every core. On the shipped 2-core config, while the ``long`` pool's two ranks served long prompts, the
-``short`` replica's 4-sequence decode step took 186-187 ms unpinned and 125-146 ms pinned (same warm service, the two
-alternated; BENCHMARKS.md "Cores"); with ``long`` idle pinning changed nothing measurable. vLLM's CPU backend binds
+``short`` replica's 4-sequence decode step took 199-217 ms unpinned and 130-152 ms pinned (``make bench-cores``, 3
+rounds; BENCHMARKS.md "Cores"); with ``long`` idle pinning changed nothing measurable. vLLM's CPU backend binds
 its engine the same way (``VLLM_CPU_OMP_THREADS_BIND``).
 
 A claim is a lock file per core on the node (``core<i>.lock`` under ``claims_dir()``), held as long as the device's

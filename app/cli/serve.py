@@ -27,26 +27,31 @@ def register(sub) -> None:
     p.set_defaults(func=serve_and_drain)
 
 
-def apps_to_drain(config: Path) -> dict[str, float]:
-    """The config's dynpart applications by name, with their ``graceful_shutdown_s``."""
+def read_spec(config: Path) -> dict:
     import yaml
 
+    return yaml.safe_load(config.read_text())
+
+
+def dynpart_apps(spec: dict) -> list[dict]:
+    """The Serve config's applications that are dynpart apps (others it may also run are not ours to drain)."""
+    return [a for a in spec.get("applications") or [] if str(a.get("import_path", "")).startswith("app.serve.app:")]
+
+
+def apps_to_drain(config: Path) -> dict[str, float]:
+    """The config's dynpart applications by name, with their ``graceful_shutdown_s``."""
     from app.serve.config import AppConfig
 
     default = AppConfig.model_fields["graceful_shutdown_s"].default
-    apps = yaml.safe_load(config.read_text()).get("applications") or []
     return {a.get("name", "default"): float((a.get("args") or {}).get("graceful_shutdown_s", default))
-            for a in apps if str(a.get("import_path", "")).startswith("app.serve.app:")}
+            for a in dynpart_apps(read_spec(config))}
 
 
 def pinned_cores(config: Path) -> int:
     """Cores the config's dynpart pools claim whole for their devices when they start (``PoolConfig.pinned_cores``)."""
-    import yaml
-
     from app.serve.config import AppConfig
 
-    apps = yaml.safe_load(config.read_text()).get("applications") or []
-    return sum(pool.pinned_cores() for a in apps if str(a.get("import_path", "")).startswith("app.serve.app:")
+    return sum(pool.pinned_cores() for a in dynpart_apps(read_spec(config))
                for pool in AppConfig.model_validate(a.get("args") or {}).pools)
 
 
@@ -101,15 +106,13 @@ def say(message: str) -> None:
 def health_urls(config: Path) -> dict[str, str]:
     """Each dynpart application's ``/health`` URL on this machine, from the config's ``http_options`` and the app's
     ``route_prefix``."""
-    import yaml
-
-    spec = yaml.safe_load(config.read_text())
+    spec = read_spec(config)
     http = spec.get("http_options") or {}
     host = http.get("host", "127.0.0.1")
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{host}:{http.get('port', 8000)}"
     return {a.get("name", "default"): base + (a.get("route_prefix") or "/").rstrip("/") + "/health"
-            for a in spec.get("applications") or [] if str(a.get("import_path", "")).startswith("app.serve.app:")}
+            for a in dynpart_apps(spec)}
 
 
 def announce_ready(urls: dict[str, str], poll_s: float = 0.5) -> None:
