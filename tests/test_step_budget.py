@@ -13,7 +13,7 @@ from conftest import local_engine, prompts_for, reference_greedy
 
 from app.engine.predictor import StepPredictor
 from app.engine.sampling import SamplingParams
-from app.engine.step_budget import RIDE_STEP, STEP_SHARE, StepBudget, coarse_prefix
+from app.engine.step_budget import RIDE_STEP, STEP_SHARE, StepBudget, coarse_prefix, paced_wait_s
 from cost import get_hardware
 from cost.correction import Correction
 from strategies.loader import Checkpoint
@@ -66,13 +66,14 @@ def test_a_long_prompt_beside_streams_is_chunked_to_the_target(tiny_models):
 
 def test_beside_streams_the_expected_wait_is_the_paced_prefill(tiny_models):
     """Admission and the router read ``EngineLoad.wait_s``: beside decoding streams a waiting prompt is read one
-    target-sized chunk a step, so its wait is those steps at the TPOT target, longer than a lone prefill of it."""
+    target-sized chunk a step, so its wait is those steps at the TPOT target (the streams outlast it here), longer
+    than a lone prefill of it."""
     path = tiny_models["gqa"]
     pred = predictor(path)
     tpot = chunk_s(pred, 32, 0, [RIDE_STEP] * 2) / STEP_SHARE
     engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=pred, tpot_s=tpot)
     prompt = prompts_for(512, lengths=(300,), seed=5)[0]
-    assert engine.step_budget.paced_prefill_s(300) == 0.0  # nothing cut yet: prompts are read whole
+    assert engine.step_budget.last_chunk is None  # nothing cut yet: prompts are read whole
     chunks_of(engine, prompts_for(512, lengths=(300,), seed=8)[0], streams=2)  # sizes a chunk beside the streams
     chunk = engine.step_budget.last_chunk
     assert 16 <= chunk < 300
@@ -85,6 +86,25 @@ def test_beside_streams_the_expected_wait_is_the_paced_prefill(tiny_models):
     while engine.has_work():
         engine.step()
     assert engine.load().wait_s == 0.0  # nothing waiting
+
+
+def test_the_paced_wait_lasts_as_long_as_the_streams():
+    """The expected wait beside streams is paced only while some stream decodes: once the streams end, the rest of
+    the prompts read at a lone prefill's speed; each prompt read decodes itself, pacing the ones behind it. (A paced
+    wait priced as if the streams never ended answered 503 to prompts a replica would have read in time.)"""
+    def alone(tokens: int) -> float:
+        return tokens * 0.001
+    tpot, chunk = 0.4, 16
+    # one stream with 3 tokens left: 3 paced steps read 48 tokens, the other 152 read alone
+    assert paced_wait_s([(200, 1)], [3], chunk, tpot, alone) == pytest.approx(3 * tpot + 0.152)
+    # a stream that outlasts the prompt paces all of it: 13 steps of 16 tokens
+    assert paced_wait_s([(200, 1)], [50], chunk, tpot, alone) == pytest.approx(13 * tpot)
+    # no stream: the first prompt is read alone, then decodes (10 tokens: 9 after its first) beside the second
+    assert paced_wait_s([(100, 10), (200, 1)], [], chunk, tpot, alone) == pytest.approx(0.1 + 9 * tpot + 0.056)
+    # a prompt that generates one token only does not become a stream
+    assert paced_wait_s([(100, 1), (200, 1)], [], chunk, tpot, alone) == pytest.approx(0.3)
+    # the budget has not cut a prompt yet: every prompt priced alone
+    assert paced_wait_s([(100, 10), (200, 1)], [50], 0, tpot, alone) == pytest.approx(0.3)
 
 
 def test_alone_a_prompt_is_one_chunk_up_to_the_cap(tiny_models):

@@ -160,11 +160,17 @@ class LLMEngine:
 
     def prefill_wait_s(self, tokens: int) -> float:
         """Seconds until ``tokens`` waiting prompt tokens are read: the planner's prefill time, or, with a step budget
-        and streams decoding, the paced one when longer (each step then reads only what keeps the streams' TPOT)."""
+        and streams decoding, the paced one when longer (``step_budget.paced_wait_s``: while streams decode each step
+        reads only what keeps their TPOT; the prompts read join them; once they end, prompts read at full speed)."""
         alone = self.predict_prefill_s(tokens)
         if self.step_budget is None or not any(not s.prefilling for s in self.running):
             return alone
-        return max(alone, self.step_budget.paced_prefill_s(tokens))
+        def left(s: Sequence) -> int:
+            return s.params.max_tokens - len(s.output_ids)
+        prompts = ([(s.remaining, left(s)) for s in self.running if s.prefilling]
+                   + [(len(s.all_ids), left(s)) for s in self.queued_sequences()])
+        streams = [left(s) for s in self.running if not s.prefilling]
+        return max(alone, self.step_budget.paced_wait_s(prompts, streams, self.predict_prefill_s))
 
     def seqs_in_use(self) -> int:
         """Sequences holding KV blocks (0 once every request has finished or been aborted)."""

@@ -66,7 +66,8 @@ class Handoff(BaseModel):
 class EngineLoad:
     """How busy one engine replica is, and what a new request would wait there before its prefill starts.
 
-    ``wait_s`` = the planner's time for the prompt tokens already waiting for prefill, plus, once the replica is full
+    ``wait_s`` = the time to read the prompt tokens already waiting for prefill (the planner's, or beside decoding
+    streams the step budget's pace: ``LLMEngine.prefill_wait_s``), plus, once the replica is full
     (``max_seqs`` sequences, or the waiting ones need more KV blocks than are free), the decode steps until room
     frees up: the tokens still to generate (running sequences' remaining ones and waiting sequences' ``max_tokens``)
     spread over ``max_seqs``, at the measured decode step time ``step_s``.

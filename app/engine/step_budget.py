@@ -20,6 +20,7 @@ correction is applied fresh each time.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable
@@ -74,16 +75,40 @@ class StepBudget:
         self.sizing_s += time.perf_counter() - t0
         return n
 
-    def paced_prefill_s(self, tokens: int) -> float:
-        """Seconds to read ``tokens`` waiting prompt tokens while streams decode: steps of the last chunk length sized
-        beside them, each held to the TPOT target (the engine's load estimate: beside streams, prefill is paced by
-        the target, not by how fast a lone prefill would run). 0 until the budget has cut a prompt: prompts were read
-        whole so far."""
-        return -(-tokens // self.last_chunk) * self.tpot_s if self.last_chunk else 0.0
+    def paced_wait_s(self, prompts: list[tuple[int, int]], streams: list[int],
+                     alone: Callable[[int], float]) -> float:
+        """Seconds until the waiting ``prompts`` are read, beside ``streams`` (``paced_wait_s``, at this budget's last
+        chunk and TPOT target); ``alone`` prices a lone prefill. Before the budget has cut a prompt (prompts were read
+        whole so far), every prompt is read alone."""
+        return paced_wait_s(prompts, streams, self.last_chunk or 0, self.tpot_s, alone)
 
     def overhead_ms(self) -> float:
         """Mean milliseconds spent sizing one chunk so far."""
         return 1e3 * self.sizing_s / self.sized if self.sized else 0.0
+
+
+def paced_wait_s(prompts: list[tuple[int, int]], streams: list[int], chunk: int, tpot_s: float,
+                 alone: Callable[[int], float]) -> float:
+    """Seconds until ``prompts`` ([prompt tokens still to read, tokens it will then generate], in the order the
+    scheduler reads them) are read, beside ``streams`` (tokens each decoding sequence may still generate): while any
+    stream decodes, each step reads ``chunk`` tokens in ``tpot_s`` (the budget holds the step to the target) and
+    every stream gains a token; with none, a prompt is read at a lone prefill's speed, ``alone(tokens)``. A prompt
+    read becomes a stream itself (its first token came with its last chunk). Streams are taken to run to their
+    ``max_tokens`` (EOS may end them sooner: the wait errs long). ``chunk`` 0: the budget has not cut a prompt yet,
+    every prompt is priced alone."""
+    left = sorted(s for s in streams if s > 0)
+    t = 0.0
+    for tokens, generates in prompts:
+        while tokens > 0:
+            if not left or chunk <= 0:
+                t, tokens = t + alone(tokens), 0
+                break
+            steps = min(-(-tokens // chunk), left[0])  # until the prompt is read or the next stream ends
+            t, tokens = t + steps * tpot_s, tokens - steps * chunk
+            left = [s - steps for s in left if s > steps]
+        if generates > 1:
+            bisect.insort(left, generates - 1)
+    return t
 
 
 def coarse_prefix(prefix: int) -> int:

@@ -88,6 +88,12 @@ def backlog(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolL
     return max(int(reported_tokens), load.queued), max(reported_slot_wait, own_slot_wait)
 
 
+def reported_prefill_wait(load: PoolLoad) -> float:
+    """Seconds the replicas say their waiting prompt tokens take to read (their expected wait less its decode part),
+    mean over replicas: beside decoding streams, slower than a lone prefill of them."""
+    return _mean(load.front, lambda x: x.wait_s - x.slot_wait_s)
+
+
 def decode_step_s(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolLoad, context: int) -> float:
     """A decode step's seconds in ``pool``: as its replicas measure it, else as the planner predicts it."""
     if measured := load.decoding:
@@ -125,7 +131,10 @@ def predicted_ttft(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load
                    if queued else alone)
     except ValueError:  # nothing the pool offers fits its memory for this prompt (or this batch)
         return None
-    wait = max(0.0, batched.time_s - alone.time_s) + slot_wait
+    # the prompts ahead: batched with this one as the planner prices them, or as the replicas say they are read
+    # (beside decoding streams the step budget paces them: ``LLMEngine.prefill_wait_s``), whichever is longer
+    ahead = max(batched.time_s - alone.time_s, reported_prefill_wait(load))
+    wait = max(0.0, ahead) + slot_wait
     return own + wait, wait
 
 
