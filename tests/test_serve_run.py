@@ -103,11 +103,16 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         demo = [sys.executable, "-m", "app.cli.main", "demo", "--url", url, "--json", "--max-tokens", "4"]
         out = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=ROOT)
         streamed: list[str] = []
-        first, streaming = stream_in_background(url, streamed, max_tokens=48)  # seconds of decode here
+        first, streaming = stream_in_background(url, streamed, max_tokens=96)  # seconds of decode here
         assert first.wait(60)
         ctrl_c = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
-        time.sleep(1.0)  # the ingress reads the drain within 0.25 s
+        # dynpart serve tells the board, the ingress reads it on its next beat: wait until /health says so (a fixed
+        # second was not always enough with the suite's other load on the 2 cores)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health", timeout=10).json().get("status") != "draining":
+            assert time.monotonic() < deadline, "the ingress never reported draining after Ctrl-C"
+            time.sleep(0.1)
         refused = httpx.post(f"{url}/v1/completions", timeout=30, json={
             "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4})
         still_streaming = streaming.is_alive()
