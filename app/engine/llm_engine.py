@@ -145,7 +145,7 @@ class LLMEngine:
         """This engine's load and a new request's expected wait (``EngineLoad``); call from the engine's thread."""
         queued, waiting, running = self.queued_tokens(), self.queued_sequences(), self.running
         max_num_seqs = self.scheduler.config.max_num_seqs
-        left = (sum(s.params.max_tokens - len(s.output_ids) for s in running)
+        left = (sum(s.tokens_left for s in running)
                 + sum(s.params.max_tokens for s in waiting))
         need_blocks = sum(self.blocks.blocks_for(len(s.all_ids) + s.params.max_tokens) for s in waiting)
         full = len(running) + len(waiting) >= max_num_seqs or need_blocks > self.blocks.num_free
@@ -165,11 +165,9 @@ class LLMEngine:
         alone = self.predict_prefill_s(tokens)
         if self.step_budget is None or not any(not s.prefilling for s in self.running):
             return alone
-        def left(s: Sequence) -> int:
-            return s.params.max_tokens - len(s.output_ids)
-        prompts = ([(s.remaining, left(s)) for s in self.running if s.prefilling]
-                   + [(len(s.all_ids), left(s)) for s in self.queued_sequences()])
-        streams = [left(s) for s in self.running if not s.prefilling]
+        prompts = ([(s.remaining, s.tokens_left) for s in self.running if s.prefilling]
+                   + [(len(s.all_ids), s.tokens_left) for s in self.queued_sequences()])
+        streams = [s.tokens_left for s in self.running if not s.prefilling]
         return max(alone, self.step_budget.paced_wait_s(prompts, streams, self.predict_prefill_s))
 
     def seqs_in_use(self) -> int:

@@ -75,6 +75,11 @@ class Sequence:
         return len(self.all_ids) - self.num_computed
 
     @property
+    def tokens_left(self) -> int:
+        """Tokens it may still generate (up to ``max_tokens``; EOS or a stop may end it sooner)."""
+        return self.params.max_tokens - len(self.output_ids)
+
+    @property
     def prefilling(self) -> bool:
         return self.remaining > 1
 
