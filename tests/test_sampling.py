@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -118,6 +120,24 @@ def test_load_reports_the_wait_a_new_request_would_have(chat_tiny):
         engine.step()
     assert engine.load().wait_s == 0
 
+
+
+def test_a_replica_idle_again_reports_no_load(chat_tiny):
+    """The load a replica reports (``EngineLoop.load``) is what its last step left: once a one-token request is
+    answered, nothing waits or runs. (It was taken before each step, so an idle replica reported its last prompt as
+    still waiting until the next request: the router priced the pool that had just served a prefix as busy and sent
+    the follow-up, with the prefix cached there, elsewhere.)"""
+    from app.engine.loop import EngineLoop
+
+    loop = EngineLoop(local_engine(chat_tiny, Checkpoint(chat_tiny).tokenizer(), max_model_len=128,
+                                   predict_prefill_s=lambda tokens: 0.001 * tokens))
+    try:
+        done = asyncio.run(loop.run_whole(lambda e: e.add(PROMPT, SamplingParams(max_tokens=1))))
+        assert len(done.token_ids) == 1
+        load = loop.load
+        assert (load.running, load.waiting, load.waiting_prompt_tokens, load.wait_s) == (0, 0, 0, 0.0)
+    finally:
+        loop.stop()
 
 def _batch_case():
     """Rows of every kind: greedy (0 and a temperature under GREEDY_BELOW), seeded and unseeded, top-k, top-p."""

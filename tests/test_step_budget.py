@@ -83,6 +83,7 @@ def test_beside_streams_the_expected_wait_is_the_paced_prefill(tiny_models):
     prefill_wait = load.wait_s - load.slot_wait_s  # (the sequence slots are full too: that part is the decode's)
     assert prefill_wait == pytest.approx(-(-300 // chunk) * tpot)
     assert prefill_wait > engine.predict_prefill_s(300)
+    assert load.paced_s == pytest.approx(prefill_wait - engine.predict_prefill_s(300))  # what the router adds
     while engine.has_work():
         engine.step()
     assert engine.load().wait_s == 0.0  # nothing waiting

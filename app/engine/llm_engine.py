@@ -150,25 +150,27 @@ class LLMEngine:
         need_blocks = sum(self.blocks.blocks_for(len(s.all_ids) + s.params.max_tokens) for s in waiting)
         full = len(running) + len(waiting) >= max_num_seqs or need_blocks > self.blocks.num_free
         slot_wait = self.step_s * left / max_num_seqs if full else 0.0
-        wait = (self.prefill_wait_s(queued) if queued else 0.0) + slot_wait
+        alone, paced = self.prefill_wait_s(queued) if queued else (0.0, 0.0)
         return EngineLoad(max_seqs=max_num_seqs, running=len(running), waiting=len(waiting),
                           waiting_prompt_tokens=queued, decode_tokens_left=left, step_s=self.step_s,
-                          slot_wait_s=slot_wait, wait_s=wait, free_blocks=self.blocks.num_free,
+                          slot_wait_s=slot_wait, wait_s=max(alone, paced) + slot_wait,
+                          paced_s=max(0.0, paced - alone), free_blocks=self.blocks.num_free,
                           total_blocks=self.blocks.num_blocks, prefix_hit_rate=self.blocks.hit_rate,
                           preemptions=self.preemptions,
                           correction=self.predictor.table().entries if self.predictor else {})
 
-    def prefill_wait_s(self, tokens: int) -> float:
-        """Seconds until ``tokens`` waiting prompt tokens are read: the planner's prefill time, or, with a step budget
-        and streams decoding, the paced one when longer (``step_budget.paced_wait_s``: while streams decode each step
-        reads only what keeps their TPOT; the prompts read join them; once they end, prompts read at full speed)."""
+    def prefill_wait_s(self, tokens: int) -> tuple[float, float]:
+        """Seconds until ``tokens`` waiting prompt tokens are read: (the planner's lone prefill of them, the step
+        budget's pace of them; 0 without a budget or with no stream decoding). Beside streams each step reads only
+        what keeps their TPOT; the prompts read join them; once they end, prompts read at full speed
+        (``step_budget.paced_wait_s``)."""
         alone = self.predict_prefill_s(tokens)
         if self.step_budget is None or not any(not s.prefilling for s in self.running):
-            return alone
+            return alone, 0.0
         prompts = ([(s.remaining, s.tokens_left) for s in self.running if s.prefilling]
                    + [(len(s.all_ids), s.tokens_left) for s in self.queued_sequences()])
         streams = [s.tokens_left for s in self.running if not s.prefilling]
-        return max(alone, self.step_budget.paced_wait_s(prompts, streams, self.predict_prefill_s))
+        return alone, self.step_budget.paced_wait_s(prompts, streams, self.predict_prefill_s)
 
     def seqs_in_use(self) -> int:
         """Sequences holding KV blocks (0 once every request has finished or been aborted)."""

@@ -133,8 +133,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.engine.has_work())
-            self.load = self.engine.load()
+            if self._drain(block=not self.engine.has_work()):
+                self.load = self.engine.load()  # the requests just taken
             if self._stop.is_set():
                 break
             try:
@@ -144,6 +144,7 @@ class EngineLoop:
                 return
             if self.error is not None:  # the watchdog gave up on this step: its requests were failed already
                 return
+            self.load = self.engine.load()  # what the step left: an idle replica must not report its last prompt
             for seq in stepped:
                 job = self._jobs.get(seq.id)
                 if job is None:
@@ -177,11 +178,12 @@ class EngineLoop:
             for job in list(self._jobs.values()):
                 self._send(job, EngineFailed(f"engine step failed: {type(e).__name__}: {e}", self.replica))
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool) -> bool:
+        """Take the commands waiting (waiting up to half a second for one when ``block``); whether there were any."""
         try:
             cmd, job = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             if cmd == "start":
                 try:
@@ -195,7 +197,7 @@ class EngineLoop:
             try:
                 cmd, job = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     @staticmethod
     def _send(job: _Job, item: Any) -> None:

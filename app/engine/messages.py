@@ -81,6 +81,9 @@ class EngineLoad:
     step_s: float = 0.0
     slot_wait_s: float = 0.0  # the decode part of ``wait_s``: 0 while sequences and KV blocks are to spare
     wait_s: float = 0.0
+    # of ``wait_s``, what the step budget's pace adds to a lone prefill of the waiting prompts (0 with no stream
+    # decoding): the router adds it to its own batched prefill of them
+    paced_s: float = 0.0
     free_blocks: int = 0  # KV blocks nobody holds (prefix-cached ones included: they are evicted on demand)
     total_blocks: int = 0
     prefix_hit_rate: float = 0.0  # prompt tokens found in the prefix cache, of all looked up

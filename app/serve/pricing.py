@@ -88,10 +88,12 @@ def backlog(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolL
     return max(int(reported_tokens), load.queued), max(reported_slot_wait, own_slot_wait)
 
 
-def reported_prefill_wait(load: PoolLoad) -> float:
-    """Seconds the replicas say their waiting prompt tokens take to read (their expected wait less its decode part),
-    mean over replicas: beside decoding streams, slower than a lone prefill of them."""
-    return _mean(load.front, lambda x: x.wait_s - x.slot_wait_s)
+def reported_pacing(load: PoolLoad) -> float:
+    """Seconds the replicas say the step budget's pace adds to reading their waiting prompts, beyond a lone prefill
+    of them (``EngineLoad.paced_s``: beside decoding streams), mean over replicas. Only the excess: a replica's lone
+    prefill of its queue prices each prompt's fixed costs apart, which the planner's batched prefill shares, and a
+    report lags by up to a beat (a prompt read since then would still count whole)."""
+    return _mean(load.front, lambda x: x.paced_s)
 
 
 def decode_step_s(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolLoad, context: int) -> float:
@@ -131,9 +133,9 @@ def predicted_ttft(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load
                    if queued else alone)
     except ValueError:  # nothing the pool offers fits its memory for this prompt (or this batch)
         return None
-    # the prompts ahead: batched with this one as the planner prices them, or as the replicas say they are read
-    # (beside decoding streams the step budget paces them: ``LLMEngine.prefill_wait_s``), whichever is longer
-    ahead = max(batched.time_s - alone.time_s, reported_prefill_wait(load))
+    # the prompts ahead: batched with this one as the planner prices them, plus what the step budget's pace beside
+    # decoding streams adds to reading them, as the replicas report it (``LLMEngine.prefill_wait_s``)
+    ahead = batched.time_s - alone.time_s + reported_pacing(load)
     wait = max(0.0, ahead) + slot_wait
     return own + wait, wait
 
