@@ -39,19 +39,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin))  # not addcmul: its fused multiply-add rounds once
 
 
-class Rotary:
-    """Rotary tables from ``transformers``' own ``LlamaRotaryEmbedding``, so every rope scaling type that Llama
-    checkpoints ship (default, linear, dynamic, llama3, yarn, longrope) matches the reference by construction."""
+class Rotary(torch.nn.Module):
+    """Rotary tables as ``transformers``' ``LlamaRotaryEmbedding`` makes them, from its own parts: the inverse
+    frequencies of every rope type Llama checkpoints ship (default, linear, dynamic, llama3, yarn, longrope) by its
+    ``ROPE_INIT_FUNCTIONS``, their update with the sequence length (dynamic, longrope) by its ``dynamic_rope_update``;
+    only the five-line forward is written here, as ``LlamaRotaryEmbedding.forward`` is (``test_single_device`` checks
+    each type against the reference model). Not the class itself: importing ``modeling_llama`` costs each shard worker
+    process seconds at start."""
 
     def __init__(self, hf_config, device: torch.device | str = "cpu"):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        self.module = LlamaRotaryEmbedding(hf_config).to(device)
+        super().__init__()
+        self.config = hf_config
+        self.max_seq_len_cached = self.original_max_seq_len = hf_config.max_position_embeddings
+        self.rope_type = hf_config.rope_parameters["rope_type"]
+        init = default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init(hf_config, device)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
+        self.rope_forward = _updated(type(self)._tables)
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype=x.dtype), (emb.sin() * self.attention_scaling).to(
+            dtype=x.dtype)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, dh] of ``positions`` [T], in ``dtype``."""
         dummy = torch.empty(0, dtype=dtype, device=positions.device)
-        cos, sin = self.module(dummy, positions[None, :])
+        with torch.no_grad():
+            cos, sin = self.rope_forward(self, dummy, positions[None, :])
         return cos[0], sin[0]
+
+
+def default_rope_parameters(config, device=None) -> tuple[torch.Tensor, float]:
+    """``LlamaRotaryEmbedding.compute_default_rope_parameters``: the original RoPE's inverse frequencies."""
+    base = config.rope_parameters["rope_theta"]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+
+def _updated(forward):
+    from transformers.modeling_rope_utils import dynamic_rope_update
+
+    return dynamic_rope_update(forward)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:

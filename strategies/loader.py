@@ -136,10 +136,20 @@ class Checkpoint:
 
     @cached_property
     def config(self):
-        """The ``transformers`` LlamaConfig (used for rotary-embedding parameters)."""
-        from transformers import LlamaConfig
+        """The checkpoint's ``config.json`` as ``transformers``' base ``PreTrainedConfig``, with its rope parameters
+        standardized as ``LlamaConfig`` does (the same mixin) and ``head_dim`` filled in as ``LlamaConfig`` fills it:
+        what the rotary tables and the tokenizer's lookup read. Not ``LlamaConfig`` itself: importing the Llama
+        package costs every replica and shard worker process 1-3 s of a 2-core machine at start."""
+        from transformers.configuration_utils import PreTrainedConfig
 
-        return LlamaConfig.from_pretrained(self.path)
+        saved = json.loads((self.path / "config.json").read_text())
+        legacy = {k: saved.pop(k) for k in ("rope_scaling", "rope_theta", "partial_rotary_factor") if k in saved}
+        config = PreTrainedConfig.from_dict({k: v for k, v in saved.items() if k != "rope_parameters"})
+        config.rope_parameters = saved.get("rope_parameters")
+        config.convert_rope_params_to_dict(**legacy)  # what LlamaConfig's __post_init__ does with those keys
+        if getattr(config, "head_dim", None) is None:
+            config.head_dim = config.hidden_size // config.num_attention_heads
+        return config
 
     def _check_complete(self) -> None:
         names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -172,8 +182,8 @@ class Checkpoint:
 
         if not any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise ModelError(f"{self.path} has no tokenizer (tokenizer.json or tokenizer.model)")
-        try:
-            return AutoTokenizer.from_pretrained(self.path)
+        try:  # given the config, it does not import the Llama package to read it (see ``config``)
+            return AutoTokenizer.from_pretrained(self.path, config=self.config)
         except (OSError, ValueError) as e:
             raise ModelError(f"no usable tokenizer in {self.path}: {e}") from e
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import TINY_SHAPES, local_engine, prompts_for, reference_greedy, reference_logits
@@ -104,3 +106,42 @@ def test_rope_scaling_types_match_transformers(tmp_path, rope):
     assert (logits - reference_logits(path, prompt)).abs().max().item() <= 1e-4
     seq = local_engine(path, max_model_len=160).generate([prompt], GREEDY_32)[0]
     assert seq.output_ids == reference_greedy(path, prompt, 32)
+
+
+LEGACY_ROPE = [  # config.json as checkpoints on the Hub spell it (transformers 4: rope_theta and rope_scaling apart)
+    {"rope_theta": 500000.0},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 64},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, "rope_theta": 500000.0},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}},
+    {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5] * 8},
+     "original_max_position_embeddings": 64, "max_position_embeddings": 256},
+    {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                         "original_max_position_embeddings": 128}},
+]
+
+
+@pytest.mark.parametrize("rope", LEGACY_ROPE, ids=lambda r: json.dumps(r)[:40])
+def test_rotary_tables_are_transformers_own_for_every_spelling(tmp_path, rope):
+    """The engine reads a checkpoint's config without ``LlamaConfig`` (``Checkpoint.config``) and builds its rotary
+    tables without ``LlamaRotaryEmbedding`` (both cost each worker process seconds to import): the tables must still
+    be the reference's bit for bit, for every rope type and either spelling of config.json, past the trained context
+    too (dynamic and longrope switch frequencies there)."""
+    from conftest import tiny_config
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from strategies.layers import Rotary
+    from strategies.loader import Checkpoint, save_random_llama
+
+    path = save_random_llama(tiny_config("gqa"), tmp_path)
+    saved = json.loads((path / "config.json").read_text())
+    saved.pop("rope_parameters", None)
+    (path / "config.json").write_text(json.dumps({**saved, **rope}))
+    ours, reference = Rotary(Checkpoint(path).config), LlamaRotaryEmbedding(LlamaConfig.from_pretrained(path))
+    assert Checkpoint(path).config.rope_parameters == reference.config.rope_parameters
+    for length in (7, 300, 40):  # past max_position_embeddings and back
+        positions = torch.arange(length)
+        cos, sin = reference(torch.empty(0), positions[None])
+        assert all(torch.equal(a, b[0]) for a, b in zip(ours(positions, torch.float32), (cos, sin)))
