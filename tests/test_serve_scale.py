@@ -211,4 +211,5 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
     decisions = slo_decisions(ray_session, "slo")
     print("".join(decisions[-6:]))
     assert any("1 -> 2 replicas: up:" in line for line in decisions), decisions
-    assert any("2 -> 1 replicas: idle" in line for line in decisions), decisions
+    # back down, idle (no request in the window) or down (the tail of the burst still in it, one replica enough)
+    assert any("2 -> 1 replicas: idle" in line or "2 -> 1 replicas: down:" in line for line in decisions), decisions
