@@ -13,7 +13,7 @@ from conftest import local_engine, prompts_for, reference_greedy
 
 from app.engine.predictor import StepPredictor
 from app.engine.sampling import SamplingParams
-from app.engine.step_budget import RIDE_STEP, STEP_SHARE, StepBudget, coarse_prefix, paced_wait_s
+from app.engine.step_budget import RIDE_STEP, STEP_SHARE, StepBudget, coarse_prefix, deadline_floor, paced_wait_s
 from cost import get_hardware
 from cost.correction import Correction
 from strategies.loader import Checkpoint
@@ -97,15 +97,15 @@ def test_the_paced_wait_lasts_as_long_as_the_streams():
         return tokens * 0.001
     tpot, chunk = 0.4, 16
     # one stream with 3 tokens left: 3 paced steps read 48 tokens, the other 152 read alone
-    assert paced_wait_s([(200, 1)], [3], chunk, tpot, alone) == pytest.approx(3 * tpot + 0.152)
+    assert paced_wait_s([(200, 1, None)], [3], chunk, tpot, alone) == pytest.approx(3 * tpot + 0.152)
     # a stream that outlasts the prompt paces all of it: 13 steps of 16 tokens
-    assert paced_wait_s([(200, 1)], [50], chunk, tpot, alone) == pytest.approx(13 * tpot)
+    assert paced_wait_s([(200, 1, None)], [50], chunk, tpot, alone) == pytest.approx(13 * tpot)
     # no stream: the first prompt is read alone, then decodes (10 tokens: 9 after its first) beside the second
-    assert paced_wait_s([(100, 10), (200, 1)], [], chunk, tpot, alone) == pytest.approx(0.1 + 9 * tpot + 0.056)
+    assert paced_wait_s([(100, 10, None), (200, 1, None)], [], chunk, tpot, alone) == pytest.approx(0.1 + 9 * tpot + 0.056)
     # a prompt that generates one token only does not become a stream
-    assert paced_wait_s([(100, 1), (200, 1)], [], chunk, tpot, alone) == pytest.approx(0.3)
+    assert paced_wait_s([(100, 1, None), (200, 1, None)], [], chunk, tpot, alone) == pytest.approx(0.3)
     # the budget has not cut a prompt yet: every prompt priced alone
-    assert paced_wait_s([(100, 10), (200, 1)], [50], 0, tpot, alone) == pytest.approx(0.3)
+    assert paced_wait_s([(100, 10, None), (200, 1, None)], [50], 0, tpot, alone) == pytest.approx(0.3)
 
 
 def test_alone_a_prompt_is_one_chunk_up_to_the_cap(tiny_models):
@@ -162,6 +162,45 @@ def test_a_target_the_streams_alone_miss_still_reads_a_block_per_step(tiny_model
     assert [n for n, _, _ in chunks] == [16, 16, 16, 2]
 
 
+def test_a_ttft_target_hurries_a_prompt_the_tpot_budget_would_starve(tiny_models):
+    """The same starving target with a TTFT deadline: the prompt's chunks read it by the deadline at one step per
+    TPOT target (2 s at 0.5 s a step: 400 tokens in chunks of 112 tokens, 7 blocks), not one block a step, and all of
+    it once the deadline is a step away or past; within the cap; greedy tokens unchanged. Without streams, the cap."""
+    path = tiny_models["gqa"]
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=predictor(path),
+                          tpot_s=1e-6, ttft_s=1e-6)  # the deadline is past at once: the rest of the prompt, capped
+    prompt = prompts_for(512, lengths=(50,), seed=9)[0]
+    assert [n for n, _, _ in chunks_of(engine, prompt, streams=2)] == [50]
+    budget = StepBudget(predictor(path), tpot_s=0.5, block_size=16, ttft_s=2.0)
+    budget.target_s = 0.0  # the streams alone miss the target: one block, unless the deadline needs more
+    assert budget.limit("auto", [], [], [8, 8], 0, 400, CAP, first=True, waited_s=0.0) == 112  # 400 in 4 steps
+    assert budget.limit("auto", [], [], [8, 8], 0, 400, 64, first=True, waited_s=0.0) == 64  # within the cap
+    assert budget.limit("auto", [], [], [8, 8], 0, 400, CAP, first=True, waited_s=1.2) == 400  # one step left
+    assert budget.limit("auto", [], [], [8, 8], 0, 400, CAP, first=True, waited_s=None) == 16  # has its token
+    assert budget.limit("auto", [], [], [], 0, 400, CAP, first=True, waited_s=0.0) == 400  # no stream: the cap
+    seqs = [engine.add(p, GREEDY) for p in prompts_for(512, lengths=(6, 90), seed=10)]
+    while engine.has_work():
+        engine.step()
+    assert [s.output_ids for s in seqs] == [reference_greedy(path, p, 8) for p in prompts_for(512, lengths=(6, 90),
+                                                                                              seed=10)]
+
+
+def test_the_deadline_floor_reads_the_rest_by_the_deadline():
+    assert deadline_floor(400, 2.0, 0.5, 16) == 112  # 4 steps: 100 a step, in whole blocks
+    assert deadline_floor(40, 2.0, 0.5, 16) == 16  # a block is plenty
+    assert deadline_floor(400, 0.9, 0.5, 16) == 400  # within one step: the rest
+    assert deadline_floor(400, -3.0, 0.5, 16) == 400  # late: the rest
+    # the expected wait: hurried prompts are read by their deadline (each step at least a lone prefill of its chunk)
+    def alone(tokens: int) -> float:
+        return tokens * 0.001
+    paced = paced_wait_s([(400, 1, None)], [100], 16, 0.5, alone, ttft_s=2.0)
+    assert paced == pytest.approx(25 * 0.5)  # not hurried: 25 blocks, a step each
+    hurried = paced_wait_s([(400, 1, 0.0)], [100], 16, 0.5, alone, ttft_s=2.0)
+    assert hurried == pytest.approx(0.5 + 0.5 + 0.5 + 0.5)  # 112, 96, 96 and the last 96: four steps of 0.5 s
+    late = paced_wait_s([(400, 1, 5.0)], [100], 16, 0.5, alone, ttft_s=2.0)
+    assert late == pytest.approx(0.5)  # past its deadline: the rest in one step (a lone 400-token prefill is 0.4 s)
+
+
 def test_without_a_target_the_fixed_budget_is_unchanged(tiny_models):
     path = tiny_models["gqa"]
     engine = local_engine(path, max_model_len=512, max_num_batched_tokens=32, predictor=predictor(path))
@@ -183,6 +222,10 @@ def test_config_step_budget_and_tpot_target():
     assert PoolConfig(name="p", autoscaling=slo, slo={"tpot_s": 0.3}, step_budget="fixed").sized_tpot_s() is None
     assert PoolConfig(name="p").sized_tpot_s() is None  # no target: the fixed budget
     assert PoolConfig(name="p", tpot_s=0.25).sized_tpot_s() == 0.25
+    assert pool.ttft_s == 1.0 and pool.engine_options("m", False).ttft_s == 1.0  # slo.ttft_s's default: the deadline
+    assert PoolConfig(name="p", tpot_s=0.25).ttft_s is None
+    with pytest.raises(ValidationError, match="disagrees with slo.ttft_s"):
+        PoolConfig(name="p", autoscaling=slo, slo={"ttft_s": 2.0}, ttft_s=1.0)
     with pytest.raises(ValidationError, match="disagrees with slo.tpot_s"):
         PoolConfig(name="p", autoscaling=slo, slo={"tpot_s": 0.3}, tpot_s=0.2)
     with pytest.raises(ValidationError, match="set tpot_s"):

@@ -44,6 +44,9 @@ class EngineFields(BaseModel):
     # None: "slo" when there is a TPOT target (a pool's ``slo.tpot_s`` or ``tpot_s``), else "fixed".
     step_budget: Literal["slo", "fixed"] | None = None
     tpot_s: float | None = Field(None, gt=0)  # the TPOT target steps are sized for (a pool's ``slo.tpot_s`` by default)
+    # the TTFT target a prompt read beside streams is hurried to meet: its chunks at least what reads it by then at
+    # one step per tpot_s (a pool's ``slo.ttft_s`` by default; None: one block per step at least)
+    ttft_s: float | None = Field(None, gt=0)
     enable_chunked_prefill: bool = True  # long prompts in chunks between decode steps (else whole, stalling them)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     # Correct the planner's predictions by the steps this engine measures (cost.correction); off: the planner as
@@ -162,7 +165,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                         max_num_batched_tokens=opts.max_num_batched_tokens,
                         enable_chunked_prefill=opts.enable_chunked_prefill,
                         enable_prefix_caching=opts.enable_prefix_caching, predictor=predictor, step_s=step_s,
-                        tpot_s=opts.sized_tpot_s(),
+                        tpot_s=opts.sized_tpot_s(), ttft_s=opts.ttft_s,
                         layouts=available, contenders=offered, watchdog_floor_s=opts.step_watchdog_floor_s)
 
 

@@ -52,7 +52,7 @@ class LLMEngine:
                  choose_strategy: ChooseStrategy | None = None, predict_prefill_s: Callable[[int], float] | None = None,
                  step_s: float = 0.0, layouts: list[str] | None = None, contenders: list[str] | None = None,
                  watchdog_floor_s: float = 30.0, predictor: StepPredictor | None = None, tpot_s: float | None = None,
-                 **limits: Any):
+                 ttft_s: float | None = None, **limits: Any):
         self.group, self.tokenizer = group, tokenizer
         # Layouts built at start (named strategies + the executable front that fit), and those offered: the ones a
         # request may name and the ingress prices (``build_engine``: the planner's picks, the named strategies, a
@@ -67,7 +67,7 @@ class LLMEngine:
         self.predictor = predictor
         self.choose_strategy = choose_strategy or (lambda new, cached, decoding: DECODE_STRATEGY)
         # With a TPOT target each step's prefill is sized so the streams keep it (``step_budget.py``), else fixed
-        self.step_budget = StepBudget(predictor, tpot_s, self.scheduler.config.block_size) if (
+        self.step_budget = StepBudget(predictor, tpot_s, self.scheduler.config.block_size, ttft_s=ttft_s) if (
             predictor is not None and tpot_s) else None
         self.scheduler.sizer = self.step_budget
         self.predict_prefill_s = predict_prefill_s or (predictor.prefill_s if predictor else (lambda tokens: 0.0))
@@ -167,8 +167,10 @@ class LLMEngine:
         alone = self.predict_prefill_s(tokens)
         if self.step_budget is None or not any(not s.prefilling for s in self.running):
             return alone, 0.0
-        prompts = ([(s.remaining, s.tokens_left) for s in self.running if s.prefilling]
-                   + [(len(s.all_ids), s.tokens_left) for s in self.queued_sequences()])
+        now = time.perf_counter()
+        prompts = [(s.remaining, s.tokens_left,
+                    None if s.output_ids else now - s.t_arrival)
+                   for s in [*(s for s in self.running if s.prefilling), *self.queued_sequences()]]
         streams = [s.tokens_left for s in self.running if not s.prefilling]
         return alone, self.step_budget.paced_wait_s(prompts, streams, self.predict_prefill_s)
 

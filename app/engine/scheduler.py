@@ -12,6 +12,7 @@ change what a step may hold (the disaggregated engines' schedulers in ``disagg.p
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ class ChunkSizer(Protocol):
     the pool's TPOT target); without one a chunk takes what is left of ``max_num_batched_tokens``."""
 
     def limit(self, requested: str, new: list[int], cached: list[int], decoding: list[int], prefix: int,
-              remaining: int, cap: int, first: bool) -> int: ...
+              remaining: int, cap: int, first: bool, waited_s: float | None = None) -> int: ...
 
 
 class Scheduled(NamedTuple):
@@ -252,8 +253,9 @@ class Scheduler:
         """The token budget of ``seq``'s next chunk: what is left of the step's, or less by the ``sizer``."""
         if self.sizer is None or not self.config.enable_chunked_prefill:
             return budget
+        waited = None if seq.output_ids else time.perf_counter() - seq.t_arrival  # its first token still to come
         return self.sizer.limit(seq.strategy, [n for _, n in prefill], [s.num_computed for s, _ in prefill], decoding,
-                                seq.num_computed, seq.remaining, budget, first=not prefill)
+                                seq.num_computed, seq.remaining, budget, first=not prefill, waited_s=waited)
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
         """Prompt tokens of ``seq`` this step: up to the budget and the free blocks when chunking, else the rest of

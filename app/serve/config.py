@@ -76,15 +76,19 @@ class PoolConfig(EngineFields):
     @model_validator(mode="before")
     @classmethod
     def _tpot_from_slo(cls, data: Any) -> Any:
-        """The pool's ``slo.tpot_s`` is the target its steps are sized for (``step_budget``); a ``tpot_s`` that
-        disagrees with it is an error (two targets for one pool)."""
+        """The pool's ``slo.tpot_s`` is the target its steps are sized for (``step_budget``), its ``slo.ttft_s`` the
+        deadline a prompt read beside streams is hurried to; a ``tpot_s`` or ``ttft_s`` that disagrees with them is
+        an error (two targets for one pool)."""
         slo = data.get("slo") if isinstance(data, dict) else None
         if slo is None:
             return data
-        tpot = slo.get("tpot_s", SLOTarget.model_fields["tpot_s"].default) if isinstance(slo, dict) else slo.tpot_s
-        if data.get("tpot_s") is not None and data["tpot_s"] != tpot:
-            raise ValueError(f"tpot_s {data['tpot_s']} disagrees with slo.tpot_s {tpot}: set one of them")
-        return {**data, "tpot_s": tpot}
+        targets = {}
+        for key in ("tpot_s", "ttft_s"):
+            target = slo.get(key, SLOTarget.model_fields[key].default) if isinstance(slo, dict) else getattr(slo, key)
+            if data.get(key) is not None and data[key] != target:
+                raise ValueError(f"{key} {data[key]} disagrees with slo.{key} {target}: set one of them")
+            targets[key] = target
+        return {**data, **targets}
 
     @model_validator(mode="after")
     def _ongoing_default(self) -> PoolConfig:
