@@ -13,7 +13,8 @@ from conftest import local_engine, prompts_for, reference_greedy
 
 from app.engine.predictor import StepPredictor
 from app.engine.sampling import SamplingParams
-from app.engine.step_budget import RIDE_STEP, STEP_SHARE, StepBudget, coarse_prefix, deadline_floor, paced_wait_s
+from app.engine.step_budget import (RIDE_STEP, SLOWDOWN, STEP_SHARE, StepBudget, coarse_prefix, deadline_floor,
+                                     paced_wait_s)
 from cost import get_hardware
 from cost.correction import Correction
 from strategies.loader import Checkpoint
@@ -163,21 +164,27 @@ def test_a_target_the_streams_alone_miss_still_reads_a_block_per_step(tiny_model
 
 
 def test_a_ttft_target_hurries_a_prompt_the_tpot_budget_would_starve(tiny_models):
-    """The same starving target with a TTFT deadline: the prompt's chunks read it by the deadline at one step per
-    TPOT target (2 s at 0.5 s a step: 400 tokens in chunks of 112 tokens, 7 blocks), not one block a step, and all of
-    it once the deadline is a step away or past; within the cap; greedy tokens unchanged. Without streams, the cap."""
+    """A target the streams alone miss, with a TTFT deadline: the prompt's chunks read it by its deadline at one step
+    per TPOT target (2 s at 0.5 s a step: 400 tokens in chunks of 112, 7 blocks), not one block a step, and all of it
+    once the deadline is a step away or past; within the cap; greedy tokens unchanged. Without streams, the cap. The
+    deadline is the TTFT target or twice the prompt's predicted lone prefill, whichever is later."""
     path = tiny_models["gqa"]
-    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=predictor(path),
-                          tpot_s=1e-6, ttft_s=1e-6)  # the deadline is past at once: the rest of the prompt, capped
-    prompt = prompts_for(512, lengths=(50,), seed=9)[0]
-    assert [n for n, _, _ in chunks_of(engine, prompt, streams=2)] == [50]
-    budget = StepBudget(predictor(path), tpot_s=0.5, block_size=16, ttft_s=2.0)
+    pred = predictor(path)
+    budget = StepBudget(pred, tpot_s=0.5, block_size=16, ttft_s=2.0)
     budget.target_s = 0.0  # the streams alone miss the target: one block, unless the deadline needs more
+    assert budget.due_s(400) == 2.0 and budget.due_s(400) > SLOWDOWN * pred.prefill_s(512)
     assert budget.limit("auto", [], [], [8, 8], 0, 400, CAP, first=True, waited_s=0.0) == 112  # 400 in 4 steps
     assert budget.limit("auto", [], [], [8, 8], 0, 400, 64, first=True, waited_s=0.0) == 64  # within the cap
     assert budget.limit("auto", [], [], [8, 8], 0, 400, CAP, first=True, waited_s=1.2) == 400  # one step left
     assert budget.limit("auto", [], [], [8, 8], 0, 400, CAP, first=True, waited_s=None) == 16  # has its token
     assert budget.limit("auto", [], [], [], 0, 400, CAP, first=True, waited_s=0.0) == 400  # no stream: the cap
+    slow = StepBudget(pred, tpot_s=0.5, block_size=16, ttft_s=1e-6)  # a target below any prefill: the slowdown bound
+    assert slow.due_s(400) == pytest.approx(SLOWDOWN * pred.prefill_s(512))
+    engine = local_engine(path, max_model_len=512, max_num_batched_tokens=CAP, predictor=pred, tpot_s=0.5,
+                          ttft_s=1e-6)
+    engine.step_budget.target_s = 0.0
+    prompt = prompts_for(512, lengths=(50,), seed=9)[0]
+    assert [n for n, _, _ in chunks_of(engine, prompt, streams=2)] == [50]  # due in ms, steps of 0.5 s: all of it
     seqs = [engine.add(p, GREEDY) for p in prompts_for(512, lengths=(6, 90), seed=10)]
     while engine.has_work():
         engine.step()
@@ -193,12 +200,14 @@ def test_the_deadline_floor_reads_the_rest_by_the_deadline():
     # the expected wait: hurried prompts are read by their deadline (each step at least a lone prefill of its chunk)
     def alone(tokens: int) -> float:
         return tokens * 0.001
-    paced = paced_wait_s([(400, 1, None)], [100], 16, 0.5, alone, ttft_s=2.0)
+    paced = paced_wait_s([(400, 1, None)], [100], 16, 0.5, alone)
     assert paced == pytest.approx(25 * 0.5)  # not hurried: 25 blocks, a step each
-    hurried = paced_wait_s([(400, 1, 0.0)], [100], 16, 0.5, alone, ttft_s=2.0)
+    hurried = paced_wait_s([(400, 1, 2.0)], [100], 16, 0.5, alone)
     assert hurried == pytest.approx(0.5 + 0.5 + 0.5 + 0.5)  # 112, 96, 96 and the last 96: four steps of 0.5 s
-    late = paced_wait_s([(400, 1, 5.0)], [100], 16, 0.5, alone, ttft_s=2.0)
+    late = paced_wait_s([(400, 1, -3.0)], [100], 16, 0.5, alone)
     assert late == pytest.approx(0.5)  # past its deadline: the rest in one step (a lone 400-token prefill is 0.4 s)
+    # a second prompt's deadline counts from now: it waits for the first, then is hurried by what is left of its own
+    assert paced_wait_s([(400, 1, 2.0), (400, 1, 2.5)], [100], 16, 0.5, alone) == pytest.approx(2.0 + 0.5)
 
 
 def test_without_a_target_the_fixed_budget_is_unchanged(tiny_models):

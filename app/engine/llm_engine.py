@@ -167,12 +167,13 @@ class LLMEngine:
         alone = self.predict_prefill_s(tokens)
         if self.step_budget is None or not any(not s.prefilling for s in self.running):
             return alone, 0.0
-        now = time.perf_counter()
+        now, budget = time.perf_counter(), self.step_budget
+        hurried = budget.ttft_s is not None
         prompts = [(s.remaining, s.tokens_left,
-                    None if s.output_ids else now - s.t_arrival)
+                    budget.due_s(len(s.all_ids)) - (now - s.t_arrival) if hurried and not s.output_ids else None)
                    for s in [*(s for s in self.running if s.prefilling), *self.queued_sequences()]]
         streams = [s.tokens_left for s in self.running if not s.prefilling]
-        return alone, self.step_budget.paced_wait_s(prompts, streams, self.predict_prefill_s)
+        return alone, budget.paced_wait_s(prompts, streams, self.predict_prefill_s)
 
     def seqs_in_use(self) -> int:
         """Sequences holding KV blocks (0 once every request has finished or been aborted)."""

@@ -11,11 +11,13 @@ there is no inter-token time to protect: the chunk is as long as the cap allows 
 long chunks). ``max_num_batched_tokens`` stays the upper bound, and a waiting prompt always gets one block per step
 even when the streams alone already miss the target, so it never starves.
 
-A prompt has a promise too: with a TTFT target (a pool's ``slo.ttft_s``), a prompt's chunk is at least what reads its
-remaining tokens by that deadline at one step per TPOT target (``deadline_floor``), and once the deadline is within a
-step or past, the rest up to the cap. TPOT is a mean over a stream's tokens, TTFT a one-off deadline: a few longer
+A prompt has a promise too: with a TTFT target (a pool's ``slo.ttft_s``), a prompt is due its first token by that
+target or by ``SLOWDOWN`` times its predicted lone prefill, whichever is later (``due_s``), and its chunk is at least
+what reads its remaining tokens by then at one step per TPOT target (``deadline_floor``); once the deadline is within
+a step or past, the rest up to the cap. TPOT is a mean over a stream's tokens, TTFT a one-off deadline: a few longer
 steps cost each stream a little of its mean, while one block per step held a 1,500-token prompt on the shipped 2-rank
-pool for 30 s beside four streams (its decode step alone nearly filled the target).
+pool for 30 s beside four streams (its decode step alone nearly filled the target). The slowdown bound keeps a
+target no replica meets for a long prompt (1 s for 1,000 tokens alone taking 9 s) from reading it at the cap at once.
 
 Sizing must cost little next to the step (a planner call is ~1.5 ms here): pricing is cached by shape
 (``StepPredictor._plan_step``) and the shapes are coarsened upwards, so the prediction errs long, never short (the
@@ -36,6 +38,7 @@ from app.engine.predictor import StepPredictor
 RIDE_STEP = 64  # the riding decode tokens' contexts priced at their mean, rounded up to this
 PREFIX_STEP = 256  # a chunk's cached prefix priced at the next multiple of this
 STEP_SHARE = 0.85  # of the TPOT target a step's forward pass may take (sampling, detokenizing, the loop: the rest)
+SLOWDOWN = 2.0  # a prompt beside streams is due within this many times its lone prefill (or its TTFT target if later)
 
 
 class StepBudget:
@@ -50,6 +53,7 @@ class StepBudget:
         self.sizing_s = 0.0
         self._last: dict[tuple[str, int], int] = {}  # blocks of the last chunk per (layout asked, decode tokens)
         self.last_chunk: int | None = None  # tokens of the last chunk the budget cut beside decoding streams
+        self._alone: dict[int, tuple[float, int]] = {}  # lone prefill by coarse prompt length: (seconds, steps learned)
 
     def limit(self, requested: str, new: list[int], cached: list[int], decoding: list[int], prefix: int,
               remaining: int, cap: int, first: bool, waited_s: float | None = None) -> int:
@@ -78,19 +82,32 @@ class StepBudget:
         if n == 0 and first:
             n = min(bs, top)
         if self.ttft_s is not None and waited_s is not None:
-            n = max(n, min(top, deadline_floor(remaining, self.ttft_s - waited_s, self.tpot_s, bs)))
+            left = self.due_s(prefix + remaining) - waited_s
+            n = max(n, min(top, deadline_floor(remaining, left, self.tpot_s, bs)))
         if 0 < n < remaining:  # cut by the budget or the cap (a prompt's last piece says nothing of the budget)
             self.last_chunk = n
         self.sized += 1
         self.sizing_s += time.perf_counter() - t0
         return n
 
+    def due_s(self, prompt_tokens: int) -> float:
+        """Seconds after its arrival a prompt of ``prompt_tokens`` is due its first token: the TTFT target, or
+        ``SLOWDOWN`` times its predicted (corrected) lone prefill when that is later. The prefill is priced at the
+        length rounded up to ``PREFIX_STEP`` and again once the correction has learned from another ``PREFIX_STEP``
+        steps."""
+        key, learned = coarse_prefix(prompt_tokens), self.predictor.correction.table().steps()
+        alone, at = self._alone.get(key, (0.0, -PREFIX_STEP))
+        if learned - at >= PREFIX_STEP:
+            alone = self.predictor.prefill_s(key)
+            self._alone[key] = (alone, learned)
+        return max(self.ttft_s or 0.0, SLOWDOWN * alone)
+
     def paced_wait_s(self, prompts: list[tuple[int, int, float | None]], streams: list[int],
                      alone: Callable[[int], float]) -> float:
         """Seconds until the waiting ``prompts`` are read, beside ``streams`` (``paced_wait_s``, at this budget's last
-        chunk, TPOT target and TTFT deadline); ``alone`` prices a lone prefill. Before the budget has cut a prompt
-        (prompts were read whole so far), every prompt is read alone."""
-        return paced_wait_s(prompts, streams, self.last_chunk or 0, self.tpot_s, alone, self.ttft_s, self.block_size)
+        chunk and TPOT target, each prompt by its deadline); ``alone`` prices a lone prefill. Before the budget has cut
+        a prompt (prompts were read whole so far), every prompt is read alone."""
+        return paced_wait_s(prompts, streams, self.last_chunk or 0, self.tpot_s, alone, self.block_size)
 
     def overhead_ms(self) -> float:
         """Mean milliseconds spent sizing one chunk so far."""
@@ -98,25 +115,23 @@ class StepBudget:
 
 
 def paced_wait_s(prompts: list[tuple[int, int, float | None]], streams: list[int], chunk: int, tpot_s: float,
-                 alone: Callable[[int], float], ttft_s: float | None = None, block_size: int = 16) -> float:
-    """Seconds until ``prompts`` ([prompt tokens still to read, tokens it will then generate, seconds it has waited
-    for its first token (None: not hurried)], in the order the scheduler reads them) are read, beside ``streams``
+                 alone: Callable[[int], float], block_size: int = 16) -> float:
+    """Seconds until ``prompts`` ([prompt tokens still to read, tokens it will then generate, seconds from now until
+    its first token is due (None: not hurried)], in the order the scheduler reads them) are read, beside ``streams``
     (tokens each decoding sequence may still generate): while any stream decodes, each step reads ``chunk`` tokens in
-    ``tpot_s`` (the budget holds the step to the target) and every stream gains a token, unless the prompt's TTFT
-    deadline (``ttft_s`` after it arrived) needs more (``deadline_floor``): then a step reads that many, taking at
-    least a lone prefill of them; with no stream, a prompt is read at a lone prefill's speed, ``alone(tokens)``. A
+    ``tpot_s`` (the budget holds the step to the target) and every stream gains a token, unless the prompt's deadline
+    needs more (``deadline_floor``): then a step reads that many, taking at least a lone prefill of them; with no stream, a prompt is read at a lone prefill's speed, ``alone(tokens)``. A
     prompt read becomes a stream itself (its first token came with its last chunk). Streams are taken to run to their
     ``max_tokens`` (EOS may end them sooner: the wait errs long). ``chunk`` 0: the budget has not cut a prompt yet,
     every prompt is priced alone."""
     left = sorted(s for s in streams if s > 0)
     t = 0.0
-    for tokens, generates, waited in prompts:
+    for tokens, generates, due_in in prompts:
         while tokens > 0:
             if not left or chunk <= 0:
                 t, tokens = t + alone(tokens), 0
                 break
-            due = 0 if ttft_s is None or waited is None else deadline_floor(tokens, ttft_s - waited - t, tpot_s,
-                                                                               block_size)
+            due = 0 if due_in is None else deadline_floor(tokens, due_in - t, tpot_s, block_size)
             if due > chunk:  # hurried: one step at a time, as long as its chunk takes alone at least
                 t, tokens, steps = t + max(tpot_s, alone(due)), tokens - due, 1
             else:  # paced: until the prompt is read or the next stream ends (the deadline, once met, stays met)
