@@ -102,7 +102,8 @@ def test_the_paced_wait_lasts_as_long_as_the_streams():
     # a stream that outlasts the prompt paces all of it: 13 steps of 16 tokens
     assert paced_wait_s([(200, 1, None)], [50], chunk, tpot, alone) == pytest.approx(13 * tpot)
     # no stream: the first prompt is read alone, then decodes (10 tokens: 9 after its first) beside the second
-    assert paced_wait_s([(100, 10, None), (200, 1, None)], [], chunk, tpot, alone) == pytest.approx(0.1 + 9 * tpot + 0.056)
+    assert paced_wait_s([(100, 10, None), (200, 1, None)], [], chunk, tpot, alone) == \
+        pytest.approx(0.1 + 9 * tpot + 0.056)
     # a prompt that generates one token only does not become a stream
     assert paced_wait_s([(100, 1, None), (200, 1, None)], [], chunk, tpot, alone) == pytest.approx(0.3)
     # the budget has not cut a prompt yet: every prompt priced alone

@@ -120,8 +120,9 @@ def paced_wait_s(prompts: list[tuple[int, int, float | None]], streams: list[int
     its first token is due (None: not hurried)], in the order the scheduler reads them) are read, beside ``streams``
     (tokens each decoding sequence may still generate): while any stream decodes, each step reads ``chunk`` tokens in
     ``tpot_s`` (the budget holds the step to the target) and every stream gains a token, unless the prompt's deadline
-    needs more (``deadline_floor``): then a step reads that many, taking at least a lone prefill of them; with no stream, a prompt is read at a lone prefill's speed, ``alone(tokens)``. A
-    prompt read becomes a stream itself (its first token came with its last chunk). Streams are taken to run to their
+    needs more (``deadline_floor``): then a step reads that many, taking at least a lone prefill of them; with no
+    stream, a prompt is read at a lone prefill's speed, ``alone(tokens)``. A prompt read becomes a stream itself (its
+    first token came with its last chunk). Streams are taken to run to their
     ``max_tokens`` (EOS may end them sooner: the wait errs long). ``chunk`` 0: the budget has not cut a prompt yet,
     every prompt is priced alone."""
     left = sorted(s for s in streams if s > 0)
