@@ -48,7 +48,7 @@ class Rotary(torch.nn.Module):
     process seconds at start."""
 
     def __init__(self, hf_config, device: torch.device | str = "cpu"):
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
         super().__init__()
         self.config = hf_config
@@ -58,7 +58,7 @@ class Rotary(torch.nn.Module):
         inv_freq, self.attention_scaling = init(hf_config, device)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
-        self.rope_forward = _updated(type(self)._tables)
+        self.rope_forward = dynamic_rope_update(Rotary._tables)  # recomputes inv_freq for dynamic and longrope
 
     def _tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
@@ -79,12 +79,6 @@ def default_rope_parameters(config, device=None) -> tuple[torch.Tensor, float]:
     base = config.rope_parameters["rope_theta"]
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-
-
-def _updated(forward):
-    from transformers.modeling_rope_utils import dynamic_rope_update
-
-    return dynamic_rope_update(forward)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:

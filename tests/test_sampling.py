@@ -121,7 +121,6 @@ def test_load_reports_the_wait_a_new_request_would_have(chat_tiny):
     assert engine.load().wait_s == 0
 
 
-
 def test_a_replica_idle_again_reports_no_load(chat_tiny):
     """The load a replica reports (``EngineLoop.load``) is what its last step left: once a one-token request is
     answered, nothing waits or runs. (It was taken before each step, so an idle replica reported its last prompt as
@@ -138,6 +137,7 @@ def test_a_replica_idle_again_reports_no_load(chat_tiny):
         assert (load.running, load.waiting, load.waiting_prompt_tokens, load.wait_s) == (0, 0, 0, 0.0)
     finally:
         loop.stop()
+
 
 def _batch_case():
     """Rows of every kind: greedy (0 and a temperature under GREEDY_BELOW), seeded and unseeded, top-k, top-p."""

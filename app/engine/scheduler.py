@@ -253,9 +253,9 @@ class Scheduler:
         """The token budget of ``seq``'s next chunk: what is left of the step's, or less by the ``sizer``."""
         if self.sizer is None or not self.config.enable_chunked_prefill:
             return budget
-        waited = None if seq.output_ids else time.perf_counter() - seq.t_arrival  # its first token still to come
         return self.sizer.limit(seq.strategy, [n for _, n in prefill], [s.num_computed for s, _ in prefill], decoding,
-                                seq.num_computed, seq.remaining, budget, first=not prefill, waited_s=waited)
+                                seq.num_computed, seq.remaining, budget, first=not prefill,
+                                waited_s=seq.waited_for_first_s(time.perf_counter()))
 
     def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
         """Prompt tokens of ``seq`` this step: up to the budget and the free blocks when chunking, else the rest of

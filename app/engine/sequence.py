@@ -74,6 +74,11 @@ class Sequence:
         """Tokens to compute before the next token can be sampled (1 while decoding)."""
         return len(self.all_ids) - self.num_computed
 
+    def waited_for_first_s(self, now: float) -> float | None:
+        """Seconds since it arrived while its first token is still to come (None once it has one, e.g. a sequence
+        recomputed after a preemption): what its TTFT deadline counts against."""
+        return None if self.output_ids else now - self.t_arrival
+
     @property
     def tokens_left(self) -> int:
         """Tokens it may still generate (up to ``max_tokens``; EOS or a stop may end it sooner)."""

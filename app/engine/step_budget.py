@@ -122,9 +122,8 @@ def paced_wait_s(prompts: list[tuple[int, int, float | None]], streams: list[int
     ``tpot_s`` (the budget holds the step to the target) and every stream gains a token, unless the prompt's deadline
     needs more (``deadline_floor``): then a step reads that many, taking at least a lone prefill of them; with no
     stream, a prompt is read at a lone prefill's speed, ``alone(tokens)``. A prompt read becomes a stream itself (its
-    first token came with its last chunk). Streams are taken to run to their
-    ``max_tokens`` (EOS may end them sooner: the wait errs long). ``chunk`` 0: the budget has not cut a prompt yet,
-    every prompt is priced alone."""
+    first token came with its last chunk). Streams are taken to run to their ``max_tokens`` (EOS may end them sooner:
+    the wait errs long). ``chunk`` 0: the budget has not cut a prompt yet, every prompt is priced alone."""
     left = sorted(s for s in streams if s > 0)
     t = 0.0
     for tokens, generates, due_in in prompts:

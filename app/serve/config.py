@@ -75,7 +75,7 @@ class PoolConfig(EngineFields):
 
     @model_validator(mode="before")
     @classmethod
-    def _tpot_from_slo(cls, data: Any) -> Any:
+    def _targets_from_slo(cls, data: Any) -> Any:
         """The pool's ``slo.tpot_s`` is the target its steps are sized for (``step_budget``), its ``slo.ttft_s`` the
         deadline a prompt read beside streams is hurried to; a ``tpot_s`` or ``ttft_s`` that disagrees with them is
         an error (two targets for one pool)."""
