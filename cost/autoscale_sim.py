@@ -1,10 +1,14 @@
 """The cluster simulator with autoscaling: a trace through pools whose replica counts a policy sets as it runs.
 
-Three policies over the same trace and cluster: ``slo`` (``cost.autoscale.decide``, the code a Serve policy calls),
+Four policies over the same trace and cluster: ``slo`` (``cost.autoscale.decide`` per pool, the code the Serve policy
+calls), ``slo-cheapest`` (the same, then ``cost.growth.place_growth`` moving a pool's growth to the pool that carries
+its overflow cheapest; several pools only, not in Serve: BENCHMARKS.md),
 ``serve-default`` (Ray Serve's default: ceil(ongoing requests averaged over ``look_back_period_s`` /
 ``target_ongoing_requests``), applied after it has held for ``upscale_delay_s`` / ``downscale_delay_s``) and
 ``fixed`` (the pool's replica count throughout). A new replica serves after ``cold_start_s`` and is billed from its
-start; a removed one takes no new requests and is billed until its last one finishes.
+start; a removed one takes no new requests and is billed until its last one finishes. A request goes to the pool
+Serve's router would pick (priced whole, queue and KV slots included, through ``cost.growth.spill``); within a pool,
+to the replica whose prefill starts soonest.
 
 Each replica runs the continuous-batching loop of ``cost.simulator`` (a prefill pass when waiting prompts fit the
 token budget and the KV cache, else a decode step of every running sequence; KV reserved for prompt + output at
@@ -25,12 +29,13 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 
 from cost.autoscale import AutoscaleSettings, PolicyState, ReplicaProfile, SLOTarget, Window, decide
+from cost.growth import Option, PoolView, place_growth, spill
 from cost.planner import DEFAULT_UTILIZATION, decode_step_time, plan_prefill
 from cost.simulator import Percentiles, Pool, _percentiles, _replicas, take_prefill_batch
 from cost.workloads import Request
 from strategies.shapes import ModelShape
 
-AUTOSCALERS = ("slo", "serve-default", "fixed")
+AUTOSCALERS = ("slo", "slo-cheapest", "serve-default", "fixed")
 
 
 class ServeDefault(BaseModel):
@@ -140,6 +145,32 @@ class _Replica:
             busy = 0.0
         return max(0.0, busy) + self.pending_s
 
+    def slot_wait(self, kv: int) -> float:
+        """Predicted seconds until a request needing ``kv`` tokens fits beside what runs and waits here (KV and
+        ``max_seqs``): the running sequences end in order of the tokens they have left, a decode step each."""
+        prof = self.pool.profile
+        over = self.kv_used + sum(r.kv for r in self.waiting) + kv - prof.kv_capacity_tokens
+        seats = len(self.running) + len(self.waiting) + 1 - prof.max_seqs
+        if (over <= 0 and seats <= 0) or not self.running:
+            return 0.0
+        ctx = sum(r.spec.prompt_tokens + r.generated for r in self.running) / len(self.running)
+        step = prof.decode_time(len(self.running), ctx)
+        left = 0
+        for r in sorted(self.running, key=lambda r: r.spec.output_tokens - r.generated):
+            over, seats, left = over - r.kv, seats - 1, r.spec.output_tokens - r.generated
+            if over <= 0 and seats <= 0:
+                break
+        return left * step
+
+    def priced(self, spec: Request, now: float) -> Option:
+        """The request here as the service's router prices a pool: the wait, its prefill, its decode steps beside
+        what runs."""
+        prof = self.pool.profile
+        ctx = spec.prompt_tokens + spec.output_tokens / 2
+        wait = self.backlog(now) + self.slot_wait(spec.prompt_tokens + spec.output_tokens)
+        ttft = wait + prof.single_prefill_time(spec.prompt_tokens)
+        return Option(ttft, wait, ttft + (spec.output_tokens - 1) * prof.decode_time(len(self.running) + 1, ctx))
+
 
 @dataclass(eq=False)
 class _Pool:
@@ -228,13 +259,20 @@ class _Cluster:
         while pool.queue and self.route(pool.queue[0], pool, now):
             pool.queue.popleft()
 
+    def choose(self, spec: Request, fits: list[_Pool], now: float) -> _Pool:
+        """The pool Serve's router picks (``app.serve.admission`` through ``cost.growth.spill``): where the request
+        finishes first, a pool whose queue breaks the TTFT objective passed over while another meets it."""
+        inf = Option(math.inf, 0.0, math.inf)
+        best = [min((r.priced(spec, now) for r in self.accepting(p)), default=inf, key=lambda o: o.finish_s)
+                for p in fits]
+        return fits[spill([o._replace(ttft_slo_s=self.slo.ttft_s) for o in best])]
+
     def arrive(self, spec: Request, now: float) -> None:
         fits = [p for p in self.pools if spec.prompt_tokens + spec.output_tokens <= p.profile.kv_capacity_tokens]
         if not fits:
             self.rejected += 1
             return
-        pool = fits[0] if len(fits) == 1 else min(
-            fits, key=lambda p: min((r.backlog(now) for r in self.accepting(p)), default=math.inf))
+        pool = fits[0] if len(fits) == 1 else self.choose(spec, fits, now)
         pool.window.append((now, spec.prompt_tokens, spec.output_tokens))
         req = _Req(spec, pool.profile.single_prefill_time(spec.prompt_tokens))
         if pool.queue or not self.route(req, pool, now):  # first come, first served
@@ -292,6 +330,7 @@ class _Cluster:
 
     # --- policies -------------------------------------------------------------------------------------------
     def control(self, now: float) -> None:
+        views = []
         for pool in self.pools:
             while pool.window and pool.window[0][0] < now - self.settings.window_s:
                 pool.window.popleft()
@@ -302,16 +341,23 @@ class _Cluster:
             current = len(pool.live)
             if self.autoscaler == "fixed":
                 self.scale(pool, pool.fixed, now, "fixed")
-            elif self.autoscaler == "slo":
+            elif self.autoscaler.startswith("slo"):
                 queued = len(pool.queue) + sum(len(r.waiting) for r in pool.live)
-                win = Window(span_s=max(self.tick_s, min(self.settings.window_s, now)), arrivals_s=[t - now for t, _, _ in pool.window],
+                win = Window(span_s=max(self.tick_s, min(self.settings.window_s, now)),
+                             arrivals_s=[t - now for t, _, _ in pool.window],
                              prompt_tokens=[n for _, n, _ in pool.window],
                              output_tokens=[m for _, _, m in pool.window], queued=queued)
                 d = decide(now, current, win, pool.profile, self.slo, self.settings, pool.state)
                 pool.state = d.state
-                self.scale(pool, d.desired, now, d.reason)
+                views.append(PoolView(name=pool.name, profile=pool.profile, slo=self.slo, settings=self.settings,
+                                      current=current, context_tokens=pool.profile.kv_capacity_tokens,
+                                      price_per_replica_hour=pool.price_per_replica_hour, window=win, decision=d))
             else:
                 self.serve_default(pool, current, now)
+        if views:
+            placed = place_growth(views) if self.autoscaler == "slo-cheapest" else {v.name: v.decision for v in views}
+            for pool in self.pools:
+                self.scale(pool, placed[pool.name].desired, now, placed[pool.name].reason)
         self.samples.append((now, sum(len(p.live) for p in self.pools)))
 
     def serve_default(self, pool: _Pool, current: int, now: float) -> None:

@@ -56,6 +56,33 @@ def test_admission_picks_the_earliest_finish_among_pools_within_the_limits():
     assert Admission(cfg).choose(20, "auto", offers).pool.name == "a"  # equals: the one listed first
 
 
+def test_a_pool_queued_past_its_ttft_objective_spills_to_one_that_meets_its_own():
+    """While a pool waits for its scale-up, its queue pushes the first token past ``slo.ttft_s`` although it would
+    finish first; a pool with room that meets its own objective takes the request meanwhile, and nothing else
+    changes: without a timely pool, or when the prompt alone misses the objective, the earliest finish wins."""
+    from app.serve.admission import Admission
+    from app.serve.config import AppConfig
+    from app.serve.pricing import Route
+
+    slo = dict(autoscaling=dict(policy="slo", min_replicas=1, max_replicas=2))
+    cfg = AppConfig.model_validate({"pools": [dict(name="fast", slo=dict(ttft_s=1.0), **slo),
+                                              dict(name="cheap", slo=dict(ttft_s=1.0), **slo)],
+                                    "max_queue_wait_s": 30.0})
+    fast, cheap = cfg.pools
+
+    def choose(fast_ttft: float, fast_wait: float, cheap_ttft: float) -> str:
+        from app.serve.admission import Offer
+        offers = [Offer(pool=fast, route=Route(pool=fast, predicted_s=fast_ttft + 2.0, ttft_s=fast_ttft,
+                                               wait_s=fast_wait)),
+                  Offer(pool=cheap, route=Route(pool=cheap, predicted_s=cheap_ttft + 6.0, ttft_s=cheap_ttft))]
+        return Admission(cfg).choose(20, "auto", offers).pool.name
+
+    assert choose(0.3, 0.0, 0.8) == "fast"  # both timely: the earliest finish
+    assert choose(3.3, 3.0, 0.8) == "cheap"  # fast is late by its queue alone: spill
+    assert choose(3.3, 3.0, 1.5) == "fast"  # nobody meets the objective: the earliest finish
+    assert choose(3.3, 0.0, 0.8) == "fast"  # fast's prompt alone misses it, no queue to wait out: earliest finish
+
+
 def test_admission_says_why_nothing_admits_the_request():
     from app.engine.messages import EngineFailed
     from app.serve.admission import Admission

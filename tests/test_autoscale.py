@@ -160,7 +160,71 @@ def test_cli_prints_the_autoscaling_table(tmp_path, capsys):
     assert main(["simulate", "--model", "llama2-7b", "--pool", "L4:1:2", "--workload", str(f), "--autoscale", "all",
                  "--cold-start", "5", "--max-replicas", "4"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in AUTOSCALERS) and "replica-h" in out and "SLO met" in out
-    assert "slo against serve-default" in out
+    assert all(name in out for name in AUTOSCALERS if name != "slo-cheapest") and "replica-h" in out
+    assert "SLO met" in out and "slo against serve-default" in out
+    assert "slo-cheapest" not in out  # the same as slo with one pool
+    assert main(["simulate", "--model", "llama2-7b", "--pool", "L4:1:2", "--pool", "A10G:1:1", "--workload", str(f),
+                 "--autoscale", "all", "--cold-start", "5", "--max-replicas", "4"]) == 0
+    assert "slo-cheapest" in capsys.readouterr().out
     assert main(["simulate", "--model", "llama2-7b", "--pool", "L4:1", "--workload", str(f), "--autoscale", "nope"])
-    assert "--autoscale takes slo, serve-default, fixed or all" in capsys.readouterr().err
+    assert "--autoscale takes slo, slo-cheapest, serve-default, fixed or all" in capsys.readouterr().err
+
+
+# -- several pools: where growth goes, where requests spill (``cost.growth``) ----------------------------------------
+
+
+def view(name: str, profile: ReplicaProfile, price: float | None, rate: float, current: int = 1,
+         max_replicas: int = 32, context: int = 8_000):
+    """A pool at a control tick with ``decide``'s own answer for ``rate`` req/s of 500-token prompts."""
+    from cost.growth import PoolView
+
+    settings = SETTINGS.model_copy(update={"max_replicas": max_replicas})
+    w = window(rate)
+    return PoolView(name=name, profile=profile, slo=SLO, settings=settings, current=current, context_tokens=context,
+                    price_per_replica_hour=price, window=w, decision=decide(0.0, current, w, profile, SLO, settings))
+
+
+def test_growth_goes_to_the_pool_that_carries_the_overflow_cheapest():
+    from cost.growth import place_growth
+
+    half = PROFILE.calibrated(prefill_speed=2.0, decode_speed=2.0)  # half the speed
+    busy = view("busy", PROFILE, 4.0, rate=30)  # needs more than its one replica
+    assert busy.decision.desired > 1
+    # a sibling at half the speed for a tenth of the price carries a request/s for a fifth: it grows instead
+    placed = place_growth([busy, view("cheap", half, 0.4, rate=1)])
+    assert placed["busy"].desired == 1 and placed["busy"].reason.startswith("hold: pool cheap takes")
+    assert placed["cheap"].desired > 1 and "for pool busy's overflow" in placed["cheap"].reason
+    # at the same price the slower sibling costs more per request: growth stays home
+    placed = place_growth([busy, view("slow", half, 4.0, rate=1)])
+    assert placed["busy"].desired == busy.decision.desired and placed["slow"].desired == 1
+    # a sibling that cannot hold the requests, has no replica to spill to, or no room, takes nothing
+    for other in (view("cheap", half, 0.4, rate=1, context=400), view("cheap", half, 0.4, rate=1, current=0),
+                  view("cheap", half, 0.4, rate=1, max_replicas=1)):
+        assert place_growth([busy, other])["busy"].desired == busy.decision.desired
+    # unpriced pools compare device-hours: a 2-device replica at the same speed costs twice a 1-device one
+    double = PROFILE.model_copy(update={"devices": 2})
+    assert place_growth([busy, view("double", double, None, rate=1)])["busy"].desired == busy.decision.desired
+
+
+def test_a_pool_queued_past_its_objective_spills_while_another_meets_its_own():
+    from cost.growth import Option, spill
+
+    fast_now, fast_queued, cheap = Option(0.3, 0.0, 2.3, 1.0), Option(3.3, 3.0, 5.3, 1.0), Option(0.8, 0.0, 6.8, 1.0)
+    assert spill([fast_now, cheap]) == 0 and spill([fast_queued, cheap]) == 1
+    assert spill([fast_queued, Option(1.5, 0.0, 6.8, 1.0)]) == 0  # nobody timely: the earliest finish
+    assert spill([Option(3.3, 0.0, 5.3, 1.0), cheap]) == 0  # late without a queue: no scale-up to wait out
+    assert spill([Option(3.3, 3.0, 5.3, None), cheap]) == 0  # no objective, nothing to break
+
+
+def test_the_simulator_places_growth_across_pools_and_serves_every_request():
+    from cost.autoscale_sim import run_autoscaler
+
+    reqs = builtin_workload("bursty", 1200, rate=12, burstiness=2, seed=2)
+    pools = [Pool(hardware=load_catalog()[hw], devices=1, replicas=1) for hw in ("A100-80GB-SXM", "L4")]
+    settings = AutoscaleSettings(max_replicas=16, cold_start_s=20, downscale_delay_s=30)
+    res = {a: run_autoscaler(CATALOG["llama2-7b"], pools, reqs, a, slo=SLO, settings=settings, initial_replicas=1)
+           for a in ("slo", "slo-cheapest")}
+    for r in res.values():
+        assert r.completed == 1200 and r.rejected == 0 and r.slo_attainment >= 0.95
+    assert any("overflow" in e.reason for e in res["slo-cheapest"].events)
+    assert not any("overflow" in e.reason for e in res["slo"].events)

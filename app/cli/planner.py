@@ -213,7 +213,8 @@ def _autoscale(args: argparse.Namespace, shape, pools, reqs) -> int:
     from cost.autoscale import AutoscaleSettings, SLOTarget
     from cost.autoscale_sim import AUTOSCALERS, ServeDefault, compare_autoscalers
 
-    names = AUTOSCALERS if args.autoscale == "all" else tuple(x.strip() for x in args.autoscale.split(","))
+    every = tuple(a for a in AUTOSCALERS if len(pools) > 1 or a != "slo-cheapest")  # the same as slo for one pool
+    names = every if args.autoscale == "all" else tuple(x.strip() for x in args.autoscale.split(","))
     unknown = [n for n in names if n not in AUTOSCALERS]
     if unknown:
         raise ValueError(f"--autoscale takes {', '.join(AUTOSCALERS)} or all, got {', '.join(unknown)}")
@@ -248,7 +249,8 @@ def _autoscale(args: argparse.Namespace, shape, pools, reqs) -> int:
     if slo_run and slo_run.events:
         print("\nslo's scalings (first 8, with the reason each was made):")
         for e in slo_run.events[:8]:
-            print(f"  {e.time_s:7.0f}s {e.replicas_from:>3} → {e.replicas_to:<3} {e.reason}")
+            print(f"  {e.time_s:7.0f}s {e.pool + ' ' if len(pools) > 1 else ''}{e.replicas_from:>3} → "
+                  f"{e.replicas_to:<3} {e.reason}")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 A request is refused at once rather than accepted and left to time out: a pool whose expected wait passes
 ``max_queue_wait_s``, or whose prompt tokens waiting (sent from this ingress) would pass its ``max_queued_tokens``,
-takes nothing; of the rest, the one predicted to finish the request first wins (ties go to the pool listed first).
+takes nothing; of the rest, the one predicted to finish the request first wins (ties go to the pool listed first),
+except that a pool whose queue alone would push the first token past its ``slo.ttft_s`` is passed over while another
+pool meets its own (``cost.growth.spill``: a pool waiting for its scale-up spills to one with room meanwhile).
 With none left the answer says why, as the client needs it: the client's mistake (no pool built the layout it named,
 or none has the memory to prefill the prompt: 400), overload (503 with ``retry-after``), every pool's replicas
 failed (503), and while the app drains, shutting down (503).
@@ -22,6 +24,7 @@ from app.serve.config import AppConfig, PoolConfig
 from app.serve.errors import Overloaded, ShuttingDown
 from app.serve.metrics import set_expected_wait
 from app.serve.pricing import Route
+from cost.growth import Option, spill
 
 
 @dataclass
@@ -64,8 +67,9 @@ class Admission:
                 waits.append(o.route.wait_s)
                 continue
             routes.append(o.route)
-        if routes:
-            return min(routes, key=lambda r: r.predicted_s)  # min keeps the first of equals: config order
+        if routes:  # where it finishes first (the first of equals: config order), unless queued past its TTFT
+            return routes[spill([Option(r.ttft_s, r.wait_s, r.predicted_s, r.pool.slo and r.pool.slo.ttft_s)
+                                 for r in routes])]
         pinned = strategy != "auto"
         if not [o for o in offers if o.pool.name not in no_memory
                 and (not pinned or o.runs is None or strategy in o.runs)]:
