@@ -27,9 +27,10 @@ strictest SLO), so growth never moves back and forth between two pools.
 
 Where it stands: the simulator runs it (``--autoscale slo-cheapest``) against each pool sized alone (``slo``); over
 four pairs of GPU pools, 3 seeds each, it cost 0.74-0.91x on one pair, 1.02-1.05x on another, and either way on the
-other two (BENCHMARKS.md, "Autoscaling across pools"), so the Serve policy does not use it. What limits it: the
-cheapest pool is usually the one the overflow spills to anyway, and a sibling's replicas start no sooner than the
-pool's own would have. ``spill`` is used by the router (``app.serve.admission``) and the simulator alike.
+other two (BENCHMARKS.md, "Autoscaling across pools"), so in Serve it is opt-in (``autoscaling.grow: cheapest``,
+``app/serve/slo_policy.py``: each pool's policy computes the same plan from its siblings' last views). What limits
+it: the cheapest pool is usually the one the overflow spills to anyway, and a sibling's replicas start no sooner than
+the pool's own would have. ``spill`` is used by the router (``app.serve.admission``) and the simulator alike.
 """
 
 from __future__ import annotations

@@ -130,6 +130,10 @@ def test_slo_keys_need_the_slo_policy_and_turn_serves_delays_off():
     serve_keys = pool.deployment_options("p", pool.bundle(), 1.0)["autoscaling_config"]
     assert serve_keys["upscale_delay_s"] == serve_keys["downscale_delay_s"] == 0  # the policy's cooldown is its own
     assert "policy" not in serve_keys and "cold_start_s" not in serve_keys and serve_keys["look_back_period_s"] == 5
+    with pytest.raises(ValidationError, match="grow is only read by the slo autoscaling policy"):
+        PoolConfig(name="p", autoscaling={"grow": "cheapest"})
+    assert "grow" not in PoolConfig(name="p", autoscaling={"policy": "slo", "grow": "cheapest"}).autoscaling \
+        .serve_config()
     default = PoolConfig(name="d", autoscaling={"max_replicas": 3})
     assert default.slo is None and default.autoscaling.serve_config()["downscale_delay_s"] == 60  # as before
 
@@ -155,6 +159,55 @@ def test_the_replicas_counters_read_back_as_the_requests_of_the_window():
     assert sorted(window.arrivals_s) == [-1.5, -1.0, 0.0] and window.span_s == 2.0
     assert sorted(window.prompt_tokens) == [30, 100, 100] and window.output_tokens == [15, 15, 15]
     assert window.queued == 2 + 1 + 4 and measured.step_s == pytest.approx(0.3)
+
+
+def test_pools_that_grow_cheapest_hand_their_growth_to_the_sibling_that_carries_it_for_less():
+    """Two ``grow: cheapest`` pools of one app, as Serve's controller calls their policies: the busy one, at 30
+    req/s on one replica, holds while its sibling, half as fast for a tenth of the price, grows for its overflow;
+    each logs why. A pool on its own (``grow: own``) grows itself."""
+    import io
+    import logging
+    import re
+    from types import SimpleNamespace
+
+    from test_autoscale import PROFILE, SETTINGS, SLO
+
+    from app.serve import slo_policy
+
+    def ctx(app: str, rate: float, now: float = 1000.0):
+        ts = [now - 30 + i for i in range(31)]
+
+        def series(per_request: float):
+            return {"r1": [SimpleNamespace(timestamp=t, value=rate * per_request * i) for i, t in enumerate(ts)]}
+
+        raw = {"arrivals": series(1), "prompt_tokens": series(500), "max_tokens": series(100), "finished": series(1),
+               "output_tokens": series(100)}
+        return SimpleNamespace(current_time=now, raw_metrics=raw, total_queued_requests=0, policy_state={},
+                               target_num_replicas=1, app_name=app)
+
+    def policy(name: str, profile, price: float, grow: str = "cheapest"):
+        return slo_policy.SLOPolicy(name, profile.model_dump(mode="json"), SLO.model_dump(),
+                                    SETTINGS.model_dump(), grow=grow, context_tokens=8000,
+                                    price_per_replica_hour=price)
+
+    half = PROFILE.calibrated(prefill_speed=2.0, decode_speed=2.0)
+    busy, cheap = policy("busy", PROFILE, 4.0), policy("cheap", half, 0.4)
+    cheap(ctx("grow-app", 1.0))  # the sibling's view is in the controller's registry
+    log, said = logging.getLogger("ray.serve"), io.StringIO()
+    handler, level = logging.StreamHandler(said), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        assert busy(ctx("grow-app", 30.0))[0] == 1
+        grown, _ = cheap(ctx("grow-app", 1.0))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert grown > 1
+    assert "pool busy: 1 -> 1 replicas: hold: pool cheap takes this pool's overflow" in said.getvalue()
+    assert re.search(rf"pool cheap: 1 -> {grown} replicas: up: \+\d+ for pool busy's overflow", said.getvalue())
+    alone = policy("busy", PROFILE, 4.0, grow="own")
+    assert alone(ctx("own-app", 30.0))[0] > 1
 
 
 @pytest.mark.slow

@@ -35,6 +35,9 @@ class Autoscaling(BaseModel):
 
     policy: Literal["default", "slo"] = "default"
     cold_start_s: float = Field(30.0, ge=0)  # slo: how far ahead the policy forecasts the rate (a replica's start)
+    # slo: "cheapest" hands this pool's growth to another "cheapest" pool of the app that carries the overflow for
+    # less (``cost/growth.py``; measured in the simulator, not always cheaper: BENCHMARKS.md); "own": it grows itself
+    grow: Literal["own", "cheapest"] = "own"
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = None
@@ -44,7 +47,7 @@ class Autoscaling(BaseModel):
 
     def serve_config(self) -> dict[str, Any]:
         """The keys Serve takes: ours dropped; under ``slo`` Serve's delays off (the policy has its own)."""
-        keys = self.model_dump(exclude_none=True, exclude={"policy", "cold_start_s"})
+        keys = self.model_dump(exclude_none=True, exclude={"policy", "cold_start_s", "grow"})
         if self.policy == "slo":
             keys.update(upscale_delay_s=0.0, downscale_delay_s=0.0)
         return keys
@@ -105,6 +108,9 @@ class PoolConfig(EngineFields):
                              f"autoscaling: {{policy: slo, min_replicas: ..., max_replicas: ...}}")
         if scaled_by_slo and self.slo is None:
             self.slo = SLOTarget()
+        if self.autoscaling is not None and self.autoscaling.grow != "own" and not scaled_by_slo:
+            raise ValueError(f"pool {self.name!r}: autoscaling.grow is only read by the slo autoscaling policy: add "
+                             f"policy: slo")
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,10 @@ its start against the planner's prediction, decode by the step time the engines 
 profile's for their batch (which includes what the machine's other load costs); their KV blocks set its KV room. ``SLOPolicy`` is instantiated once per deployment config by the controller (``policy_kwargs``: the pool's
 profile, built by the planner at ``build_app``, its SLO and settings), keeps ``decide``'s state in Serve's policy
 state, logs each decision that changes the count or its verdict, and sets ``dynpart_desired_replicas`` and
-``dynpart_predicted_ttft_seconds`` from the controller's process (Ray metrics export from any actor).
+``dynpart_predicted_ttft_seconds`` from the controller's process (Ray metrics export from any actor). With
+``autoscaling.grow: cheapest`` the decision is then placed across the app's pools that say the same (``placed``,
+``cost.growth.place_growth``): the controller runs every deployment's policy in its one process, so they meet in a
+module-level registry.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cost.autoscale import AutoscaleSettings, PolicyState, ReplicaProfile, SLOTarget, Window, decide
+from cost.autoscale import AutoscaleSettings, Decision, PolicyState, ReplicaProfile, SLOTarget, Window, decide
+from cost.growth import PoolView, place_growth
 
 logger = logging.getLogger("ray.serve")
 
@@ -132,12 +136,28 @@ def speeds(profile: ReplicaProfile, measured: Measured, window: Window) -> tuple
     return bounded(measured.prefill_speed), decode
 
 
+SIBLINGS: dict[str, dict[str, tuple[float, PoolView]]] = {}  # app -> pool -> (when, its last view): ``grow: cheapest``
+SIBLING_STALE_S = 5.0  # a sibling's view older than this is left out (its policy stopped being called)
+
+
+def placed(app: str, view: PoolView, now: float) -> Decision:
+    """``view``'s decision with growth placed across the app's ``grow: cheapest`` pools (``cost.growth``). Serve's
+    controller calls every deployment's policy in its one process, so each pool's policy leaves its latest view here
+    and computes the same plan from its siblings' latest ones."""
+    pools = SIBLINGS.setdefault(app, {})
+    pools[view.name] = (now, view)
+    fresh = [v for t, v in pools.values() if now - t <= SIBLING_STALE_S]
+    return place_growth(fresh)[view.name] if len(fresh) > 1 else view.decision
+
+
 class SLOPolicy:
     """Serve's custom autoscaling policy for one pool's engine deployment (``autoscaling.policy: slo``)."""
 
-    def __init__(self, pool: str, profile: dict, slo: dict, settings: dict):
+    def __init__(self, pool: str, profile: dict, slo: dict, settings: dict, grow: str = "own",
+                 context_tokens: int = 0, price_per_replica_hour: float | None = None):
         self.pool, self.profile = pool, ReplicaProfile(**profile)
         self.slo, self.settings = SLOTarget(**slo), AutoscaleSettings(**settings)
+        self.grow, self.context_tokens, self.price = grow, context_tokens, price_per_replica_hour
         self._calibrated: tuple[tuple[float, float, int], ReplicaProfile] = ((1.0, 1.0, 0), self.profile)
         self._logged: tuple[str, int, float] = ("", -1, -math.inf)  # verdict, count, when
 
@@ -157,7 +177,13 @@ class SLOPolicy:
                                        int(ctx.total_queued_requests or 0))
         state = PolicyState(**ctx.policy_state.get("slo", {}))
         target = ctx.target_num_replicas
-        decision = decide(now, target, window, self.profile_for(measured, window), self.slo, self.settings, state)
+        profile = self.profile_for(measured, window)
+        decision = decide(now, target, window, profile, self.slo, self.settings, state)
+        if self.grow == "cheapest":
+            decision = placed(ctx.app_name or "", PoolView(
+                name=self.pool, profile=profile, slo=self.slo, settings=self.settings, current=target,
+                context_tokens=self.context_tokens, price_per_replica_hour=self.price, window=window,
+                decision=decision), now)
         desired = max(decision.desired, self.settings.min_replicas)
         verdict = decision.reason.split(":")[0]
         if (verdict, desired) != self._logged[:2] or now - self._logged[2] >= LOG_EVERY_S:
@@ -186,6 +212,9 @@ def autoscaling_policy(pool, shape) -> dict[str, Any]:
     settings = AutoscaleSettings(min_replicas=scaling.min_replicas, max_replicas=scaling.max_replicas,
                                  cold_start_s=scaling.cold_start_s, downscale_delay_s=scaling.downscale_delay_s,
                                  window_s=(scaling.model_extra or {}).get("look_back_period_s", 30.0))
+    price = pool.priced_hardware().price_per_hour
     return {"policy_function": f"{__name__}:SLOPolicy",
             "policy_kwargs": {"pool": pool.name, "profile": profile.model_dump(mode="json"),
-                              "slo": pool.slo.model_dump(), "settings": settings.model_dump()}}
+                              "slo": pool.slo.model_dump(), "settings": settings.model_dump(),
+                              "grow": scaling.grow, "context_tokens": context,
+                              "price_per_replica_hour": None if price is None else price * pool.devices}}
