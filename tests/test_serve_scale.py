@@ -247,10 +247,13 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
         assert running("slo") == 1
         for t in threads:
             t.start()
+        # the policy asks for the second replica within 15 s of the burst (its prediction passing the SLO), and
+        # Serve has it running once it has started (a cold start: seconds here)
+        assert wait_for(lambda: gauge("dynpart_desired_replicas") == 2, 15)
+        print(f"2 replicas desired after {time.monotonic() - t0:.1f} s of burst")
+        assert gauge("dynpart_predicted_ttft_seconds") is not None
         assert wait_for(lambda: running("slo") == 2, 60), serve.status().applications[APP]
         print(f"2 replicas after {time.monotonic() - t0:.1f} s of burst")
-        assert wait_for(lambda: gauge("dynpart_desired_replicas") == 2, 15)
-        assert gauge("dynpart_predicted_ttft_seconds") is not None
     finally:
         stop.set()
         for t in threads:
