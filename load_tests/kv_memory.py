@@ -29,9 +29,9 @@ from load_tests.compare import load_app_spec
 PARTS = ("capacity", "batching", "chunked", "prefix")
 
 
-def build(config: str, pool: str | None = None, **override):
+def build(config: str, pool: str | None = None, pin: bool = False, **override):
     """An engine with the options of the config's ``pool`` (default its first; ``override`` changes some), on this
-    process's cores."""
+    process's cores; ``pin``: its devices claim cores as the pool's replica would (``build_engine``'s ``pin_here``)."""
     from app.engine.build import build_engine
     from app.serve.config import AppConfig
 
@@ -40,7 +40,8 @@ def build(config: str, pool: str | None = None, **override):
     if chosen is None:
         raise ValueError(f"{config} has no pool {pool!r}")
     pool = chosen.model_copy(update=override)
-    return build_engine(pool.engine_options(cfg.model, shared_weights=False), bundle=pool.bundle()), pool
+    opts = pool.engine_options(cfg.model, shared_weights=False)
+    return build_engine(opts, bundle=pool.bundle(), pin_here=pin), pool
 
 
 def random_ids(n: int, seed: int) -> list[int]:

@@ -125,9 +125,13 @@ def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
 
 
 def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None = None,
-                 engine_class: type[LLMEngine] = LLMEngine, pinned: Sequence[str] = ()) -> LLMEngine:
+                 engine_class: type[LLMEngine] = LLMEngine, pinned: Sequence[str] = (),
+                 pin_here: bool = False) -> LLMEngine:
     """``bundle``: what one device of ``placement_group`` offers (default: detected); ``engine_class``: an
-    ``LLMEngine`` subclass, e.g. the prefill-only or decode-only engine of a disaggregated pool.
+    ``LLMEngine`` subclass, e.g. the prefill-only or decode-only engine of a disaggregated pool. Devices claim cores
+    (``placement/cores.py``) in a placement group, or with ``pin_here`` as a replica of ``bundle`` would: a
+    benchmark that runs a pool's engine in its own process (a one-device engine pins that process), so two ranks
+    of half a core share one core there as they do in the service.
 
     Every layout a request may name is built here, before any step (a step never builds one): the engine offers
     (``contenders``) the planner's picks plus the named strategies (static policies) and ``pinned`` layouts (the
@@ -138,7 +142,8 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
     max_model_len = opts.context(ckpt.shape.max_position_embeddings)
     budget = None if opts.replica_budget_gb is None else int(opts.replica_budget_gb * 1e9)
     kv_gb = kv_budget_gb(opts)
-    reserved = bundle.get("CPU", 0.0) if placement_group is not None and bundle and opts.pin_cores else 0.0
+    grouped = placement_group is not None or pin_here
+    reserved = bundle.get("CPU", 0.0) if grouped and bundle and opts.pin_cores else 0.0
     settings = RunnerSettings(model=str(ckpt.path), dtype=opts.dtype, replica_budget_bytes=budget,
                               kv_reserve_bytes=int((kv_gb or 0) * 1e9), block_size=opts.block_size,
                               shared_weights=opts.shared_weights, pin_cpus=reserved)
