@@ -53,7 +53,7 @@ class StepBudget:
         self.sizing_s = 0.0
         self._last: dict[tuple[str, int], int] = {}  # blocks of the last chunk per (layout asked, decode tokens)
         self.last_chunk: int | None = None  # tokens of the last chunk the budget cut beside decoding streams
-        self._alone: dict[int, tuple[float, int]] = {}  # lone prefill by coarse prompt length: (seconds, steps learned)
+        self._alone: dict[int, tuple[float, tuple[int, int]]] = {}  # lone prefill by coarse length, when learned
 
     def limit(self, requested: str, new: list[int], cached: list[int], decoding: list[int], prefix: int,
               remaining: int, cap: int, first: bool, waited_s: float | None = None) -> int:
@@ -93,11 +93,13 @@ class StepBudget:
     def due_s(self, prompt_tokens: int) -> float:
         """Seconds after its arrival a prompt of ``prompt_tokens`` is due its first token: the TTFT target, or
         ``SLOWDOWN`` times its predicted (corrected) lone prefill when that is later. The prefill is priced at the
-        length rounded up to ``PREFIX_STEP`` and again once the correction has learned from another ``PREFIX_STEP``
-        steps."""
-        key, learned = coarse_prefix(prompt_tokens), self.predictor.correction.table().steps()
-        alone, at = self._alone.get(key, (0.0, -PREFIX_STEP))
-        if learned - at >= PREFIX_STEP:
+        length rounded up to ``PREFIX_STEP``, and again whenever the correction learned from another lone prefill
+        (what this figure rests on: a pool that mostly decodes runs few) or from another ``PREFIX_STEP`` steps."""
+        table = self.predictor.correction.table()
+        lone = table.entries.get("prefill", (0.0, 0))[1]
+        key, learned = coarse_prefix(prompt_tokens), (table.steps() // PREFIX_STEP, lone)
+        alone, at = self._alone.get(key, (0.0, None))
+        if at != learned:
             alone = self.predictor.prefill_s(key)
             self._alone[key] = (alone, learned)
         return max(self.ttft_s or 0.0, SLOWDOWN * alone)
