@@ -46,8 +46,6 @@ from cost.autoscale import AutoscaleSettings, Decision, Mix, ReplicaProfile, SLO
 RATE_STEPS = 24  # bisection steps of ``replica_rate`` (its bracket shrinks 2^24-fold)
 
 
-
-
 class Option(NamedTuple):
     """A pool priced for one request: seconds to its first token, of which queueing, and to its last; the pool's TTFT
     objective (None: it has none)."""
@@ -144,18 +142,19 @@ def _price(view: PoolView, by_devices: bool) -> float:
 def place_growth(views: list[PoolView]) -> dict[str, Decision]:
     """Each pool's decision with growth placed where it costs least (module docstring); pools in ``views`` order."""
     out = {v.name: v.decision for v in views}
+    growing = [v for v in views if v.decision.desired > v.current >= 1 and v.decision.predicted is not None
+               and v.window.prompt_tokens]
+    if not growing:  # the common case, every control loop: nothing to price
+        return out
     by_devices = any(v.price_per_replica_hour is None for v in views)
     planned = {v.name: v.decision.desired for v in views}  # a pool going down keeps what an overflow needs
     added = dict.fromkeys(planned, 0)  # replicas a pool grows by for its siblings' overflow
     free = {v.name: planned[v.name] * idle_share(v, planned[v.name]) for v in views}  # in replicas its own leave
     unit = unit_costs(views, by_devices)
-    for v in views:
+    for v in growing:
         want = v.decision.desired - v.current
-        pred = v.decision.predicted
-        if want <= 0 or v.current < 1 or pred is None or not v.window.prompt_tokens:
-            continue
         mix = Mix.of(v.window, v.profile, v.slo.percentile)
-        overflow = pred.rate - v.current * replica_rate(v.profile, mix, v.slo, v.settings.up_headroom)
+        overflow = v.decision.predicted.rate - v.current * replica_rate(v.profile, mix, v.slo, v.settings.up_headroom)
         longest = max(p + o for p, o in zip(v.window.prompt_tokens, v.window.output_tokens))
         here = unit[v.name]
         best: tuple[float, int, float, PoolView] | None = None
