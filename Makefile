@@ -92,7 +92,8 @@ bench-kv: model
 		| tee $(BENCH)/token_order.txt
 
 # Fixed step budgets (64, 256, 1024, 2048) against the one sized by each pool's TPOT target (issue 27): 3 streams decode
-# on the short (1 device) and long (2 devices) pools' engines while prompts of 1K and 2K tokens arrive (~20 min).
+# on the short (1 device) and long (2 devices) pools' engines while prompts of 1K and 2K tokens arrive, the devices
+# pinned to cores as the pools' replicas pin them (~25 min).
 bench-step-budget: model
 	mkdir -p $(BENCH)
 	$(BIN)/python -m load_tests.step_budget --config serve_config.yaml --sizes 1000,2000 --repeats 3 \
