@@ -2,7 +2,7 @@
 
 Four policies over the same trace and cluster: ``slo`` (``cost.autoscale.decide`` per pool, the code the Serve policy
 calls), ``slo-cheapest`` (the same, then ``cost.growth.place_growth`` moving a pool's growth to the pool that carries
-its overflow cheapest; several pools only, not in Serve: BENCHMARKS.md),
+its overflow cheapest; several pools only; in Serve a pool's opt-in ``autoscaling.grow: cheapest``: BENCHMARKS.md),
 ``serve-default`` (Ray Serve's default: ceil(ongoing requests averaged over ``look_back_period_s`` /
 ``target_ongoing_requests``), applied after it has held for ``upscale_delay_s`` / ``downscale_delay_s``) and
 ``fixed`` (the pool's replica count throughout). A new replica serves after ``cold_start_s`` and is billed from its

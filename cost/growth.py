@@ -20,10 +20,10 @@ that carries it cheapest:
 
 The pool that hands its growth over holds its count (it still has a replica: requests sent only to it are served);
 its requests queue there a little, so the router, which prices the whole request, spills them to the sibling that is
-starting or has room (``app/serve/router.py``). Once they run there, the sibling's own window carries them and its own
-``decide`` keeps them. Overflow is priced with the requesting pool's SLO and mix: its requests keep their promise
-wherever they run. Pools are ranked by one order (``unit_costs``: for every pool's traffic together, under the
-strictest SLO), so growth never moves back and forth between two pools.
+starting or has room (``spill``, in ``app/serve/admission.py``). Once they run there, the sibling's own window
+carries them and its own ``decide`` keeps them. Overflow is priced with the requesting pool's SLO and mix: its
+requests keep their promise wherever they run. Pools are ranked by one order (``unit_costs``: for every pool's
+traffic together, under the strictest SLO), so growth never moves back and forth between two pools.
 
 Where it stands: the simulator runs it (``--autoscale slo-cheapest``) against each pool sized alone (``slo``); over
 four pairs of GPU pools, 3 seeds each, it cost 0.74-0.91x on one pair, 1.02-1.05x on another, and either way on the

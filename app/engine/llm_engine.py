@@ -168,12 +168,7 @@ class LLMEngine:
         if self.step_budget is None or not any(not s.prefilling for s in self.running):
             return alone, 0.0
         now, budget = time.perf_counter(), self.step_budget
-
-        def due_in(s: Sequence) -> float | None:  # seconds until its first token is due (None: not hurried)
-            waited = s.waited_for_first_s(now)
-            return None if budget.ttft_s is None or waited is None else budget.due_s(len(s.all_ids)) - waited
-
-        prompts = [(s.remaining, s.tokens_left, due_in(s))
+        prompts = [(s.remaining, s.tokens_left, budget.due_in_s(len(s.all_ids), s.waited_for_first_s(now)))
                    for s in [*(s for s in self.running if s.prefilling), *self.queued_sequences()]]
         streams = [s.tokens_left for s in self.running if not s.prefilling]
         return alone, budget.paced_wait_s(prompts, streams, self.predict_prefill_s)

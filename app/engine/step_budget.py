@@ -81,14 +81,18 @@ class StepBudget:
         n = top if m == most and top % bs and fits(top) else m * bs
         if n == 0 and first:
             n = min(bs, top)
-        if self.ttft_s is not None and waited_s is not None:
-            left = self.due_s(prefix + remaining) - waited_s
+        if (left := self.due_in_s(prefix + remaining, waited_s)) is not None:
             n = max(n, min(top, deadline_floor(remaining, left, self.tpot_s, bs)))
         if 0 < n < remaining:  # cut by the budget or the cap (a prompt's last piece says nothing of the budget)
             self.last_chunk = n
         self.sized += 1
         self.sizing_s += time.perf_counter() - t0
         return n
+
+    def due_in_s(self, prompt_tokens: int, waited_s: float | None) -> float | None:
+        """Seconds until a prompt of ``prompt_tokens`` that has waited ``waited_s`` for its first token is due it
+        (negative: overdue); None when it is not hurried (no TTFT target, or it has its first token)."""
+        return None if self.ttft_s is None or waited_s is None else self.due_s(prompt_tokens) - waited_s
 
     def due_s(self, prompt_tokens: int) -> float:
         """Seconds after its arrival a prompt of ``prompt_tokens`` is due its first token: the TTFT target, or
