@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from app.engine.sampling import SamplingParams
 from app.serve.load import DECODE_ROLE, HEARTBEAT_S, REPORT_S
 from app.serve.metrics import set_kv_usage, set_prediction_errors, set_queued_tokens
 from app.serve.slo_policy import Traffic
+
+logger = logging.getLogger("ray.serve")
 
 
 class _EngineShell:
@@ -45,19 +48,25 @@ class _EngineShell:
         self.pool, self.board = pool, board
         self.traffic, self.block_size = Traffic(), opts.block_size
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        t0 = time.perf_counter()
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
+        t1 = time.perf_counter()
         self.available = engine.contenders  # the layouts a request may run here (the ingress prices them too)
         self.dtype = engine.group.dtype_name()  # what the pool's dtype (``auto`` by default) resolved to
         if engine.predictor is not None:  # first-use steps (buffers allocated, other replicas starting) teach nothing
             engine.predictor.learning = False
         for strategy in self.available:  # first use allocates buffers: not on a user's request
             engine.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True), strategy=strategy)
+        t2 = time.perf_counter()
         self._measure_step(engine)
         # the slo policy's prefill calibration (a decode-only engine takes no prompts from users: nothing to calibrate)
         self.prefill_speed = 1.0 if self.role else self._prefill_speed(engine)
         if engine.predictor is not None:
             engine.predictor.learning = True
+        logger.info("pool %s: engine ready in %.1f s (workers, weights and KV cache %.1f s; first use of %d layouts "
+                    "%.1f s; step and prefill measured %.1f s)", pool, time.perf_counter() - t0, t1 - t0,
+                    len(self.available), t2 - t1, time.perf_counter() - t2)
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
