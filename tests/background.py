@@ -1,9 +1,10 @@
 """Checks that start a Ray of their own run beside the rest of the suite, from its first test.
 
-A two-node cluster (test_serve_cluster, test_placement), the CLI's own local Ray (test_cli) and ``dynpart serve``
-(test_serve_run) cannot share the session's Ray, and each spends most of a minute or two waiting (for nodes, replicas,
-health checks): measured over a whole suite run here, 55-65% of the 2 cores while one of them ran, against 75-95% for
-the tests on the session's Ray. So a module declares such a check as a command (``BACKGROUND``: test name -> how to
+A two-node cluster (test_serve_cluster, test_placement) and the CLI's own local Ray (test_cli) cannot share the
+session's Ray, and each spends much of its time waiting (for nodes, replicas, health checks): measured over a whole
+suite run here, 55-65% of the 2 cores while one of them ran, against 75-95% for the tests on the session's Ray. Their
+assertions do not depend on the machine's load (exact tokens, where replicas land, what a lost node is answered);
+``dynpart serve``'s (test_serve_run) do (which pool a short prompt goes to), so it runs alone, after them. So a module declares such a check as a command (``BACKGROUND``: test name -> how to
 build its command from the session's models), the session starts every selected one as a subprocess at its first
 test (``conftest.background_checks``), the modules that need no Ray run first, beside them, and the check's test reads
 the finished process (``result``: waiting for it if it is still running, killing it past its timeout).

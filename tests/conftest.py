@@ -300,14 +300,15 @@ def background_builder(item):
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """The modules that need no Ray first (the background checks run beside them), those with a background check
-    last (their results are ready by then); modules that share an app run one after another (where the first of them
+    last (their results are ready by then), and with them those that start a Ray of their own in the foreground
+    (``OWN_RAY``: after the background checks, so nothing else starts beside them); modules that share an app run one after another (where the first of them
     would), so the app is deployed once and deleted before the next module deploys its own."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.module.__name__, []).append(item)
 
     def group(m: str) -> int:
-        if any(background_builder(item) for item in modules[m]):
+        if any(background_builder(item) for item in modules[m]) or getattr(modules[m][0].module, "OWN_RAY", False):
             return 2
         return int(any(RAY_FIXTURES & set(item.fixturenames) for item in modules[m]))
 
