@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -21,13 +22,13 @@ from ray.serve.request_router import ReplicaID
 from app.engine.blocks import prefix_hashes
 from app.engine.messages import Handoff
 from app.serve import failed_replicas
+from app.serve.load import REPORT_S
 from app.serve.prefix_router import PrefixAffinityRouter, PrefixIndex, affine_replica
 
 BS = 16
 APP, ROUTE, MODEL = "prefix-routing", "/prefix", "tiny-chat"
-# The pools price a prompt by the cost model alone: with online correction each replica learns its own factors from
-# steps a few ms long on the tiny model, and the noise between them outweighs a cached prefix (a follow-up once went
-# to the pool without it)
+# The pools price a prompt by the cost model alone (as test_serve_api's): each replica's online correction, learned from
+# steps a few ms long on the tiny model, would make two idle pools price a new prompt differently
 POOL = dict(devices=1, cpus_per_device=0.4, max_num_seqs=4, max_model_len=512, block_size=BS, online_correction=False)
 
 
@@ -182,10 +183,16 @@ def test_follow_ups_reach_the_replica_holding_the_prefix(http):
 
 def test_follow_ups_go_to_the_pool_that_served_the_prefix(http):
     """``a`` and ``b`` price alike for a new prompt (ties go to ``a``, listed first); once ``b`` served a prefix,
-    unpinned follow-ups with it go to ``b``, and find it cached there."""
+    unpinned follow-ups with it go to ``b``, and find it cached there.
+
+    Each follow-up comes a second after the answer before it, as a conversation's next turn does: a replica reports
+    its load on a beat (``REPORT_S``), so for up to a beat after an answer the board may still show that request's
+    prompt waiting at ``b``, and a follow-up sent within it is priced behind it there (two fresh-clone runs sent one
+    to ``a`` so)."""
     prefix = tokens(200, 30)
     assert complete(http, prefix + tokens(8, 31), pool="b") == ("b", 0)
     for i in range(3):
+        time.sleep(4 * REPORT_S)
         assert complete(http, prefix + tokens(8 + i, 40 + i)) == ("b", 192)
     pool, cached = complete(http, tokens(208, 50))  # a new prefix: either pool
     assert pool in ("a", "b") and cached == 0
