@@ -21,7 +21,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import types  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
@@ -290,29 +289,13 @@ def keyed_app(serve_session, chat_tiny):
 SHARED_APPS = ("pair_app", "keyed_app")
 
 
-RAY_FIXTURES = {"ray_session", "serve_session", "worker_groups", *SHARED_APPS}
-
-
-def background_builder(item):
-    """How to build ``item``'s background check (``tests/background.py``), None if it has none."""
-    return getattr(item.module, "BACKGROUND", {}).get(getattr(item, "originalname", item.name))
-
-
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The modules that need no Ray first (the background checks run beside them), those with a background check
-    last (their results are ready by then), and with them those that start a Ray of their own in the foreground
-    (``OWN_RAY``: after the background checks, so nothing else starts beside them); modules that share an app run one after another (where the first of them
-    would), so the app is deployed once and deleted before the next module deploys its own."""
+    """Modules that share an app run one after another (where the first of them would), so the app is deployed once
+    and deleted before the next module deploys its own."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.module.__name__, []).append(item)
-
-    def group(m: str) -> int:
-        if any(background_builder(item) for item in modules[m]) or getattr(modules[m][0].module, "OWN_RAY", False):
-            return 2
-        return int(any(RAY_FIXTURES & set(item.fixturenames) for item in modules[m]))
-
-    order = sorted(modules, key=group)
+    order = list(modules)
     for fixture in SHARED_APPS:
         users = [m for m in order if any(fixture in item.fixturenames for item in modules[m])]
         for m in users[1:]:
@@ -328,25 +311,6 @@ def pytest_collection_finish(session) -> None:
         for fixture in SHARED_APPS:
             if fixture in item.fixturenames:
                 _last_user[fixture] = item.nodeid
-
-
-@pytest.fixture(scope="session", autouse=True)
-def background_checks(request, tmp_path_factory):
-    """The selected tests' background checks (``tests/background.py``), started at the session's first test; a
-    check's test reads its result with ``background_checks.result(<test name>)``."""
-    from background import Checks
-
-    builders = {getattr(item, "originalname", item.name): b for item in request.session.items
-                if (b := background_builder(item))}
-    checks = Checks(Path(tmp_path_factory.mktemp("background")))
-    if builders:
-        models = types.SimpleNamespace(chat_tiny=request.getfixturevalue("chat_tiny"),
-                                       tiny_models=request.getfixturevalue("tiny_models"))
-        for name, build in builders.items():
-            if (check := build(models)) is not None:
-                checks.start(name, check)
-    yield checks
-    checks.close()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -10,16 +10,6 @@ import sys
 
 import pytest
 
-from background import Check
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWO_DEVICES = ["generate", "--prompt", "Once upon a time", "--max-tokens", "12", "--json", "--dtype", "float32",
-               "--devices", "2", "--prefill-strategy", "weight_gathered"]
-# the two-device run starts a Ray of its own: in the background from the session's start (tests/background.py)
-BACKGROUND = {"test_generate_on_two_devices_gives_transformers_tokens": lambda models: Check(
-    [sys.executable, "-m", "app.cli.main", *TWO_DEVICES, "--model", models.chat_tiny], cwd=ROOT, timeout_s=420,
-    env={"HF_HUB_OFFLINE": "1"})}
-
 
 def dynpart(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.cli.main", *args], capture_output=True, text=True, timeout=timeout,
@@ -47,12 +37,14 @@ def test_generate_json_on_the_default_model(smollm2):
 
 
 @pytest.mark.slow
-def test_generate_on_two_devices_gives_transformers_tokens(chat_tiny, background_checks):
+def test_generate_on_two_devices_gives_transformers_tokens(chat_tiny):
     from conftest import reference_greedy
 
     from strategies.loader import Checkpoint
 
-    two = background_checks.result("test_generate_on_two_devices_gives_transformers_tokens")
+    args = ["generate", "--model", chat_tiny, "--prompt", "Once upon a time", "--max-tokens", "12", "--json",
+            "--dtype", "float32"]
+    two = dynpart(*args, "--devices", "2", "--prefill-strategy", "weight_gathered")
     assert two.returncode == 0, two.stderr
     two = json.loads(two.stdout.strip().splitlines()[-1])
     prompt = Checkpoint(chat_tiny).tokenizer()("Once upon a time")["input_ids"]

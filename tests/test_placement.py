@@ -5,19 +5,19 @@ address.
 
 The end-to-end check builds a two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, one device per
 node, both nodes at this machine's non-loopback address as nodes of a real cluster would be), so a PACK placement
-group of two devices spans both nodes; it needs its own Ray, so it runs in a subprocess (this file run as a script), in
-the background from the session's start (``tests/background.py``), and never touches the test session's Ray.
+group of two devices spans both nodes; it needs its own Ray, so it runs in a subprocess (this file run as a script)
+and never touches the test session's Ray.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-from background import Check
 from placement.collectives import gloo_interface, interface_of
 from placement.workers import LOOPBACK, rendezvous
 
@@ -52,21 +52,13 @@ def test_ranks_on_several_nodes_meet_at_rank_0s_node_address():
     assert gloo_interface(here, here) == interface_of(here) not in (None, "lo")
 
 
-def two_node_check(models) -> Check | None:
-    here = machine_address()
-    return None if here is None else Check([sys.executable, __file__, models.tiny_models["gqa"], here],
-                                           cwd=os.path.dirname(__file__), timeout_s=420)
-
-
-BACKGROUND = {"test_a_pack_group_spanning_two_nodes_runs": two_node_check}
-
-
 @pytest.mark.slow
-def test_a_pack_group_spanning_two_nodes_runs(background_checks):
+def test_a_pack_group_spanning_two_nodes_runs(tiny_models):
     here = machine_address()
     if here is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    out = background_checks.result("test_a_pack_group_spanning_two_nodes_runs")
+    out = subprocess.run([sys.executable, __file__, tiny_models["gqa"], here], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(__file__), env={**os.environ, "RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     print(got)

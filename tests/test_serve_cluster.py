@@ -7,27 +7,24 @@ counts no running replica of b), a request pinned to ``b`` is refused at once wi
 that is not coming); and ``b`` serves again once a node offering its resource joins. The ingress and the load board
 are pinned to the head node (``ingress_resources``).
 
-The cluster needs its own Ray, so the check runs in a subprocess (this file run as a script), in the background from
-the session's start (``tests/background.py``), and never touches the test session's Ray.
+The cluster needs its own Ray, so the check runs in a subprocess (this file run as a script) and never touches the
+test session's Ray.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-from background import Check
-
-BACKGROUND = {"test_each_pool_lands_on_the_node_offering_its_resources": lambda models: Check(
-    [sys.executable, __file__, models.chat_tiny], cwd=os.path.dirname(__file__), timeout_s=420)}
-
 
 @pytest.mark.slow
-def test_each_pool_lands_on_the_node_offering_its_resources(background_checks):
-    out = background_checks.result("test_each_pool_lands_on_the_node_offering_its_resources")
+def test_each_pool_lands_on_the_node_offering_its_resources(chat_tiny, tmp_path):
+    out = subprocess.run([sys.executable, __file__, chat_tiny], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(__file__), env={**os.environ, "RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     placed = json.loads(out.stdout.strip().splitlines()[-1])
     for pool, resource in (("a", "pool_a"), ("b", "pool_b")):
