@@ -2,9 +2,8 @@
 
 Everything here is read from the board's last snapshot, never by asking a replica, so a hung or busy replica cannot
 slow it down: ``/health`` answers from it in milliseconds, and the router prices and admits by it. The view is
-refreshed by one task per ingress replica (``watch``): on the board's beat (``REPORT_S``) while it changes, else as
-soon as it does (the board holds the read up to ``IDLE_READ_S``); replicas the board reports failed are added to
-``FAILED`` at once, so this process's request routers skip them before their health check.
+refreshed on the board's beat (``REPORT_S``) by one task per ingress replica (``watch``); replicas the board reports
+failed are added to ``FAILED`` at once, so this process's request routers skip them before their health check.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pydantic import BaseModel, Field
 from app.engine.messages import EngineLoad
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.failed_replicas import FAILED
-from app.serve.load import DECODE_ROLE, IDLE_READ_S, REPORT_S, BoardState
+from app.serve.load import DECODE_ROLE, REPORT_S, BoardState
 from app.serve.pricing import PoolLoad
 
 
@@ -62,7 +61,6 @@ class BoardView:
         self.cold_start_s: dict[str, float] = {}  # by deployment, the last measured start from zero
         self.draining = False  # the app is shutting down (the board says): no new requests
         self.ready = board is None  # every pool has had a warmed replica (the board said so once)
-        self.version: int | None = None  # of the board's snapshot read last
         self._reader: asyncio.Task | None = None
 
     def watch(self) -> None:
@@ -74,13 +72,10 @@ class BoardView:
         """Keep ``reported`` fresh: every engine replica's load, as every ingress replica sees it."""
         while True:
             try:
-                state: BoardState = await self.board.view.remote(self.version, IDLE_READ_S)
+                state: BoardState = await self.board.view.remote()
             except Exception:  # noqa: BLE001 - the board restarting: keep the last figures, try again
                 pass
             else:
-                if state.version == self.version and state.board_id == self.board_id:
-                    continue  # held until IDLE_READ_S passed with nothing new: ask again at once
-                self.version = state.version
                 for x in itertools.chain.from_iterable(state.loads.values()):
                     if x.failed:
                         FAILED.add(x.replica)

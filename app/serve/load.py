@@ -4,11 +4,8 @@ Admission control needs each pool's expected wait, and with several ingress repl
 request. So each engine replica reports its ``EngineLoad`` (what is running and waiting, its measured decode step
 time, the wait a new request would have there) to one ``LoadBoard`` a few times a second (an idle replica, whose load
 does not change, once a ``HEARTBEAT_S``: every report is a Serve call the board pays for), and every ingress reads the
-board on the same beat while it changes. An unchanged board holds an ingress's read until something changes or
-``IDLE_READ_S`` passes (a long poll, as Serve's own controller answers its clients): an idle app costs next to nothing,
-and a change (a load, a lost pool, a drain) reaches the ingresses at once. Between two reads an ingress also counts
-what it sent itself (``Dispatcher``), so a burst that arrives within one beat is not all admitted against a stale
-figure.
+board on the same beat. Between two reads an ingress also counts what it sent itself (``Dispatcher``), so a burst that
+arrives within one beat is not all admitted against a stale figure.
 
 The board also watches the app's replicas: a replica that Serve cannot place (a scale-up beyond the cluster's free
 cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{serve_deployment,state}``, instead of
@@ -39,7 +36,6 @@ from app.engine.messages import EngineLoad
 REPORT_S = 0.25  # how often replicas look at their load (and report it if it changed) and ingresses read
 HEARTBEAT_S = 1.0  # a replica whose load has not changed reports it again this often (so the board keeps it)
 STALE_S = 5.0  # a replica silent this long is gone (replaced, scaled down): its report is dropped
-IDLE_READ_S = 2.0  # the longest the board holds an ingress's read while nothing changes (a long poll)
 DECODE_ROLE = ":decode"  # a disaggregated pool's decode replicas report as "<pool>:decode"
 WATCH_S = 2.0  # how often the board reads the app's replica states
 PENDING_WARN_S = 30.0  # a replica still starting after this long is waiting for resources: say so
@@ -57,7 +53,6 @@ class BoardState:
     cold_start_s: dict[str, float] = field(default_factory=dict)  # the last measured start from zero, by deployment
     draining: bool = False  # the app is shutting down: ingresses take no new requests
     board_id: str = ""  # which board answered: a restarted board answers with no loads until replicas report again
-    version: int = 0  # bumped by every change of the above: an ingress asks for the next one (``LoadBoard.view``)
 
 
 def scaled_to_zero(status: str, running: int) -> bool:
@@ -80,15 +75,7 @@ class LoadBoard:
         self.waking: dict[str, float] = {}  # idle deployments with a replica starting: since when
         self.cold_start_s: dict[str, float] = {}  # the last measured start from zero, by deployment
         self.draining = False  # the app is shutting down: ingresses take no new requests
-        self.version = 0  # bumped by every change an ingress would see (``changed``)
-        self._changed = asyncio.Event()  # set (and replaced) on each bump: what held reads wait for
         self._watch = asyncio.get_event_loop().create_task(self.watch_replicas())
-
-    def changed(self) -> None:
-        """What an ingress reads has changed: answer the reads held for it."""
-        self.version += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     async def watch_replicas(self) -> None:
         from app.serve.metrics import set_replicas
@@ -102,7 +89,6 @@ class LoadBoard:
                 logger.info("replica states unavailable: %s: %s", type(e).__name__, e)
                 continue
             now = time.monotonic()
-            seen = (self.idle, self.lost, dict(self.cold_start_s))
             running = {name for name, d in deployments.items() if d.replica_states.get("RUNNING", 0)}
             self.ran |= running
             idle = {name for name, d in deployments.items()
@@ -111,9 +97,6 @@ class LoadBoard:
                 self.time_cold_start(name, name in idle, d.replica_states.get("STARTING", 0) > 0, name in running, now)
             self.idle = idle
             self.lost = sorted(self.ran - running - idle)
-            self.prune()
-            if (self.idle, self.lost, self.cold_start_s) != seen:
-                self.changed()
             for name, d in deployments.items():
                 for state in ("RUNNING", "STARTING"):
                     set_replicas(name, state, d.replica_states.get(state, 0))
@@ -136,40 +119,22 @@ class LoadBoard:
             self.waking.setdefault(name, now)
 
     def report(self, replica: str, pool: str, load: EngineLoad) -> None:
-        old = self.reports.get(replica)
         self.reports[replica] = (pool, load, time.monotonic())
-        if old is None or old[:2] != (pool, load):  # a heartbeat of the same load changes nothing an ingress reads
-            self.changed()
 
     def drain(self) -> None:
-        """From now on every ingress refuses new requests (the reads held for a change answer at once); those
-        already admitted run to their end."""
+        """From now on every ingress refuses new requests (it reads this within ``REPORT_S``); those already
+        admitted run to their end."""
         self.draining = True
-        self.changed()
 
-    async def view(self, since: int | None = None, wait_s: float = 0.0) -> BoardState:
-        """What an ingress reads, in one call: at once, or, when it already has version ``since``, once something
-        changes or ``wait_s`` passed."""
-        if since == self.version and wait_s > 0:
-            try:
-                async with asyncio.timeout(wait_s):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass
+    def view(self) -> BoardState:
+        """What an ingress reads each beat, in one call."""
         return BoardState(self.snapshot(), self.lost, sorted(self.idle), dict(self.cold_start_s), self.draining,
-                          self.board_id, self.version)
-
-    def prune(self) -> None:
-        """Drop the reports of replicas silent for ``STALE_S`` (replaced, scaled down): a change."""
-        now = time.monotonic()
-        live = {r: v for r, v in self.reports.items() if now - v[2] < STALE_S}
-        if len(live) != len(self.reports):
-            self.reports = live
-            self.changed()
+                          self.board_id)
 
     def snapshot(self) -> dict[str, list[EngineLoad]]:
         """Every live replica's latest load, by pool."""
-        self.prune()
+        now = time.monotonic()
+        self.reports = {r: v for r, v in self.reports.items() if now - v[2] < STALE_S}
         by_pool: dict[str, list[EngineLoad]] = {}
         for pool, load, _ in self.reports.values():
             by_pool.setdefault(pool, []).append(load)
