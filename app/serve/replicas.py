@@ -64,9 +64,10 @@ class _EngineShell:
         self.prefill_speed = 1.0 if self.role else self._prefill_speed(engine)
         if engine.predictor is not None:
             engine.predictor.learning = True
+        t3 = time.perf_counter()
         logger.info("pool %s: engine ready in %.1f s (workers, weights and KV cache %.1f s; first use of %d layouts "
-                    "%.1f s; step and prefill measured %.1f s)", pool, time.perf_counter() - t0, t1 - t0,
-                    len(self.available), t2 - t1, time.perf_counter() - t2)
+                    "%.1f s; step and prefill measured %.1f s)", pool, t3 - t0, t1 - t0, len(self.available), t2 - t1,
+                    t3 - t2)
         self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
         self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
