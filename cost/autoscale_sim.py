@@ -261,11 +261,15 @@ class _Cluster:
 
     def choose(self, spec: Request, fits: list[_Pool], now: float) -> _Pool:
         """The pool Serve's router picks (``app.serve.admission`` through ``cost.growth.spill``): where the request
-        finishes first, a pool whose queue breaks the TTFT objective passed over while another meets it."""
+        finishes first, a pool whose queue breaks the TTFT objective passed over while another meets it, if the
+        pool may still grow (a fixed count, or at ``max_replicas``, has no scale-up to wait out)."""
         inf = Option(math.inf, 0.0, math.inf)
         best = [min((r.priced(spec, now) for r in self.accepting(p)), default=inf, key=lambda o: o.finish_s)
                 for p in fits]
-        return fits[spill([o._replace(ttft_slo_s=self.slo.ttft_s) for o in best])]
+        return fits[spill([o._replace(ttft_slo_s=self.slo.ttft_s, grows=self.grows(p)) for o, p in zip(best, fits)])]
+
+    def grows(self, pool: _Pool) -> bool:
+        return self.autoscaler != "fixed" and len(pool.live) < self.settings.max_replicas
 
     def arrive(self, spec: Request, now: float) -> None:
         fits = [p for p in self.pools if spec.prompt_tokens + spec.output_tokens <= p.profile.kv_capacity_tokens]

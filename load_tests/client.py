@@ -43,8 +43,7 @@ async def _one_whole(client: httpx.AsyncClient, url: str, body: dict, record: Re
     try:
         async with asyncio.timeout(timeout_s):
             resp = await client.post(url, json=body)
-        record.pool = resp.headers.get("x-dynpart-pool")
-        record.strategy = resp.headers.get("x-dynpart-strategy")
+        record.named_by(resp.headers)
         if resp.status_code != 200:
             record.error = f"http_{resp.status_code}"
             return
@@ -62,8 +61,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, record: RequestR
     try:
         async with asyncio.timeout(timeout_s):
             async with client.stream("POST", url, json=body) as resp:
-                record.pool = resp.headers.get("x-dynpart-pool")
-                record.strategy = resp.headers.get("x-dynpart-strategy")
+                record.named_by(resp.headers)
                 if resp.status_code != 200:
                     await resp.aread()
                     record.error = f"http_{resp.status_code}"
@@ -100,10 +98,12 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, record: RequestR
 async def run_load(base_url: str, model: str, requests: Sequence[Request], prompts: Sequence[str], *,
                    rate: float | None = None, concurrency: int | None = None, duration_s: float | None = None,
                    timeout_s: float = 600.0, progress: bool = True, extra_body: dict | None = None,
-                   seed: int = 0, stream: bool = True) -> tuple[list[RequestRecord], float]:
+                   seed: int = 0, stream: bool = True, headers: dict[str, str] | None = None,
+                   ) -> tuple[list[RequestRecord], float]:
     """Send ``requests`` (prompt/output lengths) with Poisson arrivals at ``rate`` req/s (inf: all at once), or
     keeping ``concurrency`` in flight; stop issuing after ``duration_s``. Returns the records and wall time.
-    ``stream=False`` asks for whole answers (TTFT is then the whole latency; TPOT is not observable)."""
+    ``stream=False`` asks for whole answers (TTFT is then the whole latency; TPOT is not observable). ``headers``
+    go with every request (``x-dynpart-pool`` pins a pool)."""
     url = base_url.rstrip("/") + "/v1/completions"
     rng = random.Random(seed)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
@@ -126,7 +126,7 @@ async def run_load(base_url: str, model: str, requests: Sequence[Request], promp
                 limit.release()
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, headers=headers) as client:
         tasks = []
         for req, prompt in zip(requests, prompts, strict=True):
             if duration_s is not None and time.perf_counter() - start >= duration_s:

@@ -28,6 +28,14 @@ class RequestRecord(BaseModel):
     error: str | None = None  # kind of failure, e.g. "http_503", "timeout"; None on success
     pool: str | None = None
     strategy: str | None = None
+    predicted_ttft_s: float | None = None  # the router's prediction for its pool (x-dynpart-predicted-ttft-ms)
+    predicted_s: float | None = None  # … and for its last token (x-dynpart-predicted-ms)
+
+    def named_by(self, headers) -> None:
+        """Where the server ran it and what its router predicted there (dynpart's response headers; absent: None)."""
+        self.pool, self.strategy = headers.get("x-dynpart-pool"), headers.get("x-dynpart-strategy")
+        ms = {k: headers.get(f"x-dynpart-predicted{k}-ms") for k in ("-ttft", "")}
+        self.predicted_ttft_s, self.predicted_s = (None if v is None else float(v) / 1e3 for v in ms.values())
 
     @property
     def ok(self) -> bool:

@@ -56,10 +56,29 @@ def test_admission_picks_the_earliest_finish_among_pools_within_the_limits():
     assert Admission(cfg).choose(20, "auto", offers).pool.name == "a"  # equals: the one listed first
 
 
+def test_a_prompt_short_of_a_pools_min_prompt_tokens_goes_there_only_when_no_other_pool_admits_it():
+    """Requests classed by length: ``long`` (min_prompt_tokens) is for prompts of its length; a shorter one goes to
+    the other pools even when ``long`` would finish it first, and to ``long`` only when none of them admits it."""
+    from app.serve.admission import Admission
+
+    def choose(a: tuple[float, float], b: tuple[float, float], overflow: bool) -> str:
+        cfg, offers = offers_for(short=a, long=b)
+        offers[1].overflow = overflow
+        return Admission(cfg).choose(64, "auto", offers).pool.name
+
+    assert choose((9.0, 1.0), (5.0, 0.0), overflow=True) == "short"  # long would finish first: not its class
+    assert choose((9.0, 1.0), (5.0, 0.0), overflow=False) == "long"  # a prompt of its length: the earliest finish
+    assert choose((9.0, 2.5), (5.0, 0.0), overflow=True) == "long"  # short would queue past max_queue_wait_s
+    cfg, offers = offers_for(short={"unpriced": "down"}, long=(5.0, 0.0))
+    offers[1].overflow = True
+    assert Admission(cfg).choose(64, "auto", offers).pool.name == "long"  # short's replicas failed
+
+
 def test_a_pool_queued_past_its_ttft_objective_spills_to_one_that_meets_its_own():
     """While a pool waits for its scale-up, its queue pushes the first token past ``slo.ttft_s`` although it would
     finish first; a pool with room that meets its own objective takes the request meanwhile, and nothing else
-    changes: without a timely pool, or when the prompt alone misses the objective, the earliest finish wins."""
+    changes: without a timely pool, when the prompt alone misses the objective, or when the pool cannot grow (at its
+    ``max_replicas``), the earliest finish wins."""
     from app.serve.admission import Admission
     from app.serve.config import AppConfig
     from app.serve.pricing import Route
@@ -70,10 +89,10 @@ def test_a_pool_queued_past_its_ttft_objective_spills_to_one_that_meets_its_own(
                                     "max_queue_wait_s": 30.0})
     fast, cheap = cfg.pools
 
-    def choose(fast_ttft: float, fast_wait: float, cheap_ttft: float) -> str:
+    def choose(fast_ttft: float, fast_wait: float, cheap_ttft: float, grows: bool = True) -> str:
         from app.serve.admission import Offer
         offers = [Offer(pool=fast, route=Route(pool=fast, predicted_s=fast_ttft + 2.0, ttft_s=fast_ttft,
-                                               wait_s=fast_wait)),
+                                               wait_s=fast_wait), grows=grows),
                   Offer(pool=cheap, route=Route(pool=cheap, predicted_s=cheap_ttft + 6.0, ttft_s=cheap_ttft))]
         return Admission(cfg).choose(20, "auto", offers).pool.name
 
@@ -81,6 +100,7 @@ def test_a_pool_queued_past_its_ttft_objective_spills_to_one_that_meets_its_own(
     assert choose(3.3, 3.0, 0.8) == "cheap"  # fast is late by its queue alone: spill
     assert choose(3.3, 3.0, 1.5) == "fast"  # nobody meets the objective: the earliest finish
     assert choose(3.3, 0.0, 0.8) == "fast"  # fast's prompt alone misses it, no queue to wait out: earliest finish
+    assert choose(3.3, 3.0, 0.8, grows=False) == "fast"  # at its max_replicas: its queue is not waited out, no spill
 
 
 def test_admission_says_why_nothing_admits_the_request():

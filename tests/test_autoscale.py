@@ -214,6 +214,7 @@ def test_a_pool_queued_past_its_objective_spills_while_another_meets_its_own():
     assert spill([fast_queued, Option(1.5, 0.0, 6.8, 1.0)]) == 0  # nobody timely: the earliest finish
     assert spill([Option(3.3, 0.0, 5.3, 1.0), cheap]) == 0  # late without a queue: no scale-up to wait out
     assert spill([Option(3.3, 3.0, 5.3, None), cheap]) == 0  # no objective, nothing to break
+    assert spill([fast_queued._replace(grows=False), cheap]) == 0  # at its max_replicas: no scale-up to wait out
 
 
 def test_the_simulator_places_growth_across_pools_and_serves_every_request():

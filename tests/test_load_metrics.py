@@ -80,3 +80,29 @@ def test_vllm_bench_json_shape_and_goodput(tmp_path):
     assert v["ttfts"][0] == pytest.approx(0.1)  # seconds, as vLLM saves them
     write_results(tmp_path, "noslo", records, 2.0, None)
     assert json.loads((tmp_path / "noslo.vllm.json").read_text())["request_goodput"] is None
+
+
+def test_records_read_where_the_server_ran_them_and_what_its_router_predicted():
+    r = rec(0.0, [0.4, 0.6], 0.6, pool=None, strategy=None)
+    r.named_by({"x-dynpart-pool": "short", "x-dynpart-strategy": "megatron", "x-dynpart-predicted-ttft-ms": "350.0",
+                "x-dynpart-predicted-ms": "1250.5"})
+    assert (r.pool, r.strategy, r.predicted_ttft_s, r.predicted_s) == ("short", "megatron", 0.35, 1.2505)
+    r.named_by({})  # another server: nothing named, nothing predicted
+    assert (r.pool, r.predicted_ttft_s, r.predicted_s) == (None, None, None)
+
+
+def test_the_routing_report_compares_auto_with_the_best_pinned_way_per_pool():
+    from load_tests.routing import by_pool, format_report
+
+    auto = [rec(0.0, [0.5, 1.0], 1.0, pool="short"), rec(0.0, [2.0, 5.0], 5.0, pool="long")]
+    for r, (ttft, e2e) in zip(auto, [(0.4, 1.2), (1.0, 3.0)]):
+        r.predicted_ttft_s, r.predicted_s = ttft, e2e
+    pools = by_pool(auto)
+    assert pools["long"] == {"n": 1, "ttft_s": 2.0, "e2e_s": 5.0, "predicted_ttft_s": 1.0, "predicted_e2e_s": 3.0}
+    results = {"4": {"auto": [{"tok_s": 10.0, "errors": 0, "pools": pools}],
+                     "short": [{"tok_s": 20.0, "errors": 1, "pools": by_pool(auto[:1])}]}}
+    text = format_report(results, ["auto", "short"], [4])
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3 and "0.50 [0.50–0.50]" in rows[0]  # auto at half the best pinned way's tokens/s
+    assert "| long " in rows[0] and "2.00 [2.00–2.00]" in rows[0] and "| short " in rows[1]  # a row per pool
+    assert "failed requests: 1" in text

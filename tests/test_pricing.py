@@ -13,6 +13,7 @@ from app.engine.build import guessed_step_s
 from app.engine.messages import EngineLoad
 from app.serve import pricing
 from app.serve.config import PoolConfig
+from app.serve.feedback import RouteFeedback
 from app.serve.pricing import PoolLoad, backlog, cached_tokens, decode_step_s, predicted_ttft, prefix_capacity, price
 from cost import decode_step_time, get_hardware, plan_prefill
 from cost.correction import StepKey
@@ -60,7 +61,23 @@ def test_a_disaggregated_pool_waits_for_both_halves_and_decodes_at_its_decode_st
     load = PoolLoad(front=[report(slot_wait_s=0.25, step_s=0.5)], decode=[report(slot_wait_s=1.0, step_s=0.01)])
     assert backlog(POOL, SHAPE, HW, load)[1] == pytest.approx(1.25)
     assert decode_step_s(POOL, SHAPE, HW, load, 100) == pytest.approx(0.01)
-    assert decode_step_s(POOL, SHAPE, HW, PoolLoad(), 100) == decode_step_time(SHAPE, HW, 1, [100])
+    assert decode_step_s(POOL, SHAPE, HW, PoolLoad(), 112) == decode_step_time(SHAPE, HW, 1, [112])
+
+
+def test_a_decode_step_is_priced_at_the_batch_the_request_joins():
+    """The step measured now, at the batch running now, scaled by the planner to the batch the request will decode
+    in: the replicas' running and waiting sequences, or this ingress's own requests there when a burst outruns the
+    reports, plus this one (at most ``max_num_seqs``)."""
+    pool = POOL.model_copy(update={"max_num_seqs": 16})
+    plan = lambda rows: decode_step_time(SHAPE, HW, 1, [112] * rows)  # noqa: E731
+    load = PoolLoad(front=[report(step_s=0.1, running=4, waiting=2)])
+    assert decode_step_s(pool, SHAPE, HW, load, 112) == pytest.approx(0.1 * plan(7) / plan(4))
+    load.inflight = [[32, 0]] * 10
+    assert decode_step_s(pool, SHAPE, HW, load, 112) == pytest.approx(0.1 * plan(11) / plan(4))
+    load.inflight = [[32, 0]] * 40
+    assert decode_step_s(pool, SHAPE, HW, load, 112) == pytest.approx(0.1 * plan(16) / plan(4))
+    assert plan(11) > plan(4)  # the batch costs more
+    assert decode_step_s(pool, SHAPE, HW, PoolLoad(inflight=[[32, 0]] * 3), 112) == pytest.approx(plan(4))
 
 
 def test_cached_prefix_leaves_the_last_token_to_compute():
@@ -100,6 +117,28 @@ def test_prompts_ahead_read_slowly_beside_streams_are_waited_for_as_the_replicas
     assert route.wait_s == pytest.approx(planner + 9.5 + 0.5)  # the mean reported pace's excess, then the slot wait
     unpaced = [report(waiting_prompt_tokens=400, wait_s=10 * planner, step_s=0.02)]
     assert price(POOL, SHAPE, HW, PoolLoad(front=unpaced), 100, 1, "auto", NAMED).wait_s == pytest.approx(planner)
+
+
+def test_a_pool_whose_requests_end_later_than_priced_is_priced_later():
+    """What happens after a request is priced (its prompt paced beside streams, more requests joining its batch) shows
+    only in what it took: requests that took 1.5x their predicted first token and 1.3x their predicted decode step
+    make the next route there 1.5x and 1.3x (its wait with its first token); prompts of another size borrow the
+    pool's figure; the uncorrected figures stay what the feedback learns from."""
+    load = PoolLoad(front=[report(step_s=0.1)], queued=400)
+    before = price(POOL, SHAPE, HW, load, 100, 9, "auto", NAMED)
+    feedback = RouteFeedback()
+    for _ in range(16):
+        feedback.observe(POOL.name, 100, 0, *before.raw, 1.5 * before.raw[0], 1.3 * before.raw[1])
+    after = price(POOL, SHAPE, HW, load, 100, 9, "auto", NAMED, learned=feedback.table())
+    assert after.raw == before.raw == (before.ttft_s, before.step_s)
+    assert (after.ttft_s, after.wait_s) == (pytest.approx(1.5 * before.ttft_s, rel=0.03),
+                                            pytest.approx(1.5 * before.wait_s, rel=0.03))
+    assert after.step_s == pytest.approx(1.3 * before.step_s, rel=0.03)
+    assert after.predicted_s == pytest.approx(after.ttft_s + 8 * after.step_s)
+    longer = price(POOL, SHAPE, HW, load, 700, 9, "auto", NAMED, learned=feedback.table())
+    assert longer.ttft_s == pytest.approx(1.5 * longer.raw[0], rel=0.05)
+    feedback.observe(POOL.name, 100, 0, *before.raw, None, None)  # an answer too short to time: nothing learned
+    assert feedback.table().steps() == 32  # 16 first tokens and 16 decode steps
 
 
 def test_a_pool_whose_memory_cannot_prefill_the_prompt_is_not_priced():

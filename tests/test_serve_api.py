@@ -93,6 +93,9 @@ def test_completion_is_greedy_transformers_and_names_pool_strategy(http, chat_ti
     d = usage["dynpart"]
     assert (r.headers["x-dynpart-pool"], r.headers["x-dynpart-strategy"]) == (d["pool"], d["strategy"])
     assert d["prefill_ms"] > 0 and d["ttft_ms"] >= d["prefill_ms"] and d["tpot_ms"] > 0
+    # and why that pool: the router's prediction there, the first token before the last (11 decode steps after it)
+    predicted_ttft, predicted = (float(r.headers[f"x-dynpart-predicted{k}-ms"]) for k in ("-ttft", ""))
+    assert 0 < predicted_ttft < predicted
 
 
 def test_streaming_completion_equals_non_streaming(oai):

@@ -2,9 +2,11 @@
 
 A request is refused at once rather than accepted and left to time out: a pool whose expected wait passes
 ``max_queue_wait_s``, or whose prompt tokens waiting (sent from this ingress) would pass its ``max_queued_tokens``,
-takes nothing; of the rest, the one predicted to finish the request first wins (ties go to the pool listed first),
+takes nothing. Of the rest, a pool whose ``min_prompt_tokens`` the prompt is short of is left for when no other
+admits it, and of those left the one predicted to finish the request first wins (ties go to the pool listed first),
 except that a pool whose queue alone would push the first token past its ``slo.ttft_s`` is passed over while another
-pool meets its own (``cost.growth.spill``: a pool waiting for its scale-up spills to one with room meanwhile).
+pool meets its own, if it may still add a replica (``cost.growth.spill``: a pool waiting for its scale-up spills to
+one with room meanwhile).
 With none left the answer says why, as the client needs it: the client's mistake (no pool built the layout it named,
 or none has the memory to prefill the prompt: 400), overload (503 with ``retry-after``), every pool's replicas
 failed (503), and while the app drains, shutting down (503).
@@ -37,6 +39,8 @@ class Offer:
     # down: avoided, or its replicas failed; unbuilt: it did not build the layout the request names
     runs: list[str] | None = None  # the layouts the pool built at start, when known
     queued_tokens: int = 0  # prompt tokens this ingress sent there, still waiting for their first token
+    grows: bool = True  # the pool may still add a replica (below its max_replicas): its queue is one to wait out
+    overflow: bool = False  # the prompt is shorter than the pool's min_prompt_tokens: only if no other pool admits it
 
 
 class Admission:
@@ -53,7 +57,7 @@ class Admission:
     def choose(self, n: int, strategy: str, offers: list[Offer]) -> Route:
         """The route predicted to finish the ``n``-token request first among the pools that admit it; none: the
         error that says why (``RequestError``, ``Overloaded``, ``EngineFailed``), at once."""
-        routes: list[Route] = []
+        admitted: list[Offer] = []
         waits: list[float] = []
         no_memory: list[str] = []  # pools whose memory cannot prefill this prompt (by ``strategy``)
         for o in offers:
@@ -66,10 +70,12 @@ class Admission:
             if o.route.wait_s > self.cfg.max_queue_wait_s:
                 waits.append(o.route.wait_s)
                 continue
-            routes.append(o.route)
-        if routes:  # where it finishes first (the first of equals: config order), unless queued past its TTFT
-            return routes[spill([Option(r.ttft_s, r.wait_s, r.predicted_s, r.pool.slo and r.pool.slo.ttft_s)
-                                 for r in routes])]
+            admitted.append(o)
+        if admitted:  # of the pools for its length (else any), where it finishes first, unless queued past its TTFT
+            admitted = [o for o in admitted if not o.overflow] or admitted
+            routes = [o.route for o in admitted if o.route is not None]
+            return routes[spill([Option(r.ttft_s, r.wait_s, r.predicted_s, r.pool.slo and r.pool.slo.ttft_s, o.grows)
+                                 for r, o in zip(routes, admitted)])]
         pinned = strategy != "auto"
         if not [o for o in offers if o.pool.name not in no_memory
                 and (not pinned or o.runs is None or strategy in o.runs)]:

@@ -72,6 +72,9 @@ class PoolConfig(EngineFields):
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(64, ge=-1)  # per caller (the ingress) beyond which requests get 503
     max_queued_tokens: int = Field(65536, ge=1)  # prompt tokens waiting for prefill beyond which the pool is full
+    # shorter prompts go to another pool that admits them, here only when none does (the pool's requests classed by
+    # input length: a pool that time-shares the cores the service runs on slows every other pool while it computes)
+    min_prompt_tokens: int = Field(0, ge=0)
     disaggregated: bool = False  # separate prefill and decode deployments, K/V handed over via the object store
     decode_replicas: int = Field(1, ge=1)  # decode deployment's replica count when disaggregated
     health_check_period_s: float = Field(10.0, gt=0)  # how soon Serve notices a failed replica and replaces it

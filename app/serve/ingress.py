@@ -75,7 +75,7 @@ class Ingress:
             record_request(label, None, str(api_error(e).status))
             raise
         result = Result(pool=route.pool.name, devices=route.pool.devices, whole=whole, retries=retries,
-                        started=started)
+                        started=started, route=route, learn=self.router.learn)
         result.add(first)
         return Run(result, first, updates)
 

@@ -7,7 +7,9 @@ measured step time. The whole request, not its first token, so a pool that prefi
 sharing a core) does not take short requests it would finish later. A pool that probably holds the prompt's prefix in
 its KV cache is priced for the rest of the prompt only, attending to the cached prefix. The planner's prefill
 figures are corrected by what the pool's replicas learned from their own steps (``EngineLoad.correction``,
-``cost.correction``): the same corrected predictions their engines plan with (decode steps are priced as measured).
+``cost.correction``): the same corrected predictions their engines plan with (decode steps are priced as measured);
+the whole is corrected again by what this ingress's earlier requests there took against their prices
+(``feedback``: the pacing, batching and interference that happen after a request is priced).
 
 What a pool's load is comes from two places, and ``PoolLoad`` holds both: the replicas' reports on the ``LoadBoard``
 (which lag by up to a beat) and what this ingress sent there itself (which misses the other ingresses' requests);
@@ -17,6 +19,7 @@ tested without a cluster (``tests/test_pricing.py``) and a new admission policy 
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +27,9 @@ from typing import TYPE_CHECKING
 
 from app.engine.build import guessed_step_s
 from app.engine.messages import EngineLoad
+from app.engine.predictor import DECODE_CONTEXT_STEP, DECODE_LAYOUT
 from cost import Hardware, decode_step_time, plan_prefill
-from cost.correction import CorrectionTable, corrected_choice
+from cost.correction import CorrectionTable, StepKey, corrected_choice
 from strategies.shapes import ModelShape
 
 if TYPE_CHECKING:
@@ -44,6 +48,8 @@ class Route:
     wait_s: float = 0.0  # of which waiting for a slot and for the prompts ahead: what max_queue_wait_s bounds
     cached_tokens: int = 0  # prompt tokens predicted to be in the pool's prefix cache
     hashes: list[int] | None = None  # the prompt's block-hash chain at the pool's block size (None: not known)
+    step_s: float = 0.0  # of which each decode step after the first token
+    raw: tuple[float, float] = (0.0, 0.0)  # (ttft_s, step_s) before the requests' feedback: what it learns from
 
 
 @dataclass
@@ -97,10 +103,41 @@ def reported_pacing(load: PoolLoad) -> float:
 
 
 def decode_step_s(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolLoad, context: int) -> float:
-    """A decode step's seconds in ``pool``: as its replicas measure it, else as the planner predicts it."""
-    if measured := load.decoding:
-        return statistics.fmean(x.step_s for x in measured)
-    return decode_step_time(shape, hardware, pool.devices, [context])
+    """A decode step's seconds in ``pool`` once this request joins its batch: the step its replicas measure now
+    (else the planner's), scaled by the planner's step at the batch the request joins over its step at the batch the
+    replicas run now, each corrected by what the replicas learned of decode steps at that batch size. The batch
+    joined is the replicas' running and waiting sequences, or what this ingress runs there when it says more (a
+    burst the reports have not caught up with), plus this request. Without the scaling a pool reads as fast as its
+    last steps while requests pile in: a burst of 16 short prompts priced the idle 2-rank ``long`` pool by its
+    one-sequence step and sent it a third of them, to decode at twice its measured step."""
+    measured = load.decoding
+    replicas = max(1, len(measured))
+    now = max(1.0, _mean(measured, lambda x: x.running))
+    joined = min(pool.max_num_seqs, max(_mean(measured, lambda x: x.running + x.waiting),
+                                        len(load.inflight) / replicas) + 1)
+    table = correction(load)
+
+    def step(rows: float) -> float:
+        n = max(1, round(rows))
+        return table.correct(StepKey.of(DECODE_LAYOUT, "decode", n, context), planned_step_s(
+            shape, hardware, pool.devices, n, context))
+
+    if measured:
+        return statistics.fmean(x.step_s for x in measured) * step(joined) / step(now)
+    return step(joined)
+
+
+def planned_step_s(shape: ModelShape, hardware: Hardware, devices: int, rows: int, context: int) -> float:
+    """The planner's decode step of ``rows`` sequences at ``context`` tokens each, the context rounded up to
+    ``DECODE_CONTEXT_STEP`` (remembered: every request prices every pool this way)."""
+    context = -(-context // DECODE_CONTEXT_STEP) * DECODE_CONTEXT_STEP
+    return _planned(shape.model_dump_json(), hardware.model_dump_json(), devices, rows, context)
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned(shape: str, hardware: str, devices: int, rows: int, context: int) -> float:
+    return decode_step_time(ModelShape.model_validate_json(shape), Hardware.model_validate_json(hardware), devices,
+                            [context] * rows)
 
 
 def prefix_capacity(load: PoolLoad) -> int:
@@ -140,14 +177,32 @@ def predicted_ttft(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load
     return own + wait, wait
 
 
+def first_token_key(pool: str, new: int, cached: int) -> StepKey:
+    """How requests' first tokens are told apart when learning from them (``feedback``): by pool and the log2 buckets
+    of their uncached and cached prompt tokens."""
+    return StepKey.of(pool, "prefill", new, cached)
+
+
+def decode_key(pool: str) -> StepKey:
+    """… and their time per output token: by pool."""
+    return StepKey.of(pool, "decode", 1, 0)
+
+
 def price(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolLoad, n: int, max_tokens: int,
-          strategy: str, available: list[str], cached: int = 0, hashes: list[int] | None = None) -> Route | None:
+          strategy: str, available: list[str], cached: int = 0, hashes: list[int] | None = None,
+          learned: CorrectionTable | None = None) -> Route | None:
     """The request (``n`` prompt tokens, ``cached`` of them probably in the pool's prefix cache, then
     ``max_tokens``) in ``pool``: its first token, then ``max_tokens - 1`` decode steps at half the new tokens'
-    context. None: the pool's memory cannot prefill it (by ``strategy``)."""
+    context, each corrected by what earlier requests took against their prices (``learned``: ``feedback``; the
+    wait scales with the first token). None: the pool's memory cannot prefill it (by ``strategy``)."""
     predicted = predicted_ttft(pool, shape, hardware, load, n, strategy, available, cached)
     if predicted is None:
         return None
     ttft, wait = predicted
-    decode = (max_tokens - 1) * decode_step_s(pool, shape, hardware, load, n + max_tokens // 2)
-    return Route(pool=pool, predicted_s=ttft + decode, ttft_s=ttft, wait_s=wait, cached_tokens=cached, hashes=hashes)
+    step = decode_step_s(pool, shape, hardware, load, n + max_tokens // 2)
+    raw = (ttft, step)
+    if learned is not None and learned.entries:
+        late = learned.factor(first_token_key(pool.name, n - cached, cached))
+        ttft, wait, step = ttft * late, wait * late, learned.correct(decode_key(pool.name), step)
+    return Route(pool=pool, predicted_s=ttft + (max_tokens - 1) * step, ttft_s=ttft, wait_s=wait,
+                 cached_tokens=cached, hashes=hashes, step_s=step, raw=raw)

@@ -34,6 +34,7 @@ from app.serve.api import GenerationRequest
 from app.serve.bodies import DynpartUsage, Usage, chunk_body, error_body
 from app.serve.errors import api_error
 from app.serve.metrics import record_request
+from app.serve.pricing import Route
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Result:
     tpot_s: float | None = None
     cached_tokens: int = 0  # prompt tokens the replica's prefix cache held
     retries: int = 0  # times the request was started again elsewhere after its replica failed (nothing sent yet)
+    route: Route | None = None  # how the router priced its pool (the predicted first and last token)
+    learn: Callable[[Result], None] | None = None  # told of the request once it ended well (``Router.learn``)
     whole: bool = False  # the answer comes as one update (non-streaming): its TTFT is the engine's own
     started: float = field(default_factory=time.perf_counter)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked
@@ -203,8 +206,11 @@ class Logprobs:
 
 
 def done(r: Result, status: str = "200") -> None:
-    """Count the request in the metrics, with its figures, as it ended (``status``: HTTP's, also for gRPC)."""
+    """Count the request in the metrics, with its figures, as it ended (``status``: HTTP's, also for gRPC), and tell
+    the router what it took when it ended well."""
     record_request(r.pool, r.strategy, status, r.ttft_s, r.tpot_s, r.prefill_s)
+    if status == "200" and r.learn is not None:
+        r.learn(r)
 
 
 def usage_of(r: Result | list[Result], prompt_tokens: int | None = None) -> Usage:
@@ -224,9 +230,11 @@ def usage_of(r: Result | list[Result], prompt_tokens: int | None = None) -> Usag
 
 def headers_of(results: list[Result]) -> dict[str, str]:
     r = results[0]
+    predicted = {} if r.route is None else {"x-dynpart-predicted-ttft-ms": f"{r.route.ttft_s * 1e3:.1f}",
+                                            "x-dynpart-predicted-ms": f"{r.route.predicted_s * 1e3:.1f}"}
     return {"x-dynpart-pool": r.pool, "x-dynpart-strategy": r.strategy or "none",
             "x-dynpart-prefill-ms": f"{r.prefill_s * 1e3:.3f}",
-            "x-dynpart-retries": str(sum(x.retries for x in results))}
+            "x-dynpart-retries": str(sum(x.retries for x in results)), **predicted}
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -24,7 +24,9 @@ from app.serve.admission import Admission, Offer
 from app.serve.board_view import BoardView
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.dispatch import Dispatcher, PoolHandles, remote
+from app.serve.feedback import RouteFeedback
 from app.serve.pricing import Route, cached_tokens, prefix_capacity, price
+from app.serve.responses import Result
 from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import Checkpoint
 
@@ -38,6 +40,7 @@ class Router:
         self.board = BoardView(cfg, board)
         self.admission = Admission(cfg)
         self.dispatch = Dispatcher(cfg, handles, self.board)
+        self.feedback = RouteFeedback()
         self._available: dict[str, list[str]] = {}
 
     # -- tokenizing --------------------------------------------------------------------------------------------------
@@ -92,7 +95,8 @@ class Router:
         chains: dict[int, list[int]] = {}  # block size -> the prompt's hash chain
         offers = []
         for p in fits:
-            offers.append(offer := Offer(pool=p, queued_tokens=self.dispatch.queued[p.name]))
+            offers.append(offer := Offer(pool=p, queued_tokens=self.dispatch.queued[p.name], grows=self.grows(p),
+                                         overflow=n < p.min_prompt_tokens))
             if p.name not in warm:
                 offer.unpriced = "starting"
             elif p.name in avoid or not self.board.serving(p):
@@ -103,6 +107,11 @@ class Router:
                 offer.route = self.price(p, prompt, n, max_tokens, strategy, await self.available(p.name), chains)
             offer.runs = self._available.get(p.name)
         return self.admission.choose(n, strategy, offers)
+
+    def grows(self, pool: PoolConfig) -> bool:
+        """Whether ``pool`` may still add a replica: it autoscales and fewer than its ``max_replicas`` report."""
+        scaling = pool.autoscaling
+        return scaling is not None and len(self.board.loads(pool.name)) < scaling.max_replicas
 
     def price(self, pool: PoolConfig, prompt: Sequence[int] | int, n: int, max_tokens: int, strategy: str,
               available: list[str], chains: dict[int, list[int]]) -> Route | None:
@@ -119,11 +128,17 @@ class Router:
             index.resize(prefix_capacity(load))
             cached = cached_tokens(index.matched(pool.name, hashes), n, pool.block_size)
         route = price(pool, self.shape, self.hardware[pool.name], load, n, max_tokens, strategy, available, cached,
-                      hashes)
+                      hashes, self.feedback.table() if pool.online_correction else None)
         if route is not None and (cold := self.board.cold_start(pool)):  # asleep: a replica must start first
             route.predicted_s, route.ttft_s, route.wait_s = (x + cold for x in (route.predicted_s, route.ttft_s,
                                                                                  route.wait_s))
         return route
+
+    def learn(self, result: Result) -> None:
+        """A request that ended well: what it took against how its route was priced (``feedback``)."""
+        if (route := result.route) is not None and route.pool.online_correction:
+            self.feedback.observe(route.pool.name, result.prompt_tokens - route.cached_tokens, route.cached_tokens,
+                                  *route.raw, result.ttft_s, result.tpot_s)
 
     # -- running -----------------------------------------------------------------------------------------------------
 
