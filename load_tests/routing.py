@@ -51,6 +51,12 @@ def run_point(url: str, model: str, prompts: list[str], max_tokens: int, concurr
     return {"tok_s": sum(r.output_tokens for r in ok) / wall, "errors": len(records) - len(ok), "pools": by_pool(ok)}
 
 
+def p50_cell(values: list[float | None]) -> str:
+    """Per-repeat p50s as ``median [min–max]``; "–" where none was measured (an older server predicts nothing)."""
+    known = [v for v in values if v is not None]
+    return spread(known, 2) if known else "–"
+
+
 def format_report(results: dict, ways: list[str], concurrencies: list[int]) -> str:
     rows = []
     for c in concurrencies:
@@ -62,7 +68,7 @@ def format_report(results: dict, ways: list[str], concurrencies: list[int]) -> s
             pools = sorted({p for x in runs for p in x["pools"]})
             for i, pool in enumerate(pools):
                 per = [x["pools"][pool] for x in runs if pool in x["pools"]]
-                cell = lambda key: spread([p[key] for p in per if p[key] is not None], 2)  # noqa: E731
+                cell = lambda key: p50_cell([p[key] for p in per])  # noqa: E731
                 rows.append([c if way == ways[0] and i == 0 else "", way if i == 0 else "",
                              spread(tok) if i == 0 else "", spread(ratio, 2) if i == 0 and way != best else "",
                              pool, sum(p["n"] for p in per), cell("ttft_s"), cell("predicted_ttft_s"), cell("e2e_s"),
