@@ -33,9 +33,10 @@ def by_pool(records: list[RequestRecord]) -> dict[str, dict]:
         rs = [r for r in records if str(r.pool) == pool]
         p50 = lambda get: statistics.median(get(r) for r in rs)  # noqa: E731
         predicted = [r for r in rs if r.predicted_s is not None]
+        guess = lambda get: statistics.median(get(r) for r in predicted) if predicted else None  # noqa: E731
         out[pool] = {"n": len(rs), "ttft_s": p50(lambda r: r.ttft_s), "e2e_s": p50(lambda r: r.latency_s),
-                     "predicted_ttft_s": statistics.median(r.predicted_ttft_s for r in predicted) if predicted else None,
-                     "predicted_e2e_s": statistics.median(r.predicted_s for r in predicted) if predicted else None}
+                     "predicted_ttft_s": guess(lambda r: r.predicted_ttft_s), "predicted_e2e_s": guess(
+                         lambda r: r.predicted_s)}
     return out
 
 
