@@ -141,6 +141,20 @@ def test_a_pool_whose_requests_end_later_than_priced_is_priced_later():
     assert feedback.table().steps() == 32  # 16 first tokens and 16 decode steps
 
 
+def test_a_request_that_ended_well_is_told_to_the_router_with_its_route():
+    """The ingress counts every request as it ends (``responses.done``); one answered 200 also goes back to what
+    priced it (``Router.learn``), with the route it was priced by; a failed one says nothing of the price."""
+    from app.serve.responses import Result, done
+
+    route = price(POOL, SHAPE, HW, PoolLoad(), 100, 9, "auto", NAMED)
+    told: list = []
+    result = Result(pool=POOL.name, devices=1, route=route, learn=told.append)
+    done(result, "503")
+    assert told == []
+    done(result)
+    assert told == [result] and told[0].route is route
+
+
 def test_a_pool_whose_memory_cannot_prefill_the_prompt_is_not_priced():
     tiny = get_hardware("L4").model_copy(update={"memory_gb": 0.05})
     assert price(POOL, SHAPE, tiny, PoolLoad(), 1000, 4, "auto", NAMED) is None
