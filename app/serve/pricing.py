@@ -193,8 +193,10 @@ def price(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolLoa
           learned: CorrectionTable | None = None) -> Route | None:
     """The request (``n`` prompt tokens, ``cached`` of them probably in the pool's prefix cache, then
     ``max_tokens``) in ``pool``: its first token, then ``max_tokens - 1`` decode steps at half the new tokens'
-    context, each corrected by what earlier requests took against their prices (``learned``: ``feedback``; the
-    wait scales with the first token). None: the pool's memory cannot prefill it (by ``strategy``)."""
+    context, each corrected by what earlier requests took against their prices (``learned``: ``feedback``). The
+    wait is not: it is what admission holds to ``max_queue_wait_s``, and a refusal answers for the queue the replicas
+    report, not for a learned ratio (one learned under a burst, from first tokens predicted at a tenth of a second,
+    refused a healthy pool's requests). None: the pool's memory cannot prefill it (by ``strategy``)."""
     predicted = predicted_ttft(pool, shape, hardware, load, n, strategy, available, cached)
     if predicted is None:
         return None
@@ -203,6 +205,6 @@ def price(pool: PoolConfig, shape: ModelShape, hardware: Hardware, load: PoolLoa
     raw = (ttft, step)
     if learned is not None and learned.entries:
         late = learned.factor(first_token_key(pool.name, n - cached, cached))
-        ttft, wait, step = ttft * late, wait * late, learned.correct(decode_key(pool.name), step)
+        ttft, step = ttft * late, learned.correct(decode_key(pool.name), step)
     return Route(pool=pool, predicted_s=ttft + (max_tokens - 1) * step, ttft_s=ttft, wait_s=wait,
                  cached_tokens=cached, hashes=hashes, step_s=step, raw=raw)
