@@ -13,8 +13,9 @@ same learner: per key the median of recent log ratios, shrunk toward the coarser
 the route's predicted first token, keyed by pool and the log2 buckets of its uncached and cached prompt tokens, and
 its time per output token against the route's predicted decode step, keyed by pool. ``pricing.price`` multiplies the
 next predictions by the learned factors, so a pool whose requests keep finishing later than priced is priced later,
-and admission's choice, its ``max_queue_wait_s`` and the spill rule all read the corrected figures. Per ingress, in
-memory: it describes the load of the moment, which a restart does not carry over.
+and admission's choice and the spill rule read the corrected figures; a route's wait is left as the replicas report
+it, since admission refuses by it (``max_queue_wait_s``). Per ingress, in memory: it describes the load of the moment,
+which a restart does not carry over.
 """
 
 from __future__ import annotations
