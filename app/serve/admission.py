@@ -73,7 +73,7 @@ class Admission:
             admitted.append(o)
         if admitted:  # of the pools for its length (else any), where it finishes first, unless queued past its TTFT
             admitted = [o for o in admitted if not o.overflow] or admitted
-            routes = [o.route for o in admitted if o.route is not None]
+            routes: list[Route] = [o.route for o in admitted]  # type: ignore[misc]  # priced: not None
             return routes[spill([Option(r.ttft_s, r.wait_s, r.predicted_s, r.pool.slo and r.pool.slo.ttft_s, o.grows)
                                  for r, o in zip(routes, admitted)])]
         pinned = strategy != "auto"
