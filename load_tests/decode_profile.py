@@ -32,7 +32,7 @@ def decode_engine(model: str, dtype: str, batch: int, prompt: int = 64, max_toke
     """An engine on one in-process device holding ``batch`` sequences past their prefill, decoding; ``pack``: its
     weights prepacked for the GEMM (strategies/packed.py), as engines run by default."""
     from app.engine.llm_engine import LLMEngine
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
     from placement.workers import LocalGroup
     from strategies.loader import Checkpoint
 

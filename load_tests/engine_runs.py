@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from placement.calibrate import Interference, relative_spread, timed
-from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk
+from strategies.kv_cache import Chunk
 from strategies.layout import STRATEGY_NAMES
+from strategies.shapes import DEFAULT_BLOCK_SIZE
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -93,7 +94,7 @@ def bench_engine(model: str, lengths: Sequence[int], decode_tokens: int, decode_
     from transformers import DynamicCache, LlamaForCausalLM
 
     from app.engine.build import EngineOptions, build_engine
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
     from strategies.loader import Checkpoint
 
     ckpt = Checkpoint(model)
@@ -308,7 +309,7 @@ def learn_correction(model: str, devices: int, hardware: str, lengths: Sequence[
     every prefill runs alone as one chunk) until ``steps`` steps have run; returns the ``Correction`` it learned. The
     engine chooses each prompt's layout by its corrected predictions, as a pool does, so it learns from its choices."""
     from app.engine.build import EngineOptions, build_engine
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
     from cost.correction import Correction
 
     cap = max(lengths) + decode_tokens

@@ -49,7 +49,7 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 
 def params(max_tokens: int):
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 

@@ -20,7 +20,7 @@ from strategies.shapes import DEFAULT_MODEL
 
 def direct(model: str, prompts: list[str], max_tokens: int) -> tuple[list[float], list[float]]:
     from app.engine.build import EngineOptions, build_engine
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
 
     engine = build_engine(EngineOptions(model=model, devices=1, max_num_seqs=4, hardware="cpu"))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

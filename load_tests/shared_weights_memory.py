@@ -36,8 +36,9 @@ def measure(model: str, devices: int, replicas: int, shared: bool) -> dict:
     import ray
 
     from app.engine.build import EngineOptions, build_engine
-    from app.engine.sampling import SamplingParams
-    from placement.workers import DEVICE_RESOURCE, local_ray_options
+    from app.engine.params import SamplingParams
+    from placement.bundles import DEVICE_RESOURCE
+    from placement.workers import local_ray_options
 
     ray.init(**local_ray_options(num_cpus=2, resources={DEVICE_RESOURCE: devices * replicas},
                                  object_store_memory=2 * 2**30))

@@ -15,8 +15,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk
-from strategies.loader import DTYPES
+from strategies.kv_cache import Chunk
+from strategies.dtypes import DTYPES
+from strategies.shapes import DEFAULT_BLOCK_SIZE
 
 
 class RunnerSettings(BaseModel):

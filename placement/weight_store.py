@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.loader import DTYPES, Checkpoint, dtype_name
+from strategies.dtypes import DTYPES, dtype_name
+from strategies.loader import Checkpoint
 from strategies.sharding import LayerShard, RankWeights, load_rank_weights
 
 NAMESPACE = "dynpart"

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from placement.bundles import COLLECTIVE_TIMEOUT_S, actor_resources, default_bundle
 from placement.collectives import destroy_process_group, device_and_backend, init_process_group, is_loopback
 from placement.cores import pin_device
 from placement.group import Group, RunnerSettings
@@ -25,8 +26,6 @@ from placement.hardware import fast_dtype, replica_budget_bytes
 from strategies.comm import Comm, SingleDevice
 from strategies.runner import ShardRunner
 
-DEVICE_RESOURCE = "dynpart_device"  # custom resource a CPU-only node offers per emulated device
-COLLECTIVE_TIMEOUT_S = 60.0  # a collective waiting longer for a peer rank fails (the peer is hung or gone)
 POLL_S = 0.5  # how often a step that has not finished checks its ranks for a failure
 
 
@@ -299,23 +298,6 @@ def gather(refs: list) -> list[Any]:
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
         results.update(zip(done, ray.get(done)))  # raises the first failure among the finished ranks
     return [results[r] for r in refs]
-
-
-def default_bundle() -> dict:
-    """One device: a GPU where the cluster has GPUs, otherwise a tenth of a CPU (emulated device)."""
-    import ray
-
-    if ray.cluster_resources().get("GPU", 0) >= 1:
-        return {"CPU": 0.1, "GPU": 1}
-    if ray.cluster_resources().get(DEVICE_RESOURCE, 0) >= 1:
-        return {"CPU": 0.1, DEVICE_RESOURCE: 1}
-    return {"CPU": 0.1}
-
-
-def actor_resources(bundle: dict) -> dict:
-    """``.options(...)`` that make an actor take exactly one device ``bundle``."""
-    return {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
-            "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}}
 
 
 def start_group(devices: int, settings: RunnerSettings | dict, placement_group=None, bundle: dict | None = None,

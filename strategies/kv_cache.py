@@ -18,8 +18,6 @@ import torch.nn.functional as F
 
 from strategies.layers import SequenceSpan, causal_attention
 
-DEFAULT_BLOCK_SIZE = 16
-
 
 @dataclass
 class Chunk:

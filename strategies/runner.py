@@ -10,12 +10,14 @@ import torch
 
 from strategies.comm import Comm, CountingComm
 from strategies.executor import LayoutPass
-from strategies.kv_cache import DEFAULT_BLOCK_SIZE, Chunk, PackedChunks, PagedKVCache, block_bytes, table_slots
+from strategies.kv_cache import Chunk, PackedChunks, PagedKVCache, block_bytes, table_slots
 from strategies.layers import Rotary, lm_head_logits
 from strategies.layout import REP, STRATEGY_NAMES, parse_layout
 from strategies.layout_weights import LayoutWeights, StrategyUnavailable
-from strategies.loader import Checkpoint, dtype_name
+from strategies.dtypes import dtype_name
+from strategies.loader import Checkpoint
 from strategies.packed import PackedLinear, Weight, can_pack, pack
+from strategies.shapes import DEFAULT_BLOCK_SIZE
 from strategies.sharding import RankWeights, load_rank_weights
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block: the engine's cache, its block manager and the router's prefix hashes
 DEFAULT_MODEL = "smollm2-135m"  # the model served when none is named: embedded in a PyPI package (loader.py)
 DtypeName = Literal["float32", "bfloat16", "float16"]  # weight and activation dtypes the engine runs
 # What a config may ask for: a dtype, or "auto": the fastest the device computes well (placement.hardware.fast_dtype)

@@ -127,7 +127,8 @@ def ray_session(tmp_path_factory):
     import ray
 
     from placement.cores import CLAIMS_DIR_ENV
-    from placement.workers import DEVICE_RESOURCE, local_ray_options
+    from placement.bundles import DEVICE_RESOURCE
+    from placement.workers import local_ray_options
 
     os.environ[CLAIMS_DIR_ENV] = str(tmp_path_factory.mktemp("core-claims"))
     if not ray.is_initialized():
@@ -291,7 +292,7 @@ SHARED_APPS = ("pair_app", "keyed_app")
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Modules that share an app run one after another (where the first of them would), so the app is deployed once
-    and deleted before the next module deploys its own."""
+    and deleted before the next module deploys its own; tests marked ``own_ray`` run before all others."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.module.__name__, []).append(item)
@@ -302,6 +303,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
             order.remove(m)
             order.insert(order.index(users[0]) + users.index(m), m)
     items[:] = [item for m in order for item in modules[m]]
+    # tests that start a Ray of their own go first: the session's Ray, once started, costs a slice of a core even idle
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)  # stable: the order above is kept
 
 
 def pytest_collection_finish(session) -> None:

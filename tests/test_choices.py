@@ -15,7 +15,7 @@ import pytest
 from conftest import SHARED_MODEL, grpc_stub, http_client
 
 from app.serve.api import MAX_CHOICES
-from strategies.kv_cache import DEFAULT_BLOCK_SIZE
+from strategies.shapes import DEFAULT_BLOCK_SIZE
 from strategies.loader import Checkpoint
 
 MODEL = SHARED_MODEL

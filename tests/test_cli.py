@@ -37,6 +37,7 @@ def test_generate_json_on_the_default_model(smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_generate_on_two_devices_gives_transformers_tokens(chat_tiny):
     from conftest import reference_greedy
 

@@ -166,7 +166,7 @@ def test_step_predictor_plans_as_the_planner_until_it_has_learned():
 
 def test_engine_corrected_predictions_come_closer_to_its_measured_steps(tiny_models):
     from app.engine.predictor import StepPredictor
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
     from strategies.loader import Checkpoint
     from tests.conftest import local_engine
 

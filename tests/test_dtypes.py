@@ -17,12 +17,13 @@ import pytest
 import torch
 from conftest import TINY_SHAPES, local_engine, prompts_for
 
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from placement.hardware import fast_dtype
 from placement.workers import LocalGroup, start_group
+from strategies.dtypes import dtype_name
 from strategies.kv_cache import Chunk
 from strategies.layout import STRATEGY_NAMES
-from strategies.loader import Checkpoint, dtype_name
+from strategies.loader import Checkpoint
 
 BF16_ONE_DEVICE = 1e-2  # of max |logit|: the same kernels in the same order (measured: 0 on this AVX2 CPU)
 BF16_PARTITIONED = 2e-2  # of max |logit|: sums in another order, each rounded to bfloat16's 8 mantissa bits

@@ -17,7 +17,7 @@ from conftest import local_engine, prompts_for
 
 from app.engine.loop import EngineLoop
 from app.engine.messages import SequenceFailed
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True)

@@ -15,7 +15,7 @@ from conftest import local_engine, prompts_for, reference_greedy
 
 from app.engine.blocks import ROOT_HASH, BlockManager, prefix_hashes
 from app.engine.llm_engine import LLMEngine
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from placement.workers import start_group
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)

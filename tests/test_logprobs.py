@@ -16,7 +16,8 @@ import torch
 from conftest import SHARED_MODEL, grpc_stub, http_client, local_engine, prompts_for, reference_logits
 
 from app.engine.llm_engine import LLMEngine
-from app.engine.sampling import SamplingParams, process_logits
+from app.engine.params import SamplingParams
+from app.engine.sampling import process_logits
 from strategies.loader import Checkpoint
 
 TOL = 1e-4

@@ -153,7 +153,7 @@ def test_only_the_clients_mistakes_are_4xx():
     from ray.exceptions import RayTaskError
 
     from app.engine.messages import RequestError
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
     from app.serve.errors import api_error
 
     for bug in (ValueError("math domain error"), RayTaskError("generate", "traceback", ValueError("bad shape"))):

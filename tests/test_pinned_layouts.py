@@ -15,7 +15,7 @@ import pytest
 from conftest import local_engine, reference_greedy
 
 from app.engine.messages import RequestError
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from strategies.layout import STRATEGY_NAMES, check_strategy
 from strategies.loader import Checkpoint
 

@@ -53,6 +53,7 @@ def test_ranks_on_several_nodes_meet_at_rank_0s_node_address():
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_a_pack_group_spanning_two_nodes_runs(tiny_models):
     here = machine_address()
     if here is None:
@@ -75,7 +76,8 @@ def main(model: str, node_ip: str) -> None:
     from ray.util.placement_group import placement_group, placement_group_table
     from test_partitioned import runner_kwargs
 
-    from placement.workers import DEVICE_RESOURCE, LocalGroup, ShardGroup, local_ray_options
+    from placement.bundles import DEVICE_RESOURCE
+    from placement.workers import LocalGroup, ShardGroup, local_ray_options
     from strategies.kv_cache import Chunk
 
     local_ray_options()  # the environment a local Ray needs here (token auth off)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.build import guessed_step_s
+from app.engine.predictor import guessed_step_s
 from app.engine.messages import EngineLoad
 from app.serve import pricing
 from app.serve.config import PoolConfig

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from conftest import local_engine
 
 from app.engine.messages import RequestError
-from app.engine.sampling import SamplingParams, sample
+from app.engine.params import SamplingParams
+from app.engine.sampling import sample
 from strategies.loader import Checkpoint
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from app.engine.disagg import DecodeScheduler
 from app.engine.messages import Handoff
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from app.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from app.engine.sequence import Sequence
 

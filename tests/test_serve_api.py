@@ -141,6 +141,26 @@ def test_models_and_health(http, oai):
     assert [m.id for m in oai.models.list().data] == [MODEL]
 
 
+def test_only_the_engines_load_torch(http):
+    """The ingress and the load board compute nothing: they never load torch (each process would spend ~3 s of CPU
+    importing it at start and hold a few hundred MB), while the engine replicas do; the ingress has served by now."""
+    import psutil
+
+    assert http.get("/health").json()["status"] == "ok"
+    procs = {}
+    for p in psutil.process_iter(["cmdline"]):
+        name = " ".join(p.info["cmdline"] or [])
+        for role in ("Ingress", "LoadBoard", "fast"):
+            if f"ServeReplica:{APP}:{role}" in name:
+                procs.setdefault(role, []).append(p)
+    assert sorted(procs) == ["Ingress", "LoadBoard", "fast"], procs
+
+    def loaded_torch(p) -> bool:
+        return any("libtorch" in m.path for m in p.memory_maps(grouped=True))
+
+    assert not any(loaded_torch(p) for role in ("Ingress", "LoadBoard") for p in procs[role])
+    assert all(loaded_torch(p) for p in procs["fast"])  # the check sees torch where it is
+
 def test_short_and_long_prompts_routed_as_the_planner_predicts(http, chat_tiny, tok):
     """One token each, so the price is the planner's prefill alone: with decode steps in it, the pools' measured step
     times (which the suite's other load moves) decide between pools that the planner's prefill does not."""

@@ -22,6 +22,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_each_pool_lands_on_the_node_offering_its_resources(chat_tiny, tmp_path):
     out = subprocess.run([sys.executable, __file__, chat_tiny], capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(__file__), env={**os.environ, "RAY_ADDRESS": ""})
@@ -47,7 +48,8 @@ def main(model: str) -> None:
     from ray.cluster_utils import Cluster
 
     from app.serve.app import build_app
-    from placement.workers import DEVICE_RESOURCE, free_port, local_ray_options
+    from placement.bundles import DEVICE_RESOURCE
+    from placement.workers import free_port, local_ray_options
 
     local_ray_options()  # the environment a local Ray needs here (token auth off)
     # a node is declared dead after 3 missed 1 s health checks (Ray's default: 5 missed 3 s ones)
@@ -88,7 +90,7 @@ def lose_node_b(cluster, node_b, url: str, model: str) -> dict:
 
     import httpx
 
-    from placement.workers import DEVICE_RESOURCE
+    from placement.bundles import DEVICE_RESOURCE
 
     body = {"model": model, "prompt": "Hello there", "max_tokens": 2}
     statuses: dict[str, int] = {}

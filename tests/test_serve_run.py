@@ -66,7 +66,6 @@ def stream_in_background(url: str, lines: list[str], max_tokens: int) -> tuple[t
     return first, thread
 
 
-@pytest.mark.slow
 def assert_short_has_a_core_of_its_own(serve_pid: int) -> None:
     """The shipped config's ``short`` device (a whole core) computes on one core, and the processes of the Ray that
     ``dynpart serve`` started (the proxy, the controller, the ingress, ``long``'s ranks) run elsewhere
@@ -82,6 +81,8 @@ def assert_short_has_a_core_of_its_own(serve_pid: int) -> None:
     assert all(core.isdisjoint(cores) for cores in shared.values()), (core, shared)
 
 
+@pytest.mark.slow
+@pytest.mark.own_ray
 def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
     """The README's main job says when it is ready, answers, routes, and on Ctrl-C lets a stream in flight finish."""
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_SHAPES, local_engine, prompts_for, reference_greedy, reference_logits
 
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from placement.workers import LocalGroup
 from strategies.kv_cache import Chunk
 from strategies.loader import Checkpoint

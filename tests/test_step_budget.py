@@ -12,7 +12,7 @@ import pytest
 from conftest import local_engine, prompts_for, reference_greedy
 
 from app.engine.predictor import StepPredictor
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from app.engine.step_budget import (RIDE_STEP, SLOWDOWN, STEP_SHARE, StepBudget, coarse_prefix, deadline_floor,
                                      paced_wait_s)
 from cost import get_hardware

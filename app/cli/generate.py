@@ -67,7 +67,7 @@ def generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from app.engine.build import build_engine
-    from app.engine.sampling import SamplingParams
+    from app.engine.params import SamplingParams
     from app.serve.errors import validation_message
 
     if args.max_tokens < 1:  # the engine takes 0 (a prompt scored only, over HTTP); generate prints what it generates

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from app.engine.llm_engine import LLMEngine
 from app.engine.messages import Handoff
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from app.engine.scheduler import Adoption, Scheduler, SchedulerConfig, StepPlan
 from app.engine.sequence import Sequence
 

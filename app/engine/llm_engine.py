@@ -24,7 +24,8 @@ from app.engine.blocks import BlockManager
 from app.engine.messages import EngineLoad, RequestError
 from app.engine.output import OutputProcessor
 from app.engine.predictor import StepPrediction, StepPredictor
-from app.engine.sampling import SamplingParams, logprobs_of, make_generator
+from app.engine.params import SamplingParams
+from app.engine.sampling import logprobs_of, make_generator
 from app.engine.scheduler import DECODE_STRATEGY, Adoption, Scheduler, SchedulerConfig, StepPlan
 from app.engine.sequence import Sequence
 from app.engine.step_budget import StepBudget

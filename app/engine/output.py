@@ -16,7 +16,8 @@ import torch
 
 from app.engine.detokenize import IncrementalDetokenizer
 from app.engine.messages import TokenLogprob
-from app.engine.sampling import SamplingParams, logprobs_of, pick_batch, process_batch
+from app.engine.params import SamplingParams
+from app.engine.sampling import logprobs_of, pick_batch, process_batch
 from app.engine.sequence import Sequence
 
 

@@ -130,3 +130,9 @@ class StepPredictor:
         with self._lock:
             errors, self._errors = self._errors, {}
         return {layout: statistics.fmean(abs(e) for e in es) for layout, es in errors.items()}
+
+
+def guessed_step_s(shape: ModelShape, hardware, devices: int, max_model_len: int, max_num_seqs: int) -> float:
+    """A decode step's seconds before any is measured: the planner's, for up to 8 sequences at half the context (the
+    engine's starting figure, and an ingress's until the first load report)."""
+    return decode_step_time(shape, hardware, devices, [max_model_len // 2] * min(max_num_seqs, 8))

@@ -17,7 +17,7 @@ import torch
 
 from app.engine.detokenize import IncrementalDetokenizer
 from app.engine.messages import Handoff, TokenLogprob
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 
 
 @dataclass(eq=False)  # identity: ``seq in scheduler.running`` must not compare every field

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.engine.messages import RequestError
-from app.engine.sampling import (LogitBias, MaxTokens, MinP, MinTokens, Penalty, RepetitionPenalty, SamplingParams,
+from app.engine.params import (LogitBias, MaxTokens, MinP, MinTokens, Penalty, RepetitionPenalty, SamplingParams,
                                  Seed, Stop, StopTokenIds, Temperature, TopK, TopLogprobs, TopP)
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (and gRPC's when max_tokens is 0)

@@ -16,7 +16,7 @@ from app.serve.load import LoadBoard
 from app.serve.prefix_router import prefix_router_config
 from app.serve.replicas import DecodeReplica, EngineReplica, PrefillReplica
 from app.serve.slo_policy import autoscaling_policy
-from placement.workers import DEVICE_RESOURCE
+from placement.bundles import DEVICE_RESOURCE
 from strategies.loader import Checkpoint
 
 

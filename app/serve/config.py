@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from app.engine.build import EngineFields, EngineOptions
-from placement.workers import DEVICE_RESOURCE, actor_resources
+from app.engine.options import EngineFields, EngineOptions
+from placement.bundles import DEVICE_RESOURCE, actor_resources
 from cost import Hardware, get_hardware
 from cost.autoscale import SLOTarget
 from strategies.layout import STRATEGY_NAMES, check_strategy

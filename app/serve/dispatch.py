@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from app.engine.blocks import prefix_hashes
 from app.engine.messages import EngineFailed, Handoff, Update, merge_updates
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from app.serve.board_view import BoardView
 from app.serve.config import AppConfig, PoolConfig
 from app.serve.errors import Overloaded, RequestTimeout, cause_of

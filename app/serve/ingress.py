@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from app.engine.messages import RequestError
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from app.serve.api import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, MAX_CHOICES, ChatMessage, ChatRequest,
                            CompletionRequest, GenerationRequest, check_max_tokens, choice_params, sampling_params)
 from app.serve.bodies import choice_body, completion_body, new_id

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from app.engine.build import guessed_step_s
+from app.engine.predictor import guessed_step_s
 from app.engine.messages import EngineLoad
 from app.engine.predictor import DECODE_CONTEXT_STEP, DECODE_LAYOUT
 from cost import Hardware, decode_step_time, plan_prefill

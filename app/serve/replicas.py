@@ -24,7 +24,7 @@ from app.engine.disagg import DecodeEngine, PrefillEngine
 from app.engine.llm_engine import LLMEngine
 from app.engine.loop import EngineLoop
 from app.engine.messages import Handoff, Update
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from app.serve.load import DECODE_ROLE, HEARTBEAT_S, REPORT_S
 from app.serve.metrics import set_kv_usage, set_prediction_errors, set_queued_tokens
 from app.serve.slo_policy import Traffic

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from app.engine.blocks import prefix_hashes
 from app.engine.messages import RequestError, Update
-from app.engine.sampling import SamplingParams
+from app.engine.params import SamplingParams
 from app.serve.admission import Admission, Offer
 from app.serve.board_view import BoardView
 from app.serve.config import AppConfig, PoolConfig
