@@ -18,8 +18,8 @@ process lives, so a replica that dies or is scaled down frees its cores without 
   left to claim it runs unpinned, as before, and says so once.
 
 ``service_cores`` is the other half: the cores a config leaves to the rest of the service (Ray, Serve's proxy and
-controller, the ingresses), which ``dynpart serve`` keeps itself and the Ray it starts on, so they stay off the
-engines' cores. Linux only (``sched_setaffinity``); elsewhere nothing is pinned.
+controller, the ingresses), which ``dynpart serve`` moves every process of the Ray it started to once the engines
+have started (``pin_unpinned``; start-up itself uses every core), so they stay off the engines' cores. Linux only (``sched_setaffinity``); elsewhere nothing is pinned.
 """
 
 from __future__ import annotations
@@ -90,13 +90,28 @@ def claim_cores(cpus: float) -> list[int]:
     return next(([core] for core in cores if _try_lock(core, exclusive=False)), [])
 
 
-def pin_process(cores: list[int]) -> None:
-    """Every thread of this process on ``cores`` (threads started later inherit it from their creator)."""
-    for tid in os.listdir("/proc/self/task"):
+def pin_process(cores: list[int], pid: int | str = "self") -> None:
+    """Every thread of a process (this one by default) on ``cores`` (threads started later inherit it from their
+    creator)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             os.sched_setaffinity(int(tid), cores)
         except (ProcessLookupError, PermissionError):  # a thread that just ended; one we may not move
             continue
+
+
+def pin_unpinned(pids: list[int], cores: list[int]) -> int:
+    """Pin each of ``pids`` that may still run on every core of the node to ``cores``; processes that claimed their
+    cores (devices) keep them. How many moved."""
+    everywhere, moved = set(node_cores()), 0
+    for pid in pids:
+        try:
+            if set(os.sched_getaffinity(pid)) == everywhere:
+                pin_process(cores, pid)
+                moved += 1
+        except (ProcessLookupError, FileNotFoundError, PermissionError):  # ended meanwhile, or not ours
+            continue
+    return moved
 
 
 def pin_device(cpus: float) -> list[int]:

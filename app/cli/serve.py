@@ -55,15 +55,40 @@ def pinned_cores(config: Path) -> int:
                for pool in AppConfig.model_validate(a.get("args") or {}).pools)
 
 
-def keep_off_engine_cores(config: Path) -> None:
-    """This process, and the Ray it starts (its processes inherit the affinity), on the cores the engines leave:
-    the devices claim theirs (placement/cores.py) and widen their own affinity to them."""
+def engine_free_cores(config: Path) -> list[int]:
+    """The cores the config's engines leave to Ray and Serve's processes (the devices claim theirs:
+    placement/cores.py); [] when nothing is pinned (no whole-core device, or no ``sched_setaffinity``)."""
     from placement.cores import service_cores
 
-    if hasattr(os, "sched_setaffinity") and (n := pinned_cores(config)):
-        cores = service_cores(n)
-        os.sched_setaffinity(0, cores)
-        say(f"Ray and Serve's processes on core(s) {','.join(map(str, cores))}; {n} core(s) left to the engines")
+    return service_cores(n) if hasattr(os, "sched_setaffinity") and (n := pinned_cores(config)) else []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started, directly or not, by ``pid`` (Linux: from ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit():  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def keep_off_engine_cores(cores: list[int]) -> None:
+    """Once the engines have started, this process and the Ray it started on ``cores``, off the engines' cores
+    (processes Ray starts later inherit it from the raylet). Not before: start-up (every process importing torch,
+    the engines loading weights) uses every core, and an engine pins itself when it claims its cores."""
+    from placement.cores import pin_unpinned
+
+    moved = pin_unpinned([os.getpid(), *descendants(os.getpid())], cores)
+    say(f"{moved} Ray and Serve processes moved to core(s) {','.join(map(str, cores))}, off the engines' cores")
 
 
 def in_flight(boards: dict) -> int:
@@ -115,12 +140,13 @@ def health_urls(config: Path) -> dict[str, str]:
             for a in dynpart_apps(spec)}
 
 
-def announce_ready(urls: dict[str, str], poll_s: float = 0.5) -> None:
-    """Print one line per app once its ``/health`` says ``ok``: every pool has a replica whose engine has run its
-    warm-up steps (Serve's own "Deployed app" comes when the replicas run, and the ingress answers before that)."""
+def announce_ready(urls: dict[str, str], service_cores: list[int], poll_s: float = 0.5) -> None:
+    """Once every app's ``/health`` says ``ok`` (every pool has a replica whose engine has run its warm-up steps;
+    Serve's own "Deployed app" comes when the replicas run, and the ingress answers before that), move Ray and
+    Serve's processes to ``service_cores`` (none: they stay where they are), then print one line per app."""
     import httpx
 
-    started, waiting = time.monotonic(), dict(urls)
+    started, waiting, ready = time.monotonic(), dict(urls), []
     while waiting:
         for name, url in list(waiting.items()):
             try:
@@ -128,11 +154,15 @@ def announce_ready(urls: dict[str, str], poll_s: float = 0.5) -> None:
             except (httpx.HTTPError, ValueError):
                 continue
             if health.get("status") == "ok":
-                say(f"ready: app {name!r} serves {health.get('model')} on {url.removesuffix('/health')} (every pool "
-                    f"has a warmed replica: {', '.join(health.get('pools', {}))}) after "
-                    f"{time.monotonic() - started:.0f} s")
+                ready.append(f"ready: app {name!r} serves {health.get('model')} on {url.removesuffix('/health')} "
+                             f"(every pool has a warmed replica: {', '.join(health.get('pools', {}))}) after "
+                             f"{time.monotonic() - started:.0f} s")
                 del waiting[name]
-        time.sleep(poll_s)
+        time.sleep(poll_s if waiting else 0)
+    if service_cores:
+        keep_off_engine_cores(service_cores)
+    for line in ready:
+        say(line)
 
 
 def serve_and_drain(args: argparse.Namespace) -> int:
@@ -145,7 +175,7 @@ def serve_and_drain(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no Serve config at {config}")
     apps = apps_to_drain(config)
     local_ray_options()  # the environment a local Ray needs here (token auth off)
-    keep_off_engine_cores(config)
+    cores = engine_free_cores(config)
 
     def on_ctrl_c(signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
@@ -159,5 +189,5 @@ def serve_and_drain(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # serve run's own shutdown: deletes the apps, stops the proxies and Ray
 
     signal.signal(signal.SIGINT, on_ctrl_c)
-    threading.Thread(target=announce_ready, args=(health_urls(config),), name="ready", daemon=True).start()
+    threading.Thread(target=announce_ready, args=(health_urls(config), cores), name="ready", daemon=True).start()
     return run.main([str(config)], prog_name="dynpart serve", standalone_mode=False) or 0
