@@ -303,17 +303,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
             order.remove(m)
             order.insert(order.index(users[0]) + users.index(m), m)
     items[:] = [item for m in order for item in modules[m]]
-    # Tests that start a Ray of their own go first (the session's Ray, once started, costs a slice of a core even
-    # idle), and under pytest-xdist (``-n 2 --dist loadgroup``, the default: pyproject.toml) on a worker of their
-    # own, beside the rest: they leave a third of the 2 cores idle (waiting on their clusters' start-ups, health
-    # checks and drains), which the session's tests use; the session's tests stay in one group, in this order, on
-    # the other worker (the shared apps rely on it).
-    # Then the tests with no Serve app (the model math, engines, the planner), then the Serve apps': while the other
-    # worker's clusters start, the timing-sensitive service tests (watchdogs, health checks) have not begun.
-    items.sort(key=lambda item: (item.get_closest_marker("own_ray") is None,  # stable: the order above is kept
-                                 "serve_session" in item.fixturenames))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("own-ray" if item.get_closest_marker("own_ray") else "session"))
+    # tests that start a Ray of their own go first: the session's Ray, once started, costs a slice of a core even idle
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)  # stable: the order above is kept
 
 
 def pytest_collection_finish(session) -> None:
