@@ -19,7 +19,8 @@ process lives, so a replica that dies or is scaled down frees its cores without 
 
 ``service_cores`` is the other half: the cores a config leaves to the rest of the service (Ray, Serve's proxy and
 controller, the ingresses), which ``dynpart serve`` moves every process of the Ray it started to once the engines
-have started (``pin_unpinned``; start-up itself uses every core), so they stay off the engines' cores. Linux only (``sched_setaffinity``); elsewhere nothing is pinned.
+have started (``pin_unpinned``; start-up itself uses every core), so they stay off the engines' cores. Linux only
+(``sched_setaffinity``); elsewhere nothing is pinned.
 """
 
 from __future__ import annotations
