@@ -23,6 +23,22 @@ def test_default_model_is_smollm2_in_a_safetensors_folder(smollm2):
     assert ckpt.tokenizer().apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
+def test_the_tokenizer_is_the_one_autotokenizer_loads(smollm2):
+    """The loader takes the generic tokenizer class by name (reaching it through ``AutoTokenizer`` imports torch,
+    which the ingress never loads): the same class, ids, chat template and text as ``AutoTokenizer``'s."""
+    from transformers import AutoTokenizer
+
+    ours, theirs = Checkpoint(smollm2).tokenizer(), AutoTokenizer.from_pretrained(smollm2)
+    assert type(ours) is type(theirs)
+    text = "The capital of France is Paris. <|im_end|> Ünïcödé, emoji 🙂 and    spaces"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    ids = ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours.decode(ids) == theirs.decode(ids) and ours.decode(ids, skip_special_tokens=True) == \
+        theirs.decode(ids, skip_special_tokens=True)
+
+
 def test_second_start_reuses_the_conversion(smollm2):
     before = os.stat(os.path.join(smollm2, "model.safetensors")).st_mtime_ns
     assert str(resolve_model("smollm2-135m")) == smollm2
