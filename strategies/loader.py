@@ -23,6 +23,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import safe_open  # the headers and slices; torch only once a tensor is read
+
 from strategies.shapes import DEFAULT_MODEL, ModelError, ModelShape
 
 if TYPE_CHECKING:
@@ -118,8 +120,6 @@ class Checkpoint:
             raise ModelError(f"no *.safetensors weights in {self.path}")
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}  # opened for torch at the first tensor read
-        from safetensors import safe_open
-
         for f in files:
             try:  # the header only: the ingress reads the names here and no tensor, so it never loads torch
                 with safe_open(str(f), framework="numpy") as header:
@@ -160,8 +160,6 @@ class Checkpoint:
     def tensor(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """Read one tensor (or a row/column block of it) from disk, as float32."""
         import torch  # here, not at the top: the ingress reads the tokenizer and the shape and never a tensor
-
-        from safetensors import safe_open
 
         f = self._where[name]
         try:

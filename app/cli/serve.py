@@ -158,7 +158,8 @@ def announce_ready(urls: dict[str, str], service_cores: list[int], poll_s: float
                              f"(every pool has a warmed replica: {', '.join(health.get('pools', {}))}) after "
                              f"{time.monotonic() - started:.0f} s")
                 del waiting[name]
-        time.sleep(poll_s if waiting else 0)
+        if waiting:
+            time.sleep(poll_s)
     if service_cores:
         keep_off_engine_cores(service_cores)
     for line in ready:
