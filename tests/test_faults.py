@@ -215,3 +215,70 @@ def test_a_call_waiting_for_a_pool_whose_replicas_all_failed_is_given_up():
     finally:
         FAILED._ids.clear()
     assert asyncio.run(unless_failed(asyncio.sleep(0.3, "answer"), lambda: None)) == "answer"
+
+
+def test_a_call_waiting_for_a_pool_whose_node_was_lost_is_given_up():
+    """A pool whose node is lost: its replica's actor died (Serve's router drops it and then waits for a replacement
+    no node can host), its report may still be fresh or may have aged out. Once the board says Serve counts no running
+    replica of the deployment, a waiting call is given up (``EngineFailed``: retried elsewhere or 503), whatever the
+    reports say; so is the decode half of a disaggregated pool whose decode deployment is lost."""
+    from app.engine.messages import EngineFailed, EngineLoad
+    from app.serve.board_view import BoardView
+    from app.serve.config import AppConfig
+    from app.serve.dispatch import unless_failed
+    from app.serve.load import DECODE_ROLE
+
+    cfg = AppConfig.model_validate({"pools": [{"name": "b"}, {"name": "d", "disaggregated": True}]})
+    b, d = cfg.pools
+    view = BoardView(cfg, board=object())  # its reader is never started: the board's state is set here
+    view.reported = {"b": [EngineLoad(max_seqs=4, replica="r1")]}  # the dead replica's last report, still fresh
+
+    async def given_up(pool, role: str) -> bool:
+        lost = lambda: "lost" if view.gone(pool, role) else None  # noqa: E731
+        call = asyncio.ensure_future(unless_failed(asyncio.sleep(60), lost))
+        await asyncio.sleep(0.3)
+        assert not call.done()  # nothing says the pool is gone yet: the call waits
+        view.down = set(pool.deployments.values()) - ({"d-prefill"} if pool is d else set())
+        try:
+            await asyncio.wait_for(call, 2)
+        except EngineFailed:
+            return True
+        finally:
+            view.down = set()
+        return False
+
+    assert asyncio.run(given_up(b, "")) and not view.gone(b)
+    view.down = {"b"}
+    assert not view.serving(b) and view.serving(d)
+    view.reported = {}  # the report aged out: still lost
+    assert view.gone(b) and not view.serving(b)
+    view.down = set()
+    assert asyncio.run(given_up(d, DECODE_ROLE))  # only d's decode half lost
+    view.down = {"d-decode"}
+    assert view.gone(d, DECODE_ROLE) and not view.gone(d) and not view.serving(d)
+
+
+def test_a_call_that_dies_with_its_replicas_actor_marks_that_replica_failed():
+    """A node lost kills its replicas' actors: the call fails with ``RayActorError`` naming the actor, not the
+    replica. The ingress finds the replica whose report carries that actor and skips it from then on, so the next
+    request to a pool left without replicas is refused at once rather than sent to wait for a replacement."""
+    from ray.exceptions import RayActorError
+
+    from app.engine.messages import EngineLoad
+    from app.serve.board_view import BoardView
+    from app.serve.config import AppConfig
+    from app.serve.dispatch import replica_failed
+    from app.serve.failed_replicas import FAILED
+
+    cfg = AppConfig.model_validate({"pools": [{"name": "b"}, {"name": "c"}]})
+    view = BoardView(cfg, board=object())
+    view.reported = {"b": [EngineLoad(max_seqs=4, replica="rb", actor="a1")],
+                     "c": [EngineLoad(max_seqs=4, replica="rc", actor="a2")]}
+    try:
+        assert not replica_failed(ValueError("a bad request"), view) and view.serving(cfg.pools[0])
+        assert replica_failed(RayActorError(actor_id="a1"), view)
+        assert "rb" in FAILED and not view.serving(cfg.pools[0]) and view.serving(cfg.pools[1])
+        assert replica_failed(RayActorError(actor_id="a9"), view) and view.serving(cfg.pools[1])  # unknown: none
+        assert "" not in FAILED
+    finally:
+        FAILED._ids.clear()

@@ -89,6 +89,7 @@ class EngineLoad:
     prefix_hit_rate: float = 0.0  # prompt tokens found in the prefix cache, of all looked up
     preemptions: int = 0  # sequences preempted (and recomputed) so far
     replica: str = ""  # the Serve replica reporting (set by its shell)
+    actor: str = ""  # its Ray actor's id (hex): a call that dies with that actor names it (``RayActorError.actor_id``)
     failed: bool = False  # its engine stopped: routers skip it until Serve replaces it
     # the cost model's correction this replica learned from its steps (``cost.correction.CorrectionTable.entries``:
     # level key -> (median log ratio, steps)); the router prices the pool with it

@@ -21,9 +21,20 @@ from app.serve.load import DECODE_ROLE, REPORT_S, BoardState
 from app.serve.pricing import PoolLoad
 
 
+def roles(pool: PoolConfig) -> tuple[str, ...]:
+    """``pool``'s roles as the board keys them: "" (its engine or prefill replicas), and ``DECODE_ROLE`` when
+    disaggregated."""
+    return ("", DECODE_ROLE) if pool.disaggregated else ("",)
+
+
 def report_keys(pool: PoolConfig) -> tuple[str, ...]:
     """The board keys ``pool``'s replicas report under: the pool, and its decode half when disaggregated."""
-    return (pool.name, pool.name + DECODE_ROLE) if pool.disaggregated else (pool.name,)
+    return tuple(pool.name + role for role in roles(pool))
+
+
+def deployment_of(pool: PoolConfig, role: str) -> str:
+    """The Serve deployment of ``pool``'s ``role`` ("": its engine or prefill replicas, ``DECODE_ROLE``: decode)."""
+    return pool.deployments["decode" if role == DECODE_ROLE else "prefill" if pool.disaggregated else "engine"]
 
 
 class PoolState(BaseModel):
@@ -91,6 +102,11 @@ class BoardView:
         """The reports of the replicas under ``key`` (a pool, or its decode half) that have not failed."""
         return [x for x in self.reported.get(key, []) if x.replica not in FAILED]
 
+    def replica_of_actor(self, actor_id: str) -> str:
+        """The replica whose Ray actor is ``actor_id`` ("" if none reports it)."""
+        return next((x.replica for x in itertools.chain.from_iterable(self.reported.values()) if x.actor == actor_id),
+                    "")
+
     def load(self, pool: PoolConfig) -> PoolLoad:
         """``pool``'s load as the board reports it (what this ingress sent itself is the dispatcher's to add)."""
         return PoolLoad(front=self.loads(pool.name), decode=self.loads(pool.name + DECODE_ROLE))
@@ -117,15 +133,19 @@ class BoardView:
         Nothing reported yet (starting, or reports lagging) is not failed."""
         return bool(self.reported.get(key)) and not self.loads(key)
 
+    def gone(self, pool: PoolConfig, role: str = "") -> bool:
+        """Whether no replica of ``pool``'s ``role`` can take a call until Serve replaces one: every replica
+        reporting under it is known to have failed (``failed``), or Serve told the board the deployment lost every
+        running replica (a node lost: its reports may have aged out, and Serve's request router, holding no replica,
+        would keep a call waiting for one that is not coming)."""
+        return self.failed(pool.name + role) or deployment_of(pool, role) in self.down
+
     def serving(self, pool: PoolConfig) -> bool:
-        """False while a deployment of the pool has lost all its running replicas (as Serve told the board: a node
-        lost), or once every replica reporting for the pool (or either half of a disaggregated pool) is known to have
-        failed: until Serve replaces one, the pool takes nothing (503 at once rather than a wait for a replica that is
-        not coming soon). A pool whose replicas have not reported yet (still starting) may serve. (A pool whose
-        reports merely stopped is not taken for gone: under a flood on few cores, reports lag.)"""
-        if self.down & set(pool.deployments.values()):  # no replica left at all (a node lost)
-            return False
-        return not any(self.failed(k) for k in report_keys(pool))
+        """False while a deployment of the pool (either half of a disaggregated one) is ``gone``: until Serve
+        replaces a replica, the pool takes nothing (503 at once rather than a wait for a replica that is not coming
+        soon). A pool whose replicas have not reported yet (still starting) may serve. (A pool whose reports merely
+        stopped is not taken for gone: under a flood on few cores, reports lag.)"""
+        return not any(self.gone(pool, role) for role in roles(pool))
 
     def pool_states(self) -> dict[str, PoolState]:
         """Each pool's replicas as the board last said, without asking any replica."""

@@ -91,13 +91,13 @@ async def cancelled_with_caller(call) -> Update:
 
 async def unless_failed(answer: Awaitable[Update | None], failed: Callable[[], str | None]) -> Update | None:
     """``answer`` (a call's, or a stream's first update), unless ``failed()`` names where every replica the call may
-    go to is known to have failed (``BoardView.failed``, looked at every ``REPORT_S``) before it comes: then the call is
-    cancelled and ``EngineFailed`` raised, so ``Dispatcher.start`` retries the request elsewhere or answers 503 at
-    once. Otherwise a request admitted to a pool just before this ingress learnt that its last replica failed (the
-    client of the other ingress may hear of it a beat earlier, from its own request) waited in Serve's request router
-    for the replacement, a minute, while new requests to that pool were refused at once (test_chaos's hung pool: the
-    client's next request after the first 503 hung there instead of seeing the pool down). A call that already runs
-    on a failed replica fails anyway."""
+    go to is known to have failed or been lost (``BoardView.gone``, looked at every ``REPORT_S``) before it comes:
+    then the call is cancelled and ``EngineFailed`` raised, so ``Dispatcher.start`` retries the request elsewhere or
+    answers 503 at once. Otherwise a request admitted to a pool just before this ingress learnt that its last replica
+    failed waited in Serve's request router for the replacement, a minute (test_chaos's hung pool: the client's next
+    request after the first 503 hung there instead of seeing the pool down), or for ever when the replica's node was
+    lost (test_serve_cluster: no node offers the pool's resource). A call that already runs on a failed replica fails
+    anyway."""
     task = asyncio.ensure_future(answer)
     try:
         while not (await asyncio.wait({task}, timeout=REPORT_S))[0]:
@@ -140,14 +140,18 @@ class PoolHandles:
         return self.engine or self.prefill
 
 
-def replica_failed(e: BaseException) -> bool:
-    """Whether ``e`` says the request's replica failed, so that starting it again elsewhere is right; a replica
-    whose engine failed is skipped from now on (a dead actor is dropped by Serve's router itself)."""
+def replica_failed(e: BaseException, board: BoardView) -> bool:
+    """Whether ``e`` says the request's replica failed, so that starting it again elsewhere is right. A replica
+    whose engine failed (``EngineFailed`` names it), or whose actor died (a node lost: the board's reports name the
+    replica by its actor), is skipped from now on by this process's routers, and its pool, if it was the last one
+    there, refused at once (``BoardView.serving``) until Serve replaces it."""
     from ray.exceptions import RayActorError
 
     cause = cause_of(e)
     if isinstance(cause, EngineFailed):
         FAILED.add(cause.replica)
+    elif isinstance(cause, RayActorError) and cause.actor_id:
+        FAILED.add(board.replica_of_actor(cause.actor_id))
     return isinstance(cause, (EngineFailed, RayActorError))
 
 
@@ -190,7 +194,7 @@ class Dispatcher:
                 return route, retries, await anext(updates), updates
             except Exception as e:
                 await updates.aclose()
-                if not replica_failed(e):
+                if not replica_failed(e, self.board):
                     raise
                 failure = e
                 if retries < self.cfg.max_retries:
@@ -219,7 +223,7 @@ class Dispatcher:
         prefilled = False
         try:
             def failed(role: str) -> str | None:
-                return f"pool {name}{role}" if self.board.failed(name + role) else None
+                return f"pool {name}{role}" if self.board.gone(route.pool, role) else None
 
             async with aclosing(run(handles, prompt_ids, params.model_dump(), strategy, whole, failed)) as updates:
                 async for update in updates:
@@ -229,7 +233,7 @@ class Dispatcher:
                     progress[1] += len(update.token_ids)
                     yield update
         except Exception as e:
-            replica_failed(e)  # stop routing to a failed replica now, not at its health check
+            replica_failed(e, self.board)  # stop routing to a failed replica now, not at its health check
             raise
         finally:
             del self.inflight[name][rid]
@@ -238,7 +242,7 @@ class Dispatcher:
 
 
 # role ("": the pool's engine or prefill replicas, DECODE_ROLE: its decode ones) -> where every replica of that role
-# is known to have failed (None: some is not)
+# is known to have failed or been lost (``BoardView.gone``; None: some may still answer)
 Failed = Callable[[str], str | None]
 
 

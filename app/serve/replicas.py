@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+import ray
 from ray import serve
 
 from app.engine.build import EngineOptions, build_engine
@@ -48,6 +49,7 @@ class _EngineShell:
         self.pool, self.board = pool, board
         self.traffic, self.block_size = Traffic(), opts.block_size
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.actor_id = ray.get_runtime_context().get_actor_id() or ""
         t0 = time.perf_counter()
         engine = build_engine(opts, placement_group=ray.util.get_current_placement_group(), bundle=bundle,
                               engine_class=self.engine_class)
@@ -106,7 +108,8 @@ class _EngineShell:
         metrics agent next to nothing)."""
         sent, sent_at = None, 0.0
         while True:
-            load = dataclasses.replace(self.loop.load, replica=self.replica_id, failed=not self.loop.alive)
+            load = dataclasses.replace(self.loop.load, replica=self.replica_id, actor=self.actor_id,
+                                       failed=not self.loop.alive)
             now = time.monotonic()
             if load != sent or now - sent_at >= HEARTBEAT_S:
                 set_queued_tokens(self.pool, load.waiting_prompt_tokens)
