@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+import time  # noqa: E402
 import types  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -140,7 +141,7 @@ def ray_session(tmp_path_factory):
 
 
 class WorkerGroups:
-    """The shard-worker groups of one test module, one per device count, each reloaded with a fresh runner for every
+    """The shard-worker groups the tests share, one per device count, each reloaded with a fresh runner for every
     test that asks (``Group.load``: the workers and their process group stay). Starting p workers costs ~4 s each on
     2 cores, most of it importing torch; a test that breaks its workers (kills, hangs) starts its own group."""
 
@@ -165,9 +166,14 @@ class WorkerGroups:
         self.groups.clear()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worker_groups(ray_session):
+    """The modules that use shard-worker groups share them (test_partitioned, test_layouts: run one after another),
+    so each device count's workers start once; they are shut down after the last test that uses them."""
     groups = WorkerGroups()
+    stack = contextlib.ExitStack()
+    stack.callback(groups.shutdown)
+    _live_shared["worker_groups"] = stack
     yield groups
     groups.shutdown()
 
@@ -205,7 +211,18 @@ def deployed(ports: dict[str, int], args: dict, name: str, route: str = "/"):
     try:
         yield ports
     finally:
-        serve.delete(name)
+        delete_app(name)
+
+
+def delete_app(name: str, timeout_s: float = 60) -> None:
+    """``serve.delete(name)``, looking every 0.1 s whether it is gone (``serve.delete`` looks once a second)."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while name in serve.status().applications:
+        assert time.monotonic() < deadline, f"app {name} still there {timeout_s:g} s after its deletion"
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -254,15 +271,15 @@ def grpc_stub(ports: dict[str, int], application: str | None = None):
 
 SHARED_MODEL = "tiny-chat"  # the name the shared apps serve the tiny chat model under
 KEYED_APP, KEY, MAX_BODY = "keyed", "s3cret-key", 16 * 1024  # the keyed app's name, API key and body limit
-_live_apps: dict[str, contextlib.ExitStack] = {}  # shared-app fixture name -> what deletes the app
-_last_user: dict[str, str] = {}  # shared-app fixture name -> node id of the last test that uses it
+_live_shared: dict[str, contextlib.ExitStack] = {}  # shared fixture name -> what deletes its app or stops its workers
+_last_user: dict[str, str] = {}  # shared fixture name -> node id of the last test that uses it
 
 
 def _shared_app(fixture: str, ports: dict[str, int], args: dict, name: str, route: str) -> types.SimpleNamespace:
-    if fixture not in _live_apps:
+    if fixture not in _live_shared:
         stack = contextlib.ExitStack()
         stack.enter_context(deployed(ports, args, name, route))
-        _live_apps[fixture] = stack
+        _live_shared[fixture] = stack
     return types.SimpleNamespace(ports=ports, name=name, route=route)
 
 
@@ -287,17 +304,18 @@ def keyed_app(serve_session, chat_tiny):
     return _shared_app("keyed_app", serve_session, args, KEYED_APP, "/keyed")
 
 
-SHARED_APPS = ("pair_app", "keyed_app")
+SHARED_FIXTURES = ("pair_app", "keyed_app", "worker_groups")  # each deleted or stopped after its last user
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Modules that share an app run one after another (where the first of them would), so the app is deployed once
-    and deleted before the next module deploys its own; tests marked ``own_ray`` run before all others."""
+    """Modules that share an app (or the worker groups) run one after another (where the first of them would), so the
+    app is deployed once and deleted before the next module deploys its own; tests marked ``own_ray`` run before all
+    others."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.module.__name__, []).append(item)
     order = list(modules)
-    for fixture in SHARED_APPS:
+    for fixture in SHARED_FIXTURES:
         users = [m for m in order if any(fixture in item.fixturenames for item in modules[m])]
         for m in users[1:]:
             order.remove(m)
@@ -308,18 +326,19 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 def pytest_collection_finish(session) -> None:
-    """Each shared app's last user among the tests that will run (after ``-k``/``-m`` deselected some)."""
+    """Each shared fixture's last user among the tests that will run (after ``-k``/``-m`` deselected some)."""
     _last_user.clear()
     for item in session.items:
-        for fixture in SHARED_APPS:
+        for fixture in SHARED_FIXTURES:
             if fixture in item.fixturenames:
                 _last_user[fixture] = item.nodeid
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item, nextitem) -> None:
-    """After a shared app's last user, delete it (first: the session's Serve is shut down after the last test)."""
+    """After a shared fixture's last user, delete its app or stop its workers (first: the session's Serve is shut
+    down after the last test)."""
     for fixture, nodeid in _last_user.items():
-        if item.nodeid == nodeid and fixture in _live_apps:
-            _live_apps.pop(fixture).close()
+        if item.nodeid == nodeid and fixture in _live_shared:
+            _live_shared.pop(fixture).close()
 
