@@ -15,7 +15,7 @@ import time
 import grpc
 import httpx
 import pytest
-from conftest import deployed, grpc_stub, http_client
+from conftest import delete_app, deployed, grpc_stub, http_client
 
 from app.engine.messages import RequestError
 
@@ -301,4 +301,4 @@ def test_a_replica_the_cluster_cannot_place_is_counted_not_silent(serve_session,
             time.sleep(1)
         assert starting() >= 1
     finally:
-        serve.delete("unplaceable")
+        delete_app("unplaceable")

@@ -20,6 +20,7 @@ import os
 import time
 
 import pytest
+from conftest import delete_app
 
 from load_tests.chaos import STREAMS, hang_pool, kill, under_load, whole_again
 
@@ -73,7 +74,7 @@ def chaos(serve_session, chat_tiny):
         yield base
     finally:
         deploying.join()
-        serve.delete(APP)
+        delete_app(APP)
 
 
 def run(base: str, name: str, fault, **kw):

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from conftest import delete_app
 
 APP = "serve-scale"
 
@@ -68,7 +69,7 @@ def test_engine_deployment_scales_up_under_load_and_back_down(serve_session, cha
     try:
         assert wait_for(lambda: running("auto") == 1, 60), serve.status().applications[APP]
     finally:
-        serve.delete(APP)
+        delete_app(APP)
 
 
 @pytest.mark.slow
@@ -108,7 +109,7 @@ def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_r
                 assert state["pools"]["zero"]["cold_start_s"] > 0, state
                 print("health while idle:", state["pools"]["zero"])
     finally:
-        serve.delete(APP)
+        delete_app(APP)
     # Serve starts the replica for a request waiting at a pool with none (before asking the policy); the slo policy
     # keeps it while it serves and takes the pool back to zero once idle past its delay, both times
     decisions = slo_decisions(ray_session, "zero")
@@ -263,7 +264,7 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
         assert wait_for(lambda: running("slo") == 1, 60), serve.status().applications[APP]
         print(f"back to 1 replica {time.monotonic() - t1:.1f} s after the burst")
     finally:
-        serve.delete(APP)
+        delete_app(APP)
     decisions = slo_decisions(ray_session, "slo")
     print("".join(decisions[-6:]))
     assert any("1 -> 2 replicas: up:" in line for line in decisions), decisions

@@ -10,7 +10,7 @@ calls carry K/V, not a prompt), which also keeps requests off replicas known to 
 import ray
 from ray.serve import Application
 
-from app.serve.config import AppConfig
+from app.serve.config import SHUTDOWN_CHECK_S, AppConfig
 from app.serve.ingress import Ingress
 from app.serve.load import LoadBoard
 from app.serve.prefix_router import prefix_router_config
@@ -26,7 +26,8 @@ def build_app(args: dict) -> Application:
     counted = ray.is_initialized() and ray.cluster_resources().get(DEVICE_RESOURCE, 0) >= 1
     grace = cfg.graceful_shutdown_s
     handles: dict[str, dict] = {}
-    board = LoadBoard.options(ray_actor_options={"num_cpus": 0, "resources": cfg.ingress_resources}).bind()
+    board = LoadBoard.options(ray_actor_options={"num_cpus": 0, "resources": cfg.ingress_resources},
+                              graceful_shutdown_timeout_s=grace, graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S).bind()
     for pool in cfg.pools:
         opts, bundle = pool.engine_options(cfg.model, cfg.shared_weights), pool.bundle(counted)
 
@@ -46,4 +47,4 @@ def build_app(args: dict) -> Application:
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
                            ray_actor_options={"num_cpus": cfg.ingress_num_cpus, "resources": cfg.ingress_resources},
                            graceful_shutdown_timeout_s=grace,
-                           graceful_shutdown_wait_loop_s=min(1.0, grace)).bind(cfg.model_dump(), handles, board)
+                           graceful_shutdown_wait_loop_s=min(SHUTDOWN_CHECK_S, grace)).bind(cfg.model_dump(), handles, board)

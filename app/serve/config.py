@@ -23,6 +23,9 @@ from strategies.loader import DEFAULT_MODEL
 
 
 DEFAULT_MAX_QUEUE_WAIT_S = 30.0
+# A replica being stopped looks this often whether its requests are done (Serve sleeps this long before its first
+# look: at Serve's default of 2 s, every idle replica took 2 s to stop, and a redeploy or scale-down waited for it)
+SHUTDOWN_CHECK_S = 0.2
 
 
 class Autoscaling(BaseModel):
@@ -183,7 +186,8 @@ class PoolConfig(EngineFields):
             placement_group_strategy=self.placement_strategy,
             ray_actor_options=self.replica_actor_options(bundle),
             max_ongoing_requests=self.max_ongoing_requests, max_queued_requests=self.max_queued_requests,
-            graceful_shutdown_timeout_s=graceful_shutdown_s, graceful_shutdown_wait_loop_s=min(1.0, graceful_shutdown_s),
+            graceful_shutdown_timeout_s=graceful_shutdown_s,
+            graceful_shutdown_wait_loop_s=min(SHUTDOWN_CHECK_S, graceful_shutdown_s),
             health_check_period_s=self.health_check_period_s, health_check_timeout_s=60.0,
         )
         if replicas is None and self.autoscaling is not None:
