@@ -385,8 +385,8 @@ async def run_faults(base: str, app: str, pool: str, replicas: int, body: dict, 
         print(report.row(), flush=True)
         return report
 
-    await measured("SIGKILL a shard worker", lambda infos: kill(infos[0]["pids"][2]))
-    await measured("SIGSTOP a shard worker", lambda infos: kill(infos[0]["pids"][2], signal.SIGSTOP))
+    await measured("SIGKILL a shard worker", lambda infos: kill(infos[0]["pids"][-1]))
+    await measured("SIGSTOP a shard worker", lambda infos: kill(infos[0]["pids"][-1], signal.SIGSTOP))
     await measured("kill an engine replica (actor)", lambda infos: kill(infos[0]["pids"][0]))
     await measured("kill an ingress replica", lambda infos: kill(ingress_pids(app)[0]))
     await measured("clients disconnect mid-stream", lambda infos: None, leave=4)

@@ -1,19 +1,25 @@
-"""Shard workers: one Ray actor per device, all in one placement group, joined in one torch.distributed group.
+"""Shard workers: one per device, all in one placement group, joined in one torch.distributed group.
 
 ``ShardGroup`` is the small API the engine and the Serve deployments use (``placement.group.Group``): start p
-workers (all at once, since ``init_process_group`` blocks until every rank has joined), run a step on all ranks and
-take rank 0's answer, tear down. ``LocalGroup`` is the same API for one device in the calling process (no Ray, no
-process group).
+ranks (all at once, since ``init_process_group`` blocks until every rank has joined), run a step on all ranks and
+take rank 0's answer, tear down. Ranks are Ray actors, except that a caller holding bundle 0 of the placement group
+(an engine replica) is rank 0 itself (``local_rank0``): one process fewer per replica, and rank 0's answer (the
+logits) never goes through the object store. ``LocalGroup`` is the same API for one device in the calling process
+(no Ray, no process group).
 
 A rank that dies leaves the others blocked in a collective until the process group's timeout; so the group's calls
-raise as soon as any rank fails (``gather``) and the collective timeout is short and configurable, which bounds how
-long a request on a broken replica can wait.
+raise as soon as any rank fails (``gather``: rank 0, when local, runs on a thread of its own so the caller keeps
+watching the others) and the collective timeout is short and configurable, which bounds how long a request on a
+broken replica can wait.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import torch
@@ -105,7 +111,8 @@ def use_threads(threads: int) -> None:
 
 
 class ShardWorker:
-    """One rank: joins the process group and holds a ``ShardRunner``. Runs as a Ray actor (see ``ShardGroup``)."""
+    """One rank: joins the process group and holds a ``ShardRunner``. Runs as a Ray actor, or as rank 0 in the
+    process that drives the group (see ``ShardGroup``)."""
 
     def __init__(self, rank: int, devices: int, master_addr: str, master_port: int, settings: RunnerSettings,
                  collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, threads: int = 1):
@@ -199,16 +206,19 @@ class LocalGroup(Group):
 
 
 class ShardGroup(Group):
-    """p shard workers as Ray actors in a placement group of p device bundles (PACK: one node if possible). On one
+    """p ranks in a placement group of p device bundles (PACK: one node if possible), rank r in bundle r. On one
     node the ranks meet on loopback; across nodes at rank 0's node address (``rendezvous``).
 
     Pass ``placement_group`` to use one that already exists (a Serve replica's own, from ``placement_group_bundles``),
     otherwise one is created and removed with the group. Each bundle needs one device: a GPU where the cluster has
-    them, else the ``dynpart_device`` custom resource or just a slice of a CPU.
+    them, else the ``dynpart_device`` custom resource or just a slice of a CPU. Ranks are Ray actors; with
+    ``local_rank0`` the caller, which must hold bundle 0 (a Serve replica of the pool: ``replica_actor_options``), is
+    rank 0 itself, run on a thread of this process (one process group per process: one such group at a time).
     """
 
     def __init__(self, devices: int, settings: RunnerSettings | dict, placement_group=None, bundle: dict | None = None,
-                 start_timeout_s: float = 300.0, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
+                 start_timeout_s: float = 300.0, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+                 local_rank0: bool = False):
         import ray
         from ray.util.placement_group import placement_group as make_pg
         from ray.util.placement_group import placement_group_table, remove_placement_group
@@ -217,6 +227,8 @@ class ShardGroup(Group):
         self.devices = devices
         settings = RunnerSettings.of(settings)
         self._own_pg = placement_group is None
+        if local_rank0 and self._own_pg:
+            raise ValueError("local_rank0 needs the caller's placement group (the caller holds bundle 0)")
         bundle = bundle or default_bundle()
         if self._own_pg:
             placement_group = make_pg([dict(bundle)] * devices, strategy="PACK")
@@ -229,22 +241,32 @@ class ShardGroup(Group):
         self.pg = placement_group
         bundle_nodes = list(placement_group_table(placement_group)["bundles_to_node_id"].values())
         on_rank0 = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
-        self.master_addr, port = rendezvous(bundle_nodes, lambda: ray.get(
+        self.master_addr, port = rendezvous(bundle_nodes, node_endpoint if local_rank0 else lambda: ray.get(
             ray.remote(num_cpus=0)(node_endpoint).options(scheduling_strategy=on_rank0).remote()))
         actor = ray.remote(ShardWorker)
         threads = threads_per_device(devices, bundle if not self._own_pg else None)
+        args = (devices, self.master_addr, port, settings, collective_timeout_s, threads)
         self.workers = [  # each rank takes its whole bundle: Ray then never places more devices than there are
             actor.options(
                 **actor_resources(bundle),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=r),
-            ).remote(r, devices, self.master_addr, port, settings, collective_timeout_s, threads)
-            for r in range(devices)
+            ).remote(r, *args)
+            for r in range(1 if local_rank0 else 0, devices)
         ]
+        self.local: ShardWorker | None = None
+        self._rank0 = ThreadPoolExecutor(1, thread_name_prefix="rank0") if local_rank0 else None
+        self._last: Future | None = None  # rank 0's latest call (local)
         try:
-            ray.get([w.ready.remote() for w in self.workers], timeout=start_timeout_s)
+            local = self._on_rank0(ShardWorker, 0, *args) if local_rank0 else None
+            gather([w.ready.remote() for w in self.workers], local, timeout_s=start_timeout_s)
+            self.local = local.result() if local is not None else None
         except Exception:
             self.shutdown()
             raise
+
+    def _on_rank0(self, fn, *args: Any) -> Future:
+        self._last = self._rank0.submit(fn, *args)
+        return self._last
 
     def load(self, settings: RunnerSettings | dict) -> None:
         """Swap the model the workers hold, without restarting them or their process group."""
@@ -259,8 +281,11 @@ class ShardGroup(Group):
         return self.call_workers("run", method, *args)
 
     def call_workers(self, method: str, *args: Any) -> list[Any]:
-        """Call a ``ShardWorker`` method (not a runner method) on every rank; results in rank order."""
-        return gather([getattr(w, method).remote(*args) for w in self.workers])
+        """Call a ``ShardWorker`` method (not a runner method) on every rank; results in rank order. The actors'
+        calls are sent first, then rank 0's runs here (when local)."""
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        local = self._on_rank0(getattr(self.local, method), *args) if self.local is not None else None
+        return gather(refs, local)
 
     def put_kv(self, tables: list[tuple[list[int], int]]) -> list[list]:
         """Each rank's K/V slices of sequences as object references ([rank][0]), for ``take_kv`` elsewhere."""
@@ -276,34 +301,52 @@ class ShardGroup(Group):
     def pids(self) -> list[int]:
         return self.call_workers("pid")
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_rank0_s: float = 5.0) -> None:
+        """Kill the actor ranks; a local rank 0 leaves the process group once its last call returned (a call stuck
+        in a collective fails once its peers are gone; one still stuck after ``wait_rank0_s`` is left behind)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        if self._rank0 is not None:
+            if self._last is None or wait_futures([self._last], timeout=wait_rank0_s).done:
+                destroy_process_group()
+            self._rank0.shutdown(wait=False)
+            self._rank0, self.local = None, None
         if self._own_pg and self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
 
 
-def gather(refs: list) -> list[Any]:
-    """``ray.get(refs)``, but a rank's failure (its actor died, its step raised) is raised as soon as it is known,
-    not after the surviving ranks give up on their collective."""
+def gather(refs: list, local: Future | None = None, timeout_s: float | None = None) -> list[Any]:
+    """``ray.get(refs)`` (with ``local``, rank 0's call on this process, first), but a rank's failure (its actor
+    died, its step raised) is raised as soon as it is known, not after the surviving ranks give up on their
+    collective. ``timeout_s``: ``GetTimeoutError`` once it passed with a rank still running."""
     import ray
 
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     results, pending = {}, list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-        results.update(zip(done, ray.get(done)))  # raises the first failure among the finished ranks
-    return [results[r] for r in refs]
+    while pending or (local is not None and not local.done()):
+        if pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            results.update(zip(done, ray.get(done)))  # raises the first failure among the finished ranks
+        else:
+            wait_futures([local], timeout=POLL_S)
+        if local is not None and local.done() and local.exception() is not None:
+            raise local.exception()
+        if deadline is not None and time.monotonic() > deadline:
+            raise ray.exceptions.GetTimeoutError(f"a rank did not answer within {timeout_s:g} s")
+    ranks = [results[r] for r in refs]
+    return ranks if local is None else [local.result(), *ranks]
 
 
 def start_group(devices: int, settings: RunnerSettings | dict, placement_group=None, bundle: dict | None = None,
                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Group:
     """One device runs in the calling process (``LocalGroup``: in a placement group, the caller holds its bundle);
-    p devices are a ``ShardGroup`` of Ray actors (Ray is started locally if needed)."""
+    p devices are a ``ShardGroup`` (Ray is started locally if needed), whose rank 0 is the calling process when it
+    holds bundle 0 of ``placement_group`` (an engine replica), else a Ray actor like the others."""
     if devices == 1:
         return LocalGroup(threads=threads_per_device(1, bundle), settings=settings)
     import ray
@@ -311,7 +354,7 @@ def start_group(devices: int, settings: RunnerSettings | dict, placement_group=N
     if not ray.is_initialized():
         ray.init(**local_ray_options())
     return ShardGroup(devices, settings, placement_group=placement_group, bundle=bundle,
-                      collective_timeout_s=collective_timeout_s)
+                      collective_timeout_s=collective_timeout_s, local_rank0=placement_group is not None)
 
 
 def local_ray_options(**overrides) -> dict:

@@ -99,7 +99,7 @@ def run(base: str, name: str, fault, **kw):
 def test_a_killed_shard_worker_fails_only_its_streams_and_retries_those_not_started(chaos):
     """SIGKILL rank 1 of one replica while 8 streams run and 8 wait: the victim's running streams end with an error
     event, its waiting ones are started again on the other replica and finish, the other replica's finish."""
-    report, _ = run(chaos, "SIGKILL a shard worker", lambda infos: kill(infos[0]["pids"][2]))
+    report, _ = run(chaos, "SIGKILL a shard worker", lambda infos: kill(infos[0]["pids"][-1]))
     c = report.counts
     assert 1 <= c["error event"] <= 4 and c["error status"] == 0, c  # only the victim's running streams
     assert report.retried >= 1 and c["finished"] == STREAMS - c["error event"], (report.retried, c)
@@ -124,7 +124,7 @@ def test_a_hung_pool_leaves_the_others_serving_and_serves_again_once_replaced(ch
     router spun on the failed replica), /health answers from the load board at once (degraded, not a timeout), and
     b serves again once Serve replaced its replica."""
     hung = whole_again(APP, HUNG, 1)
-    pids = hung[0]["pids"][1:]  # the replica's shard workers (pids[0] is the replica's own process)
+    pids = hung[0]["pids"][1:]  # the replica's shard workers (pids[0] is the replica's own process, rank 0)
     outcome = []
     report = asyncio.run(under_load(chaos, lambda: outcome.append(hang_pool(chaos, pids, BODY, HUNG, burst=12)),
                                     "hang a whole pool", BODY, PIN, fault_when_started=8, probe=True))

@@ -124,6 +124,42 @@ def test_every_strategy_is_exact(worker_groups, tiny_models, devices):
             check_chunks_and_prefixes(group, tiny_models[shape], prompts)
 
 
+def test_a_group_driven_from_its_rank0_is_exact_and_fails_at_once_when_a_rank_dies(ray_session, tiny_models):
+    """An engine replica is rank 0 of its own group (``local_rank0``: it holds bundle 0, its step runs on a thread of
+    its process, and rank 0's logits never go through the object store): transformers' logits and tokens. When
+    another rank has died, a call raises at once (not after the 30 s collective timeout: the caller keeps watching
+    the actor ranks while rank 0 waits in its collective), and the group still shuts down."""
+    import os
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from placement.bundles import default_bundle
+    from placement.workers import ShardGroup
+
+    bundle = default_bundle()
+    pg = placement_group([bundle] * 2, strategy="PACK")
+    ray.get(pg.ready(), timeout=60)
+    path = tiny_models["gqa"]
+    try:
+        group = ShardGroup(2, runner_kwargs(path), placement_group=pg, bundle=bundle, local_rank0=True,
+                           collective_timeout_s=30)
+        try:
+            pids = group.pids()
+            assert pids[0] == os.getpid() and pids[1] != os.getpid() and len(group.workers) == 1, pids
+            check_group(group, path, prompts_for(512, lengths=(7, 19, 3), seed=5), decode_steps=2)
+            ray.kill(group.workers[0])
+            t0 = time.monotonic()
+            with pytest.raises(ray.exceptions.RayActorError):
+                group.call("forward", [Chunk([1, 2, 3], 0, [0])], "megatron")
+            assert time.monotonic() - t0 < 10
+        finally:
+            group.shutdown()
+    finally:
+        remove_placement_group(pg)
+
+
 def test_contiguous_token_shards_are_exact_too(worker_groups, tiny_models):
     """The benchmark's baseline (``balanced=False``: one contiguous token shard per rank) computes the same logits."""
     path = tiny_models["odd"]

@@ -47,4 +47,5 @@ def build_app(args: dict) -> Application:
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
                            ray_actor_options={"num_cpus": cfg.ingress_num_cpus, "resources": cfg.ingress_resources},
                            graceful_shutdown_timeout_s=grace,
-                           graceful_shutdown_wait_loop_s=min(SHUTDOWN_CHECK_S, grace)).bind(cfg.model_dump(), handles, board)
+                           graceful_shutdown_wait_loop_s=min(SHUTDOWN_CHECK_S, grace)).bind(cfg.model_dump(), handles,
+                                                                                            board)

@@ -157,9 +157,10 @@ class PoolConfig(EngineFields):
         return {**device, **self.resources}
 
     def replica_actor_options(self, bundle: dict[str, float]) -> dict[str, Any]:
-        """The engine replica runs in bundle 0. With one device it *is* the device (the engine runs in its process)
-        and takes the whole bundle; with several it only drives the shard workers, which take one bundle each."""
-        return actor_resources(bundle) if self.devices == 1 else {"num_cpus": 0}
+        """The engine replica runs in bundle 0 and *is* that device: it takes the whole bundle, and the engine runs
+        in its process as rank 0 (``ShardGroup``'s ``local_rank0``); the other ranks' shard workers take one bundle
+        each."""
+        return actor_resources(bundle)
 
     @property
     def deployments(self) -> dict[str, str]:

@@ -1,10 +1,11 @@
 """Engine replicas as Serve deployments: thin shells around an ``EngineLoop``.
 
-Each replica owns the placement group Serve reserved for it (``placement_group_bundles``: one bundle per device)
-and starts its shard workers there, rank r in bundle r. Three kinds share one shell: ``EngineReplica`` (aggregated:
-prefill and decode), ``PrefillReplica`` and ``DecodeReplica`` (a disaggregated pool's two halves). Requests and
-updates are plain dicts / dataclasses so the ingress needs nothing from the engine but this interface. Each also
-reports to Serve's autoscaler (``record_autoscaling_stats``) what the ``slo`` policy sizes its pool from.
+Each replica owns the placement group Serve reserved for it (``placement_group_bundles``: one bundle per device):
+it is rank 0 in bundle 0 and starts its shard workers there, rank r in bundle r. Three kinds share one shell:
+``EngineReplica`` (aggregated: prefill and decode), ``PrefillReplica`` and ``DecodeReplica`` (a disaggregated
+pool's two halves). Requests and updates are plain dicts / dataclasses so the ingress needs nothing from the engine
+but this interface. Each also reports to Serve's autoscaler (``record_autoscaling_stats``) what the ``slo`` policy
+sizes its pool from.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class _EngineShell:
         logger.info("pool %s: engine ready in %.1f s (workers, weights and KV cache %.1f s; first use of %d layouts "
                     "%.1f s; step and prefill measured %.1f s)", pool, t3 - t0, t1 - t0, len(self.available), t2 - t1,
                     t3 - t2)
-        self.pids = [os.getpid(), *engine.group.pids()]  # this replica's processes (memory checks)
+        # this replica's processes (memory checks, fault drills): its own (rank 0), then its shard workers' (ranks 1..)
+        self.pids = list(dict.fromkeys([os.getpid(), *engine.group.pids()]))
         self.loop = EngineLoop(engine, name=f"engine-{pool}", replica=self.replica_id)
         self._report = asyncio.get_event_loop().create_task(self._report_load())
 
