@@ -207,20 +207,37 @@ def deployed(ports: dict[str, int], args: dict, name: str, route: str = "/"):
 
     from app.serve.app import build_app
 
-    serve.run(build_app(float32_pools(args)), name=name, route_prefix=route)
+    run_app(build_app(float32_pools(args)), name, route)
     try:
         yield ports
     finally:
         delete_app(name)
 
 
+def run_app(app, name: str, route: str, timeout_s: float = 120) -> None:
+    """``serve.run(app, name=name, route_prefix=route)``, looking every 0.1 s whether it runs (``serve.run`` looks
+    once a second)."""
+    from ray.serve.api import RunTarget, run_many
+
+    from app.serve.serve_status import app_states
+
+    run_many([RunTarget(target=app, name=name, route_prefix=route)], wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout_s
+    while (state := app_states().get(name)) is None or state.status != "RUNNING":
+        assert state is None or state.status != "DEPLOY_FAILED", state.message
+        assert time.monotonic() < deadline, f"app {name} not running {timeout_s:g} s after its deploy: {state}"
+        time.sleep(0.1)
+
+
 def delete_app(name: str, timeout_s: float = 60) -> None:
     """``serve.delete(name)``, looking every 0.1 s whether it is gone (``serve.delete`` looks once a second)."""
     from ray import serve
 
+    from app.serve.serve_status import app_states
+
     serve.delete(name, _blocking=False)
     deadline = time.monotonic() + timeout_s
-    while name in serve.status().applications:
+    while name in app_states():
         assert time.monotonic() < deadline, f"app {name} still there {timeout_s:g} s after its deletion"
         time.sleep(0.1)
 

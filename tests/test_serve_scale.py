@@ -7,15 +7,15 @@ import time
 
 import httpx
 import pytest
-from conftest import delete_app
+from conftest import delete_app, run_app
 
 APP = "serve-scale"
 
 
 def running(deployment: str) -> int:
-    from ray import serve
+    from app.serve.serve_status import app_states
 
-    return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
+    return app_states()[APP].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 def slo_decisions(ray_session, pool: str) -> list[str]:
@@ -46,8 +46,8 @@ def test_engine_deployment_scales_up_under_load_and_back_down(serve_session, cha
     pool = dict(name="auto", devices=1, max_num_seqs=2, max_model_len=512,
                 autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1,
                                  downscale_delay_s=2, look_back_period_s=2, metrics_interval_s=0.5))
-    serve.run(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False}),
-              name=APP, route_prefix="/scale")
+    run_app(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False}), APP,
+            "/scale")
     stop = threading.Event()
 
     def client() -> None:
@@ -86,8 +86,8 @@ def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_r
     pool = dict(name="zero", devices=1, max_num_seqs=2, max_model_len=512, slo=dict(ttft_s=5.0, tpot_s=0.5),
                 autoscaling=dict(policy="slo", min_replicas=0, initial_replicas=0, max_replicas=1, cold_start_s=10,
                                  downscale_delay_s=2, look_back_period_s=1, metrics_interval_s=0.5))
-    serve.run(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False,
-                         "request_timeout_s": 120}), name=APP, route_prefix="/zero")
+    run_app(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False,
+                       "request_timeout_s": 120}), APP, "/zero")
     body = {"model": chat_tiny, "prompt": "Hi", "max_tokens": 4}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{serve_session['http']}/zero", timeout=120) as c:
@@ -224,8 +224,8 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
     pool = dict(name="slo", devices=1, max_num_seqs=4, max_model_len=512, slo=dict(ttft_s=0.5, tpot_s=0.2),
                 autoscaling=dict(policy="slo", min_replicas=1, max_replicas=2, cold_start_s=10, downscale_delay_s=3,
                                  look_back_period_s=4, metrics_interval_s=0.5))
-    serve.run(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False}),
-              name=APP, route_prefix="/slo")
+    run_app(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False}), APP,
+            "/slo")
     port = ray_session.nodes()[0]["MetricsExportPort"]
 
     def gauge(name: str) -> float | None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from app.engine.messages import EngineLoad
+from app.serve.serve_status import app_states
 
 REPORT_S = 0.25  # how often replicas look at their load (and report it if it changed) and ingresses read
 HEARTBEAT_S = 1.0  # a replica whose load has not changed reports it again this often (so the board keeps it)
@@ -83,8 +84,7 @@ class LoadBoard:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                status = await asyncio.to_thread(serve.status)
-                deployments = status.applications[self.app].deployments
+                deployments = (await asyncio.to_thread(app_states))[self.app].deployments
             except Exception as e:  # noqa: BLE001 - the app is being deleted or redeployed
                 logger.info("replica states unavailable: %s: %s", type(e).__name__, e)
                 continue
