@@ -19,7 +19,7 @@ from conftest import TINY_SHAPES, local_engine, prompts_for
 
 from app.engine.params import SamplingParams
 from placement.hardware import fast_dtype
-from placement.workers import LocalGroup, start_group
+from placement.workers import LocalGroup
 from strategies.dtypes import dtype_name
 from strategies.kv_cache import Chunk
 from strategies.layout import STRATEGY_NAMES
@@ -93,30 +93,21 @@ def test_bfloat16_on_one_device_is_transformers_in_bfloat16(tiny_models, smollm2
     assert seq.output_ids == bf16_greedy(path, prompts[0], 16)
 
 
-def test_every_strategy_in_bfloat16_on_two_devices_agrees_with_transformers(ray_session, tiny_models):
+def test_every_strategy_in_bfloat16_on_two_devices_agrees_with_transformers(worker_groups, tiny_models):
     """gloo carries bfloat16; every named strategy's partial sums stay within the stated tolerance, on every tiny
     shape (one group of workers, loading each model in turn)."""
     prompts = prompts_for(512, lengths=(7, 19, 3), seed=7)
     chunks, used = whole_chunks(prompts)
-    group = None
-    try:
-        for shape in sorted(TINY_SHAPES):
-            settings = dict(model=tiny_models[shape], block_size=BLOCK, num_blocks=used, replica_budget_bytes=2**30,
-                            dtype="bfloat16")
-            if group is None:
-                group = start_group(2, settings)
-            else:
-                group.load(settings)
-            assert group.dtype_name() == "bfloat16"
-            ref = bf16_logits(tiny_models[shape], prompts)
-            tol = BF16_PARTITIONED * ref.abs().max().item()
-            top2 = ref.topk(2, dim=-1).values
-            clear = top2[:, 0] - top2[:, 1] > 2 * tol  # positions whose top token no error within tol could change
-            for strategy in STRATEGY_NAMES:
-                logits = group.forward(chunks, strategy, all_logits=True).float()
-                err = (logits - ref).abs().max().item()
-                assert err <= tol, (shape, strategy, err / ref.abs().max().item())
-                assert torch.equal(logits.argmax(-1)[clear], ref.argmax(-1)[clear]), (shape, strategy)
-    finally:
-        if group is not None:
-            group.shutdown()
+    for shape in sorted(TINY_SHAPES):
+        group = worker_groups.get(2, dict(model=tiny_models[shape], block_size=BLOCK, num_blocks=used,
+                                          replica_budget_bytes=2**30, dtype="bfloat16"))
+        assert group.dtype_name() == "bfloat16"
+        ref = bf16_logits(tiny_models[shape], prompts)
+        tol = BF16_PARTITIONED * ref.abs().max().item()
+        top2 = ref.topk(2, dim=-1).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * tol  # positions whose top token no error within tol could change
+        for strategy in STRATEGY_NAMES:
+            logits = group.forward(chunks, strategy, all_logits=True).float()
+            err = (logits - ref).abs().max().item()
+            assert err <= tol, (shape, strategy, err / ref.abs().max().item())
+            assert torch.equal(logits.argmax(-1)[clear], ref.argmax(-1)[clear]), (shape, strategy)

@@ -16,7 +16,6 @@ from conftest import local_engine, prompts_for, reference_greedy
 from app.engine.blocks import ROOT_HASH, BlockManager, prefix_hashes
 from app.engine.llm_engine import LLMEngine
 from app.engine.params import SamplingParams
-from placement.workers import start_group
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
@@ -131,24 +130,21 @@ def test_block_manager_evicts_least_recently_freed_and_chains_keys():
 
 
 @pytest.mark.parametrize("strategy", ["auto", "projection_replicated"])
-def test_two_devices_chunked_with_prefix_hits(ray_session, tiny_models, strategy):
+def test_two_devices_chunked_with_prefix_hits(worker_groups, tiny_models, strategy):
     """On 2 shard workers, chunks by every strategy (token-sharded ones attending to the cached prefix) give
     transformers' tokens, for prompts that hit the prefix cache and prompts that do not."""
     path = tiny_models["gqa"]
-    group = start_group(2, dict(model=path, block_size=4, num_blocks=64, replica_budget_bytes=2**30))
-    try:
-        engine = LLMEngine(group, None, [], num_blocks=64, block_size=4, max_model_len=128, max_num_seqs=4,
-                           max_num_batched_tokens=7)
-        system = prompts_for(512, lengths=(13,), seed=5)[0]
-        prompts = [system + t for t in prompts_for(512, lengths=(6, 11, 2), seed=6)]
-        first = engine.generate(prompts[:1], GREEDY, strategy)
-        rest = engine.generate(prompts[1:], GREEDY, strategy)
-        assert [s.output_ids for s in first + rest] == references(path, prompts)
-        assert [s.cached_tokens for s in rest] == [12, 12]
-        if strategy != "auto":
-            assert {s.prefill_strategy for s in first + rest} == {strategy}
-    finally:
-        group.shutdown()
+    group = worker_groups.get(2, dict(model=path, block_size=4, num_blocks=64, replica_budget_bytes=2**30))
+    engine = LLMEngine(group, None, [], num_blocks=64, block_size=4, max_model_len=128, max_num_seqs=4,
+                       max_num_batched_tokens=7)
+    system = prompts_for(512, lengths=(13,), seed=5)[0]
+    prompts = [system + t for t in prompts_for(512, lengths=(6, 11, 2), seed=6)]
+    first = engine.generate(prompts[:1], GREEDY, strategy)
+    rest = engine.generate(prompts[1:], GREEDY, strategy)
+    assert [s.output_ids for s in first + rest] == references(path, prompts)
+    assert [s.cached_tokens for s in rest] == [12, 12]
+    if strategy != "auto":
+        assert {s.prefill_strategy for s in first + rest} == {strategy}
 
 
 def test_the_planner_chooses_each_chunk_with_its_cached_prefix(tiny_models):
