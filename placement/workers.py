@@ -212,8 +212,9 @@ class ShardGroup(Group):
     Pass ``placement_group`` to use one that already exists (a Serve replica's own, from ``placement_group_bundles``),
     otherwise one is created and removed with the group. Each bundle needs one device: a GPU where the cluster has
     them, else the ``dynpart_device`` custom resource or just a slice of a CPU. Ranks are Ray actors; with
-    ``local_rank0`` the caller, which must hold bundle 0 (a Serve replica of the pool: ``replica_actor_options``), is
-    rank 0 itself, run on a thread of this process (one process group per process: one such group at a time).
+    ``local_rank0`` the caller is rank 0 itself, run on a thread of this process, in bundle 0 (a Serve replica of
+    the pool holds it: ``replica_actor_options``; a process outside Ray, the CLI, keeps it reserved for itself). One
+    process group per process: a process is rank 0 of one such group at a time.
     """
 
     def __init__(self, devices: int, settings: RunnerSettings | dict, placement_group=None, bundle: dict | None = None,
@@ -227,8 +228,6 @@ class ShardGroup(Group):
         self.devices = devices
         settings = RunnerSettings.of(settings)
         self._own_pg = placement_group is None
-        if local_rank0 and self._own_pg:
-            raise ValueError("local_rank0 needs the caller's placement group (the caller holds bundle 0)")
         bundle = bundle or default_bundle()
         if self._own_pg:
             placement_group = make_pg([dict(bundle)] * devices, strategy="PACK")
@@ -343,10 +342,11 @@ def gather(refs: list, local: Future | None = None, timeout_s: float | None = No
 
 
 def start_group(devices: int, settings: RunnerSettings | dict, placement_group=None, bundle: dict | None = None,
-                collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Group:
+                collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, rank0_here: bool | None = None) -> Group:
     """One device runs in the calling process (``LocalGroup``: in a placement group, the caller holds its bundle);
-    p devices are a ``ShardGroup`` (Ray is started locally if needed), whose rank 0 is the calling process when it
-    holds bundle 0 of ``placement_group`` (an engine replica), else a Ray actor like the others."""
+    p devices are a ``ShardGroup`` (Ray is started locally if needed), whose rank 0 is the calling process with
+    ``rank0_here`` (by default: when it holds bundle 0 of ``placement_group``, an engine replica), else a Ray actor
+    like the others (tests and tools that hold several groups at once)."""
     if devices == 1:
         return LocalGroup(threads=threads_per_device(1, bundle), settings=settings)
     import ray
@@ -354,7 +354,8 @@ def start_group(devices: int, settings: RunnerSettings | dict, placement_group=N
     if not ray.is_initialized():
         ray.init(**local_ray_options())
     return ShardGroup(devices, settings, placement_group=placement_group, bundle=bundle,
-                      collective_timeout_s=collective_timeout_s, local_rank0=placement_group is not None)
+                      collective_timeout_s=collective_timeout_s,
+                      local_rank0=placement_group is not None if rank0_here is None else rank0_here)
 
 
 def local_ray_options(**overrides) -> dict:

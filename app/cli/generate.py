@@ -78,7 +78,8 @@ def generate(args: argparse.Namespace) -> int:
         opts = engine_options(args, max_num_seqs=1)
     except ValidationError as e:
         raise ValueError(validation_message(e.errors())[1]) from None
-    engine = build_engine(opts, pinned=[args.prefill_strategy])  # a layout named here is built before any step
+    # a layout named here is built before any step; this process is rank 0 (one engine here: one process fewer)
+    engine = build_engine(opts, pinned=[args.prefill_strategy], rank0_here=True)
     try:
         tok = engine.tokenizer
         if args.chat:

@@ -33,7 +33,7 @@ def validate_devices(opts: EngineOptions, ckpt: Checkpoint) -> None:
 
 def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None = None,
                  engine_class: type[LLMEngine] = LLMEngine, pinned: Sequence[str] = (),
-                 pin_here: bool = False) -> LLMEngine:
+                 pin_here: bool = False, rank0_here: bool | None = None) -> LLMEngine:
     """``bundle``: what one device of ``placement_group`` offers (default: detected); ``engine_class``: an
     ``LLMEngine`` subclass, e.g. the prefill-only or decode-only engine of a disaggregated pool. Devices claim cores
     (``placement/cores.py``) in a placement group, or with ``pin_here`` as a replica of ``bundle`` would: a
@@ -42,7 +42,9 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
 
     Every layout a request may name is built here, before any step (a step never builds one): the engine offers
     (``contenders``) the planner's picks plus the named strategies (static policies) and ``pinned`` layouts (the
-    CLI's ``--prefill-strategy``) whose replicas fit the budget on every rank; a request naming another is refused."""
+    CLI's ``--prefill-strategy``) whose replicas fit the budget on every rank; a request naming another is refused.
+    ``rank0_here``: this process is rank 0 of the engine's group (default: in a placement group, i.e. a replica;
+    ``start_group``)."""
     ckpt = Checkpoint(opts.model)
     validate_devices(opts, ckpt)
     tokenizer = ckpt.tokenizer()  # fail on a missing tokenizer before any worker starts
@@ -55,7 +57,7 @@ def build_engine(opts: EngineOptions, placement_group=None, bundle: dict | None 
                               kv_reserve_bytes=int((kv_gb or 0) * 1e9), block_size=opts.block_size,
                               shared_weights=opts.shared_weights, pin_cpus=reserved)
     group = start_group(opts.devices, settings, placement_group=placement_group, bundle=bundle,
-                        collective_timeout_s=opts.collective_timeout_s)
+                        collective_timeout_s=opts.collective_timeout_s, rank0_here=rank0_here)
     name = opts.hardware or detect_hardware()
     hardware = get_hardware(name) if torch.cuda.is_available() else get_hardware(name).time_shared(
         opts.cpus_per_device)
