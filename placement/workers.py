@@ -2,10 +2,10 @@
 
 ``ShardGroup`` is the small API the engine and the Serve deployments use (``placement.group.Group``): start p
 ranks (all at once, since ``init_process_group`` blocks until every rank has joined), run a step on all ranks and
-take rank 0's answer, tear down. Ranks are Ray actors, except that a caller holding bundle 0 of the placement group
-(an engine replica) is rank 0 itself (``local_rank0``): one process fewer per replica, and rank 0's answer (the
-logits) never goes through the object store. ``LocalGroup`` is the same API for one device in the calling process
-(no Ray, no process group).
+take rank 0's answer, tear down. Ranks are Ray actors, except that the process driving an engine (an engine
+replica, holding bundle 0 of its placement group, or ``dynpart generate``) is rank 0 itself (``local_rank0``): one
+process fewer per replica, and rank 0's answer (the logits) never goes through the object store. ``LocalGroup`` is
+the same API for one device in the calling process (no Ray, no process group).
 
 A rank that dies leaves the others blocked in a collective until the process group's timeout; so the group's calls
 raise as soon as any rank fails (``gather``: rank 0, when local, runs on a thread of its own so the caller keeps

@@ -168,8 +168,9 @@ class WorkerGroups:
 
 @pytest.fixture(scope="session")
 def worker_groups(ray_session):
-    """The modules that use shard-worker groups share them (test_partitioned, test_layouts: run one after another),
-    so each device count's workers start once; they are shut down after the last test that uses them."""
+    """The modules that use shard-worker groups share them (test_dtypes, test_kv_memory, test_layouts,
+    test_partitioned: run one after another), so each device count's workers start once; they are shut down after
+    the last test that uses them."""
     groups = WorkerGroups()
     stack = contextlib.ExitStack()
     stack.callback(groups.shutdown)
@@ -203,8 +204,6 @@ def float32_pools(args: dict) -> dict:
 def deployed(ports: dict[str, int], args: dict, name: str, route: str = "/"):
     """The Serve application built from ``args`` (serve_config.yaml's keys; pools in float32 unless they say), on the
     session's Serve, then deleted."""
-    from ray import serve
-
     from app.serve.app import build_app
 
     run_app(build_app(float32_pools(args)), name, route)

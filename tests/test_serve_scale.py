@@ -79,8 +79,6 @@ def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_r
     ``/health`` is ``ok`` and says it is idle (not lost, not
     starting); a request sent there is answered 200 once a replica has started for it (the cold start measured and
     reported); back at zero after idling, the next request is answered 200 as well."""
-    from ray import serve
-
     from app.serve.app import build_app
 
     pool = dict(name="zero", devices=1, max_num_seqs=2, max_model_len=512, slo=dict(ttft_s=5.0, tpot_s=0.5),

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import ray
 from ray import serve
 
 from app.engine.build import EngineOptions, build_engine
