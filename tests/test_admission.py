@@ -15,7 +15,7 @@ import time
 import grpc
 import httpx
 import pytest
-from conftest import delete_app, deployed, grpc_stub, http_client
+from conftest import delete_app, deployed, grpc_stub, http_client, metric_samples
 
 from app.engine.messages import RequestError
 
@@ -279,7 +279,6 @@ def test_grpc_is_resource_exhausted_when_http_would_be_503(adm):
 def test_a_replica_the_cluster_cannot_place_is_counted_not_silent(serve_session, ray_session, chat_tiny):
     """A pool asking for a resource no node has: its replica stays STARTING, and the app's board exports that, so a
     scale-up that cannot be placed shows in the metrics (and, after 30 s, in the log) instead of pending silently."""
-    from prometheus_client.parser import text_string_to_metric_families
     from ray import serve
 
     from app.serve.app import build_app
@@ -287,11 +286,9 @@ def test_a_replica_the_cluster_cannot_place_is_counted_not_silent(serve_session,
     pools = [dict(name="stuck", devices=1, max_num_seqs=2, max_model_len=256, resources={"no_such_node": 1})]
     args = {"model": chat_tiny, "pools": pools, "shared_weights": False, "graceful_shutdown_s": 1}
     serve._run(build_app(args), _blocking=False, name="unplaceable", route_prefix="/unplaceable")
-    port = ray_session.nodes()[0]["MetricsExportPort"]
 
     def starting() -> float:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+        return sum(s.value for s in metric_samples(ray_session, "ray_dynpart_replicas")
                    if s.name == "ray_dynpart_replicas" and s.labels.get("application") == "unplaceable"
                    and s.labels.get("serve_deployment") == "stuck" and s.labels.get("state") == "STARTING")
 

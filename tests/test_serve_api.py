@@ -18,7 +18,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from conftest import deployed, http_client, reference_greedy
+from conftest import deployed, http_client, metric_samples, reference_greedy
 from conftest import grpc_stub as stub_for
 
 from cost import get_hardware, plan_prefill
@@ -276,16 +276,6 @@ def test_when_two_pools_fit_the_queue_term_decides(app_ports, chat_tiny):
     batched = plan_prefill(shape, hw, 2, [n, 2000], available=available).time_s
     assert both_busy.ttft_s == pytest.approx(batched)  # prefilled in one batch with the 2000 tokens ahead
     assert both_busy.predicted_s > idle.predicted_s
-
-
-def metric_samples(ray_session) -> list:
-    """Every ``ray_dynpart_*`` sample on Ray's metrics endpoint, scraped as Prometheus would."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    port = ray_session.nodes()[0]["MetricsExportPort"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return [s for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name.startswith("ray_dynpart_")]
 
 
 def pool_totals(samples: list, pool: str) -> dict[str, float]:

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import delete_app, run_app
+from conftest import delete_app, metric_samples, run_app
 
 APP = "serve-scale"
 
@@ -214,7 +214,6 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
     """A pool sized by the slo policy: 8 closed-loop clients on 4 slots per replica make one replica predict an
     overload (and queue at the handle), so it scales to 2 while the burst lasts and back to 1 after it; the controller
     logs each decision with its reason and exports the desired count and the predicted TTFT."""
-    from prometheus_client.parser import text_string_to_metric_families
     from ray import serve
 
     from app.serve.app import build_app
@@ -224,11 +223,9 @@ def test_a_burst_scales_a_pool_with_the_slo_policy_up_and_back_down(serve_sessio
                                  look_back_period_s=4, metrics_interval_s=0.5))
     run_app(build_app({"model": chat_tiny, "pools": [pool], "graceful_shutdown_s": 1, "shared_weights": False}), APP,
             "/slo")
-    port = ray_session.nodes()[0]["MetricsExportPort"]
 
     def gauge(name: str) -> float | None:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        return next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+        return next((s.value for s in metric_samples(ray_session, f"ray_{name}")
                      if s.name == f"ray_{name}" and s.labels.get("application") == APP
                      and s.labels.get("pool") == "slo"), None)
 
