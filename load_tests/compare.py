@@ -46,13 +46,14 @@ def build_app(import_path: str, args: dict):
 
 def wait_ready(url: str, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url.rstrip("/") + "/v1/models", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
+    with httpx.Client(timeout=5) as client:  # one for the polls: each new client builds an SSL context
+        while time.monotonic() < deadline:
+            try:
+                if client.get(url.rstrip("/") + "/v1/models").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
     raise TimeoutError(f"{url} did not become ready in {timeout_s:.0f} s")
 
 

@@ -241,15 +241,22 @@ def delete_app(name: str, timeout_s: float = 60) -> None:
         time.sleep(0.1)
 
 
+@functools.lru_cache(maxsize=1)
+def _metrics_client():
+    """One client for every scrape (tests poll the page; each new client builds an SSL context, ~25 ms of CPU)."""
+    import httpx
+
+    return httpx.Client(timeout=10)
+
+
 def metric_samples(ray_session, prefix: str = "ray_dynpart_") -> list:
     """Every sample named ``prefix...`` on Ray's metrics endpoint, scraped as Prometheus would. The page holds every
     series of the session's Ray and Serve (megabytes by the suite's end: ~0.5 s of CPU to parse each 1 MB here),
     so only the lines of ``prefix``'s families are parsed."""
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     port = ray_session.nodes()[0]["MetricsExportPort"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    text = _metrics_client().get(f"http://127.0.0.1:{port}/metrics").text
     ours = (prefix, f"# HELP {prefix}", f"# TYPE {prefix}")
     wanted = "\n".join(line for line in text.splitlines() if line.startswith(ours))
     return [s for family in text_string_to_metric_families(wanted) for s in family.samples

@@ -58,17 +58,18 @@ def chaos(serve_session, chat_tiny):
     deploying = threading.Thread(target=serve.run, args=(build_app(ARGS),), kwargs={"name": APP, "route_prefix": ROUTE})
     deploying.start()
     try:
-        while True:
-            try:
-                if httpx.get(base + "/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert deploying.is_alive() or httpx.get(base + "/v1/models").status_code == 200, "never ready"
-            time.sleep(0.1)
-        for pool, replicas in ((POOL, 2), (HUNG, 1)):  # up and warmed: they answer now (an engine starts for >10 s)
-            whole_again(APP, pool, replicas, limit_s=5)
-        health = httpx.get(base + "/health").json()
+        with httpx.Client(base_url=base, timeout=5) as client:  # one client for the polls (each builds an SSL context)
+            while True:
+                try:
+                    if client.get("/v1/models").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert deploying.is_alive() or client.get("/v1/models").status_code == 200, "never ready"
+                time.sleep(0.1)
+            for pool, replicas in ((POOL, 2), (HUNG, 1)):  # up and warmed: they answer now (an engine starts >10 s)
+                whole_again(APP, pool, replicas, limit_s=5)
+            health = client.get("/health").json()
         assert health["status"] == "ok" and health["pools"][HUNG]["replicas"] == 1, health
         deploying.join()
         yield base

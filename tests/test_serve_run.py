@@ -111,9 +111,10 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path, smollm2):
         # dynpart serve tells the board, the ingress reads it on its next beat: wait until /health says so (a fixed
         # second was not always enough with the suite's other load on the 2 cores)
         deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/health", timeout=10).json().get("status") != "draining":
-            assert time.monotonic() < deadline, "the ingress never reported draining after Ctrl-C"
-            time.sleep(0.1)
+        with httpx.Client(timeout=10) as client:  # one client for the polls (each new one builds an SSL context)
+            while client.get(f"{url}/health").json().get("status") != "draining":
+                assert time.monotonic() < deadline, "the ingress never reported draining after Ctrl-C"
+                time.sleep(0.1)
         refused = httpx.post(f"{url}/v1/completions", timeout=30, json={
             "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4})
         still_streaming = streaming.is_alive()
