@@ -121,6 +121,11 @@ class LoadBoard:
     def report(self, replica: str, pool: str, load: EngineLoad) -> None:
         self.reports[replica] = (pool, load, time.monotonic())
 
+    def withdraw(self, replica: str) -> None:
+        """A replica being stopped (scaled down, redeployed) takes its load off the board at once: routers stop
+        pricing it, and a pool scaled to zero reads idle, now rather than ``STALE_S`` after its last report."""
+        self.reports.pop(replica, None)
+
     def drain(self) -> None:
         """From now on every ingress refuses new requests (it reads this within ``REPORT_S``); those already
         admitted run to their end."""

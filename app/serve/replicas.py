@@ -150,9 +150,13 @@ class _EngineShell:
 
     def __del__(self):
         """Serve stopping this replica (scaled down, redeployed): it stops reporting first, so that its engine
-        stopping is not reported as a failure (the board drops its last report after ``STALE_S``)."""
+        stopping is not reported as a failure, and takes its load off the board (were that call lost, the board
+        drops the last report after ``STALE_S``)."""
         if self._report is not None:
             self._report.cancel()
+            self._report = None
+            if self.board is not None:
+                self.board.withdraw.remote(self.replica_id)
         if self.loop is not None:
             self.loop.stop()
             if self.loop.engine.predictor is not None:  # what it learned since the last periodic save
