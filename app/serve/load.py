@@ -5,7 +5,8 @@ request. So each engine replica reports its ``EngineLoad`` (what is running and 
 time, the wait a new request would have there) to one ``LoadBoard`` a few times a second (an idle replica, whose load
 does not change, once a ``HEARTBEAT_S``: every report is a Serve call the board pays for), and every ingress reads the
 board on the same beat. Between two reads an ingress also counts what it sent itself (``Dispatcher``), so a burst that
-arrives within one beat is not all admitted against a stale figure.
+arrives within one beat is not all admitted against a stale figure. A replica Serve stops (scaled down, redeployed)
+takes its report off the board as it goes (``withdraw``); one that dies silently is dropped ``STALE_S`` after its last.
 
 The board also watches the app's replicas: a replica that Serve cannot place (a scale-up beyond the cluster's free
 cores or GPUs) is logged with what it waits for and counted in ``dynpart_replicas{serve_deployment,state}``, instead of
