@@ -18,6 +18,20 @@ def running(deployment: str) -> int:
     return app_states()[APP].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
+def replicas(deployment: str) -> int:
+    """The deployment's replicas in any state (starting, running, stopping)."""
+    from app.serve.serve_status import app_states
+
+    return sum(app_states()[APP].deployments[deployment].replica_states.values())
+
+
+def board_loads(pool: str) -> list:
+    """The loads the app's board holds for ``pool`` (what every ingress prices it by)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("LoadBoard", APP).view.remote().result(timeout_s=10).loads.get(pool, [])
+
+
 def slo_decisions(ray_session, pool: str) -> list[str]:
     """The slo policy's decisions for ``pool`` as the Serve controller logged them (each with its reason)."""
     import glob
@@ -100,6 +114,9 @@ def test_a_pool_scaled_to_zero_is_idle_not_lost_and_its_first_request_starts_a_r
                 print(f"{attempt}: {r.status_code} in {time.monotonic() - t0:.1f} s")
                 assert r.status_code == 200, r.text
                 assert r.json()["usage"]["completion_tokens"] == 4
+                # the stopped replica took its load off the board as it went, not STALE_S after its last report
+                assert wait_for(lambda: replicas("zero") == 0, 60), health()
+                assert wait_for(lambda: not board_loads("zero"), 1.5), board_loads("zero")
                 # idle again, and the board measured the start from zero
                 assert wait_for(lambda: running("zero") == 0 and health()["pools"]["zero"]["idle"], 60), health()
                 state = health()
