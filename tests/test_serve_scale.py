@@ -12,17 +12,16 @@ from conftest import delete_app, metric_samples, run_app
 APP = "serve-scale"
 
 
+def replicas(deployment: str, state: str | None = None) -> int:
+    """The deployment's replicas in ``state`` (RUNNING, ...; None: in any state, starting and stopping included)."""
+    from app.serve.serve_status import app_states
+
+    states = app_states()[APP].deployments[deployment].replica_states
+    return sum(states.values()) if state is None else states.get(state, 0)
+
+
 def running(deployment: str) -> int:
-    from app.serve.serve_status import app_states
-
-    return app_states()[APP].deployments[deployment].replica_states.get("RUNNING", 0)
-
-
-def replicas(deployment: str) -> int:
-    """The deployment's replicas in any state (starting, running, stopping)."""
-    from app.serve.serve_status import app_states
-
-    return sum(app_states()[APP].deployments[deployment].replica_states.values())
+    return replicas(deployment, "RUNNING")
 
 
 def board_loads(pool: str) -> list:
